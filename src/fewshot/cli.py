@@ -1,0 +1,196 @@
+"""``fewshot`` on the command line: a thin front over :mod:`fewshot.api`.
+
+User mistakes (:class:`FewshotError`) print as one line and exit 2; ``--json`` prints
+one JSON object with the command's result on stdout (progress and logs go to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from fewshot.errors import FewshotError
+
+
+def _log(args: argparse.Namespace):
+    return lambda msg: print(f"fewshot: {msg}", file=sys.stderr)
+
+
+def _emit(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
+    print(json.dumps(result) if args.json else text)
+
+
+def _results_text(out: dict[str, Any]) -> str:
+    from fewshot.report import lake_table, probe_table, results_table
+
+    parts = []
+    if out.get("results"):
+        parts += ["Few-shot accuracy (% ± 95% CI), episodes on classes never seen in pre-training:", results_table(out["results"])]
+    if out.get("lake_runs"):
+        by = {k: {"accuracy": v} for k, v in out["lake_runs"]["by_encoder"].items()}
+        parts += ["", lake_table(by)]
+    if out.get("probe"):
+        parts += ["", "Linear probe on a fraction of the labels (%):", probe_table(out["probe"])]
+    parts.append(f"\nrun folder: {out.get('run_dir')}")
+    if out.get("report_path"):
+        parts.append(f"report: {out['report_path']}")
+    return "\n".join(parts)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from fewshot import api
+
+    if args.resume:
+        config = api.load_config(overrides=[f"out={os.path.dirname(os.path.normpath(args.resume)) or '.'}",
+                                            f"name={os.path.basename(os.path.normpath(args.resume))}", *args.overrides])
+    else:
+        config = api.load_config(api.find_recipe(args.recipe) if args.recipe else None, args.overrides)
+    result = api.pretrain(config, resume=bool(args.resume), progress=not args.json)
+    out = {
+        "run_dir": str(result.run_dir),
+        "checkpoint": str(result.checkpoint),
+        "step": result.step,
+        "final_loss": result.history[-1]["loss"] if result.history else None,
+        "views_per_second": result.views_per_second,
+        "train_seconds": result.train_seconds,
+    }
+    _emit(args, out, f"pre-trained to step {out['step']} ({out['views_per_second']:.0f} views/s); checkpoint: {out['checkpoint']}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from fewshot import api
+
+    report = api.evaluate_run(args.checkpoint, args.overrides, args.lake_runs, log=_log(args))
+    out = report.to_json()
+    _emit(args, out, _results_text(out))
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from fewshot import api
+
+    out = api.quickstart(args.overrides, progress=not args.json, log=_log(args))
+    _emit(args, out, _results_text(out))
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from fewshot.data import sources
+
+    if args.action == "download":
+        if args.name != "omniglot":
+            raise FewshotError(f"unknown data set '{args.name}'; downloadable: omniglot")
+        path = sources.download_omniglot(args.root)
+        _emit(args, {"downloaded": args.name, "path": str(path)}, f"omniglot is in {path}")
+        return
+    from fewshot.config import load_config
+    from fewshot.data.datasets import load_source
+
+    config = load_config(overrides=[f"data.source={args.name}", *([f"data.path={args.path}"] if args.path else []), *args.overrides])
+    images = load_source(config.data)
+    counts = images.labels.bincount(minlength=len(images.classes)).tolist()
+    out = {
+        "source": args.name,
+        "images": len(images),
+        "classes": len(images.classes),
+        "image_shape": list(images.image_shape),
+        "groups": sorted(set(images.groups)) if images.groups else [],
+        "min_per_class": min(counts) if counts else 0,
+        "max_per_class": max(counts) if counts else 0,
+    }
+    text = "\n".join(f"{k}: {v}" for k, v in out.items())
+    _emit(args, out, text)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    import torch
+
+    from fewshot.data.views import VIEW_RECIPES
+    from fewshot.evaluate.classifiers import CLASSIFIERS
+    from fewshot.methods import method_names
+    from fewshot.models.encoders import encoder_names
+    from fewshot.train.checkpoint import versions
+
+    out = {
+        "versions": versions(),
+        "cuda": torch.cuda.is_available(),
+        "gpus": torch.cuda.device_count(),
+        "bf16_gpu": bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
+        "cpu_threads": torch.get_num_threads(),
+        "methods": method_names(),
+        "encoders": encoder_names(),
+        "views": list(VIEW_RECIPES),
+        "classifiers": list(CLASSIFIERS),
+        "data_root": os.environ.get("FEWSHOT_DATA"),
+    }
+    _emit(args, out, "\n".join(f"{k}: {v}" for k, v in out.items()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fewshot", description="Unsupervised pre-training for few-shot learning.")
+    parser.add_argument("--data", metavar="DIR", help="data root (sets FEWSHOT_DATA), e.g. ../shared/data")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--json", action="store_true", help="print one JSON object with the result")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("pretrain", cmd_pretrain, "pre-train an encoder without labels")
+    p.add_argument("recipe", nargs="?", help="YAML recipe (path or name in configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=500 method=triplet")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+
+    p = add("evaluate", cmd_evaluate, "N-way K-shot accuracy ± 95%% CI of a checkpoint, with baselines")
+    p.add_argument("checkpoint", help="run folder or checkpoint file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.episodes=1000 eval.ways=[5,20]")
+    p.add_argument("--lake-runs", metavar="PATH", help="score Lake et al.'s 20 one-shot runs (all_runs.zip or folder)")
+
+    p = add("quickstart", cmd_quickstart, "the demo: SimCLR on digits for ~2 CPU minutes, then the few-shot table")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of configs/quickstart.yaml")
+
+    p = add("data", cmd_data, "describe or download data")
+    p.add_argument("action", choices=["info", "download"])
+    p.add_argument("name", help="digits, omniglot or folder")
+    p.add_argument("--path", help="data path (zip or folder)")
+    p.add_argument("--root", default="data", help="download folder (download only)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.image_size=32")
+
+    add("info", cmd_info, "versions, devices and registered names")
+    return parser
+
+
+def _rewrite_recipe_overrides(args: argparse.Namespace) -> None:
+    # argparse puts a leading key=value into the optional recipe slot; move it back.
+    if getattr(args, "recipe", None) and "=" in args.recipe:
+        args.overrides = [args.recipe, *args.overrides]
+        args.recipe = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # parse_known_args lets key=value overrides follow flags (`pretrain r.yaml --json train.steps=5`)
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    _rewrite_recipe_overrides(args)
+    if args.data:
+        os.environ["FEWSHOT_DATA"] = args.data
+    try:
+        args.func(args)
+    except FewshotError as exc:
+        print(f"fewshot: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fewshot: interrupted; the last checkpoint is kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""From a data config to the two sets a run needs: pre-training images and held-out evaluation classes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fewshot.config import DataConfig
+from fewshot.data.sources import load_digits, load_image_folder, load_omniglot, load_unlabeled_folder, resolve_data_path
+from fewshot.data.splits import split_classes
+from fewshot.data.types import ImageSet
+from fewshot.errors import DataError
+
+OMNIGLOT_DEFAULT = "omniglot/images_background_small1.zip"
+
+
+def load_source(data: DataConfig) -> ImageSet:
+    """The labeled source named by ``data.source``, at ``data.image_size``."""
+    if data.source == "digits":
+        return load_digits(data.image_size)
+    if data.source == "omniglot":
+        return load_omniglot(resolve_data_path(data.path, OMNIGLOT_DEFAULT), data.image_size)
+    if data.path is None:
+        raise DataError("data.source=folder needs data.path (a folder with one sub-folder of images per class)")
+    return load_image_folder(resolve_data_path(data.path, ""), data.image_size, data.channels, data.invert)
+
+
+@dataclass
+class RunData:
+    pretrain: ImageSet  # unlabeled unless the method needs labels
+    evaluation: ImageSet | None  # labeled classes never seen in pre-training
+
+
+def _merge(a: ImageSet, b: ImageSet) -> ImageSet:
+    if a.image_shape != b.image_shape:
+        raise DataError(f"unlabeled images have shape {b.image_shape}, the labeled source {a.image_shape}; set data.channels")
+    return ImageSet(torch.cat([a.images, b.images]), torch.cat([a.labels, b.labels]), a.classes, a.groups)
+
+
+def load_run_data(data: DataConfig) -> RunData:
+    """Split the source's classes into pre-training and evaluation classes (class-disjoint, seeded).
+
+    With ``pretrain_on_all`` every class is used for pre-training and there is no evaluation
+    split (evaluation then comes from elsewhere, e.g. Lake's runs). Pre-training images keep
+    their labels here; methods that must not see them never read them.
+    """
+    source = load_source(data)
+    if data.pretrain_on_all:
+        train, evaluation = source, None
+    else:
+        holdout = int(data.holdout_classes) if data.holdout_classes >= 1 else data.holdout_classes
+        train_classes, eval_classes = split_classes(len(source.classes), holdout, data.split_seed)
+        train, evaluation = source.select_classes(train_classes), source.select_classes(eval_classes)
+    if data.unlabeled_path is not None:
+        extra = load_unlabeled_folder(resolve_data_path(data.unlabeled_path, ""), data.image_size, data.channels, data.invert)
+        train = _merge(train.unlabeled(), extra)
+    return RunData(train, evaluation)

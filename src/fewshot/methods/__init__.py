@@ -1,0 +1,27 @@
+"""Pre-training methods: each ties views, encoder, heads and an objective together.
+
+A method is an ``nn.Module`` with ``.encoder`` (what evaluation keeps) and
+``forward(images, labels, generator) -> (loss, logs)``, the training step the one trainer
+calls; ``after_step(step, total_steps)`` is the hook for per-step extras (EMA, queues).
+"""
+
+from __future__ import annotations
+
+from fewshot.config import RunConfig
+from fewshot.errors import ConfigError
+from fewshot.methods.contrastive import CONTRASTIVE_METHODS, TwoViewMethod
+
+
+def method_names() -> list[str]:
+    return sorted(CONTRASTIVE_METHODS)
+
+
+def build_method(config: RunConfig) -> TwoViewMethod:
+    """The method named by ``config.method.name`` with a fresh encoder."""
+    name = config.method.name
+    if name not in CONTRASTIVE_METHODS:
+        raise ConfigError(f"unknown method '{name}'; known methods: {', '.join(method_names())}")
+    return CONTRASTIVE_METHODS[name](config)
+
+
+__all__ = ["build_method", "method_names", "TwoViewMethod"]

@@ -1,0 +1,101 @@
+"""Two-view contrastive methods: SimCLR, triplet, N-pair and supervised contrastive.
+
+They share one recipe and differ only in the objective: two augmented views of each
+image → encoder → projection head → loss(z1, z2). The representation r before the
+projection head is what evaluation uses (Chen et al. 2020, §4.2).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fewshot.config import RunConfig
+from fewshot.data.views import make_views
+from fewshot.models.encoders import create_encoder
+from fewshot.models.heads import projection_head
+from fewshot.objectives.contrastive import NPairLoss, NTXentLoss, SupConLoss, TripletLoss
+
+
+class TwoViewMethod(nn.Module):
+    """Views → encoder → projector → objective. Subclasses set ``objective`` and may override ``loss``."""
+
+    needs_labels = False
+
+    def __init__(self, config: RunConfig, objective: nn.Module) -> None:
+        super().__init__()
+        data, m = config.data, config.method
+        self.encoder = create_encoder(config.encoder.name, data.channels, data.image_size, **config.encoder.options)
+        self.projector = projection_head(self.encoder.dim, m.projection_hidden, m.projection_dim, m.projection_layers)
+        self.views = make_views(config.views.name, data.image_size, **config.views.options)
+        self.objective = objective
+        self.channels_last = config.train.channels_last
+
+    def loss(self, z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.objective(z1, z2)
+
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        v1, v2 = self.views.two_views(images, generator)
+        views = torch.cat([v1, v2])
+        if self.channels_last:
+            views = views.contiguous(memory_format=torch.channels_last)
+        z1, z2 = self.projector(self.encoder(views)).float().chunk(2)
+        return self.loss(z1, z2, labels), {}
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Per-step extras after the optimizer step; nothing for these methods."""
+
+
+class SimCLR(TwoViewMethod):
+    """SimCLR (Chen et al. 2020): NT-Xent over the 2N views of a batch."""
+
+    def __init__(self, config: RunConfig) -> None:
+        m = config.method
+        super().__init__(config, NTXentLoss(m.temperature, m.positive_in_denominator))
+
+
+class Triplet(TwoViewMethod):
+    """Triplet loss on views: the other view of the same image is the positive; the negative is
+    the hardest other image in the batch (batch_hard) or the next image's view."""
+
+    def __init__(self, config: RunConfig) -> None:
+        super().__init__(config, TripletLoss(config.method.margin, config.method.batch_hard))
+        self.batch_hard = config.method.batch_hard
+
+    def loss(self, z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # On the unit sphere, as in FaceNet (Schroff et al. 2015), so the margin has a fixed scale.
+        z1, z2 = nn.functional.normalize(z1, dim=1), nn.functional.normalize(z2, dim=1)
+        if self.batch_hard:
+            return self.objective(z1, z2)
+        return self.objective(z1, z2, z2.roll(1, dims=0))
+
+
+class NPair(TwoViewMethod):
+    """N-pair loss (Sohn 2016): each view's positive against the N−1 other images' positives."""
+
+    def __init__(self, config: RunConfig) -> None:
+        super().__init__(config, NPairLoss(config.method.l2_reg))
+
+
+class SupCon(TwoViewMethod):
+    """Supervised contrastive (Khosla et al. 2020): every view of the same class is a positive."""
+
+    needs_labels = True
+
+    def __init__(self, config: RunConfig) -> None:
+        super().__init__(config, SupConLoss(config.method.temperature))
+
+    def loss(self, z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.objective(torch.stack([z1, z2], dim=1), labels)
+
+
+CONTRASTIVE_METHODS: dict[str, Callable[[RunConfig], TwoViewMethod]] = {
+    "simclr": SimCLR,
+    "triplet": Triplet,
+    "npair": NPair,
+    "supcon": SupCon,
+}

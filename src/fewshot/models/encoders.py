@@ -1,0 +1,118 @@
+"""Encoders behind one constructor by name.
+
+Every encoder maps images (B, C, H, W) to a flat representation r of shape (B, encoder.dim).
+Token models also offer ``forward_tokens(x) -> (B, T, dim)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+from fewshot.errors import ConfigError
+from fewshot.models.transformer import Block, PatchEmbed
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str) -> Callable:
+    def add(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _REGISTRY[name] = builder
+        return builder
+
+    return add
+
+
+def encoder_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_encoder(name: str, in_channels: int = 1, image_size: int = 28, **options) -> nn.Module:
+    """Build encoder `name`; options left at None keep the builder's default."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown encoder '{name}'; known encoders: {', '.join(encoder_names())}")
+    options = {k: v for k, v in options.items() if v is not None}
+    try:
+        return _REGISTRY[name](in_channels=in_channels, image_size=image_size, **options)
+    except TypeError as exc:  # an option the builder does not take
+        raise ConfigError(f"encoder '{name}': {exc}") from None
+
+
+class Conv4(nn.Module):
+    """The standard few-shot backbone (Vinyals et al. 2016; Snell et al. 2017):
+    4 × [3×3 conv (width) → BatchNorm → ReLU → 2×2 max-pool], flattened."""
+
+    def __init__(self, in_channels: int = 1, image_size: int = 28, width: int = 64) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels, size = in_channels, image_size
+        for _ in range(4):
+            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            channels, size = width, size // 2
+        if size < 1:
+            raise ConfigError(f"conv4 needs images of at least 16 px, got {image_size}")
+        self.features = nn.Sequential(*layers)
+        self.dim = width * size * size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).flatten(1)
+
+
+@register("conv4")
+def conv4(in_channels: int = 1, image_size: int = 28, width: int = 64) -> nn.Module:
+    return Conv4(in_channels, image_size, width)
+
+
+class SmallResNet18(nn.Module):
+    """torchvision's ResNet-18 with the CIFAR stem (3×3 stride-1 conv, no max-pool) for small images."""
+
+    def __init__(self, in_channels: int = 1, image_size: int = 32) -> None:
+        super().__init__()
+        net = torchvision.models.resnet18(weights=None)
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+        net.fc = nn.Identity()
+        self.net = net
+        self.dim = 512
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@register("resnet18")
+def resnet18(in_channels: int = 1, image_size: int = 32) -> nn.Module:
+    return SmallResNet18(in_channels, image_size)
+
+
+class ViT(nn.Module):
+    """A Vision Transformer (Dosovitskiy et al. 2021): patch tokens + learned positions, a [CLS]
+    token, pre-norm blocks; r is the final LayerNorm of the [CLS] token."""
+
+    def __init__(
+        self, in_channels: int = 1, image_size: int = 28, patch_size: int = 4, dim: int = 192, depth: int = 6, heads: int = 3
+    ) -> None:
+        super().__init__()
+        self.patch_embed = PatchEmbed(image_size, patch_size, in_channels, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, self.patch_embed.num_patches + 1, dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.dim = dim
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed(x)
+        tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self.pos_embed
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)  # (B, 1 + patches, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(x)[:, 0]
+
+
+@register("vit-tiny")
+def vit_tiny(in_channels: int = 1, image_size: int = 28, patch_size: int = 4, depth: int = 6) -> nn.Module:
+    return ViT(in_channels, image_size, patch_size, dim=192, depth=depth, heads=3)

@@ -1,0 +1,25 @@
+"""Objectives: pure loss functions whose docstrings state their formulas."""
+
+from fewshot.objectives.contrastive import (
+    NPairLoss,
+    NTXentLoss,
+    SupConLoss,
+    TripletLoss,
+    batch_hard_triplet_loss,
+    n_pair_loss,
+    nt_xent_loss,
+    supcon_loss,
+    triplet_loss,
+)
+
+__all__ = [
+    "NPairLoss",
+    "NTXentLoss",
+    "SupConLoss",
+    "TripletLoss",
+    "batch_hard_triplet_loss",
+    "n_pair_loss",
+    "nt_xent_loss",
+    "supcon_loss",
+    "triplet_loss",
+]

@@ -1,0 +1,136 @@
+"""Checkpoints: tensors in safetensors, everything else in JSON, both written atomically.
+
+``NAME.safetensors`` holds the model (``model.*``), the optimizer's tensors (``optim.*``)
+and the random-generator states (``rng.*``); ``NAME.json`` holds the format tag, the config,
+the step, the optimizer's non-tensor state, the versions and the SHA-256 of the tensor file,
+so a torn or mismatched pair is detected. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fewshot.errors import CheckpointError
+
+FORMAT = "fewshot-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    config: dict[str, Any]
+    step: int
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def prefixed(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors under ``prefix.`` with the prefix removed."""
+        cut = len(prefix) + 1
+        return {k[cut:]: v for k, v in self.tensors.items() if k.startswith(prefix + ".")}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def versions() -> dict[str, str]:
+    import fewshot
+
+    return {"fewshot": fewshot.__version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
+    """Write ``path`` (.safetensors) and its .json sidecar; returns the .safetensors path."""
+    path = Path(path).with_suffix(".safetensors")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in ckpt.tensors.items()}
+    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "step": ckpt.step,
+        "config": ckpt.config,
+        "versions": versions(),
+        "tensors_file": path.name,
+        "tensors_sha256": _sha256(path),
+        **ckpt.meta,
+    }
+    _atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint` (either file of the pair may be named)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.safetensors"
+    tensors_path, meta_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    if not tensors_path.is_file() or not meta_path.is_file():
+        raise CheckpointError(f"'{path}' is not a fewshot checkpoint: need both {tensors_path.name} and {meta_path.name}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"'{meta_path}' is not a fewshot checkpoint: not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"'{meta_path}' is not a fewshot checkpoint: no '\"format\": \"{FORMAT}\"' entry")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"'{meta_path}' has format version {meta['format_version']}; this fewshot reads ≤ {FORMAT_VERSION}")
+    if _sha256(tensors_path) != meta.get("tensors_sha256"):
+        raise CheckpointError(f"'{tensors_path}' does not match its JSON (SHA-256 differs): the pair is torn or was edited")
+    try:
+        tensors = load_file(str(tensors_path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"'{tensors_path}' is not a readable safetensors file: {exc}") from None
+    extra = {k: v for k, v in meta.items() if k not in {"config", "step"}}
+    return Checkpoint(config=meta["config"], step=int(meta["step"]), tensors=tensors, meta=extra)
+
+
+# The optimizer's state dict mixes tensors (moments) with numbers (hyper-parameters, step counts);
+# tensors go to safetensors under optim.*, the rest to JSON.
+def optimizer_to_flat(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
+    for idx, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{name}"] = value
+            else:
+                scalars["state"].setdefault(str(idx), {})[name] = value
+    return tensors, scalars
+
+
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, per_param in scalars["state"].items():
+        state.setdefault(int(idx), {}).update(per_param)
+    return {"state": state, "param_groups": scalars["param_groups"]}

@@ -1,0 +1,209 @@
+"""The one training loop every method runs through, on Lightning Fabric.
+
+Read top to bottom: set up Fabric → build the method → restore a checkpoint if resuming →
+for each step: batch → views + loss inside the method → backward → optimizer → hook → log →
+checkpoint. CPU here; the same config on 1..N GPUs or nodes (DDP), bf16 where the GPU has it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning_fabric import Fabric
+from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
+from tqdm.auto import tqdm
+
+from fewshot.config import RunConfig, TrainConfig, config_from_dict
+from fewshot.data.types import ImageSet
+from fewshot.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from fewshot.methods import build_method
+from fewshot.train.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    save_checkpoint,
+)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path
+    step: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+    @property
+    def views_per_second(self) -> float:
+        """Median training throughput over the logged intervals (both views of a pair counted)."""
+        rates = [h["views_per_s"] for h in self.history if h.get("views_per_s")]
+        return statistics.median(rates) if rates else 0.0
+
+
+def resolve_precision(train: TrainConfig) -> str:
+    """bf16 autocast only where the device has bf16 units; on CPU it is 5× slower than fp32."""
+    if train.precision != "auto":
+        return train.precision
+    on_gpu = train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def learning_rate(step: int, train: TrainConfig) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``lr · min_lr_ratio`` at the last step."""
+    if step < train.warmup_steps:
+        return train.lr * (step + 1) / train.warmup_steps
+    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
+    floor = train.lr * train.min_lr_ratio
+    return floor + 0.5 * (train.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class BatchOrder:
+    """Seeded epoch permutations: step s of any run with the same seed sees the same images,
+    so a resumed run continues exactly where it stopped. Each rank takes its own slice."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.per_epoch = n // (batch_size * world)
+        if self.per_epoch < 1:
+            raise DataError(f"batch_size {batch_size} × {world} device(s) is larger than the {n} training images")
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
+        start = (i * self.world + self.rank) * self.batch_size
+        return self._perm[start : start + self.batch_size]
+
+
+def checkpoint_path(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / "last.safetensors"
+
+
+def _state_tensors(method: torch.nn.Module, optimizer: torch.optim.Optimizer, view_gen: torch.Generator):
+    optim_tensors, optim_scalars = optimizer_to_flat(optimizer.state_dict())
+    tensors = {f"model.{k}": v for k, v in method.state_dict().items()}
+    tensors.update(optim_tensors)
+    tensors["rng.views"] = view_gen.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    return tensors, optim_scalars
+
+
+def pretrain(
+    config: RunConfig, data: ImageSet, resume: bool = False, progress: bool = True, fabric: Fabric | None = None
+) -> TrainResult:
+    """Pre-train ``config.method`` on ``data`` and write checkpoints to ``config.run_dir``.
+
+    With ``resume=True`` the run continues from ``run_dir/checkpoints/last`` (using the
+    checkpoint's own config) and ends with the same weights as an uninterrupted run.
+    """
+    run_dir = config.run_dir
+    ckpt_path = checkpoint_path(run_dir)
+    restored: Checkpoint | None = None
+    if resume:
+        restored = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
+        if restored is None:
+            raise CheckpointError(f"cannot resume: no checkpoint at '{ckpt_path}'")
+        stored = config_from_dict(restored.config)
+        # Only how long to run may change on resume; everything that shapes the weights is the stored run's.
+        stored.train.max_minutes = config.train.max_minutes
+        config = stored
+    elif ckpt_path.exists():
+        raise CheckpointError(f"run folder '{run_dir}' already holds a checkpoint; pass --resume to continue it or choose another name")
+    train = config.train
+
+    if fabric is None:
+        fabric = Fabric(
+            accelerator=train.accelerator,
+            devices=train.devices,
+            num_nodes=train.num_nodes,
+            strategy=train.strategy,
+            precision=resolve_precision(train),
+            loggers=[CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard")],
+        )
+        fabric.launch()
+    torch.manual_seed(train.seed)
+    method = build_method(config)  # after seeding, so the initial weights depend only on the seed
+    if method.needs_labels and not data.labeled:
+        raise ConfigError(f"method '{config.method.name}' needs labels, but the pre-training data is unlabeled")
+    if train.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(method.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    view_gen = torch.Generator().manual_seed(train.seed + 7919 * fabric.global_rank)
+
+    start_step, history, train_seconds, saved_step = 0, [], 0.0, 0
+    if restored is not None:
+        method.load_state_dict(restored.prefixed("model"))
+        view_gen.set_state(restored.tensors["rng.views"])
+        torch.set_rng_state(restored.tensors["rng.torch"])
+        start_step = saved_step = restored.step
+        history = list(restored.meta.get("history", []))
+        train_seconds = float(restored.meta.get("train_seconds", 0.0))
+    raw_method = method
+    method, optimizer = fabric.setup(method, optimizer)
+    if restored is not None:
+        optimizer.load_state_dict(optimizer_from_flat(restored.prefixed("optim"), restored.meta["optimizer"]))
+
+    order = BatchOrder(len(data), train.batch_size, train.seed, fabric.global_rank, fabric.world_size)
+    images, labels = data.images, data.labels
+
+    def save(step: int) -> Path:
+        if fabric.is_global_zero:
+            tensors, optim_scalars = _state_tensors(raw_method, optimizer, view_gen)
+            meta = {"optimizer": optim_scalars, "history": history, "train_seconds": train_seconds}
+            save_checkpoint(ckpt_path, Checkpoint(config.model_dump(mode="json"), step, tensors, meta))
+        fabric.barrier()
+        return ckpt_path
+
+    if fabric.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(config.model_dump_json(indent=1))
+    bar = tqdm(total=train.steps, initial=start_step, disable=not (progress and fabric.is_global_zero), unit="step", dynamic_ncols=True)
+    views_per_step = 2 * train.batch_size * fabric.world_size
+    method.train()
+    step, window_start, window_steps, session_start = start_step, time.perf_counter(), 0, time.perf_counter()
+    for step in range(start_step, train.steps):
+        idx = order.indices(step)
+        x, y = fabric.to_device((images[idx], labels[idx]))
+        lr = learning_rate(step, train)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, logs = method(x, y, view_gen)
+        if not torch.isfinite(loss):
+            kept = f"the last good checkpoint (step {saved_step}) is kept at '{ckpt_path}'" if saved_step else "no checkpoint had been written yet"
+            raise TrainingDiverged(f"loss became {loss.item()} at step {step}; training stopped and {kept}")
+        optimizer.zero_grad(set_to_none=True)
+        fabric.backward(loss)
+        optimizer.step()
+        raw_method.after_step(step, train.steps)
+        window_steps += 1
+
+        done = step + 1
+        if done % train.log_every == 0 or done == train.steps:
+            elapsed = time.perf_counter() - window_start
+            row = {"step": done, "loss": loss.item(), "lr": lr, "views_per_s": views_per_step * window_steps / elapsed, **logs}
+            history.append(row)
+            fabric.log_dict(row, step=done)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", views_s=f"{row['views_per_s']:.0f}")
+            window_start, window_steps = time.perf_counter(), 0
+        bar.update(1)
+        out_of_time = train.max_minutes is not None and train_seconds + time.perf_counter() - session_start > 60 * train.max_minutes
+        if done % train.checkpoint_every == 0 or done == train.steps or out_of_time:
+            train_seconds += time.perf_counter() - session_start
+            session_start = time.perf_counter()
+            save(done)
+            saved_step = done
+        if out_of_time:
+            break
+    bar.close()
+    for logger in fabric.loggers:
+        logger.finalize("success")
+    return TrainResult(run_dir, ckpt_path, step + 1 if train.steps > start_step else start_step, history, train_seconds)
