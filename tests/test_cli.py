@@ -118,3 +118,25 @@ def test_data_info_folder_and_corrupt_image(capsys, tmp_path):
 def test_console_script_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fewshot.cli", "pretrain", "train.steps=zero"], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "train.steps" in proc.stderr
+
+
+def test_unlabeled_folder_pretraining_with_a_labeled_evaluation_folder(capsys, tmp_path):
+    rng = np.random.default_rng(1)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(40):
+        Image.fromarray((rng.random((20, 20)) * 255).astype(np.uint8)).save(flat / f"{i}.png")
+    labeled = tmp_path / "labeled"
+    for c in "abcde":
+        (labeled / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray((rng.random((20, 20)) * 255).astype(np.uint8)).save(labeled / c / f"{i}.png")
+    common = ["data.source=unlabeled", f"data.path={flat}", f"eval.data_path={labeled}", "eval.queries=2",
+              "eval.probe_fractions=[]", "train.batch_size=16"]
+    code, out, err = run(capsys, "quickstart", "--json", f"out={tmp_path}", *TINY, *common, "eval.shots=[1]")
+    assert code == 0, err
+    res = json.loads(out)
+    assert {r["way"] for r in res["results"]} == {5} and len(res["results"]) == 3 * 4
+    # without any evaluation data there is nothing to score: one line, not a crash
+    code, _, err = run(capsys, "evaluate", str(tmp_path / "quickstart"), "eval.data_path=null")
+    one_line_error(code, err, "nothing to evaluate on")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,14 +120,6 @@ def test_run_episodes_errors():
     bad[3, 1] = np.nan
     with pytest.raises(DataError, match="NaN"):
         run_episodes(bad, y, 2, 1, 1, 5)
-
-
-def test_prototype_episodes_are_fast():
-    # 600 episodes on (1000, 64) features; takes well under a second when vectorised.
-    X, y = clusters(20, 50, dim=64, spread=1.0, noise=2.0)
-    start = time.perf_counter()
-    run_episodes(X, y, 5, 5, 15, 600, classifiers=("proto-cosine", "proto-euclidean"))
-    assert time.perf_counter() - start < 5.0
 
 
 # --- score_lake_runs -------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from fewshot.data.views import (
 from fewshot.errors import ConfigError
 
 # Every random range of the characters recipe closed: the warp must be the identity.
-CHAR_STILL = dict(rotation=0, shear=0, translate=0, scale=1, crop_scale=(1, 1), thickness_prob=0)
+CHAR_STILL = dict(rotation=0, shear=0, translate=0, scale=1, crop_scale=(1, 1), thickness_prob=0, elastic_prob=0)
 SIMCLR_STILL = dict(
     crop_scale=(1, 1), crop_ratio=(1, 1), hflip_prob=0, jitter_prob=0, grayscale_prob=0, blur_prob=0
 )
@@ -437,3 +437,32 @@ def test_cuda_matches_cpu_for_the_same_generator_state(name: str, c: int) -> Non
     gpu = recipe(x.cuda(), gen(11))
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
+
+
+def test_elastic_offsets_are_smooth_and_scaled() -> None:
+    from fewshot.data.views import _elastic_offsets
+
+    noise = torch.randn(64, 2, 4, 4, generator=gen(3), dtype=torch.float64)
+    field = _elastic_offsets(noise, 28, torch.full((64,), 0.04, dtype=torch.float64))
+    assert field.shape == (64, 28, 28, 2)
+    # Bicubic upsampling of unit-variance noise keeps roughly unit variance: std ≈ the magnitude.
+    assert 0.02 < field.std().item() < 0.06
+    # Smooth: neighbouring pixels move almost together (white noise would give no correlation).
+    a, b = field[:, :, :-1].flatten(), field[:, :, 1:].flatten()
+    assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.95
+    assert torch.equal(_elastic_offsets(noise, 28, torch.zeros(64, dtype=torch.float64)), torch.zeros_like(field))
+
+
+def test_elastic_alone_bends_but_keeps_the_ink() -> None:
+    x = torch.zeros(8, 1, 28, 28)
+    x[:, :, 6:22, 13:15] = 1.0  # a vertical bar
+    opts = {**CHAR_STILL, "elastic_prob": 1.0, "elastic": 0.05}
+    out = make_views("characters", 28, **opts)(x, gen(4))
+    assert not torch.allclose(out, x, atol=1e-3)  # it moved
+    ink_in, ink_out = x.sum((1, 2, 3)), out.sum((1, 2, 3))
+    assert ((ink_out - ink_in).abs() / ink_in).max() < 0.4  # local stretch changes the area a little
+    cols = torch.arange(28.0)
+    centre_x = (out.sum((1, 2)) * cols).sum(-1) / ink_out
+    assert (centre_x - 13.5).abs().max() < 2.0  # the bar bends in place: a small smooth warp, not a scramble
+    same = make_views("characters", 28, **opts)(x, gen(4))
+    assert torch.equal(out, same)

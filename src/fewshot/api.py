@@ -30,7 +30,7 @@ def pretrain(config: RunConfig, resume: bool = False, progress: bool = True) -> 
     data_config, ckpt = config.data, checkpoint_path(config.run_dir)
     if resume and ckpt.exists():  # a resumed run trains on the data it started with
         data_config = config_from_dict(load_checkpoint(ckpt).config).data
-    return _pretrain(config, load_run_data(data_config).pretrain, resume=resume, progress=progress)
+    return _pretrain(config, load_run_data(data_config, config.eval.data_path).pretrain, resume=resume, progress=progress)
 
 
 def load_pretrained(path: str | Path) -> tuple[RunConfig, nn.Module, Checkpoint]:
@@ -55,7 +55,7 @@ def evaluate_run(
     if overrides:
         config = load_config(base=config.model_dump(mode="json"), overrides=overrides)
     lake = lake_runs or config.eval.lake_runs
-    data = load_run_data(config.data)
+    data = load_run_data(config.data, config.eval.data_path)
     report = evaluate(config, method.encoder, data.evaluation, lake, log)
     write_report(config.run_dir, report, ckpt.meta.get("history", []))
     return report
@@ -67,7 +67,7 @@ def quickstart(overrides: list[str] | tuple[str, ...] = (), progress: bool = Tru
     config = load_config(find_recipe("quickstart"), overrides)
     log(f"pre-training {config.method.name} on {config.data.source} ({config.train.steps} steps) into {config.run_dir}")
     result = pretrain(config, progress=progress)
-    data = load_run_data(config.data)
+    data = load_run_data(config.data, config.eval.data_path)
     report = evaluate(config, _trained_encoder(result), data.evaluation, config.eval.lake_runs, log)
     header = f"Pre-trained {config.method.name} / {config.encoder.name} for {result.step} steps at {result.views_per_second:.0f} views/s."
     path = write_report(config.run_dir, report, result.history, header)

@@ -21,8 +21,10 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    source: Literal["digits", "omniglot", "folder"] = Field(
-        "digits", description="digits (built in), omniglot (release zip or folder), folder (class-per-folder images)"
+    source: Literal["digits", "omniglot", "folder", "unlabeled"] = Field(
+        "digits",
+        description="digits (built in), omniglot (release zip or folder), folder (class-per-folder images), "
+        "unlabeled (a flat folder of images; evaluate with eval.data_path or eval.lake_runs)",
     )
     path: str | None = Field(None, description="data path; omniglot defaults to $FEWSHOT_DATA/omniglot/images_background_small1.zip")
     unlabeled_path: str | None = Field(None, description="optional flat folder of unlabeled images added to pre-training")
@@ -58,6 +60,7 @@ class MethodConfig(_Strict):
     projection_hidden: int = Field(256, ge=1, description="hidden width of the projection MLP")
     projection_dim: int = Field(128, ge=1, description="output width of the projection MLP (0 layers: see projection_layers)")
     projection_layers: int = Field(2, ge=0, description="layers of the projection MLP; 0 = no projector")
+    projection_conv_blocks: int = Field(0, ge=0, description="conv blocks (conv4 only) before the projection MLP")
 
 
 class TrainConfig(_Strict):
@@ -88,6 +91,9 @@ class EvalConfig(_Strict):
     seed: int = Field(0, description="seed of the test episodes: same seed, same episodes on every machine")
     baselines: bool = Field(True, description="also score raw pixels and a randomly initialised encoder")
     lake_runs: str | None = Field(None, description="path of Lake et al.'s all_runs (zip or folder) to score")
+    data_path: str | None = Field(
+        None, description="a class-per-folder image folder to evaluate on instead of the held-out classes of data.source"
+    )
     probe_fractions: list[float] = Field([0.01, 0.1, 1.0], description="label fractions of the linear probe; [] to skip")
     batch_size: int = Field(512, ge=1, description="images per forward pass when embedding")
 

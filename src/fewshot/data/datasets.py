@@ -22,7 +22,9 @@ def load_source(data: DataConfig) -> ImageSet:
     if data.source == "omniglot":
         return load_omniglot(resolve_data_path(data.path, OMNIGLOT_DEFAULT), data.image_size)
     if data.path is None:
-        raise DataError("data.source=folder needs data.path (a folder with one sub-folder of images per class)")
+        raise DataError(f"data.source={data.source} needs data.path (the image folder)")
+    if data.source == "unlabeled":
+        return load_unlabeled_folder(resolve_data_path(data.path, ""), data.image_size, data.channels, data.invert)
     return load_image_folder(resolve_data_path(data.path, ""), data.image_size, data.channels, data.invert)
 
 
@@ -38,15 +40,20 @@ def _merge(a: ImageSet, b: ImageSet) -> ImageSet:
     return ImageSet(torch.cat([a.images, b.images]), torch.cat([a.labels, b.labels]), a.classes, a.groups)
 
 
-def load_run_data(data: DataConfig) -> RunData:
+def load_eval_folder(path: str, data: DataConfig) -> ImageSet:
+    """A labeled class-per-folder evaluation set, preprocessed like the pre-training data."""
+    return load_image_folder(resolve_data_path(path, ""), data.image_size, data.channels, data.invert)
+
+
+def load_run_data(data: DataConfig, eval_path: str | None = None) -> RunData:
     """Split the source's classes into pre-training and evaluation classes (class-disjoint, seeded).
 
-    With ``pretrain_on_all`` every class is used for pre-training and there is no evaluation
-    split (evaluation then comes from elsewhere, e.g. Lake's runs). Pre-training images keep
+    With ``pretrain_on_all``, an unlabeled source or an ``eval_path``, every image is used for
+    pre-training and evaluation comes from elsewhere (the ``eval_path`` folder, or Lake's runs). Pre-training images keep
     their labels here; methods that must not see them never read them.
     """
     source = load_source(data)
-    if data.pretrain_on_all:
+    if data.pretrain_on_all or not source.labeled or eval_path is not None:
         train, evaluation = source, None
     else:
         holdout = int(data.holdout_classes) if data.holdout_classes >= 1 else data.holdout_classes
@@ -55,4 +62,6 @@ def load_run_data(data: DataConfig) -> RunData:
     if data.unlabeled_path is not None:
         extra = load_unlabeled_folder(resolve_data_path(data.unlabeled_path, ""), data.image_size, data.channels, data.invert)
         train = _merge(train.unlabeled(), extra)
+    if eval_path is not None:
+        evaluation = load_eval_folder(eval_path, data)
     return RunData(train, evaluation)

@@ -197,7 +197,18 @@ def _affine_theta(
     return theta.reshape(-1, 2, 3)
 
 
-def _warp(x: Tensor, theta: Tensor, size: int, padding_mode: str = "zeros") -> Tensor:
+def _elastic_offsets(noise: Tensor, size: int, magnitude: Tensor) -> Tensor:
+    """Smooth random displacement fields (B, size, size, 2) in [-1, 1] grid units.
+
+    Simard et al. (2003) blur white noise with a Gaussian; we draw the noise on a coarse
+    (B, 2, g, g) lattice and upsample it bicubically, which gives a comparably smooth field
+    for one interpolate call per batch. ``magnitude`` (B,) scales each image's field.
+    """
+    field = F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)
+    return field.permute(0, 2, 3, 1) * magnitude.view(-1, 1, 1, 1)
+
+
+def _warp(x: Tensor, theta: Tensor, size: int, padding_mode: str = "zeros", offsets: Tensor | None = None) -> Tensor:
     """Resample every image through its own 2×3 matrix: one grid, one grid_sample call.
 
     align_corners=False, so the identity matrix maps pixel centres onto pixel centres and
@@ -212,6 +223,8 @@ def _warp(x: Tensor, theta: Tensor, size: int, padding_mode: str = "zeros") -> T
     grid = torch.empty(b, size, size, 2, device=x.device, dtype=x.dtype)
     torch.add(t[:, 0] * gx, t[:, 1] * gy + t[:, 2], out=grid[..., 0])
     torch.add(t[:, 3] * gx, t[:, 4] * gy + t[:, 5], out=grid[..., 1])
+    if offsets is not None:
+        grid += offsets
     return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
 
 
@@ -523,6 +536,11 @@ class CharacterViews(ViewRecipe):
       image towards its 3×3 dilation or erosion (equally likely) by a factor ~ U(0,
       thickness). Different drawers use different pens.
     - thickness=1.0: largest blend factor, in [0, 1].
+    - elastic_prob=0.5, elastic=0.04, elastic_grid=4: probability, strength and lattice of
+      an elastic distortion (Simard et al. 2003, the classic handwriting augmentation): a
+      smooth random displacement field with per-pixel std ≈ elastic × image size / 2 (about
+      0.5 px at 28 px) added to the sampling grid. It imitates what an affine map cannot:
+      one drawer's stroke bending differently from another's.
     - erase_prob=0.0: probability of blanking one box (set to background 0).
     - erase_scale=(0.02, 0.33), erase_ratio=(0.3, 3.3): its area fraction and aspect
       ratio, torchvision's RandomErasing defaults.
@@ -543,11 +561,21 @@ class CharacterViews(ViewRecipe):
         hflip_prob: float = 0.0,
         thickness_prob: float = 0.5,
         thickness: float = 1.0,
+        elastic_prob: float = 0.5,
+        elastic: float = 0.04,
+        elastic_grid: int = 4,
         erase_prob: float = 0.0,
         erase_scale: Sequence[float] = (0.02, 0.33),
         erase_ratio: Sequence[float] = (0.3, 3.3),
     ) -> None:
         super().__init__(image_size)
+        self.elastic_prob = _prob("elastic_prob", elastic_prob)
+        self.elastic = _number("elastic", elastic)
+        if not 0.0 <= self.elastic <= 0.5:
+            raise ConfigError(f"view option elastic must be in [0, 0.5], got {elastic!r}")
+        if not isinstance(elastic_grid, int) or elastic_grid < 2:
+            raise ConfigError(f"view option elastic_grid must be an integer ≥ 2, got {elastic_grid!r}")
+        self.elastic_grid = elastic_grid
         self.rotation = _interval("rotation", rotation, symmetric=True)
         self.shear = _interval("shear", shear, symmetric=True, low=-80.0, high=80.0)
         self.translate = _number("translate", translate)
@@ -569,6 +597,7 @@ class CharacterViews(ViewRecipe):
             f"translate={self.translate}, scale={self.scale}, crop_scale={self.crop_scale}, "
             f"crop_ratio={self.crop_ratio}, hflip_prob={self.hflip_prob}, "
             f"thickness_prob={self.thickness_prob}, thickness={self.thickness}, "
+            f"elastic_prob={self.elastic_prob}, elastic={self.elastic}, elastic_grid={self.elastic_grid}, "
             f"erase_prob={self.erase_prob}, erase_scale={self.erase_scale}, erase_ratio={self.erase_ratio}"
         )
 
@@ -576,7 +605,7 @@ class CharacterViews(ViewRecipe):
         _check_batch(x, generator)
         b, _, h, w = x.shape
         s = self.image_size
-        d = _Draws(b, 2 * _CROP_TRIES + 2 + 14, generator)
+        d = _Draws(b, 2 * _CROP_TRIES + 2 + 15, generator)
         cw, ch, cx, cy = _sample_crops(d, self.crop_scale, self.crop_ratio, aspect=h / w)
         flip = torch.where(d.take() < self.hflip_prob, -1.0, 1.0).double()
         angle = d.uniform(*self.rotation)
@@ -597,8 +626,15 @@ class CharacterViews(ViewRecipe):
         eh = torch.where(erase, eh, torch.zeros((), dtype=torch.long))
 
         theta = _affine_theta(cw, ch, cx, cy, flip, angle, shear, zoom, tx, ty)
+        offsets = None
+        if self.elastic > 0 and self.elastic_prob > 0:
+            # Drawn after the uniform block, so the other parameters do not depend on these options.
+            strength = torch.where(d.take() < self.elastic_prob, self.elastic, 0.0)
+            noise = torch.randn(b, 2, self.elastic_grid, self.elastic_grid, generator=generator, dtype=torch.float64)
+            noise_d, strength_d = _ship(x, noise, strength)
+            offsets = _elastic_offsets(noise_d, s, strength_d)
         theta_d, amount_d = _ship(x, theta, amount)
-        out = _warp(x, theta_d, s, padding_mode="zeros")
+        out = _warp(x, theta_d, s, padding_mode="zeros", offsets=offsets)
         if bool(thick.any()):
             out = _stroke_thickness(out, amount_d)
         if bool(erase.any()):

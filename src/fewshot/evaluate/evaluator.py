@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from fewshot.config import RunConfig
-from fewshot.data.lake import load_lake_runs
+from fewshot.data.lake import LakeRun, load_lake_runs
 from fewshot.data.sources import resolve_data_path
 from fewshot.data.types import ImageSet
+from fewshot.errors import DataError
 from fewshot.evaluate.probe import linear_probe_fractions
 from fewshot.evaluate.runner import run_episodes, score_lake_runs
 from fewshot.methods import build_method
@@ -64,6 +65,20 @@ class EvalReport:
         return out
 
 
+def lake_pool(runs: list[LakeRun]) -> ImageSet:
+    """Lake's runs as a labeled set for episodes: each (run, class) is a class with two drawings,
+    its training image and the test item that matches it. Every class is from an evaluation
+    alphabet, so 1-shot 1-query episodes drawn from it are class-disjoint from background pre-training."""
+    images, labels, classes = [], [], []
+    for run in runs:
+        for j in range(len(run.train_images)):
+            matches = (run.answers == j).nonzero().flatten()
+            images += [run.train_images[j], *run.test_images[matches]]
+            labels += [len(classes)] * (1 + len(matches))
+            classes.append(f"{run.name}/class{j + 1:02d}")
+    return ImageSet(torch.stack(images), torch.tensor(labels), classes)
+
+
 def evaluate_encoders(
     encoders: dict[str, Embed],
     config: RunConfig,
@@ -71,10 +86,17 @@ def evaluate_encoders(
     lake_runs_path: str | Path | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> EvalReport:
-    """Score every encoder (name → embed function) on the same seeded episodes, Lake's runs and probe."""
+    """Score every encoder (name → embed function) on the same seeded episodes, Lake's runs and probe.
+
+    Without an evaluation split (``data.pretrain_on_all``), the episodes are drawn from Lake's runs.
+    """
     ev = config.eval
     report = EvalReport(run_dir=str(config.run_dir))
     runs = load_lake_runs(resolve_data_path(str(lake_runs_path), LAKE_DEFAULT), config.data.image_size) if lake_runs_path else None
+    if eval_set is None and runs is not None:
+        eval_set = lake_pool(runs)
+    if eval_set is None:
+        raise DataError("nothing to evaluate on: the data has no held-out classes; set eval.data_path (a class-per-folder folder) or eval.lake_runs")
     for name, embed in encoders.items():
         if eval_set is not None:
             log(f"embedding {len(eval_set)} evaluation images with '{name}'")

@@ -15,7 +15,7 @@ from torch import nn
 from fewshot.config import RunConfig
 from fewshot.data.views import make_views
 from fewshot.models.encoders import create_encoder
-from fewshot.models.heads import projection_head
+from fewshot.models.heads import conv_projection_head, projection_head
 from fewshot.objectives.contrastive import NPairLoss, NTXentLoss, SupConLoss, TripletLoss
 
 
@@ -28,7 +28,12 @@ class TwoViewMethod(nn.Module):
         super().__init__()
         data, m = config.data, config.method
         self.encoder = create_encoder(config.encoder.name, data.channels, data.image_size, **config.encoder.options)
-        self.projector = projection_head(self.encoder.dim, m.projection_hidden, m.projection_dim, m.projection_layers)
+        if m.projection_conv_blocks:
+            self.projector = conv_projection_head(
+                self.encoder, m.projection_conv_blocks, m.projection_hidden, m.projection_dim, m.projection_layers
+            )
+        else:
+            self.projector = projection_head(self.encoder.dim, m.projection_hidden, m.projection_dim, m.projection_layers)
         self.views = make_views(config.views.name, data.image_size, **config.views.options)
         self.objective = objective
         self.channels_last = config.train.channels_last

@@ -41,20 +41,34 @@ def create_encoder(name: str, in_channels: int = 1, image_size: int = 28, **opti
         raise ConfigError(f"encoder '{name}': {exc}") from None
 
 
+def conv_block(in_channels: int, out_channels: int, pool: bool) -> list[nn.Module]:
+    """3×3 conv → BatchNorm → ReLU (→ 2×2 max-pool): the unit of Conv-4."""
+    layers = [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+    return layers + [nn.MaxPool2d(2)] if pool else layers
+
+
 class Conv4(nn.Module):
     """The standard few-shot backbone (Vinyals et al. 2016; Snell et al. 2017):
-    4 × [3×3 conv (width) → BatchNorm → ReLU → 2×2 max-pool], flattened."""
+    4 × [3×3 conv (width) → BatchNorm → ReLU → 2×2 max-pool], flattened.
 
-    def __init__(self, in_channels: int = 1, image_size: int = 28, width: int = 64) -> None:
+    ``pools`` < blocks drops the max-pool of the last blocks, keeping a spatial grid in r: at
+    28 px the standard net ends at 1×1×64, with pools=3 at 3×3×64 = 576 features.
+    ``grid`` = (channels, h, w) of the map before flattening, for heads that continue it.
+    """
+
+    def __init__(self, in_channels: int = 1, image_size: int = 28, width: int = 64, pools: int = 4, blocks: int = 4) -> None:
         super().__init__()
+        if not 1 <= blocks or not 0 <= pools <= blocks:
+            raise ConfigError(f"conv4 needs blocks ≥ 1 and 0 ≤ pools ≤ blocks, got blocks={blocks}, pools={pools}")
         layers: list[nn.Module] = []
-        channels, size = in_channels, image_size
-        for _ in range(4):
-            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
-            channels, size = width, size // 2
+        size = image_size
+        for block in range(blocks):
+            layers += conv_block(in_channels if block == 0 else width, width, pool=block < pools)
+            size = size // 2 if block < pools else size
         if size < 1:
-            raise ConfigError(f"conv4 needs images of at least 16 px, got {image_size}")
+            raise ConfigError(f"conv4 with {pools} pools needs images of at least {2 ** pools} px, got {image_size}")
         self.features = nn.Sequential(*layers)
+        self.grid = (width, size, size)
         self.dim = width * size * size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,8 +76,8 @@ class Conv4(nn.Module):
 
 
 @register("conv4")
-def conv4(in_channels: int = 1, image_size: int = 28, width: int = 64) -> nn.Module:
-    return Conv4(in_channels, image_size, width)
+def conv4(in_channels: int = 1, image_size: int = 28, width: int = 64, pools: int = 4, blocks: int = 4) -> nn.Module:
+    return Conv4(in_channels, image_size, width, pools, blocks)
 
 
 class SmallResNet18(nn.Module):
