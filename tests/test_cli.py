@@ -140,3 +140,8 @@ def test_unlabeled_folder_pretraining_with_a_labeled_evaluation_folder(capsys, t
     # without any evaluation data there is nothing to score: one line, not a crash
     code, _, err = run(capsys, "evaluate", str(tmp_path / "quickstart"), "eval.data_path=null")
     one_line_error(code, err, "nothing to evaluate on")
+
+
+def test_resume_refuses_changes_to_the_run(capsys, tmp_path):
+    code, _, err = run(capsys, "pretrain", "--resume", str(tmp_path / "r"), "train.lr=0.5")
+    one_line_error(code, err, "only train.max_minutes")

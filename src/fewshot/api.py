@@ -52,8 +52,9 @@ def evaluate_run(
     ``overrides`` change the stored config for this evaluation only (e.g. ``eval.episodes=1000``).
     """
     config, method, ckpt = load_pretrained(path)
-    if overrides:
-        config = load_config(base=config.model_dump(mode="json"), overrides=overrides)
+    # The report goes beside the checkpoint, wherever the run folder has moved since training.
+    run_dir = Path(path) if Path(path).is_dir() else Path(path).parent.parent
+    config = load_config(base=config.model_dump(mode="json"), overrides=[f"out={run_dir.parent}", f"name={run_dir.name}", *overrides])
     lake = lake_runs or config.eval.lake_runs
     data = load_run_data(config.data, config.eval.data_path)
     report = evaluate(config, method.encoder, data.evaluation, lake, log)

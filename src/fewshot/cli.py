@@ -44,6 +44,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from fewshot import api
 
     if args.resume:
+        if args.recipe or any(not o.startswith("train.max_minutes=") for o in args.overrides):
+            raise FewshotError("--resume continues the stored run as it was; only train.max_minutes=… may be given with it")
         config = api.load_config(overrides=[f"out={os.path.dirname(os.path.normpath(args.resume)) or '.'}",
                                             f"name={os.path.basename(os.path.normpath(args.resume))}", *args.overrides])
     else:
