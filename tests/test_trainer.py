@@ -107,3 +107,19 @@ def test_batch_order_covers_each_epoch_once_per_rank():
     seen = torch.cat([o.indices(s) for s in range(orders[0].per_epoch) for o in orders])
     assert len(seen) == 16 and len(set(seen.tolist())) == 16  # disjoint across ranks and steps
     assert torch.equal(trainer.BatchOrder(20, 4, seed=3).indices(5), trainer.BatchOrder(20, 4, seed=3).indices(5))
+
+
+def test_ddp_on_two_cpu_processes(tmp_path):
+    """The same recipe under DDP (gloo, 2 processes): each rank trains on its own slice; rank 0 writes."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "fewshot.cli", "pretrain", "--json", f"out={tmp_path}", "name=ddp", *TINY,
+           "train.accelerator=cpu", "train.devices=2", "train.strategy=ddp"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, proc.stdout  # one result, from rank 0
+    assert json.loads(lines[0])["step"] == 6
+    assert load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.safetensors").step == 6

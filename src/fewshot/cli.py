@@ -51,6 +51,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     else:
         config = api.load_config(api.find_recipe(args.recipe) if args.recipe else None, args.overrides)
     result = api.pretrain(config, resume=bool(args.resume), progress=not args.json)
+    if result.global_rank != 0:
+        return
     out = {
         "run_dir": str(result.run_dir),
         "checkpoint": str(result.checkpoint),

@@ -71,6 +71,7 @@ def plot_accuracy_vs_shots(results: list[dict[str, Any]], path: Path, classifier
         pts = sorted((r["shot"], r["accuracy"], r["ci95"]) for r in rows if r["encoder"] == enc and r["way"] == way)
         shots, acc, ci = zip(*pts)
         ax.errorbar(shots, [100 * a for a in acc], yerr=[100 * c for c in ci], marker="o", capsize=3, label=f"{enc} ({way}-way)")
+    ax.set_xticks(sorted({r["shot"] for r in rows}))
     ax.set_xlabel("shots per class (K)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"few-shot accuracy, {classifier}")

@@ -1,11 +1,15 @@
 """Objectives: pure loss functions whose docstrings state their formulas."""
 
 from fewshot.objectives.contrastive import (
+    BYOLLoss,
+    InfoNCELoss,
     NPairLoss,
     NTXentLoss,
     SupConLoss,
     TripletLoss,
     batch_hard_triplet_loss,
+    byol_loss,
+    info_nce_loss,
     n_pair_loss,
     nt_xent_loss,
     supcon_loss,
@@ -13,11 +17,15 @@ from fewshot.objectives.contrastive import (
 )
 
 __all__ = [
+    "BYOLLoss",
+    "InfoNCELoss",
     "NPairLoss",
     "NTXentLoss",
     "SupConLoss",
     "TripletLoss",
     "batch_hard_triplet_loss",
+    "byol_loss",
+    "info_nce_loss",
     "n_pair_loss",
     "nt_xent_loss",
     "supcon_loss",

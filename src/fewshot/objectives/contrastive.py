@@ -26,10 +26,14 @@ __all__ = [
     "n_pair_loss",
     "nt_xent_loss",
     "supcon_loss",
+    "info_nce_loss",
+    "byol_loss",
     "TripletLoss",
     "NPairLoss",
     "NTXentLoss",
     "SupConLoss",
+    "InfoNCELoss",
+    "BYOLLoss",
 ]
 
 
@@ -453,3 +457,109 @@ class SupConLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
+
+
+# --------------------------------------------------------------------------- momentum-encoder losses
+# Kept after the modules above so that the earlier part of the file reads as it always has.
+
+
+def info_nce_loss(query: Tensor, key: Tensor, negatives: Tensor, temperature: float = 0.2) -> Tensor:
+    """InfoNCE against a set of shared negatives, as MoCo uses it (He et al. 2020, "Momentum
+    Contrast for unsupervised visual representation learning", eq. 1; the loss is Oord et al.
+    2018's, "Representation learning with contrastive predictive coding").
+
+    All rows are L2-normalised first. With q_i, k_i, n_j the unit vectors:
+
+        ℓ_i = −log( exp(q_i·k_i/τ) / (exp(q_i·k_i/τ) + Σ_j exp(q_i·n_j/τ)) ),   L = (1/N) Σ_i ℓ_i
+
+    Unlike :func:`nt_xent_loss`, the other rows of the batch are *not* negatives: every query
+    sees only its own key and the shared ``negatives`` (MoCo's queue). Computed as one
+    (N, 1 + K) logits matrix whose column 0 is the positive, then cross-entropy with target 0.
+    The function neither detaches nor stops gradients: pass ``key`` and ``negatives`` detached
+    when they come from a momentum encoder or a queue.
+
+    Args:
+        query: (N, D) queries q_i (the online branch).
+        key: (N, D) positive keys k_i, row i the other view of query i's image.
+        negatives: (K, D) negatives n_j shared by every query; K = 0 gives a loss of 0.
+        temperature: τ > 0.
+
+    Returns:
+        A scalar tensor.
+
+    Raises:
+        ValueError: if ``query`` is not a non-empty floating (N, D) tensor, if ``key`` does not
+            have exactly its shape, or if ``negatives`` is not (K, D) with the same D and dtype.
+        ConfigError: if ``temperature`` is not a finite number > 0.
+    """
+    _check_temperature(temperature)
+    _check_embeddings("query", query, "(N, D)")
+    _check_same_shape("key", key, "query", query)
+    if not isinstance(negatives, Tensor) or negatives.ndim != 2 or negatives.shape[1] != query.shape[1]:
+        raise ValueError(
+            f"negatives must be a 2-D tensor (K, {query.shape[1]}) matching the feature size of query, "
+            f"got shape {_shape(negatives)}"
+        )
+    if negatives.dtype != query.dtype:
+        raise ValueError(f"negatives must have the dtype of query ({query.dtype}), got {negatives.dtype}")
+    q = F.normalize(query, dim=1)
+    k = F.normalize(key, dim=1)
+    n = F.normalize(negatives, dim=1)
+    positive = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
+    logits = torch.cat([positive, q @ n.T], dim=1) / temperature  # (N, 1 + K)
+    targets = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, targets)
+
+
+def byol_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """BYOL's normalised mean squared error (Grill et al. 2020, "Bootstrap your own latent", eq. 2).
+
+        ℓ_i = ‖ p_i/‖p_i‖ − z_i/‖z_i‖ ‖² = 2 − 2·cos(p_i, z_i),   L = (1/N) Σ_i ℓ_i
+
+    so 0 for aligned rows, 2 for orthogonal ones and 4 for opposite ones. The stop-gradient
+    on the target branch is the caller's job (pass ``target`` detached); the function does
+    not impose it, so it can also be used for SimSiam-style experiments.
+
+    Args:
+        prediction: (N, D) online predictions p_i.
+        target: (N, D) target projections z_i, row i from the other view of the same image.
+
+    Returns:
+        A scalar tensor.
+
+    Raises:
+        ValueError: if ``prediction`` is not a non-empty floating (N, D) tensor or ``target``
+            does not have exactly its shape.
+    """
+    _check_embeddings("prediction", prediction, "(N, D)")
+    _check_same_shape("target", target, "prediction", prediction)
+    cos = (F.normalize(prediction, dim=1) * F.normalize(target, dim=1)).sum(dim=1)
+    return (2.0 - 2.0 * cos).mean()
+
+
+class InfoNCELoss(nn.Module):
+    """MoCo's InfoNCE with shared negatives as a module; see :func:`info_nce_loss`.
+
+    Raises:
+        ConfigError: if ``temperature`` is not a finite number > 0.
+    """
+
+    def __init__(self, temperature: float = 0.2) -> None:
+        super().__init__()
+        _check_temperature(temperature)
+        self.temperature = temperature
+
+    def forward(self, query: Tensor, key: Tensor, negatives: Tensor) -> Tensor:
+        """query, key: (N, D); negatives: (K, D)."""
+        return info_nce_loss(query, key, negatives, self.temperature)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"
+
+
+class BYOLLoss(nn.Module):
+    """BYOL's normalised MSE as a module (it has no hyper-parameters); see :func:`byol_loss`."""
+
+    def forward(self, prediction: Tensor, target: Tensor) -> Tensor:
+        """prediction, target: (N, D)."""
+        return byol_loss(prediction, target)

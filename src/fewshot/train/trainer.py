@@ -39,6 +39,7 @@ class TrainResult:
     step: int
     history: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0
+    global_rank: int = 0  # under DDP every process returns; only rank 0 should report
 
     @property
     def views_per_second(self) -> float:
@@ -206,4 +207,5 @@ def pretrain(
     bar.close()
     for logger in fabric.loggers:
         logger.finalize("success")
-    return TrainResult(run_dir, ckpt_path, step + 1 if train.steps > start_step else start_step, history, train_seconds)
+    final_step = step + 1 if train.steps > start_step else start_step
+    return TrainResult(run_dir, ckpt_path, final_step, history, train_seconds, fabric.global_rank)
