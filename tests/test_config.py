@@ -44,7 +44,7 @@ def test_parse_override_reads_yaml_values():
 
 
 def test_every_shipped_recipe_validates():
-    for name in ["quickstart", "simclr-digits", "simclr-omniglot", "triplet-digits", "npair-digits", "supcon-digits"]:
+    for name in ["quickstart", "simclr-digits", "simclr-omniglot", "triplet-digits", "npair-digits", "supcon-digits", "moco-omniglot", "byol-omniglot"]:
         load_config(find_recipe(name))
 
 

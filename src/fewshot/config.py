@@ -51,7 +51,7 @@ class EncoderConfig(_Strict):
 
 
 class MethodConfig(_Strict):
-    name: str = Field("simclr", description="pre-training method: simclr, triplet, npair, supcon")
+    name: str = Field("simclr", description="pre-training method: simclr, triplet, npair, supcon, moco, byol")
     temperature: float = Field(0.5, gt=0, description="τ of NT-Xent / SupCon")
     positive_in_denominator: bool = Field(True, description="NT-Xent: keep the positive in the denominator (SimCLR) or not (DCL)")
     margin: float = Field(1.0, ge=0, description="triplet margin ε")
@@ -61,6 +61,14 @@ class MethodConfig(_Strict):
     projection_dim: int = Field(128, ge=1, description="output width of the projection MLP (0 layers: see projection_layers)")
     projection_layers: int = Field(2, ge=0, description="layers of the projection MLP; 0 = no projector")
     projection_conv_blocks: int = Field(0, ge=0, description="conv blocks (conv4 only) before the projection MLP")
+    momentum: float = Field(
+        0.99, ge=0, lt=1, description="MoCo: EMA factor m of the key encoder, θ_k ← m·θ_k + (1−m)·θ_q (paper: 0.999 for ImageNet-length runs)"
+    )
+    momentum_base: float = Field(
+        0.996, ge=0, le=1, description="BYOL: target EMA factor at step 0; a cosine schedule takes it to 1 at the last step"
+    )
+    queue_size: int = Field(4096, ge=1, description="MoCo: keys K kept in the queue of negatives")
+    predictor_hidden: int = Field(256, ge=1, description="BYOL: hidden width of the predictor MLP (projector output → hidden → same width)")
 
 
 class TrainConfig(_Strict):

@@ -10,18 +10,21 @@ from __future__ import annotations
 from fewshot.config import RunConfig
 from fewshot.errors import ConfigError
 from fewshot.methods.contrastive import CONTRASTIVE_METHODS, TwoViewMethod
+from fewshot.methods.momentum import MOMENTUM_METHODS
+
+METHODS = {**CONTRASTIVE_METHODS, **MOMENTUM_METHODS}
 
 
 def method_names() -> list[str]:
-    return sorted(CONTRASTIVE_METHODS)
+    return sorted(METHODS)
 
 
 def build_method(config: RunConfig) -> TwoViewMethod:
     """The method named by ``config.method.name`` with a fresh encoder."""
     name = config.method.name
-    if name not in CONTRASTIVE_METHODS:
+    if name not in METHODS:
         raise ConfigError(f"unknown method '{name}'; known methods: {', '.join(method_names())}")
-    return CONTRASTIVE_METHODS[name](config)
+    return METHODS[name](config)
 
 
-__all__ = ["build_method", "method_names", "TwoViewMethod"]
+__all__ = ["METHODS", "build_method", "method_names", "TwoViewMethod"]

@@ -459,8 +459,7 @@ class SupConLoss(nn.Module):
         return f"temperature={self.temperature}"
 
 
-# --------------------------------------------------------------------------- momentum-encoder losses
-# Kept after the modules above so that the earlier part of the file reads as it always has.
+# --------------------------------------------------------------------------- momentum-encoder losses (MoCo, BYOL)
 
 
 def info_nce_loss(query: Tensor, key: Tensor, negatives: Tensor, temperature: float = 0.2) -> Tensor:
