@@ -137,7 +137,9 @@ def pretrain(
         raise ConfigError(f"method '{config.method.name}' needs labels, but the pre-training data is unlabeled")
     if train.channels_last:
         method = method.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(method.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    # Frozen parameters (MoCo's and BYOL's EMA targets) move only through after_step.
+    trainable = [p for p in method.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
     view_gen = torch.Generator().manual_seed(train.seed + 7919 * fabric.global_rank)
 
     start_step, history, train_seconds, saved_step = 0, [], 0.0, 0
