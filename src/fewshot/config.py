@@ -54,6 +54,7 @@ class MethodConfig(_Strict):
     name: str = Field("simclr", description="pre-training method: simclr, triplet, npair, supcon, moco, byol")
     temperature: float = Field(0.5, gt=0, description="τ of NT-Xent / SupCon")
     positive_in_denominator: bool = Field(True, description="NT-Xent: keep the positive in the denominator (SimCLR) or not (DCL)")
+    gather_negatives: bool = Field(True, description="SimCLR under DDP: negatives from every process's views (global batch), else local")
     margin: float = Field(1.0, ge=0, description="triplet margin ε")
     batch_hard: bool = Field(True, description="triplet: mine the hardest positive and negative in the batch")
     l2_reg: float = Field(0.0, ge=0, description="N-pair: weight of the embedding-norm regulariser")

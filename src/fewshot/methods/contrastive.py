@@ -14,6 +14,7 @@ from torch import nn
 
 from fewshot.config import RunConfig
 from fewshot.data.views import make_views
+from fewshot.distributed import gather_others
 from fewshot.models.encoders import create_encoder
 from fewshot.models.heads import conv_projection_head, projection_head
 from fewshot.objectives.contrastive import NPairLoss, NTXentLoss, SupConLoss, TripletLoss
@@ -56,11 +57,21 @@ class TwoViewMethod(nn.Module):
 
 
 class SimCLR(TwoViewMethod):
-    """SimCLR (Chen et al. 2020): NT-Xent over the 2N views of a batch."""
+    """SimCLR (Chen et al. 2020): NT-Xent over the 2N views of a batch.
+
+    Under DDP with ``method.gather_negatives`` the other processes' views join every anchor's
+    denominator (the global batch, as the paper's TPU pods do); otherwise each process's loss
+    sees only its own batch (the local loss).
+    """
 
     def __init__(self, config: RunConfig) -> None:
         m = config.method
         super().__init__(config, NTXentLoss(m.temperature, m.positive_in_denominator))
+        self.gather_negatives = m.gather_negatives
+
+    def loss(self, z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        negatives = gather_others(z1, z2) if self.gather_negatives else None
+        return self.objective(z1, z2, negatives)
 
 
 class Triplet(TwoViewMethod):
