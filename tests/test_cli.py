@@ -1,6 +1,7 @@
 """The CLI end to end on tiny settings: JSON results, one-line errors, nothing overwritten."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -145,3 +146,15 @@ def test_unlabeled_folder_pretraining_with_a_labeled_evaluation_folder(capsys, t
 def test_resume_refuses_changes_to_the_run(capsys, tmp_path):
     code, _, err = run(capsys, "pretrain", "--resume", str(tmp_path / "r"), "train.lr=0.5")
     one_line_error(code, err, "only train.max_minutes")
+
+
+def test_evaluate_never_overwrites_a_report(capsys, tmp_path):
+    code, _, _ = run(capsys, "quickstart", f"out={tmp_path}", *TINY, "eval.shots=[1]")
+    first = (tmp_path / "quickstart" / "report.md").read_text()
+    paths = []
+    for _ in range(2):
+        code, out, _ = run(capsys, "evaluate", str(tmp_path / "quickstart"), "--json", "eval.shots=[1]")
+        assert code == 0
+        paths.append(json.loads(out)["report_path"])
+    assert paths[0] != paths[1] and all(os.path.isfile(p) for p in paths)
+    assert (tmp_path / "quickstart" / "report.md").read_text() == first

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,7 +59,10 @@ def evaluate_run(
     lake = lake_runs or config.eval.lake_runs
     data = load_run_data(config.data, config.eval.data_path)
     report = evaluate(config, method.encoder, data.evaluation, lake, log)
-    write_report(config.run_dir, report, ckpt.meta.get("history", []))
+    # Each evaluation gets its own folder: re-evaluating never overwrites an earlier report.
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+    report.report_path = str(write_report(run_dir / "evaluations" / stamp, report, ckpt.meta.get("history", []),
+                                          f"Evaluation of {run_dir} (step {ckpt.step})."))
     return report
 
 

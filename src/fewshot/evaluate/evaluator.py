@@ -52,9 +52,12 @@ class EvalReport:
     lake_runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # encoder → {"accuracy", "per_run"}
     probe: list[dict[str, Any]] = field(default_factory=list)  # label-fraction rows per encoder
     run_dir: str | None = None
+    report_path: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"results": self.results, "probe": self.probe, "run_dir": self.run_dir}
+        if self.report_path:
+            out["report_path"] = self.report_path
         if self.lake_runs:
             main = "pretrained" if "pretrained" in self.lake_runs else next(iter(self.lake_runs))
             out["lake_runs"] = {
