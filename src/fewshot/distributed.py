@@ -32,3 +32,13 @@ def gather_others(*tensors: torch.Tensor) -> torch.Tensor | None:
         slices = all_gather(tensor)
         others += [s for r, s in enumerate(slices) if r != rank]
     return torch.cat(others)
+
+
+def gather_all(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` from every process in rank order, without gradient (MoCo's keys need none);
+    ``x`` itself on one process. Every rank gets the same result, so queues stay identical."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)

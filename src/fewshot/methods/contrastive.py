@@ -42,14 +42,16 @@ class TwoViewMethod(nn.Module):
     def loss(self, z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.objective(z1, z2)
 
+    def both_views(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Two augmented views of every image, stacked (2B, C, H, W): view 1 of all, then view 2."""
+        v1, v2 = self.views.two_views(images, generator)
+        views = torch.cat([v1, v2])
+        return views.contiguous(memory_format=torch.channels_last) if self.channels_last else views
+
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        v1, v2 = self.views.two_views(images, generator)
-        views = torch.cat([v1, v2])
-        if self.channels_last:
-            views = views.contiguous(memory_format=torch.channels_last)
-        z1, z2 = self.projector(self.encoder(views)).float().chunk(2)
+        z1, z2 = self.projector(self.encoder(self.both_views(images, generator))).float().chunk(2)
         return self.loss(z1, z2, labels), {}
 
     def after_step(self, step: int, total_steps: int) -> None:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot.config import RunConfig
+from fewshot.distributed import gather_all
 from fewshot.methods.contrastive import TwoViewMethod
 from fewshot.models.heads import projection_head
 from fewshot.objectives.contrastive import BYOLLoss, InfoNCELoss
@@ -71,22 +72,6 @@ def byol_momentum(step: int, total_steps: int, base: float = 0.996) -> float:
     return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
 
 
-def _gather_from_ranks(x: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` from every DDP process, rank order (rank 0's first); ``x`` itself without DDP.
-
-    MoCo enqueues the keys of the global batch, so every rank keeps the same queue.
-    ``all_gather`` carries no gradient, which is fine: keys never need one.
-    """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return x
-    world = torch.distributed.get_world_size()
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    torch.distributed.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
 class MomentumMethod(TwoViewMethod):
     """A two-view method with an EMA target (a frozen deep copy of encoder + projector).
 
@@ -124,13 +109,6 @@ class MomentumMethod(TwoViewMethod):
         """Move the target towards the online weights (the trainer calls this after each optimizer step)."""
         update_momentum(self.online(), self.target, self.momentum_at(step, total_steps))
 
-    def _both_views(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        v1, v2 = self.views.two_views(images, generator)
-        views = torch.cat([v1, v2])
-        if self.channels_last:
-            views = views.contiguous(memory_format=torch.channels_last)
-        return views
-
 
 class MoCo(MomentumMethod):
     """MoCo v2 (Chen, Fan, Girshick & He 2020, "Improved baselines with momentum contrastive
@@ -165,7 +143,7 @@ class MoCo(MomentumMethod):
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        views = self._both_views(images, generator)
+        views = self.both_views(images, generator)
         q1, q2 = self.projector(self.encoder(views)).float().chunk(2)
         with torch.no_grad():
             k1, k2 = self.target(views).float().chunk(2)
@@ -179,7 +157,7 @@ class MoCo(MomentumMethod):
     @torch.no_grad()
     def _enqueue(self, keys: torch.Tensor) -> None:
         """Write ``keys`` (and other ranks' keys) into the ring buffer from ``queue_ptr`` on, wrapping at K."""
-        keys = _gather_from_ranks(keys.detach())
+        keys = gather_all(keys.detach())
         size, n = self.queue.shape[0], keys.shape[0]
         first = max(0, n - size)  # more keys than slots: only the newest K would survive anyway
         slots = (self.queue_ptr + torch.arange(first, n, device=keys.device)) % size
@@ -213,7 +191,7 @@ class BYOL(MomentumMethod):
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        views = self._both_views(images, generator)
+        views = self.both_views(images, generator)
         p1, p2 = self.predictor(self.projector(self.encoder(views))).float().chunk(2)
         with torch.no_grad():
             z1, z2 = self.target(views).float().chunk(2)
