@@ -1,10 +1,23 @@
-"""The in-memory image set every loader returns and every consumer takes."""
+"""The in-memory image set every loader returns, and what the trainer needs of any data set."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+
+
+class TrainingData(Protocol):
+    """What the trainer needs of a data set: its size, a batch by index, whether it has labels.
+    :class:`ImageSet` is one; token sets for text are another."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @property
+    def labeled(self) -> bool: ...
 
 
 @dataclass
@@ -30,6 +43,10 @@ class ImageSet:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels) of the samples ``idx``: what the trainer feeds a method."""
+        return self.images[idx], self.labels[idx]
 
     @property
     def labeled(self) -> bool:

@@ -1,14 +1,16 @@
 """Pre-training methods: each ties views, encoder, heads and an objective together.
 
-A method is an ``nn.Module`` with ``.encoder`` (what evaluation keeps) and
-``forward(images, labels, generator) -> (loss, logs)``, the training step the one trainer
+A method is a :class:`~fewshot.methods.base.Method`: ``.encoder`` (what evaluation keeps) and
+``forward(inputs, labels, generator) -> (loss, logs)``, the training step the one trainer
 calls; ``after_step(step, total_steps)`` is the hook for per-step extras (EMA, queues).
+Register a new one in ``METHODS`` below.
 """
 
 from __future__ import annotations
 
 from fewshot.config import RunConfig
 from fewshot.errors import ConfigError
+from fewshot.methods.base import Method
 from fewshot.methods.contrastive import CONTRASTIVE_METHODS, TwoViewMethod
 from fewshot.methods.momentum import MOMENTUM_METHODS
 
@@ -19,7 +21,7 @@ def method_names() -> list[str]:
     return sorted(METHODS)
 
 
-def build_method(config: RunConfig) -> TwoViewMethod:
+def build_method(config: RunConfig) -> Method:
     """The method named by ``config.method.name`` with a fresh encoder."""
     name = config.method.name
     if name not in METHODS:
@@ -27,4 +29,4 @@ def build_method(config: RunConfig) -> TwoViewMethod:
     return METHODS[name](config)
 
 
-__all__ = ["METHODS", "build_method", "method_names", "TwoViewMethod"]
+__all__ = ["METHODS", "Method", "TwoViewMethod", "build_method", "method_names"]

@@ -15,15 +15,16 @@ from torch import nn
 from fewshot.config import RunConfig
 from fewshot.data.views import make_views
 from fewshot.distributed import gather_others
+from fewshot.methods.base import Method
 from fewshot.models.encoders import create_encoder
 from fewshot.models.heads import conv_projection_head, projection_head
 from fewshot.objectives.contrastive import NPairLoss, NTXentLoss, SupConLoss, TripletLoss
 
 
-class TwoViewMethod(nn.Module):
+class TwoViewMethod(Method):
     """Views → encoder → projector → objective. Subclasses set ``objective`` and may override ``loss``."""
 
-    needs_labels = False
+    views_per_sample = 2
 
     def __init__(self, config: RunConfig, objective: nn.Module) -> None:
         super().__init__()
@@ -53,9 +54,6 @@ class TwoViewMethod(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         z1, z2 = self.projector(self.encoder(self.both_views(images, generator))).float().chunk(2)
         return self.loss(z1, z2, labels), {}
-
-    def after_step(self, step: int, total_steps: int) -> None:
-        """Per-step extras after the optimizer step; nothing for these methods."""
 
 
 class SimCLR(TwoViewMethod):

@@ -20,7 +20,7 @@ from lightning_fabric.loggers import CSVLogger, TensorBoardLogger
 from tqdm.auto import tqdm
 
 from fewshot.config import RunConfig, TrainConfig, config_from_dict
-from fewshot.data.types import ImageSet
+from fewshot.data.types import TrainingData
 from fewshot.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from fewshot.methods import build_method
 from fewshot.train.checkpoint import (
@@ -99,7 +99,7 @@ def _state_tensors(method: torch.nn.Module, optimizer: torch.optim.Optimizer, vi
 
 
 def pretrain(
-    config: RunConfig, data: ImageSet, resume: bool = False, progress: bool = True, fabric: Fabric | None = None
+    config: RunConfig, data: TrainingData, resume: bool = False, progress: bool = True, fabric: Fabric | None = None
 ) -> TrainResult:
     """Pre-train ``config.method`` on ``data`` and write checkpoints to ``config.run_dir``.
 
@@ -156,7 +156,6 @@ def pretrain(
         optimizer.load_state_dict(optimizer_from_flat(restored.prefixed("optim"), restored.meta["optimizer"]))
 
     order = BatchOrder(len(data), train.batch_size, train.seed, fabric.global_rank, fabric.world_size)
-    images, labels = data.images, data.labels
 
     def save(step: int) -> Path:
         if fabric.is_global_zero:
@@ -170,12 +169,12 @@ def pretrain(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(config.model_dump_json(indent=1))
     bar = tqdm(total=train.steps, initial=start_step, disable=not (progress and fabric.is_global_zero), unit="step", dynamic_ncols=True)
-    views_per_step = 2 * train.batch_size * fabric.world_size
+    views_per_step = raw_method.views_per_sample * train.batch_size * fabric.world_size
     method.train()
     step, window_start, window_steps, session_start = start_step, time.perf_counter(), 0, time.perf_counter()
     for step in range(start_step, train.steps):
         idx = order.indices(step)
-        x, y = fabric.to_device((images[idx], labels[idx]))
+        x, y = fabric.to_device(data.batch(idx))
         lr = learning_rate(step, train)
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -1,0 +1,30 @@
+"""What every pre-training method is to the one trainer and the evaluator."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Method(nn.Module):
+    """A pre-training method: ``.encoder`` (the product evaluation keeps) plus one training step.
+
+    ``forward(inputs, labels, generator) -> (loss, logs)`` is the step the trainer calls on a
+    batch from ``data.batch(idx)``; ``generator`` is the checkpointed CPU generator every random
+    draw (views, masks, episodes) must use so a resumed run repeats the uninterrupted one.
+    ``after_step(step, total_steps)`` runs after each optimizer step (EMA targets, queues).
+    ``views_per_sample`` is how many encoder inputs one sample becomes (2 for two-view methods),
+    so throughput is reported as views/s across methods.
+    """
+
+    needs_labels = False
+    views_per_sample = 1
+    encoder: nn.Module
+
+    def forward(
+        self, inputs: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Per-step extras after the optimizer step; nothing by default."""
