@@ -58,3 +58,47 @@ def test_unknown_encoder_lists_the_known_ones():
 def test_projection_head_shapes():
     assert projection_head(10, 32, 4, layers=2)(torch.randn(5, 10)).shape == (5, 4)
     assert isinstance(projection_head(10, 32, 4, layers=0), torch.nn.Identity)
+
+
+def _explicit_attention(attn, x, past=None):
+    """Attention written out with softmax(QKᵀ/√d)V and an explicit mask: the reference."""
+    b, t, d = x.shape
+    h = attn.heads
+    q, k, v = attn.qkv(x).view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+    if past is not None:
+        k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+    scores = q @ k.transpose(-1, -2) / (d // h) ** 0.5
+    if attn.causal:
+        p = k.shape[2] - t
+        allowed = torch.tensor([[j <= p + i for j in range(k.shape[2])] for i in range(t)])
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    y = scores.softmax(-1) @ v
+    return attn.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_with_past_matches_explicit_attention(causal):
+    from fewshot.models.transformer import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(16, 4, causal=causal)
+    x, past = torch.randn(2, 5, 16), (torch.randn(2, 4, 3, 4), torch.randn(2, 4, 3, 4))
+    torch.testing.assert_close(attn(x), _explicit_attention(attn, x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn(x, past), _explicit_attention(attn, x, past), atol=1e-5, rtol=1e-5)
+
+
+def test_causal_attention_cache_equals_full_recompute():
+    """Feeding tokens one at a time with the returned keys/values gives the full pass's outputs."""
+    from fewshot.models.transformer import Block
+
+    torch.manual_seed(0)
+    block = Block(16, 4, causal=True)
+    x = torch.randn(2, 6, 16)
+    full = block(x)
+    out, past = block(x[:, :2], return_kv=True)
+    steps = [out]
+    for i in range(2, 6):
+        out, past = block(x[:, i : i + 1], past, return_kv=True)
+        steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert past[0].shape == (2, 4, 6, 4)
