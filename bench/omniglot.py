@@ -27,6 +27,16 @@ from fewshot.errors import FewshotError
 from fewshot.report import lake_table, results_table, write_report
 
 
+def pretrain_and_score(config):
+    """Pre-train ``config`` and score its encoder on Lake's runs and the configured episodes:
+    (TrainResult, EvalReport, wall seconds). Shared by the study scripts."""
+    start = time.perf_counter()
+    result = api.pretrain(config, progress=sys.stderr.isatty())
+    _, method, _ = api.load_pretrained(result.checkpoint)
+    report = evaluate(config, method.encoder, None, config.eval.lake_runs, log=lambda m: print(m, file=sys.stderr))
+    return result, report, time.perf_counter() - start
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="data root holding omniglot/ (default: $FEWSHOT_DATA)")
@@ -43,11 +53,7 @@ def main() -> int:
             find_recipe(args.recipe),
             [f"name={args.name or 'bench-omniglot-' + stamp}", f"train.max_minutes={args.minutes}", *args.overrides],
         )
-        start = time.perf_counter()
-        result = api.pretrain(config, progress=sys.stderr.isatty())
-        _, method, _ = api.load_pretrained(result.checkpoint)
-        report = evaluate(config, method.encoder, None, config.eval.lake_runs, log=lambda m: print(m, file=sys.stderr))
-        wall = time.perf_counter() - start
+        result, report, wall = pretrain_and_score(config)
     except FewshotError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 2
