@@ -9,6 +9,12 @@ from fewshot.objectives import nt_xent_loss, supcon_loss
 from fewshot.errors import ConfigError
 
 TINY = ["data.image_size=16", "method.projection_hidden=16", "method.projection_dim=8", "encoder.options={width: 8}"]
+# Methods tied to one encoder family get it here (after TINY, so these options replace TINY's).
+ENCODER_FOR = {"mae": ["encoder=vit-tiny", "encoder.options={depth: 1}", "method.decoder_depth=1"]}
+TEXT = ["data.source=text", "data.seq_len=8", "data.vocab_size=300", "encoder=text-transformer", "encoder.options={dim: 16, depth: 1, heads: 2}"]
+ENCODER_FOR |= {"gpt": TEXT, "mlm": TEXT}
+TEXT_METHODS = {"gpt", "mlm"}  # trained on token windows (B, seq_len); tests/test_text.py checks them in depth
+SEQUENCE_METHODS = {"time-contrastive"}  # trained on frame sequences (B, T, C, H, W)
 
 
 def _batch(n=12):
@@ -18,8 +24,12 @@ def _batch(n=12):
 
 @pytest.mark.parametrize("name", method_names())
 def test_every_method_trains(name):
-    method = build_method(load_config(overrides=[f"method={name}", *TINY]))
+    method = build_method(load_config(overrides=[f"method={name}", *TINY, *ENCODER_FOR.get(name, [])]))
     x, y = _batch()
+    if name in SEQUENCE_METHODS:  # sequences (B, T, C, H, W) instead of images
+        x = torch.rand(12, 6, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    if name in TEXT_METHODS:
+        x = torch.randint(6, 300, (12, 8), generator=torch.Generator().manual_seed(0))
     loss, logs = method(x, y, torch.Generator().manual_seed(1))
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()

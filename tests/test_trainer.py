@@ -7,6 +7,7 @@ from fewshot import api
 from fewshot.errors import CheckpointError, TrainingDiverged
 from fewshot.train import trainer
 from fewshot.train.checkpoint import load_checkpoint
+from conftest import pretrain_interrupted
 
 TINY = ["data.image_size=16", "train.steps=6", "train.batch_size=32", "train.checkpoint_every=3",
         "train.log_every=1", "train.warmup_steps=2", "method.projection_hidden=32", "method.projection_dim=16",
@@ -29,25 +30,18 @@ def _weights(run_dir):
         # 96 keys, not 64: with 64 keys per step a queue of 64 is rewritten whole and its pointer stays at 0.
         ["method=moco", "method.queue_size=96"],
         ["method=byol", "method.predictor_hidden=32"],
+        # R2-D2's learned λ, scale and bias are parameters with optimizer state too.
+        ["method=protonet"],
+        ["method=r2d2"],
     ],
-    ids=["simclr", "moco", "byol"],
+    ids=["simclr", "moco", "byol", "protonet", "r2d2"],
 )
 def test_resumed_run_matches_uninterrupted(tmp_path, monkeypatch, method):
     full = api.pretrain(_config(tmp_path, "full", *method), progress=False)
     assert full.step == 6
 
-    real_lr = trainer.learning_rate
-
-    def interrupt_at_4(step, train):
-        if step == 4:
-            raise KeyboardInterrupt
-        return real_lr(step, train)
-
-    monkeypatch.setattr(trainer, "learning_rate", interrupt_at_4)
-    with pytest.raises(KeyboardInterrupt):
-        api.pretrain(_config(tmp_path, "cut", *method), progress=False)
+    pretrain_interrupted(monkeypatch, _config(tmp_path, "cut", *method))
     assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.safetensors").step == 3
-    monkeypatch.setattr(trainer, "learning_rate", real_lr)
 
     resumed = api.pretrain(_config(tmp_path, "cut", *method), resume=True, progress=False)
     assert resumed.step == 6

@@ -99,7 +99,7 @@ def test_output_is_image_size_for_other_input_sizes(name: str) -> None:
 
 
 def test_recipe_names() -> None:
-    assert set(VIEW_RECIPES) == {"simclr", "characters", "none"}
+    assert set(VIEW_RECIPES) == {"simclr", "characters", "none", "viewmaker"}
 
 
 # ---------------------------------------------------------------------------- randomness

@@ -12,13 +12,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+from tokenizers import Tokenizer
 from torch import nn
 
-from fewshot.config import RunConfig, config_from_dict, find_recipe, load_config
+from fewshot.config import DataConfig, RunConfig, config_from_dict, find_recipe, load_config
 from fewshot.data.datasets import load_run_data
-from fewshot.errors import CheckpointError
+from fewshot.data.text import load_text_splits
+from fewshot.data.tokenizer import decode, encode, load_tokenizer, save_tokenizer, train_tokenizer
+from fewshot.errors import CheckpointError, ConfigError
 from fewshot.evaluate.evaluator import EvalReport, evaluate
+from fewshot.evaluate.text import evaluate_text_run, perplexity_line
+from fewshot.generate import generate as _generate
 from fewshot.methods import build_method
+from fewshot.methods.language import LANGUAGE_METHODS
 from fewshot.report import write_report
 from fewshot.train.checkpoint import Checkpoint, load_checkpoint
 from fewshot.train.trainer import TrainResult, checkpoint_path, pretrain as _pretrain
@@ -31,7 +38,21 @@ def pretrain(config: RunConfig, resume: bool = False, progress: bool = True) -> 
     data_config, ckpt = config.data, checkpoint_path(config.run_dir)
     if resume and ckpt.exists():  # a resumed run trains on the data it started with
         data_config = config_from_dict(load_checkpoint(ckpt).config).data
-    return _pretrain(config, load_run_data(data_config, config.eval.data_path).pretrain, resume=resume, progress=progress)
+    tokenizer = _run_tokenizer(config, data_config, resume) if data_config.source == "text" else None
+    return _pretrain(config, load_run_data(data_config, config.eval.data_path, tokenizer).pretrain, resume=resume, progress=progress)
+
+
+def _run_tokenizer(config: RunConfig, data: DataConfig, resume: bool) -> Tokenizer:
+    """A text run's tokenizer: a new run trains one on the training split and saves it as
+    run_dir/tokenizer.json before training; a resumed run reuses that file."""
+    if resume:  # the stored run's method is checked when it was started
+        return load_tokenizer(config.run_dir)
+    if config.method.name not in LANGUAGE_METHODS:
+        raise ConfigError(f"data.source=text needs a language method ({', '.join(LANGUAGE_METHODS)}), got '{config.method.name}'")
+    tokenizer = train_tokenizer(load_text_splits(data).train, data.vocab_size)
+    if not checkpoint_path(config.run_dir).exists():  # else the trainer refuses the run: write nothing into it
+        save_tokenizer(tokenizer, config.run_dir)
+    return tokenizer
 
 
 def load_pretrained(path: str | Path) -> tuple[RunConfig, nn.Module, Checkpoint]:
@@ -56,13 +77,17 @@ def evaluate_run(
     # The report goes beside the checkpoint, wherever the run folder has moved since training.
     run_dir = Path(path) if Path(path).is_dir() else Path(path).parent.parent
     config = load_config(base=config.model_dump(mode="json"), overrides=[f"out={run_dir.parent}", f"name={run_dir.name}", *overrides])
-    lake = lake_runs or config.eval.lake_runs
-    data = load_run_data(config.data, config.eval.data_path)
-    report = evaluate(config, method.encoder, data.evaluation, lake, log)
+    header = f"Evaluation of {run_dir} (step {ckpt.step})."
+    if config.data.source == "text":
+        report = evaluate_text_run(config, method, run_dir, log)
+        header += " " + perplexity_line(report.perplexity)
+    else:
+        lake = lake_runs or config.eval.lake_runs
+        data = load_run_data(config.data, config.eval.data_path)
+        report = evaluate(config, method.encoder, data.evaluation, lake, log)
     # Each evaluation gets its own folder: re-evaluating never overwrites an earlier report.
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
-    report.report_path = str(write_report(run_dir / "evaluations" / stamp, report, ckpt.meta.get("history", []),
-                                          f"Evaluation of {run_dir} (step {ckpt.step})."))
+    report.report_path = str(write_report(run_dir / "evaluations" / stamp, report, ckpt.meta.get("history", []), header))
     return report
 
 
@@ -81,9 +106,49 @@ def quickstart(overrides: list[str] | tuple[str, ...] = (), progress: bool = Tru
     return out
 
 
+def generate(
+    path: str | Path,
+    prompt: str = "",
+    max_new_tokens: int = 100,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    use_cache: bool = True,
+) -> dict[str, Any]:
+    """Continue ``prompt`` with a gpt run's model and tokenizer (see :func:`fewshot.generate.generate`);
+    the same seed gives the same text."""
+    config, method, ckpt = load_pretrained(path)
+    if config.method.name != "gpt":
+        raise ConfigError(f"'{path}' is a {config.method.name} run; generation needs a gpt run")
+    run_dir = Path(path) if Path(path).is_dir() else Path(path).parent.parent
+    tokenizer = load_tokenizer(run_dir)
+    ids = encode(tokenizer, prompt)
+    out = _generate(method.encoder, ids, max_new_tokens, temperature, top_k, torch.Generator().manual_seed(seed), use_cache)
+    return {
+        "run_dir": str(run_dir), "step": ckpt.step, "prompt": prompt, "text": decode(tokenizer, out),
+        "completion": decode(tokenizer, out[len(ids):]), "new_tokens": len(out) - len(ids),
+        "temperature": temperature, "top_k": top_k, "seed": seed,
+    }
+
+
+def adapt(path: str | Path, method: str, options: dict[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Adapt a checkpoint's encoder with a few labels: scored over episodes (``episodes=N``) or once on
+    a labeled folder (``support=..., out=FILE`` saves the adapter); see :func:`fewshot.adapt.task.adapt_checkpoint`."""
+    from fewshot.adapt.task import adapt_checkpoint
+
+    return adapt_checkpoint(path, method, options, **kwargs)
+
+
+def load_adapted(adapter: str | Path, path: str | Path) -> nn.Module:
+    """The :class:`~fewshot.adapt.AdaptedClassifier` stored in ``adapter``, on checkpoint/run ``path``'s encoder."""
+    from fewshot.adapt.task import load_adapted as _load_adapted
+
+    return _load_adapted(adapter, path)
+
+
 def _trained_encoder(result: TrainResult) -> nn.Module:
     _, method, _ = load_pretrained(result.checkpoint)
     return method.encoder
 
 
-__all__ = ["load_config", "pretrain", "evaluate_run", "load_pretrained", "quickstart"]
+__all__ = ["load_config", "pretrain", "evaluate_run", "load_pretrained", "quickstart", "generate", "adapt", "load_adapted"]

@@ -27,6 +27,10 @@ def _results_text(out: dict[str, Any]) -> str:
     from fewshot.report import lake_table, probe_table, results_table
 
     parts = []
+    if out.get("perplexity"):
+        from fewshot.evaluate.text import perplexity_line
+
+        parts += [perplexity_line(out["perplexity"]), ""]
     if out.get("results"):
         parts += ["Few-shot accuracy (% ± 95% CI), episodes on classes never seen in pre-training:", results_table(out["results"])]
     if out.get("lake_runs"):
@@ -70,6 +74,33 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     report = api.evaluate_run(args.checkpoint, args.overrides, args.lake_runs, log=_log(args))
     out = report.to_json()
     _emit(args, out, _results_text(out))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from fewshot import api
+
+    out = api.generate(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    _emit(args, out, out["text"])
+
+
+def cmd_adapt(args: argparse.Namespace) -> None:
+    from fewshot import api
+    from fewshot.adapt.runner import AdaptSettings
+    from fewshot.config import parse_override
+
+    options = dict(parse_override(o) for o in args.options)
+    settings = AdaptSettings(steps=args.steps, lr=args.lr, head_lr=args.head_lr)
+    out = api.adapt(args.run_dir, args.method, options, support=args.support, episodes=args.episodes, way=args.ways,
+                    shot=args.shots, query=args.queries, settings=settings, augment=args.augment, seed=args.seed,
+                    out=args.out, device=args.device, log=_log(args))
+    params = f"{out['trainable_params']} trainable parameters (+ {out['head_params']} in the head)"
+    if "accuracy" in out:
+        text = (f"{out['method']}: {out['way']}-way {out['shot']}-shot accuracy {100 * out['accuracy']:.1f}% ± "
+                f"{100 * out['ci95']:.1f} over {out['episodes']} episodes, {out['steps']} steps each; {params}, "
+                f"{out['bytes_per_task']} bytes per task, {out['seconds_per_episode']:.2f} s per episode")
+    else:
+        text = f"adapter: {out['adapter']} ({out['bytes']} bytes, {params}); support accuracy {100 * out['support_accuracy']:.1f}%"
+    _emit(args, out, text)
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
@@ -161,6 +192,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", help="data path (zip or folder)")
     p.add_argument("--root", default="data", help="download folder (download only)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.image_size=32")
+
+    p = add("generate", cmd_generate, "continue a prompt with a gpt run (KV cache; greedy, temperature, top-k)")
+    p.add_argument("run_dir", help="gpt run folder (holds checkpoints/ and tokenizer.json)")
+    p.add_argument("--prompt", default="", help="text to continue, e.g. 'ROMEO:'")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; < 1 sharper, > 1 flatter")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+
+    p = add("adapt", cmd_adapt, "adapt a pre-trained encoder with a few labels (probe, fine-tuning, LoRA, adapters, prompts)")
+    p.add_argument("run_dir", help="run folder or checkpoint file")
+    p.add_argument("--method", default="lora", help="adaptation method: fewshot.adapt.adapt_method_names()")
+    p.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE", help="method options, e.g. r=4 alpha=8 targets=['*qkv']")
+    p.add_argument("--support", metavar="FOLDER", help="adapt once on this class-per-folder support set (needs --out)")
+    p.add_argument("--episodes", type=int, help="score the method on N episodes of the run's held-out classes")
+    p.add_argument("--ways", type=int, default=5, help="N of the N-way episodes")
+    p.add_argument("--shots", type=int, default=5, help="K of the K-shot episodes")
+    p.add_argument("--queries", type=int, default=15, help="query examples per class and episode")
+    p.add_argument("--steps", type=int, default=50, help="AdamW steps per task on the support set")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the method's parameters")
+    p.add_argument("--head-lr", type=float, default=1e-2, help="learning rate of the cosine head")
+    p.add_argument("--augment", action="store_true", help="train on views from the run's augmentation recipe")
+    p.add_argument("--seed", type=int, default=0, help="seed of the episodes and of the injected weights")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--out", metavar="FILE", help="adapter file to write (.safetensors + .json), with --support")
 
     add("info", cmd_info, "versions, devices and registered names")
     return parser

@@ -21,12 +21,18 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    source: Literal["digits", "omniglot", "folder", "unlabeled"] = Field(
+    source: Literal["digits", "omniglot", "folder", "unlabeled", "text", "sequences", "moving-shapes"] = Field(
         "digits",
         description="digits (built in), omniglot (release zip or folder), folder (class-per-folder images), "
-        "unlabeled (a flat folder of images; evaluate with eval.data_path or eval.lake_runs)",
+        "unlabeled (a flat folder of images; evaluate with eval.data_path or eval.lake_runs), "
+        "text (a play-format corpus for the gpt / mlm methods), "
+        "sequences (path/SEQUENCE/FRAME images, unlabeled), moving-shapes (generated sequences; label = shape)",
     )
-    path: str | None = Field(None, description="data path; omniglot defaults to $FEWSHOT_DATA/omniglot/images_background_small1.zip")
+    path: str | None = Field(
+        None,
+        description="data path; omniglot defaults to $FEWSHOT_DATA/omniglot/images_background_small1.zip, "
+        "text to $FEWSHOT_DATA/text/tinyshakespeare.txt",
+    )
     unlabeled_path: str | None = Field(None, description="optional flat folder of unlabeled images added to pre-training")
     image_size: int = Field(28, ge=8, le=512, description="images are resized to image_size × image_size")
     channels: Literal[1, 3] = Field(1, description="1 = grayscale, 3 = RGB")
@@ -34,14 +40,24 @@ class DataConfig(_Strict):
     holdout_classes: float = Field(
         0.5, gt=0, description="classes held out of pre-training for evaluation: a count (≥ 1) or a fraction (< 1)"
     )
-    split_seed: int = Field(0, description="seed of the class-disjoint split")
+    split_seed: int = Field(0, description="seed of the class-disjoint split (and of the generated moving-shapes)")
+    sequences: int = Field(400, ge=1, description="moving-shapes: sequences generated (balanced over 10 shapes)")
+    frames: int | None = Field(
+        None, ge=2, description="frames per sequence: moving-shapes generates this many (null = 16); "
+        "sequences keeps the first N of each folder (null = all, which must then be equally many)"
+    )
     pretrain_on_all: bool = Field(
         False, description="pre-train on every class of the source (use when evaluation data comes from elsewhere, e.g. Lake's runs)"
+    )
+    seq_len: int = Field(128, ge=2, description="text: tokens per training window (the model's context is seq_len + 1 with [BOS]/[CLS])")
+    vocab_size: int = Field(2048, ge=262, description="text: byte-level BPE vocabulary size (256 bytes + 6 specials at least)")
+    heldout_fraction: float = Field(
+        0.1, gt=0, lt=1, description="text: the last fraction of the corpus (from a blank line on) held out of tokenizer and model training"
     )
 
 
 class ViewsConfig(_Strict):
-    name: str = Field("characters", description="augmentation recipe: characters, simclr, none")
+    name: str = Field("characters", description="augmentation recipe: characters, simclr, none, viewmaker (learned, adversarial)")
     options: dict[str, Any] = Field(default_factory=dict, description="recipe options, e.g. {rotation: 10}")
 
 
@@ -51,13 +67,13 @@ class EncoderConfig(_Strict):
 
 
 class MethodConfig(_Strict):
-    name: str = Field("simclr", description="pre-training method: simclr, triplet, npair, supcon, moco, byol")
-    temperature: float = Field(0.5, gt=0, description="τ of NT-Xent / SupCon")
+    name: str = Field("simclr", description="pre-training method: simclr, triplet, npair, supcon, moco, byol, autoencoder, mae, protonet, r2d2, gpt, mlm, time-contrastive")
+    temperature: float = Field(0.5, gt=0, description="τ of NT-Xent / SupCon / protonet's cosine logits / time-contrastive (R3M: 1)")
     positive_in_denominator: bool = Field(True, description="NT-Xent: keep the positive in the denominator (SimCLR) or not (DCL)")
     gather_negatives: bool = Field(True, description="SimCLR under DDP: negatives from every process's views (global batch), else local")
     margin: float = Field(1.0, ge=0, description="triplet margin ε")
     batch_hard: bool = Field(True, description="triplet: mine the hardest positive and negative in the batch")
-    l2_reg: float = Field(0.0, ge=0, description="N-pair: weight of the embedding-norm regulariser")
+    l2_reg: float = Field(0.0, ge=0, description="N-pair / time-contrastive: weight of the embedding-norm regulariser")
     projection_hidden: int = Field(256, ge=1, description="hidden width of the projection MLP")
     projection_dim: int = Field(128, ge=1, description="output width of the projection MLP (0 layers: see projection_layers)")
     projection_layers: int = Field(2, ge=0, description="layers of the projection MLP; 0 = no projector")
@@ -70,6 +86,48 @@ class MethodConfig(_Strict):
     )
     queue_size: int = Field(4096, ge=1, description="MoCo: keys K kept in the queue of negatives")
     predictor_hidden: int = Field(256, ge=1, description="BYOL: hidden width of the predictor MLP (projector output → hidden → same width)")
+    positive_window: int = Field(2, ge=1, description="time-contrastive: the positive frame lies 1..W frames from the anchor")
+    negative_gap: int = Field(
+        4, ge=1, description="time-contrastive: the same-sequence negative lies ≥ this many frames from the anchor (and farther than the positive)"
+    )
+    # Episodic (protonet, r2d2): each image of a batch is a class; its support and query sets are views of it.
+    support_views: int = Field(1, ge=1, description="protonet/r2d2: support views S per image (ProtoCLR: 1)")
+    query_views: int = Field(3, ge=1, description="protonet/r2d2: query views Q per image (ProtoCLR: 3); S + Q views per image in all")
+    support_is_original: bool = Field(
+        False, description="protonet/r2d2: the un-augmented image is the support (ProtoCLR); needs support_views=1"
+    )
+    proto_metric: Literal["euclidean", "cosine"] = Field(
+        "euclidean", description="protonet: −‖q − c‖² (Snell et al. 2017, ProtoCLR) or cos(q, c)/temperature"
+    )
+    r2d2_lambda_init: float = Field(1.0, gt=0, description="r2d2: initial ridge penalty λ (learned, log-parametrised; paper: 1)")
+    r2d2_scale_init: float = Field(10.0, gt=0, description="r2d2: initial output scale α of the logits α·X_qW (learned, log-parametrised)")
+    # Reconstruction: autoencoder bottlenecks (dimension, information, sparsity, capacity) and MAE.
+    code_dim: int = Field(64, ge=1, description="autoencoder: size of the code r = Linear(encoder features), the dimension bottleneck")
+    code_noise: float = Field(0.0, ge=0, description="autoencoder: σ of Gaussian noise added to r while training (information bottleneck)")
+    input_noise: float = Field(0.0, ge=0, description="denoising autoencoder: σ of Gaussian noise added to x; the loss targets the clean x")
+    input_mask_ratio: float = Field(
+        0.0, ge=0, lt=1, description="denoising autoencoder: fraction of input patches set to 0 (Vincent et al. 2008's masking noise)"
+    )
+    input_mask_patch: int = Field(1, ge=1, description="denoising autoencoder: side of the square patches input_mask_ratio drops (1 = pixels)")
+    topk: int = Field(0, ge=0, description="k-sparse autoencoder: keep the k largest entries of r, zero the rest; 0 = off")
+    l1: float = Field(0.0, ge=0, description="sparse autoencoder: weight λ of the L1 penalty λ·mean_b Σ_j |r_bj|")
+    decoder: Literal["conv", "linear"] = Field(
+        "conv", description="autoencoder decoder: conv (mirror of the conv encoder) or linear (one layer: the capacity bottleneck)"
+    )
+    reconstruction: Literal["bce", "mse"] = Field("bce", description="autoencoder loss: bce (pixels in [0, 1], decoder gives logits) or mse")
+    mask_ratio: float = Field(0.75, ge=0, lt=1, description="MAE: fraction of patches removed before the encoder")
+    norm_pix_loss: bool = Field(False, description="MAE: target each patch's pixels standardised by its own mean and variance")
+    decoder_dim: int = Field(128, ge=4, description="MAE: decoder width (divisible by 4 and by decoder_heads)")
+    decoder_depth: int = Field(2, ge=1, description="MAE: decoder blocks (paper: 8 at ViT-L scale)")
+    decoder_heads: int = Field(4, ge=1, description="MAE: decoder attention heads")
+    # Language models (gpt, mlm) on data.source=text; sizes in encoder.options {dim, depth, heads, mlp_ratio}.
+    mlm_ratio: float = Field(0.15, gt=0, lt=1, description="mlm: fraction of tokens chosen for prediction (BERT: 0.15)")
+    mlm_replace: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="mlm: of the chosen, fractions → [MASK], random token, unchanged (BERT 80/10/10; [0.8,0.2,0] = 80/20)"
+    )
+    mlm_masking: Literal["bert", "span"] = Field(
+        "bert", description="mlm: bert (independent tokens, Devlin et al. 2019) or span (SpanBERT's geometric spans → [MASK], Joshi et al. 2020)"
+    )
 
 
 class TrainConfig(_Strict):

@@ -5,22 +5,41 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tokenizers import Tokenizer
 
 from fewshot.config import DataConfig
+from fewshot.data.sequences import SequenceSet, load_sequence_folder, moving_shapes
 from fewshot.data.sources import load_digits, load_image_folder, load_omniglot, load_unlabeled_folder, resolve_data_path
 from fewshot.data.splits import split_classes
+from fewshot.data.text import TokenSet, encode_text, load_text_splits
 from fewshot.data.types import ImageSet
 from fewshot.errors import DataError
 
 OMNIGLOT_DEFAULT = "omniglot/images_background_small1.zip"
+SEQUENCE_SOURCES = ("sequences", "moving-shapes")
+MOVING_SHAPES_FRAMES = 16  # data.frames=null on moving-shapes
+
+
+def load_sequence_source(data: DataConfig) -> SequenceSet:
+    """The sequences named by ``data.source`` (sequences, moving-shapes), at ``data.image_size``."""
+    if data.source == "moving-shapes":
+        frames = data.frames or MOVING_SHAPES_FRAMES
+        return moving_shapes(data.sequences, frames, data.image_size, data.split_seed, data.channels)
+    if data.path is None:
+        raise DataError("data.source=sequences needs data.path (a folder of SEQUENCE/FRAME images)")
+    return load_sequence_folder(resolve_data_path(data.path, ""), data.image_size, data.channels, data.invert, data.frames)
 
 
 def load_source(data: DataConfig) -> ImageSet:
-    """The labeled source named by ``data.source``, at ``data.image_size``."""
+    """The labeled source named by ``data.source``, at ``data.image_size`` (sequence sources: every frame)."""
+    if data.source in SEQUENCE_SOURCES:
+        return load_sequence_source(data).as_images()
     if data.source == "digits":
         return load_digits(data.image_size)
     if data.source == "omniglot":
         return load_omniglot(resolve_data_path(data.path, OMNIGLOT_DEFAULT), data.image_size)
+    if data.source == "text":
+        raise DataError("data.source=text is a text corpus, not images: it is read by fewshot.data.text")
     if data.path is None:
         raise DataError(f"data.source={data.source} needs data.path (the image folder)")
     if data.source == "unlabeled":
@@ -30,7 +49,7 @@ def load_source(data: DataConfig) -> ImageSet:
 
 @dataclass
 class RunData:
-    pretrain: ImageSet  # unlabeled unless the method needs labels
+    pretrain: ImageSet | TokenSet | SequenceSet  # unlabeled unless the method needs labels; token windows for text
     evaluation: ImageSet | None  # labeled classes never seen in pre-training
 
 
@@ -45,13 +64,19 @@ def load_eval_folder(path: str, data: DataConfig) -> ImageSet:
     return load_image_folder(resolve_data_path(path, ""), data.image_size, data.channels, data.invert)
 
 
-def load_run_data(data: DataConfig, eval_path: str | None = None) -> RunData:
+def load_run_data(data: DataConfig, eval_path: str | None = None, tokenizer: Tokenizer | None = None) -> RunData:
     """Split the source's classes into pre-training and evaluation classes (class-disjoint, seeded).
 
     With ``pretrain_on_all``, an unlabeled source or an ``eval_path``, every image is used for
     pre-training and evaluation comes from elsewhere (the ``eval_path`` folder, or Lake's runs). Pre-training images keep
     their labels here; methods that must not see them never read them.
     """
+    if data.source == "text":  # windows of the training split; evaluate/text.py reads the held-out split itself
+        if tokenizer is None:
+            raise DataError("data.source=text needs the run's tokenizer to turn the corpus into token windows")
+        return RunData(TokenSet(encode_text(tokenizer, load_text_splits(data).train), data.seq_len), None)
+    if data.source in SEQUENCE_SOURCES:
+        return _sequence_run_data(data, eval_path)
     source = load_source(data)
     if data.pretrain_on_all or not source.labeled or eval_path is not None:
         train, evaluation = source, None
@@ -62,6 +87,26 @@ def load_run_data(data: DataConfig, eval_path: str | None = None) -> RunData:
     if data.unlabeled_path is not None:
         extra = load_unlabeled_folder(resolve_data_path(data.unlabeled_path, ""), data.image_size, data.channels, data.invert)
         train = _merge(train.unlabeled(), extra)
+    if eval_path is not None:
+        evaluation = load_eval_folder(eval_path, data)
+    return RunData(train, evaluation)
+
+
+def _sequence_run_data(data: DataConfig, eval_path: str | None) -> RunData:
+    """Sequences for pre-training; for evaluation, labeled sources (moving-shapes) hold out whole
+    classes (shapes) as :func:`load_run_data` does, and each held-out sequence gives one image, its
+    middle frame, so no two evaluation images are near-copies from one sequence."""
+    if data.unlabeled_path is not None:
+        raise DataError(f"data.unlabeled_path adds still images; it cannot join sequence data (data.source={data.source})")
+    source = load_sequence_source(data)
+    evaluation: ImageSet | None = None
+    if data.pretrain_on_all or not source.labeled or eval_path is not None:
+        train = source
+    else:
+        holdout = int(data.holdout_classes) if data.holdout_classes >= 1 else data.holdout_classes
+        train_classes, eval_classes = split_classes(len(source.classes), holdout, data.split_seed)
+        train = source.select_classes(train_classes)
+        evaluation = source.select_classes(eval_classes).as_images(frame=source.num_frames // 2)
     if eval_path is not None:
         evaluation = load_eval_folder(eval_path, data)
     return RunData(train, evaluation)

@@ -17,7 +17,8 @@ Randomness: every random number is drawn on the CPU from the ``torch.Generator``
 so the same generator state gives the same views. Parameters are then moved to ``x.device``
 and the image math runs there, so CUDA batches work too.
 
-Recipes (see :func:`make_views`): ``"simclr"``, ``"characters"`` and ``"none"``.
+Recipes (see :func:`make_views`): ``"simclr"``, ``"characters"``, ``"none"`` and the learned
+``"viewmaker"`` (:mod:`fewshot.data.viewmaker`).
 """
 
 from __future__ import annotations
@@ -349,8 +350,9 @@ def _blur(x: Tensor, kernels: Tensor) -> Tensor:
 class ViewRecipe(nn.Module):
     """Base class: ``recipe(x, generator)`` gives one random view of every image in x.
 
-    Subclasses implement ``forward(x, generator)``. Recipes hold no tensors or learnable
-    state; all randomness comes from the CPU generator passed in.
+    Subclasses implement ``forward(x, generator)``. All randomness comes from the CPU
+    generator passed in. Hand-made recipes hold no tensors; a learned one (the viewmaker) keeps
+    its weights as parameters, which the method that holds it as ``.views`` trains and checkpoints.
     """
 
     name: str = ""
@@ -654,15 +656,19 @@ _RECIPES: dict[str, type[ViewRecipe]] = {
 VIEW_RECIPES: list[str] = list(_RECIPES)
 
 
-def make_views(name: str, image_size: int, **options: object) -> ViewRecipe:
+def make_views(name: str, image_size: int, channels: int | None = None, **options: object) -> ViewRecipe:
     """The view recipe called ``name`` (one of VIEW_RECIPES) producing image_size² views.
 
+    ``channels`` (the data's) goes to recipes that build layers for it (the viewmaker).
     Unknown names and options raise ConfigError; so do out-of-range option values.
     """
     cls = _RECIPES.get(name) if isinstance(name, str) else None
     if cls is None:
         raise ConfigError(f"unknown view recipe {name!r}; known recipes: {', '.join(VIEW_RECIPES)}")
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "image_size")]
+    params = inspect.signature(cls.__init__).parameters
+    if channels is not None and "channels" in params:
+        options = {**options, "channels": channels}
+    accepted = [p for p in params if p not in ("self", "image_size")]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ConfigError(
@@ -670,3 +676,7 @@ def make_views(name: str, image_size: int, **options: object) -> ViewRecipe:
             f"accepted: {', '.join(accepted) if accepted else 'none'}"
         )
     return cls(image_size, **options)
+
+
+# Registers "viewmaker" in _RECIPES; at the end, because it subclasses ViewRecipe from above.
+import fewshot.data.viewmaker  # noqa: E402,F401

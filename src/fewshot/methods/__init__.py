@@ -10,11 +10,17 @@ from __future__ import annotations
 
 from fewshot.config import RunConfig
 from fewshot.errors import ConfigError
+from fewshot.methods.autoencoder import Autoencoder
 from fewshot.methods.base import Method
 from fewshot.methods.contrastive import CONTRASTIVE_METHODS, TwoViewMethod
+from fewshot.methods.episodic import EPISODIC_METHODS
+from fewshot.methods.language import LANGUAGE_METHODS
+from fewshot.methods.mae import MAE
 from fewshot.methods.momentum import MOMENTUM_METHODS
+from fewshot.methods.time_contrastive import TimeContrastive
 
-METHODS = {**CONTRASTIVE_METHODS, **MOMENTUM_METHODS}
+METHODS = {**CONTRASTIVE_METHODS, **MOMENTUM_METHODS, **EPISODIC_METHODS, "autoencoder": Autoencoder, "mae": MAE, **LANGUAGE_METHODS,
+           "time-contrastive": TimeContrastive}
 
 
 def method_names() -> list[str]:

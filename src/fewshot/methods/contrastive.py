@@ -36,7 +36,7 @@ class TwoViewMethod(Method):
             )
         else:
             self.projector = projection_head(self.encoder.dim, m.projection_hidden, m.projection_dim, m.projection_layers)
-        self.views = make_views(config.views.name, data.image_size, **config.views.options)
+        self.views = make_views(config.views.name, data.image_size, data.channels, **config.views.options)
         self.objective = objective
         self.channels_last = config.train.channels_last
 

@@ -103,12 +103,24 @@ def resnet18(in_channels: int = 1, image_size: int = 32) -> nn.Module:
 
 class ViT(nn.Module):
     """A Vision Transformer (Dosovitskiy et al. 2021): patch tokens + learned positions, a [CLS]
-    token, pre-norm blocks; r is the final LayerNorm of the [CLS] token."""
+    token, pre-norm blocks; r is the final LayerNorm of the [CLS] token (``pool="cls"``) or the
+    mean of the patch tokens' (``pool="mean"``, which MAE reports works as well: He et al. 2022, §A.1)."""
 
     def __init__(
-        self, in_channels: int = 1, image_size: int = 28, patch_size: int = 4, dim: int = 192, depth: int = 6, heads: int = 3
+        self,
+        in_channels: int = 1,
+        image_size: int = 28,
+        patch_size: int = 4,
+        dim: int = 192,
+        depth: int = 6,
+        heads: int = 3,
+        pool: str = "cls",
     ) -> None:
         super().__init__()
+        if pool not in ("cls", "mean"):
+            raise ConfigError(f"ViT pool must be 'cls' or 'mean', got {pool!r}")
+        self.pool = pool
+        self.patch_size = patch_size
         self.patch_embed = PatchEmbed(image_size, patch_size, in_channels, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, self.patch_embed.num_patches + 1, dim) * 0.02)
@@ -123,10 +135,23 @@ class ViT(nn.Module):
             tokens = block(tokens)
         return self.norm(tokens)  # (B, 1 + patches, dim)
 
+    def forward_visible(self, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """MAE's encoder pass (He et al. 2022): only the patches at ``ids_keep`` (B, L_keep) enter
+        the blocks, each with its own position, after [CLS]: (B, C, H, W) → (B, 1 + L_keep, dim).
+        Removed patches never reach attention, so nothing of theirs can leak into the output."""
+        tokens = self.patch_embed(x) + self.pos_embed[:, 1:]  # (B, L, dim)
+        tokens = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        tokens = torch.cat([cls, tokens], dim=1)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(x)[:, 0]
+        tokens = self.forward_tokens(x)
+        return tokens[:, 1:].mean(dim=1) if self.pool == "mean" else tokens[:, 0]
 
 
 @register("vit-tiny")
-def vit_tiny(in_channels: int = 1, image_size: int = 28, patch_size: int = 4, depth: int = 6) -> nn.Module:
-    return ViT(in_channels, image_size, patch_size, dim=192, depth=depth, heads=3)
+def vit_tiny(in_channels: int = 1, image_size: int = 28, patch_size: int = 4, depth: int = 6, pool: str = "cls") -> nn.Module:
+    return ViT(in_channels, image_size, patch_size, dim=192, depth=depth, heads=3, pool=pool)

@@ -13,7 +13,16 @@ from fewshot.objectives.contrastive import (
     n_pair_loss,
     nt_xent_loss,
     supcon_loss,
+    time_contrastive_loss,
     triplet_loss,
+)
+from fewshot.objectives.episodic import (
+    R2D2Head,
+    prototypical_logits,
+    prototypical_loss,
+    r2d2_logits,
+    r2d2_loss,
+    ridge_regression_head,
 )
 
 __all__ = [
@@ -29,5 +38,12 @@ __all__ = [
     "n_pair_loss",
     "nt_xent_loss",
     "supcon_loss",
+    "time_contrastive_loss",
     "triplet_loss",
+    "R2D2Head",
+    "prototypical_logits",
+    "prototypical_loss",
+    "r2d2_logits",
+    "r2d2_loss",
+    "ridge_regression_head",
 ]

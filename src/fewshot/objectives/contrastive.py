@@ -562,3 +562,77 @@ class BYOLLoss(nn.Module):
     def forward(self, prediction: Tensor, target: Tensor) -> Tensor:
         """prediction, target: (N, D)."""
         return byol_loss(prediction, target)
+
+
+# --------------------------------------------------------------------------- time-contrastive (TCN, R3M)
+
+
+def time_contrastive_loss(
+    anchor: Tensor,
+    positive: Tensor,
+    negatives: Tensor | None = None,
+    temperature: float = 1.0,
+    cross_sequence: bool = True,
+    l2_reg: float = 0.0,
+) -> Tensor:
+    """Time-contrastive InfoNCE of R3M (Nair et al. 2022, "R3M: A Universal Visual Representation
+    for Robot Manipulation", eq. 1), after the time-contrastive networks of Sermanet et al. 2018.
+
+    Row b holds frames of one sequence: anchor a_b, a positive p_b close to it in time, and
+    negatives n_bm of the same sequence further away. With the negative squared euclidean
+    distance as similarity, S(u, v) = −‖u − v‖² / τ (no normalisation):
+
+        ℓ_b = −log( e^{S(a_b, p_b)} / ( e^{S(a_b, p_b)} + Σ_m e^{S(a_b, n_bm)} + Σ_{b'≠b} e^{S(a_b, a_b')} ) )
+
+        L = (1/B) Σ_b ℓ_b + λ · (1/2B) Σ_b (‖a_b‖² + ‖p_b‖²)
+
+    The last sum of the denominator (``cross_sequence=True``) takes the anchors of the other
+    sequences of the batch as negatives, as R3M compares each anchor with other videos' frames
+    (R3M draws 3 of them at random; here all B − 1). λ = ``l2_reg`` penalises the embeddings'
+    size: without normalisation, scaling every embedding up would sharpen the softmax for free
+    (R3M adds L1 and L2 penalties with weight 1e-5 for the same reason).
+
+    Args:
+        anchor: (B, D) anchor embeddings a_b.
+        positive: (B, D) positive embeddings p_b.
+        negatives: (B, M, D) per-anchor negatives n_bm, or None (M = 0).
+        temperature: τ > 0 (R3M: 1).
+        cross_sequence: also contrast with the other rows' anchors.
+        l2_reg: λ ≥ 0.
+
+    Returns:
+        A scalar tensor.
+
+    Raises:
+        ValueError: if ``anchor`` is not a non-empty floating (B, D) tensor, ``positive`` does not
+            have its shape, ``negatives`` is not (B, M, D), or no anchor has any negative.
+        ConfigError: if ``temperature`` or ``l2_reg`` is out of range.
+    """
+    _check_temperature(temperature)
+    _check_l2_reg(l2_reg)
+    _check_embeddings("anchor", anchor, "(B, D)")
+    _check_same_shape("positive", positive, "anchor", anchor)
+    b, d = anchor.shape
+    if negatives is not None and (
+        not isinstance(negatives, Tensor) or negatives.ndim != 3 or negatives.shape[0] != b or negatives.shape[2] != d
+    ):
+        raise ValueError(f"negatives must be a 3-D tensor ({b}, M, {d}), got shape {_shape(negatives)}")
+    m = 0 if negatives is None else negatives.shape[1]
+    if m == 0 and (not cross_sequence or b == 1):
+        raise ValueError(
+            f"time_contrastive_loss needs at least one negative: got M={m} per-anchor negatives, "
+            f"cross_sequence={cross_sequence} and B={b}"
+        )
+    # Differences, not the ‖u‖² + ‖v‖² − 2uᵀv expansion: no cancellation when frames are close.
+    columns = [-(anchor - positive).pow(2).sum(dim=1, keepdim=True)]  # column 0: the positive
+    if m:
+        columns.append(-(anchor[:, None] - negatives).pow(2).sum(dim=2))  # (B, M)
+    if cross_sequence and b > 1:
+        others = -(anchor[:, None] - anchor[None]).pow(2).sum(dim=2)  # (B, B)
+        eye = torch.eye(b, dtype=torch.bool, device=anchor.device)
+        columns.append(others[~eye].reshape(b, b - 1))  # drop a_b against itself
+    logits = torch.cat(columns, dim=1) / temperature
+    loss = F.cross_entropy(logits, torch.zeros(b, dtype=torch.long, device=anchor.device))
+    if l2_reg > 0:
+        loss = loss + l2_reg * torch.cat([anchor, positive]).pow(2).sum(dim=1).mean()
+    return loss

@@ -40,7 +40,8 @@ class Checkpoint:
         return {k[cut:]: v for k, v in self.tensors.items() if k.startswith(prefix + ".")}
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -48,7 +49,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -71,7 +72,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     """Write ``path`` (.safetensors) and its .json sidecar; returns the .safetensors path."""
     path = Path(path).with_suffix(".safetensors")
     tensors = {k: v.detach().contiguous().cpu() for k, v in ckpt.tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -79,11 +80,35 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         "config": ckpt.config,
         "versions": versions(),
         "tensors_file": path.name,
-        "tensors_sha256": _sha256(path),
+        "tensors_sha256": sha256_file(path),
         **ckpt.meta,
     }
-    _atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
     return path
+
+
+def read_file_pair(path: Path, fmt: str, version: int, what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(JSON meta, tensors) of a ``NAME.safetensors`` + ``NAME.json`` pair tagged ``fmt``, checked for
+    format, version and integrity (the JSON records the tensor file's SHA-256). ``what`` names the
+    kind of file in errors ("checkpoint", "adapter")."""
+    tensors_path, meta_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    if not tensors_path.is_file() or not meta_path.is_file():
+        raise CheckpointError(f"'{path}' is not a fewshot {what}: need both {tensors_path.name} and {meta_path.name}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"'{meta_path}' is not a fewshot {what}: not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise CheckpointError(f"'{meta_path}' is not a fewshot {what}: no '\"format\": \"{fmt}\"' entry")
+    if meta.get("format_version", 0) > version:
+        raise CheckpointError(f"'{meta_path}' has {what} format version {meta['format_version']}; this fewshot reads ≤ {version}")
+    if sha256_file(tensors_path) != meta.get("tensors_sha256"):
+        raise CheckpointError(f"'{tensors_path}' does not match its JSON (SHA-256 differs): the pair is torn or was edited")
+    try:
+        tensors = load_file(str(tensors_path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"'{tensors_path}' is not a readable safetensors file: {exc}") from None
+    return meta, tensors
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -91,23 +116,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoints" / "last.safetensors"
-    tensors_path, meta_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
-    if not tensors_path.is_file() or not meta_path.is_file():
-        raise CheckpointError(f"'{path}' is not a fewshot checkpoint: need both {tensors_path.name} and {meta_path.name}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"'{meta_path}' is not a fewshot checkpoint: not valid JSON") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"'{meta_path}' is not a fewshot checkpoint: no '\"format\": \"{FORMAT}\"' entry")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"'{meta_path}' has format version {meta['format_version']}; this fewshot reads ≤ {FORMAT_VERSION}")
-    if _sha256(tensors_path) != meta.get("tensors_sha256"):
-        raise CheckpointError(f"'{tensors_path}' does not match its JSON (SHA-256 differs): the pair is torn or was edited")
-    try:
-        tensors = load_file(str(tensors_path))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"'{tensors_path}' is not a readable safetensors file: {exc}") from None
+    meta, tensors = read_file_pair(path, FORMAT, FORMAT_VERSION, "checkpoint")
     extra = {k: v for k, v in meta.items() if k not in {"config", "step"}}
     return Checkpoint(config=meta["config"], step=int(meta["step"]), tensors=tensors, meta=extra)
 

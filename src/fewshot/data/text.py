@@ -1,0 +1,124 @@
+"""Text corpora: reading, a contiguous train / held-out split, token windows for the trainer, speeches by speaker.
+
+The corpus is split once, contiguously: the first ``1 - heldout_fraction`` of the characters
+train the tokenizer and the model, the rest is held out for perplexity and the speaker episodes.
+The cut moves forward to the next blank line so no speech is split between the two sides.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from fewshot.config import DataConfig
+from fewshot.data.sources import resolve_data_path
+from fewshot.data.tokenizer import encode
+from fewshot.errors import DataError
+
+TEXT_DEFAULT = "text/tinyshakespeare.txt"
+
+__all__ = [
+    "TEXT_DEFAULT", "TextSplits", "TokenSet", "encode_text", "load_text_splits", "parse_speeches", "read_corpus", "speaker_lines",
+    "split_text",
+]
+
+
+def read_corpus(path: str | os.PathLike[str]) -> str:
+    """The whole corpus as one string (UTF-8; Windows line ends become ``\\n``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"text corpus '{p}' is not a file")
+    try:
+        text = p.read_text(encoding="utf-8").replace("\r\n", "\n")
+    except (UnicodeDecodeError, OSError) as exc:
+        raise DataError(f"cannot read text corpus '{p}': {exc}") from None
+    if not text.strip():
+        raise DataError(f"text corpus '{p}' is empty")
+    return text
+
+
+@dataclass
+class TextSplits:
+    train: str
+    heldout: str
+
+
+def split_text(text: str, heldout_fraction: float) -> TextSplits:
+    """Contiguous split: the last ``heldout_fraction`` of the characters, starting at a blank line, is held out."""
+    if not 0 < heldout_fraction < 1:
+        raise DataError(f"heldout_fraction must lie in (0, 1), got {heldout_fraction}")
+    cut = int(len(text) * (1 - heldout_fraction))
+    blank = text.find("\n\n", cut)
+    cut = blank + 2 if blank >= 0 else cut
+    train, heldout = text[:cut], text[cut:]
+    if not train.strip() or not heldout.strip():
+        raise DataError(f"heldout_fraction {heldout_fraction} leaves one side of the {len(text)}-character corpus empty")
+    return TextSplits(train, heldout)
+
+
+def load_text_splits(data: DataConfig) -> TextSplits:
+    """The corpus named by ``data.path`` (default ``$FEWSHOT_DATA/text/tinyshakespeare.txt``), split."""
+    return split_text(read_corpus(resolve_data_path(data.path, TEXT_DEFAULT)), data.heldout_fraction)
+
+
+def encode_text(tokenizer: Tokenizer, text: str) -> torch.Tensor:
+    """(N,) int64 ids of ``text``."""
+    return torch.tensor(encode(tokenizer, text), dtype=torch.long)
+
+
+class TokenSet:
+    """Fixed-length windows over one token stream, as the trainer's :class:`~fewshot.data.types.TrainingData`.
+
+    tokens: (N,) int64. Window i is ``tokens[i*stride : i*stride + seq_len]``; ``stride=1`` makes
+    every offset a sample (the seeded batch order then draws random windows, as nanoGPT does),
+    ``stride=seq_len`` gives non-overlapping windows. ``batch(idx)`` returns ((B, seq_len) ids,
+    (B,) labels all -1): pre-training text is unlabeled.
+    """
+
+    labeled = False
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, stride: int = 1) -> None:
+        if tokens.ndim != 1 or tokens.dtype != torch.int64:
+            raise ValueError(f"tokens must be a 1-D int64 tensor, got {tuple(tokens.shape)} {tokens.dtype}")
+        if seq_len < 1 or stride < 1:
+            raise DataError(f"seq_len and stride must be ≥ 1, got {seq_len}, {stride}")
+        if len(tokens) < seq_len:
+            raise DataError(f"the text has {len(tokens)} tokens, fewer than one window of seq_len={seq_len}")
+        self.tokens, self.seq_len, self.stride = tokens, seq_len, stride
+        self._offsets = torch.arange(seq_len)
+
+    def __len__(self) -> int:
+        return (len(self.tokens) - self.seq_len) // self.stride + 1
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.as_tensor(idx, dtype=torch.long) * self.stride
+        return self.tokens[starts[:, None] + self._offsets], torch.full((len(starts),), -1, dtype=torch.long)
+
+
+_HEADER = re.compile(r"^([^\n:][^\n]*):$")
+
+
+def parse_speeches(text: str) -> list[tuple[str, str]]:
+    """(speaker, speech) pairs from play text: blocks separated by blank lines, each ``NAME:`` then the lines.
+
+    The speech keeps its lines joined by ``\\n`` (as in the file, stripped of surrounding blank
+    space). A header with no lines under it (the corpus has some cut speeches) is skipped.
+    """
+    out = []
+    for block in re.split(r"\n\s*\n", text):
+        lines = block.strip("\n").split("\n")
+        m = _HEADER.match(lines[0].strip())
+        speech = "\n".join(lines[1:]).strip()
+        if m and speech:
+            out.append((m.group(1).strip(), speech))
+    return out
+
+
+def speaker_lines(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """Every (speaker, speech) of the play-format corpus at ``path`` ("NAME:\\n lines...\\n\\n"), in order."""
+    return parse_speeches(read_corpus(path))

@@ -1,0 +1,86 @@
+"""Language-model pre-training: GPT (next token) and the masked LM (BERT), as mask(x) → (x̃, y) recipes.
+
+Both take windows of text tokens from :class:`~fewshot.data.text.TokenSet`, corrupt or shift
+them with :mod:`fewshot.data.masking`, and score cross-entropy on the targeted positions
+(:func:`~fewshot.objectives.language.token_cross_entropy`). ``.encoder`` is the language model:
+``encoder(tokens)`` gives logits, ``encoder.embed(tokens)`` the representation r.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from fewshot.config import RunConfig
+from fewshot.data.masking import bert_mask, causal_targets, span_mask
+from fewshot.data.tokenizer import BOS_ID, CLS_ID, MASK_ID, SPECIAL_TOKENS
+from fewshot.errors import ConfigError
+from fewshot.methods.base import Method
+from fewshot.models.language import GPT, MaskedLM, TextTransformer, prepend
+from fewshot.objectives.language import token_cross_entropy
+
+TEXT_ENCODER = "text-transformer"
+SPECIAL_IDS = tuple(range(len(SPECIAL_TOKENS)))
+
+
+def build_language_model(config: RunConfig, cls: type[TextTransformer]) -> TextTransformer:
+    """``cls`` sized by ``encoder.options`` {dim, depth, heads, mlp_ratio}; vocabulary and context from ``data``."""
+    name = config.method.name
+    if config.data.source != "text":
+        raise ConfigError(f"method '{name}' pre-trains on text; set data.source=text (got {config.data.source})")
+    if config.encoder.name != TEXT_ENCODER:
+        raise ConfigError(f"method '{name}' builds a {TEXT_ENCODER}; set encoder.name={TEXT_ENCODER} (got {config.encoder.name})")
+    options = {k: v for k, v in config.encoder.options.items() if v is not None}
+    try:
+        # +1: the window plus its [BOS] / [CLS].
+        return cls(vocab_size=config.data.vocab_size, max_len=config.data.seq_len + 1, **options)
+    except (TypeError, ValueError) as exc:  # an option the model does not take, or dim % heads
+        raise ConfigError(f"encoder '{TEXT_ENCODER}' options {options}: {exc}") from None
+
+
+class CausalLM(Method):
+    """GPT (Radford et al. 2018): maximise Σ_t log p(x_t | x_<t). The window gets [BOS] first, so
+    inputs [BOS], x_1..x_{L−1} predict x_1..x_L (``causal_targets``) under causal attention."""
+
+    def __init__(self, config: RunConfig) -> None:
+        super().__init__()
+        self.encoder = build_language_model(config, GPT)
+
+    def forward(
+        self, tokens: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        shifted = causal_targets(prepend(tokens, BOS_ID))
+        return token_cross_entropy(self.encoder(shifted.inputs), shifted.targets), {}
+
+
+class MaskedLanguageModel(Method):
+    """BERT's masked LM (Devlin et al. 2019): [CLS] + window; ``mlm_ratio`` of the non-special tokens
+    chosen, of those ``mlm_replace`` = (→ [MASK], → random token, unchanged); predict the originals
+    at the chosen positions only. ``mlm_masking=span`` masks SpanBERT spans instead (Joshi et al. 2020)."""
+
+    def __init__(self, config: RunConfig) -> None:
+        super().__init__()
+        m = config.method
+        if any(p < 0 for p in m.mlm_replace) or not math.isclose(sum(m.mlm_replace), 1.0, abs_tol=1e-6):
+            raise ConfigError(f"method.mlm_replace must be three fractions ≥ 0 that sum to 1, got {list(m.mlm_replace)}")
+        self.encoder = build_language_model(config, MaskedLM)
+        self.ratio, self.replace, self.masking = m.mlm_ratio, tuple(m.mlm_replace), m.mlm_masking
+        self.vocab_size = config.data.vocab_size
+
+    def mask(self, tokens: torch.Tensor, generator: torch.Generator):
+        """(x̃, y, mask) for the [CLS]-prefixed windows; specials are never chosen."""
+        seq = prepend(tokens, CLS_ID)
+        if self.masking == "span":
+            return span_mask(seq, MASK_ID, generator, self.ratio, special_ids=SPECIAL_IDS)
+        return bert_mask(seq, MASK_ID, self.vocab_size, generator, self.ratio, self.replace, special_ids=SPECIAL_IDS)
+
+    def forward(
+        self, tokens: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        masked = self.mask(tokens, generator)
+        return token_cross_entropy(self.encoder(masked.inputs), masked.targets), {}
+
+
+LANGUAGE_METHODS: dict[str, Callable[[RunConfig], Method]] = {"gpt": CausalLM, "mlm": MaskedLanguageModel}

@@ -1,0 +1,72 @@
+"""MAE: masked autoencoders for images (He et al. 2022, "Masked Autoencoders Are Scalable
+Vision Learners").
+
+Each image is cut into p × p patches and a random ``mask_ratio`` of them (75%) is removed. The
+ViT encoder sees only the visible patches (with their positions) and [CLS]; a light transformer
+decoder gets the encoded visible tokens, a learned mask token at every removed position, and
+fixed positions, and predicts every patch's pixels. The loss is the per-patch MSE on the removed
+patches only (optionally against each patch's standardised pixels, ``norm_pix_loss``).
+
+``.encoder`` is the ViT itself: evaluation runs its normal forward over all patches ([CLS] or
+mean-pooled, ``encoder.options.pool``). Departures from the paper, for small images and short
+runs: the encoder keeps the ViT's learned positions (the paper fixes sine-cosine ones; the
+decoder here uses fixed ones as the paper does); the decoder defaults to 2 blocks of width 128
+(paper: 8 × 512 for ViT-L).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fewshot.config import RunConfig
+from fewshot.data.masking import mae_shuffle, patchify
+from fewshot.data.views import make_views
+from fewshot.errors import ConfigError
+from fewshot.methods.base import Method
+from fewshot.models.decoders import MAEDecoder
+from fewshot.models.encoders import ViT, create_encoder
+from fewshot.objectives.reconstruction import masked_patch_loss, norm_pix_target
+
+__all__ = ["MAE"]
+
+
+class MAE(Method):
+    """ViT encoder on the visible patches → MAE decoder → pixels; loss on the removed patches."""
+
+    def __init__(self, config: RunConfig) -> None:
+        super().__init__()
+        data, m = config.data, config.method
+        encoder = create_encoder(config.encoder.name, data.channels, data.image_size, **config.encoder.options)
+        if not isinstance(encoder, ViT):
+            raise ConfigError(f"method 'mae' needs a ViT encoder (e.g. encoder=vit-tiny), got '{config.encoder.name}'")
+        self.encoder = encoder
+        self.patch_size = encoder.patch_size
+        self.num_patches = encoder.patch_embed.num_patches
+        removed = round(m.mask_ratio * self.num_patches)
+        if removed < 1:
+            raise ConfigError(f"method.mask_ratio={m.mask_ratio} removes none of the {self.num_patches} patches: nothing to reconstruct")
+        self.decoder = MAEDecoder(
+            self.num_patches, encoder.dim, self.patch_size**2 * data.channels, m.decoder_dim, m.decoder_depth, m.decoder_heads
+        )
+        self.views = make_views(config.views.name, data.image_size, **config.views.options)
+        self.mask_ratio, self.norm_pix_loss = m.mask_ratio, m.norm_pix_loss
+
+    def encode_visible(
+        self, x: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(latent (B, 1 + L_keep, dim), mask (B, L) True = removed, ids_restore (B, L)) for one
+        random draw of :func:`mae_shuffle`: the encoder only ever sees the kept patches."""
+        ids_keep, ids_restore, mask = mae_shuffle(x.shape[0], self.num_patches, self.mask_ratio, generator)
+        ids_keep, ids_restore, mask = ids_keep.to(x.device), ids_restore.to(x.device), mask.to(x.device)
+        return self.encoder.forward_visible(x, ids_keep), mask, ids_restore
+
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        x = self.views(images, generator)
+        latent, mask, ids_restore = self.encode_visible(x, generator)
+        pred = self.decoder(latent, ids_restore)  # (B, L, p·p·C)
+        target = patchify(x, self.patch_size)
+        if self.norm_pix_loss:
+            target = norm_pix_target(target)
+        return masked_patch_loss(pred.float(), target.float(), mask), {}
