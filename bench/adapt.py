@@ -108,7 +108,7 @@ def main() -> int:
     parser.add_argument("--query", type=int, default=15)
     parser.add_argument("--steps", type=int, default=50, help="AdamW steps per episode")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--head-lr", type=float, default=1e-2)
+    parser.add_argument("--head-lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--plot", default="adapt_accuracy_vs_params.png", help="where the plot goes")

@@ -341,7 +341,7 @@ def test_training_fits_the_support_set(digits):
     base = conv4()
     losses = []
     for steps in (0, 30):
-        clf = fit_classifier(base, "full", {}, x[idx], y[idx], AdaptSettings(steps=steps, lr=1e-2), torch.Generator())
+        clf = fit_classifier(base, "full", {}, x[idx], y[idx], AdaptSettings(steps=steps, lr=1e-2, head_lr=1e-2), torch.Generator())
         with torch.no_grad():
             losses.append(F.cross_entropy(clf(x[idx]), y[idx]).item())
     assert losses[1] < 0.5 * losses[0]

@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int, default=15, help="query examples per class and episode")
     p.add_argument("--steps", type=int, default=50, help="AdamW steps per task on the support set")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the method's parameters")
-    p.add_argument("--head-lr", type=float, default=1e-2, help="learning rate of the cosine head")
+    p.add_argument("--head-lr", type=float, default=1e-3, help="learning rate of the cosine head")
     p.add_argument("--augment", action="store_true", help="train on views from the run's augmentation recipe")
     p.add_argument("--seed", type=int, default=0, help="seed of the episodes and of the injected weights")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
