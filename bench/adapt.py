@@ -140,6 +140,7 @@ def main() -> int:
                 row["skipped"] = str(exc)
             rows.append(row)
             print(f"{dataset} {method}: " + (f"{100 * row['accuracy']:.1f}%" if "accuracy" in row else "n/a"), file=sys.stderr)
+            print(json.dumps(row), file=sys.stderr)  # each row as it comes: a long study interrupted keeps what it measured
     enc = f"{config.encoder.name} ({sum(p.numel() for p in base.parameters())} parameters)"
     print(f"Checkpoint {args.checkpoint}: {config.method.name} / {enc}; {args.episodes} episodes, {args.steps} steps each, seed {args.seed}\n")
     print("| data | episodes | method | accuracy (%) | trainable params | + head | bytes / task | s / episode |")
