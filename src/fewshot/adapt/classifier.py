@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AdaptedClassifier", "CosineHead", "DEFAULT_SCALE"]
+__all__ = ["AdaptedClassifier", "CosineHead", "DEFAULT_SCALE", "fit_steps"]
 
 # Cosine classifiers fix or learn a scale s on the similarities: Chen et al. (2019, Baseline++) use
 # 10 for wide outputs, Gidaris & Komodakis (2018) learn it near there. s = 10 turns similarities in
@@ -41,6 +41,21 @@ class CosineHead(nn.Module):
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
         return self.scale * F.normalize(r.float(), dim=1) @ self.weight.t() + self.bias
+
+
+def fit_steps(embed, head: nn.Module, labels: torch.Tensor, groups: list[dict], steps: int, weight_decay: float = 0.0) -> list[float]:
+    """The few-shot fit every adapter shares (images and Hugging Face text alike): ``steps``
+    full-batch AdamW steps on cross-entropy(head(embed()), labels); returns the losses.
+    ``embed()`` gives the support features each step (fresh views, or a cached tensor)."""
+    opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
+    losses = []
+    for _ in range(steps):
+        loss = F.cross_entropy(head(embed()), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
 
 
 class AdaptedClassifier(nn.Module):

@@ -48,7 +48,7 @@ from safetensors.torch import save as safetensors_bytes
 from sklearn.exceptions import NotFittedError
 from torch import nn
 
-from fewshot.adapt.classifier import CosineHead
+from fewshot.adapt.classifier import CosineHead, fit_steps
 from fewshot.adapt.inject import count_trainable
 from fewshot.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from fewshot.evaluate.classifiers import PrototypeClassifier
@@ -292,16 +292,9 @@ class PeftFewShotClassifier:
                      "lr": self._adapter_lr()},
                     {"params": head.parameters(), "lr": self.head_lr},
                 ]
-            optimizer = torch.optim.AdamW(params, weight_decay=self.weight_decay)
             encoder.eval()  # no dropout: 25 examples and 20 steps need no noise, and fits repeat
-            losses = []
-            for _ in range(self.steps):
-                z = frozen if self.adapter is None else encoder(batch)
-                loss = nn.functional.cross_entropy(head(z), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
+            embed = (lambda: frozen) if self.adapter is None else (lambda: encoder(batch))
+            losses = fit_steps(embed, head, y, params, self.steps, self.weight_decay)
         encoder.eval()
         if losses and not math.isfinite(losses[-1]):
             raise TrainingDiverged(f"few-shot training diverged (loss {losses[-1]}); lower lr")

@@ -32,10 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fewshot.adapt.classifier import DEFAULT_SCALE, AdaptedClassifier, CosineHead
+from fewshot.adapt.classifier import DEFAULT_SCALE, AdaptedClassifier, CosineHead, fit_steps
 from fewshot.adapt.files import save_adapter
 from fewshot.adapt.inject import count_trainable
 from fewshot.adapt.registry import adapt, get_adapt_method
@@ -112,20 +111,17 @@ def fit_classifier(
     groups = [{"params": list(head.parameters()), "lr": settings.head_lr}]
     if not frozen:
         groups.append({"params": [p for p in model.parameters() if p.requires_grad], "lr": settings.lr})
-    opt = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
-    for _ in range(settings.steps):
+
+    def embed() -> torch.Tensor:
         views = settings.augment(x, generator) if settings.augment is not None else x
-        if frozen:
-            if settings.augment is not None:
-                with torch.no_grad():
-                    features = model(views)
-            r = features
-        else:
-            r = model(views)
-        loss = F.cross_entropy(head(r), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if not frozen:
+            return model(views)
+        if settings.augment is None:
+            return features  # the frozen encoder's features of the support set, computed once
+        with torch.no_grad():
+            return model(views)
+
+    fit_steps(embed, head, y, groups, settings.steps, settings.weight_decay)
     return AdaptedClassifier(model, head, classes)
 
 
