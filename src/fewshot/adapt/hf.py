@@ -37,7 +37,6 @@ from __future__ import annotations
 import copy
 import math
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,6 @@ from fewshot.adapt.classifier import CosineHead, fit_steps
 from fewshot.adapt.inject import count_trainable
 from fewshot.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from fewshot.evaluate.classifiers import PrototypeClassifier
-from fewshot.evaluate.episodes import EpisodeSampler
 from fewshot.evaluate.runner import mean_ci95
 from fewshot.models.pretrained import TextEncoder, require
 
@@ -384,23 +382,19 @@ def run_text_episodes(
     "trainable_params", "bytes_per_task", "seconds_per_episode"}`` (accuracy and ci95 as
     fractions; seconds count fit + predict; bytes from the first episode's ``task_bytes()``).
     """
+    from fewshot.adapt.runner import score_episodes
+
     classes, y = _class_indices(labels)
     texts = _check_texts(texts, len(y))
-    sampler = EpisodeSampler(y, way, shot, query, seed)
-    accuracies, seconds = [], 0.0
-    trainable = task_bytes = None
-    for i, episode in enumerate(sampler.episodes(episodes)):
+
+    def fit_predict(i, support, support_labels, query):
         classifier = make(i)
-        start = time.perf_counter()
-        classifier.fit([texts[j] for j in episode.support], episode.support_labels)
-        predicted = classifier.predict([texts[j] for j in episode.query])
-        seconds += time.perf_counter() - start
-        accuracies.append(float(np.mean(predicted == episode.query_labels)))
-        if trainable is None:
-            trainable = int(getattr(classifier, "trainable_params_", 0))
-            task_bytes = int(classifier.task_bytes()) if hasattr(classifier, "task_bytes") else None
-    if not accuracies:
-        raise ConfigError(f"episodes must be a positive integer, got {episodes!r}")
+        classifier.fit([texts[j] for j in support], support_labels)
+        return classifier.predict([texts[j] for j in query]), classifier
+
+    sampler, accuracies, seconds, first = score_episodes(fit_predict, y, way, shot, query, episodes, seed)
+    trainable = int(getattr(first, "trainable_params_", 0))
+    task_bytes = int(first.task_bytes()) if hasattr(first, "task_bytes") else None
     accuracy, ci95 = mean_ci95(accuracies)
     return {
         "way": sampler.way,
@@ -411,5 +405,5 @@ def run_text_episodes(
         "ci95": ci95,
         "trainable_params": trainable,
         "bytes_per_task": task_bytes,
-        "seconds_per_episode": seconds / len(accuracies),
+        "seconds_per_episode": float(np.mean(seconds)),
     }

@@ -45,7 +45,7 @@ from fewshot.evaluate.runner import mean_ci95
 if TYPE_CHECKING:
     from fewshot.data.views import ViewRecipe
 
-__all__ = ["AdaptSettings", "episode_generator", "fit_classifier", "run_adaptation"]
+__all__ = ["AdaptSettings", "episode_generator", "fit_classifier", "run_adaptation", "score_episodes"]
 
 
 @dataclass
@@ -125,6 +125,27 @@ def fit_classifier(
     return AdaptedClassifier(model, head, classes)
 
 
+def score_episodes(fit_predict, labels, way: int, shot: int, query: int, episodes: int, seed: int = 0):
+    """The episode loop every adaptation study shares (images here, texts in :mod:`fewshot.adapt.hf`).
+
+    ``fit_predict(i, support_idx, support_labels, query_idx) -> (predicted labels, fitted model)``
+    fits a fresh model on episode ``i``'s support and predicts its queries. Episodes come from
+    :class:`EpisodeSampler` ``(labels, way, shot, query, seed)``, the evaluator's episodes.
+    Returns ``(sampler, accuracies, seconds per episode, the first episode's fitted model)``.
+    """
+    sampler = EpisodeSampler(labels, way, shot, query, seed)
+    accuracies, seconds, first = [], [], None
+    for i, episode in enumerate(sampler.episodes(episodes)):
+        start = time.perf_counter()
+        predicted, fitted = fit_predict(i, episode.support, episode.support_labels, episode.query)
+        seconds.append(time.perf_counter() - start)
+        accuracies.append(float(np.mean(np.asarray(predicted) == episode.query_labels)))
+        first = fitted if first is None else first
+    if not accuracies:
+        raise ConfigError(f"episodes must be a positive integer, got {episodes!r}")
+    return sampler, accuracies, seconds, first
+
+
 def run_adaptation(
     base: nn.Module,
     images: torch.Tensor,
@@ -147,22 +168,17 @@ def run_adaptation(
     """
     settings = settings or AdaptSettings()
     options = dict(options or {})
-    sampler = EpisodeSampler(labels, way, shot, query, seed)
-    accuracies, seconds = [], []
-    trainable = head_params = bytes_per_task = 0
-    for i, episode in enumerate(sampler.episodes(episodes)):
-        start = time.perf_counter()
-        support, query_idx = torch.from_numpy(episode.support.copy()), torch.from_numpy(episode.query.copy())  # writable copies
-        clf = fit_classifier(base, method, options, images[support], torch.from_numpy(episode.support_labels.copy()),
-                             settings, episode_generator(seed, i))
-        predicted = clf.predict(images[query_idx], settings.batch_size)
-        seconds.append(time.perf_counter() - start)
-        accuracies.append(float((predicted.numpy() == episode.query_labels).mean()))
-        if i == 0:
-            trainable = count_trainable(clf.encoder)
-            head_params = sum(p.numel() for p in clf.head.parameters())
-            with tempfile.TemporaryDirectory() as tmp:
-                bytes_per_task = save_adapter(Path(tmp) / "task", clf, method, options, base_sha256).stat().st_size
+
+    def fit_predict(i, support, support_labels, query):
+        clf = fit_classifier(base, method, options, images[torch.from_numpy(support.copy())],
+                             torch.from_numpy(support_labels.copy()), settings, episode_generator(seed, i))
+        return clf.predict(images[torch.from_numpy(query.copy())], settings.batch_size).numpy(), clf
+
+    sampler, accuracies, seconds, clf = score_episodes(fit_predict, labels, way, shot, query, episodes, seed)
+    trainable = count_trainable(clf.encoder)
+    head_params = sum(p.numel() for p in clf.head.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        bytes_per_task = save_adapter(Path(tmp) / "task", clf, method, options, base_sha256).stat().st_size
     accuracy, ci95 = mean_ci95(accuracies)
     return {
         "method": method,
