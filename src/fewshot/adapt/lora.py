@@ -29,7 +29,25 @@ from fewshot.errors import ConfigError
 __all__ = ["LoRAConv2d", "LoRALinear", "apply_lora", "default_lora_targets"]
 
 
-class LoRALinear(Mergeable):
+class _LoRA(Mergeable):
+    """W₀ kept in ``base_layer``; merge adds (α/r)·BA into it, unmerge takes it out again."""
+
+    base_layer: nn.Module
+    merged: bool
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge(self) -> None:
+        self.base_layer.weight.data += self.delta_weight()
+        self.merged = True
+
+    def unmerge(self) -> None:
+        self.base_layer.weight.data -= self.delta_weight()
+        self.merged = False
+
+
+class LoRALinear(_LoRA):
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, generator: torch.Generator) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -49,16 +67,9 @@ class LoRALinear(Mergeable):
             return out
         return out + self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
 
-    def merge(self) -> None:
-        self.base_layer.weight.data += self.delta_weight()
-        self.merged = True
-
-    def unmerge(self) -> None:
-        self.base_layer.weight.data -= self.delta_weight()
-        self.merged = False
 
 
-class LoRAConv2d(Mergeable):
+class LoRAConv2d(_LoRA):
     def __init__(self, base_layer: nn.Conv2d, r: int, alpha: float, generator: torch.Generator) -> None:
         super().__init__()
         if base_layer.groups != 1 or base_layer.padding_mode != "zeros":
@@ -83,14 +94,6 @@ class LoRAConv2d(Mergeable):
         c = self.base_layer
         a = F.conv2d(x, self.lora_A, None, c.stride, c.padding, c.dilation)
         return out + self.scaling * F.conv2d(a, self.lora_B)
-
-    def merge(self) -> None:
-        self.base_layer.weight.data += self.delta_weight()
-        self.merged = True
-
-    def unmerge(self) -> None:
-        self.base_layer.weight.data -= self.delta_weight()
-        self.merged = False
 
 
 def default_lora_targets(encoder: nn.Module) -> list[str]:
