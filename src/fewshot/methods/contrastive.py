@@ -21,6 +21,18 @@ from fewshot.models.heads import conv_projection_head, projection_head
 from fewshot.objectives.contrastive import NPairLoss, NTXentLoss, SupConLoss, TripletLoss
 
 
+def encoder_projector_views(config: RunConfig) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """The encoder, projection head and view recipe that ``config`` names, as every view-based
+    method builds them (``method.projection_conv_blocks`` continue a conv encoder before the MLP)."""
+    data, m = config.data, config.method
+    encoder = create_encoder(config.encoder.name, data.channels, data.image_size, **config.encoder.options)
+    if m.projection_conv_blocks:
+        projector = conv_projection_head(encoder, m.projection_conv_blocks, m.projection_hidden, m.projection_dim, m.projection_layers)
+    else:
+        projector = projection_head(encoder.dim, m.projection_hidden, m.projection_dim, m.projection_layers)
+    return encoder, projector, make_views(config.views.name, data.image_size, data.channels, **config.views.options)
+
+
 class TwoViewMethod(Method):
     """Views → encoder → projector → objective. Subclasses set ``objective`` and may override ``loss``."""
 
@@ -28,15 +40,7 @@ class TwoViewMethod(Method):
 
     def __init__(self, config: RunConfig, objective: nn.Module) -> None:
         super().__init__()
-        data, m = config.data, config.method
-        self.encoder = create_encoder(config.encoder.name, data.channels, data.image_size, **config.encoder.options)
-        if m.projection_conv_blocks:
-            self.projector = conv_projection_head(
-                self.encoder, m.projection_conv_blocks, m.projection_hidden, m.projection_dim, m.projection_layers
-            )
-        else:
-            self.projector = projection_head(self.encoder.dim, m.projection_hidden, m.projection_dim, m.projection_layers)
-        self.views = make_views(config.views.name, data.image_size, data.channels, **config.views.options)
+        self.encoder, self.projector, self.views = encoder_projector_views(config)
         self.objective = objective
         self.channels_last = config.train.channels_last
 

@@ -13,11 +13,9 @@ from __future__ import annotations
 import torch
 
 from fewshot.config import RunConfig
-from fewshot.data.views import make_views
 from fewshot.errors import ConfigError
 from fewshot.methods.base import Method
-from fewshot.models.encoders import create_encoder
-from fewshot.models.heads import conv_projection_head, projection_head
+from fewshot.methods.contrastive import encoder_projector_views
 from fewshot.objectives.contrastive import time_contrastive_loss
 
 __all__ = ["TimeContrastive", "sample_frame_triplets"]
@@ -77,15 +75,8 @@ class TimeContrastive(Method):
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__()
-        data, m = config.data, config.method
-        self.encoder = create_encoder(config.encoder.name, data.channels, data.image_size, **config.encoder.options)
-        if m.projection_conv_blocks:  # as TwoViewMethod: conv blocks that continue the encoder, then the MLP
-            self.projector = conv_projection_head(
-                self.encoder, m.projection_conv_blocks, m.projection_hidden, m.projection_dim, m.projection_layers
-            )
-        else:
-            self.projector = projection_head(self.encoder.dim, m.projection_hidden, m.projection_dim, m.projection_layers)
-        self.views = make_views(config.views.name, data.image_size, data.channels, **config.views.options)
+        m = config.method
+        self.encoder, self.projector, self.views = encoder_projector_views(config)
         self.positive_window, self.negative_gap = m.positive_window, m.negative_gap
         self.temperature, self.l2_reg = m.temperature, m.l2_reg
         self.channels_last = config.train.channels_last
