@@ -141,6 +141,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
+    from fewshot.adapt.registry import adapt_method_names
     from fewshot.data.views import VIEW_RECIPES
     from fewshot.evaluate.classifiers import CLASSIFIERS
     from fewshot.methods import method_names
@@ -154,7 +155,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         "bf16_gpu": bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
         "cpu_threads": torch.get_num_threads(),
         "methods": method_names(),
-        "encoders": encoder_names(),
+        "encoders": encoder_names() + ["text-transformer (data.source=text)"],
+        "adapt_methods": adapt_method_names(),
         "views": list(VIEW_RECIPES),
         "classifiers": list(CLASSIFIERS),
         "data_root": os.environ.get("FEWSHOT_DATA"),
