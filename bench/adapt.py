@@ -12,7 +12,8 @@ Data sets (``--datasets``):
   two drawings per class, so 5-way **1**-shot with 1 query; never seen in pre-training.
 - ``digits``: the five held-out digits of the quickstart split (5-way 5-shot).
 
-Methods that do not fit the encoder (prompts and bottleneck adapters need a ViT) are listed as n/a.
+Methods that do not fit the encoder (prompts and bottleneck adapters need a ViT: ``EncoderMismatch``) are
+listed as n/a; any other error (a bad option, bad data) stops the script with its one-line message.
 
     python bench/adapt.py --checkpoint runs/simclr-omniglot --data ../shared/data
     python bench/adapt.py --checkpoint runs/q --episodes 3 --steps 2 --datasets digits   # a smoke run
@@ -37,7 +38,7 @@ from fewshot.adapt.task import method_options
 from fewshot.data.datasets import load_run_data
 from fewshot.data.lake import load_lake_runs
 from fewshot.data.sources import load_omniglot, resolve_data_path
-from fewshot.errors import ConfigError, FewshotError
+from fewshot.errors import ConfigError, EncoderMismatch, FewshotError
 from fewshot.evaluate.evaluator import LAKE_DEFAULT, lake_pool
 
 OMNIGLOT_DEFAULT = "omniglot/images_background_small1.zip"
@@ -136,8 +137,11 @@ def main() -> int:
             try:
                 options = method_options(method, per_method.get(method), config)
                 row.update(run_adaptation(base, images, labels, method, options, way, shot, query, args.episodes, settings, args.seed, sha))
-            except ConfigError as exc:  # the method does not fit this encoder
+            except EncoderMismatch as exc:  # only "does not fit this encoder" is n/a; a bad option is an error
                 row["skipped"] = str(exc)
+            except FewshotError as exc:
+                print(f"bench/adapt.py: error: {dataset} {method}: {exc}", file=sys.stderr)
+                return 2
             rows.append(row)
             print(f"{dataset} {method}: " + (f"{100 * row['accuracy']:.1f}%" if "accuracy" in row else "n/a"), file=sys.stderr)
             print(json.dumps(row), file=sys.stderr)  # each row as it comes: a long study interrupted keeps what it measured

@@ -5,6 +5,8 @@ import copy
 import json
 import math
 import struct
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +33,7 @@ from fewshot.adapt.ia3 import IA3KeyValue
 from fewshot.adapt.lora import LoRAConv2d, LoRALinear
 from fewshot.cli import main
 from fewshot.data.sources import load_digits
-from fewshot.errors import CheckpointError, ConfigError
+from fewshot.errors import CheckpointError, ConfigError, EncoderMismatch
 from fewshot.evaluate.runner import run_episodes
 from fewshot.models.encoders import create_encoder
 from fewshot.models.transformer import Block
@@ -61,7 +63,7 @@ def applicable(method, encoder_name):
     try:
         adapt(ENCODERS[encoder_name](), method, _options(method))
         return True
-    except ConfigError:
+    except EncoderMismatch:  # only this is "does not fit"; any other ConfigError is a failure here
         return False
 
 
@@ -377,3 +379,48 @@ def test_cli_adapt_episodes_and_support(tmp_path, capsys):
     assert code == 2 and err.count("fewshot: error:") == 1 and "unknown adaptation method" in err and "Traceback" not in err
     code = main(["adapt", run, "--method", "lora", "--support", str(support)])
     assert code == 2 and "--out" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ bench/adapt.py: what is n/a
+
+
+def test_a_wrong_option_is_a_config_error_not_an_encoder_mismatch():
+    for method, options in [("lora", {"r": -1}), ("lora", {"targets": ["no_such_layer"]}), ("partial", {"k": 99})]:
+        with pytest.raises(ConfigError) as info:
+            adapt(conv4(), method, options)
+        assert not isinstance(info.value, EncoderMismatch), (method, options)
+    with pytest.raises(EncoderMismatch, match="needs a ViT"):
+        adapt(conv4(), "prompt", {})
+
+
+@pytest.mark.parametrize("variant", ["real", "every-config-error-is-n/a"])
+def test_bench_adapt_lists_only_encoder_mismatches_as_na(tmp_path, capsys, monkeypatch, variant):
+    """bench/adapt.py: a ViT-only method on Conv-4 is n/a; a bad option (lora r=-1) stops the script
+    with exit 2. The second variant is the old behaviour (every ConfigError → n/a), which the same
+    assertions must catch: it turns the bad option into a silent n/a row."""
+    import importlib.util
+
+    tiny = ["data.image_size=16", "train.steps=2", "train.batch_size=32", "train.warmup_steps=1", "method.projection_hidden=16",
+            "method.projection_dim=8", "encoder.options={width: 8, pools: 3, blocks: 3}", "method.projection_conv_blocks=0"]
+    assert main(["pretrain", "--json", f"out={tmp_path}", "name=r", *tiny]) == 0
+    spec = importlib.util.spec_from_file_location("bench_adapt", Path(__file__).resolve().parents[1] / "bench" / "adapt.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if variant != "real":
+        monkeypatch.setattr(bench, "EncoderMismatch", ConfigError)
+
+    def bench_main(*extra):
+        monkeypatch.setattr(sys, "argv", ["adapt.py", "--checkpoint", str(tmp_path / "r"), "--datasets", "digits", "--episodes", "2",
+                                          "--steps", "1", "--plot", str(tmp_path / "plot.png"), *extra])
+        code = bench.main()
+        return code, capsys.readouterr()
+
+    code, out = bench_main("--methods", "linear-probe", "prompt")
+    assert code == 0
+    rows = {r["method"]: r for r in json.loads(out.out.strip().splitlines()[-1])["rows"]}
+    assert "accuracy" in rows["linear-probe"] and "needs a ViT" in rows["prompt"]["skipped"]
+    code, out = bench_main("--methods", "lora", "--method-options", '{"lora": {"r": -1}}')
+    if variant == "real":
+        assert code == 2 and "rank r must be a positive integer" in out.err
+    else:  # the broken variant: the bad option became an n/a row and the script "succeeded"
+        assert code == 0 and "n/a" in out.out

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +159,94 @@ def test_evaluate_never_overwrites_a_report(capsys, tmp_path):
         paths.append(json.loads(out)["report_path"])
     assert paths[0] != paths[1] and all(os.path.isfile(p) for p in paths)
     assert (tmp_path / "quickstart" / "report.md").read_text() == first
+
+
+# ------------------------------------------------------------------ nothing overwritten
+# Each test runs twice: with the guard, and with the guard switched off ("disabled"), where the same
+# assertions must see the overwrite; the second run is the negative control that shows the check can fail.
+
+ADAPT_TINY = ["data.image_size=16", "train.steps=2", "train.batch_size=32", "train.warmup_steps=1", "method.projection_hidden=16",
+              "method.projection_dim=8", "encoder.options={width: 8, pools: 3, blocks: 3}", "method.projection_conv_blocks=0"]
+
+
+@pytest.fixture(scope="module")
+def adapt_run(tmp_path_factory):
+    """A tiny finished run and a two-class support folder: (run folder, support folder)."""
+    root = tmp_path_factory.mktemp("adapt")
+    assert main(["pretrain", "--json", f"out={root}", "name=r", *ADAPT_TINY]) == 0
+    _folder(root / "support")
+    return root / "r", root / "support"
+
+
+def _snapshot(folder):
+    """Every file under ``folder``: relative path -> bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _disable_adapter_guard(monkeypatch):
+    from fewshot.adapt import files, task
+
+    unguarded = lambda path, overwrite=False: Path(path).with_suffix(".safetensors")  # noqa: E731
+    monkeypatch.setattr(files, "adapter_target", unguarded)
+    monkeypatch.setattr(task, "adapter_target", unguarded)
+
+
+def _adapt(capsys, run_dir, support, out, *extra, method="ia3"):
+    return run(capsys, "adapt", str(run_dir), "--method", method, "--support", str(support), "--steps", "1", "--out", str(out), *extra)
+
+
+@pytest.mark.parametrize("guard", ["on", "disabled"])
+def test_adapt_out_refuses_an_existing_adapter_unless_force(capsys, tmp_path, adapt_run, monkeypatch, guard):
+    run_dir, support = adapt_run
+    assert _adapt(capsys, run_dir, support, tmp_path / "task")[0] == 0
+    before = _snapshot(tmp_path)
+    if guard == "disabled":
+        _disable_adapter_guard(monkeypatch)
+    code, _, err = _adapt(capsys, run_dir, support, tmp_path / "task", method="lora")  # a different adapter, same name
+    if guard == "disabled":  # the broken variant replaces the earlier adapter, and the comparison sees it
+        assert code == 0 and _snapshot(tmp_path) != before
+        return
+    one_line_error(code, err, "already exists")
+    assert "--force" in err and _snapshot(tmp_path) == before
+    code, _, err = _adapt(capsys, run_dir, support, tmp_path / "task", "--force", method="lora")
+    assert code == 0, err
+    assert json.loads((tmp_path / "task.json").read_text())["method"] == "lora"  # --force replaced the earlier adapter
+
+
+@pytest.mark.parametrize("guard", ["on", "disabled"])
+@pytest.mark.parametrize("target", ["checkpoints/last", "checkpoints/new-task", "config"])
+def test_adapt_never_writes_into_a_run_even_with_force(capsys, tmp_path, adapt_run, monkeypatch, guard, target):
+    """``--out RUN/checkpoints/last`` would replace the run's checkpoint pair; ``--out RUN/config`` its config.json."""
+    import shutil
+
+    run_dir = tmp_path / "r"
+    shutil.copytree(adapt_run[0], run_dir)
+    before = _snapshot(run_dir)
+    if guard == "disabled":
+        _disable_adapter_guard(monkeypatch)
+    code, _, err = _adapt(capsys, run_dir, adapt_run[1], run_dir / target, "--force")
+    if guard == "disabled":
+        assert code == 0 and _snapshot(run_dir) != before
+        return
+    one_line_error(code, err, "checkpoint folder" if target.startswith("checkpoints") else "not a fewshot adapter file")
+    assert _snapshot(run_dir) == before  # not a byte changed, nothing added
+
+
+@pytest.mark.parametrize("guard", ["on", "disabled"])
+@pytest.mark.parametrize("present", [["config.json"], ["tokenizer.json"], ["config.json", "tokenizer.json"]])
+def test_pretrain_refuses_a_folder_with_a_run_that_has_no_checkpoint(capsys, tmp_path, monkeypatch, guard, present):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    for name in present:
+        (run_dir / name).write_text('{"an earlier run": true}')
+    before = _snapshot(run_dir)
+    if guard == "disabled":
+        from fewshot import api
+
+        monkeypatch.setattr(api, "refuse_existing_run", lambda run_dir: None)
+    code, _, err = run(capsys, "pretrain", "simclr-digits", f"out={tmp_path}", "name=r", *TINY)
+    if guard == "disabled":  # the broken variant trains into the folder; config.json is overwritten
+        assert code == 0 and _snapshot(run_dir) != before
+        return
+    one_line_error(code, err, " and ".join(present))
+    assert _snapshot(run_dir) == before

@@ -33,8 +33,30 @@ from fewshot.train.trainer import TrainResult, checkpoint_path, pretrain as _pre
 Log = Callable[[str], None]
 
 
+# What a new run writes at the top of its folder (besides checkpoints/, logs/ and tensorboard/).
+RUN_FILES = ("config.json", "tokenizer.json")
+
+
+def refuse_existing_run(run_dir: Path) -> None:
+    """A new run never writes into a folder that already holds a run's files: a checkpoint (``--resume``
+    continues it), or the config.json / tokenizer.json of a run that wrote no checkpoint yet."""
+    if checkpoint_path(run_dir).exists():
+        raise CheckpointError(f"run folder '{run_dir}' already holds a checkpoint; pass --resume to continue it or choose another name")
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if found:
+        raise CheckpointError(
+            f"run folder '{run_dir}' already holds {' and '.join(found)} (a run without a checkpoint); "
+            f"choose another name=/out= or remove that folder"
+        )
+
+
 def pretrain(config: RunConfig, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Load the run's data (pre-training classes only) and pre-train; see :func:`fewshot.train.trainer.pretrain`."""
+    """Load the run's data (pre-training classes only) and pre-train; see :func:`fewshot.train.trainer.pretrain`.
+
+    A new run refuses a folder that holds another run's files (:func:`refuse_existing_run`) before
+    it writes anything."""
+    if not resume:
+        refuse_existing_run(config.run_dir)
     data_config, ckpt = config.data, checkpoint_path(config.run_dir)
     if resume and ckpt.exists():  # a resumed run trains on the data it started with
         data_config = config_from_dict(load_checkpoint(ckpt).config).data
@@ -50,8 +72,7 @@ def _run_tokenizer(config: RunConfig, data: DataConfig, resume: bool) -> Tokeniz
     if config.method.name not in LANGUAGE_METHODS:
         raise ConfigError(f"data.source=text needs a language method ({', '.join(LANGUAGE_METHODS)}), got '{config.method.name}'")
     tokenizer = train_tokenizer(load_text_splits(data).train, data.vocab_size)
-    if not checkpoint_path(config.run_dir).exists():  # else the trainer refuses the run: write nothing into it
-        save_tokenizer(tokenizer, config.run_dir)
+    save_tokenizer(tokenizer, config.run_dir)  # pretrain() refused a folder that holds a run's files
     return tokenizer
 
 

@@ -92,7 +92,7 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     settings = AdaptSettings(steps=args.steps, lr=args.lr, head_lr=args.head_lr)
     out = api.adapt(args.run_dir, args.method, options, support=args.support, episodes=args.episodes, way=args.ways,
                     shot=args.shots, query=args.queries, settings=settings, augment=args.augment, seed=args.seed,
-                    out=args.out, device=args.device, log=_log(args))
+                    out=args.out, force=args.force, device=args.device, log=_log(args))
     params = f"{out['trainable_params']} trainable parameters (+ {out['head_params']} in the head)"
     if "accuracy" in out:
         text = (f"{out['method']}: {out['way']}-way {out['shot']}-shot accuracy {100 * out['accuracy']:.1f}% ± "
@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", action="store_true", help="train on views from the run's augmentation recipe")
     p.add_argument("--seed", type=int, default=0, help="seed of the episodes and of the injected weights")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--out", metavar="FILE", help="adapter file to write (.safetensors + .json), with --support")
+    p.add_argument("--out", metavar="FILE", help="adapter file to write (.safetensors + .json), with --support; never an existing file")
+    p.add_argument("--force", action="store_true", help="with --out: replace an earlier adapter file (never other files)")
 
     add("info", cmd_info, "versions, devices and registered names")
     return parser

@@ -24,3 +24,8 @@ class CheckpointError(FewshotError):
 
 class TrainingDiverged(FewshotError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class EncoderMismatch(ConfigError):
+    """An adaptation method that does not fit this encoder (prompts on a CNN, ``partial`` on an unknown
+    architecture, no module for the method's targets); a benchmark lists such a row as n/a."""

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot.adapt.inject import Mergeable, find_targets, freeze, init_generator, kaiming_uniform, replace_module
-from fewshot.errors import ConfigError
+from fewshot.errors import ConfigError, EncoderMismatch
 
 __all__ = ["Bottleneck", "ConvResidualAdapter", "SublayerAdapter", "apply_bottleneck_adapters", "apply_conv_adapters"]
 
@@ -92,7 +92,7 @@ def apply_bottleneck_adapters(
         raise ConfigError(f"adapter: bottleneck must be a positive integer, got {bottleneck!r}")
     blocks = [m for m in encoder.modules() if isinstance(m, Block)]
     if not blocks:
-        raise ConfigError(f"adapter: needs a transformer encoder (Blocks), {type(encoder).__name__} has none; use conv-adapter for CNNs")
+        raise EncoderMismatch(f"adapter: needs a transformer encoder (Blocks), {type(encoder).__name__} has none; use conv-adapter for CNNs")
     generator = init_generator(generator)
     freeze(encoder)
     for block in blocks:

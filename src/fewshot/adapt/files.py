@@ -5,6 +5,10 @@ the head (``head.weight``, ``head.bias``); ``NAME.json`` holds the format tag, t
 options, the head's classes and scale, the SHA-256 of the base checkpoint's tensor file (from its
 meta) and of this tensor file. Both are written atomically. Loading rebuilds the method on a fresh
 copy of the base, so a file is a few kilobytes for LoRA or (IA)³ and refuses any other base.
+
+Nothing is overwritten by accident: an existing target is refused unless ``overwrite`` is set, and
+even then only an earlier adapter file is replaced; nothing is ever written into a run's
+``checkpoints/`` folder (:func:`adapter_target`).
 """
 
 from __future__ import annotations
@@ -15,16 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from fewshot.adapt.classifier import AdaptedClassifier, CosineHead
 from fewshot.adapt.inject import trainable_parameters
 from fewshot.adapt.registry import adapt
-from fewshot.errors import CheckpointError
+from fewshot.errors import CheckpointError, ConfigError
 from fewshot.train.checkpoint import atomic_write, read_file_pair, sha256_file, versions
 
-__all__ = ["ADAPTER_FORMAT", "adapter_tensors", "load_adapter", "read_adapter_meta", "save_adapter"]
+__all__ = ["ADAPTER_FORMAT", "adapter_target", "adapter_tensors", "load_adapter", "read_adapter_meta", "save_adapter"]
 
 ADAPTER_FORMAT = "fewshot-adapter"
 ADAPTER_FORMAT_VERSION = 1
@@ -37,14 +42,61 @@ def adapter_tensors(clf: AdaptedClassifier) -> dict[str, torch.Tensor]:
     return {k: v.contiguous().cpu() for k, v in tensors.items()}
 
 
+def _run_checkpoints_folder(path: Path) -> Path | None:
+    """The run ``checkpoints/`` folder that ``path`` would be written into, if any: a folder named
+    checkpoints beside a run's config.json, or holding a checkpoint (last.safetensors / last.json)."""
+    for folder in path.resolve().parents:
+        if folder.name == "checkpoints" and (
+            (folder.parent / "config.json").is_file() or (folder / "last.safetensors").exists() or (folder / "last.json").exists()
+        ):
+            return folder
+    return None
+
+
+def _is_adapter_file(path: Path) -> bool:
+    """Whether ``path`` (.json or .safetensors) carries the adapter format tag."""
+    try:
+        if path.suffix == ".json":
+            meta = json.loads(path.read_text())
+            return isinstance(meta, dict) and meta.get("format") == ADAPTER_FORMAT
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == ADAPTER_FORMAT
+    except Exception:  # noqa: BLE001 - unreadable means "not an adapter file"
+        return False
+
+
+def adapter_target(path: str | Path, overwrite: bool = False) -> Path:
+    """The .safetensors path :func:`save_adapter` writes for ``path`` (its .json beside it), checked
+    before any work: never inside a run's checkpoints/ folder; an existing file only with
+    ``overwrite`` (``--force``), and then only if it is an earlier adapter file."""
+    path = Path(path).with_suffix(".safetensors")
+    folder = _run_checkpoints_folder(path)
+    if folder is not None:
+        raise CheckpointError(f"adapter target '{path}' is inside the run checkpoint folder '{folder}'; adapter files never go there, choose another --out")
+    for file in (path, path.with_suffix(".json")):
+        if file.exists() and not overwrite:
+            raise ConfigError(f"'{file}' already exists; choose another --out, or pass --force to replace an earlier adapter")
+        if file.exists() and not _is_adapter_file(file):
+            raise ConfigError(f"'{file}' exists and is not a fewshot adapter file; --force replaces only adapters, choose another --out")
+    return path
+
+
 def save_adapter(
-    path: str | Path, clf: AdaptedClassifier, method: str, options: dict[str, Any], base_sha256: str, extra: dict[str, Any] | None = None
+    path: str | Path,
+    clf: AdaptedClassifier,
+    method: str,
+    options: dict[str, Any],
+    base_sha256: str,
+    extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``path`` (.safetensors) and its .json sidecar atomically; returns the .safetensors path.
 
-    Save before merging: a merged model's base weights are no longer the base's.
+    An existing target is refused unless ``overwrite`` (and then must be an adapter file); nothing
+    goes into a run's checkpoints/ folder (:func:`adapter_target`). Save before merging: a merged
+    model's base weights are no longer the base's.
     """
-    path = Path(path).with_suffix(".safetensors")
+    path = adapter_target(path, overwrite)
     tensors = adapter_tensors(clf)
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": ADAPTER_FORMAT}))
     n_head = clf.head.weight.numel() + clf.head.bias.numel()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fewshot.adapt.inject import freeze
-from fewshot.errors import ConfigError
+from fewshot.errors import ConfigError, EncoderMismatch
 
 __all__ = ["apply_bitfit", "apply_full", "apply_linear_probe", "apply_norm_tuning", "apply_partial", "encoder_blocks"]
 
@@ -58,7 +58,7 @@ def encoder_blocks(encoder: nn.Module) -> list[list[str]]:
         for layer in ("layer1", "layer2", "layer3", "layer4"):
             units += [[f"net.{layer}.{i}"] for i in range(len(getattr(encoder.net, layer)))]
         return units
-    raise ConfigError(f"partial: does not know the blocks of {type(encoder).__name__}; known: ViT, Conv4, SmallResNet18")
+    raise EncoderMismatch(f"partial: does not know the blocks of {type(encoder).__name__}; known: ViT, Conv4, SmallResNet18")
 
 
 def apply_partial(encoder: nn.Module, k: int = 1, *, generator: torch.Generator | None = None) -> nn.Module:
@@ -82,7 +82,7 @@ def apply_bitfit(encoder: nn.Module, *, generator: torch.Generator | None = None
             p.requires_grad_(True)
             found = True
     if not found:
-        raise ConfigError(f"bitfit: {type(encoder).__name__} has no bias parameters")
+        raise EncoderMismatch(f"bitfit: {type(encoder).__name__} has no bias parameters")
     return encoder
 
 
@@ -90,7 +90,7 @@ def apply_norm_tuning(encoder: nn.Module, *, generator: torch.Generator | None =
     freeze(encoder)
     norms = [m for m in encoder.modules() if isinstance(m, NORMS) and any(True for _ in m.parameters(recurse=False))]
     if not norms:
-        raise ConfigError(f"norm: {type(encoder).__name__} has no normalisation layers with affine parameters")
+        raise EncoderMismatch(f"norm: {type(encoder).__name__} has no normalisation layers with affine parameters")
     for m in norms:
         m.requires_grad_(True)
     return encoder

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from fewshot.errors import ConfigError
+from fewshot.errors import ConfigError, EncoderMismatch
 
 
 class Mergeable(nn.Module):
@@ -56,14 +56,16 @@ def as_patterns(targets: str | Sequence[str], method: str) -> list[str]:
 def find_targets(
     model: nn.Module, targets: str | Sequence[str], kinds: tuple[type[nn.Module], ...], method: str
 ) -> list[str]:
-    """Names of the modules of ``kinds`` whose name matches one of ``targets``; ConfigError if none."""
+    """Names of the modules of ``kinds`` whose name matches one of ``targets``; ConfigError if none
+    (EncoderMismatch if the model has no module of ``kinds`` at all)."""
     patterns = as_patterns(targets, method)
     candidates = [name for name, m in model.named_modules() if name and isinstance(m, kinds)]
     chosen = [name for name in candidates if any(_matches(name, p) for p in patterns)]
     if not chosen:
         kind = "/".join(k.__name__ for k in kinds)
         listed = ", ".join(candidates[:40]) + (f", … ({len(candidates)} in all)" if len(candidates) > 40 else "")
-        raise ConfigError(
+        # No module of the kind at all: the method does not fit this encoder; else the targets are wrong.
+        raise (ConfigError if candidates else EncoderMismatch)(
             f"{method}: no {kind} module matches targets {patterns}; available {kind} modules: {listed or 'none'}"
         )
     return chosen

@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from fewshot.errors import ConfigError, DataError
+from fewshot.errors import ConfigError, DataError, EncoderMismatch
 
 VIT_PARTS = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")
 
@@ -45,7 +45,7 @@ def check_int(who: str, name: str, value: object, minimum: int) -> int:
 def require_vit(encoder: nn.Module, who: str) -> None:
     missing = [part for part in VIT_PARTS if not hasattr(encoder, part)]
     if missing:
-        raise ConfigError(
+        raise EncoderMismatch(
             f"{who} needs a ViT encoder ({', '.join(VIT_PARTS)}); {type(encoder).__name__} has no {', '.join(missing)}"
         )
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 
 from fewshot.adapt.classifier import AdaptedClassifier
-from fewshot.adapt.files import load_adapter, save_adapter
+from fewshot.adapt.files import adapter_target, load_adapter, save_adapter
 from fewshot.adapt.inject import count_trainable
 from fewshot.adapt.registry import get_adapt_method
 from fewshot.adapt.runner import AdaptSettings, episode_generator, fit_classifier, run_adaptation
@@ -59,6 +59,7 @@ def adapt_checkpoint(
     augment: bool = False,
     seed: int = 0,
     out: str | Path | None = None,
+    force: bool = False,
     device: str = "auto",
     log: Log = lambda _: None,
 ) -> dict[str, Any]:
@@ -66,7 +67,9 @@ def adapt_checkpoint(
 
     ``episodes``: score it on that many seeded ``way``-way ``shot``-shot episodes of the run's
     held-out classes (or ``eval.data_path``); returns the row of :func:`run_adaptation`.
-    ``support``: adapt once on that labeled folder; ``out`` (required) receives the adapter file.
+    ``support``: adapt once on that labeled folder; ``out`` (required) receives the adapter file: an
+    existing one is refused unless ``force`` (and then only an earlier adapter is replaced), and a run's
+    checkpoints/ folder is refused always, all before anything is loaded or trained.
     ``augment`` trains on views from the run's own augmentation recipe.
     """
     from fewshot.api import load_pretrained
@@ -80,6 +83,8 @@ def adapt_checkpoint(
     if episodes is not None and out is not None:
         raise ConfigError("--out saves the adapter of one support set; with episodes, use --json for the results")
     get_adapt_method(method)  # an unknown name fails before the checkpoint loads
+    if out is not None:
+        adapter_target(out, overwrite=force)  # refused before any work, not after it
     config, pretrained, ckpt = load_pretrained(path)
     base = pretrained.encoder.to(_device(device)).eval()
     base_sha256 = str(ckpt.meta.get("tensors_sha256", ""))
@@ -97,7 +102,7 @@ def adapt_checkpoint(
     data = load_eval_folder(str(support), config.data)
     log(f"adapting with {method} on {len(data)} support images of {len(data.classes)} classes, {settings.steps} steps")
     clf = fit_classifier(base, method, options, data.images, data.labels, settings, episode_generator(seed, 0), data.classes)
-    file = save_adapter(out, clf, method, options, base_sha256, extra={"base_checkpoint": str(path)})
+    file = save_adapter(out, clf, method, options, base_sha256, extra={"base_checkpoint": str(path)}, overwrite=force)
     accuracy = float((clf.predict(data.images) == data.labels).float().mean())
     return {
         "checkpoint": str(path),
