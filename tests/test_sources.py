@@ -416,19 +416,77 @@ def test_download_list_and_calls(tmp_path, monkeypatch):
         (base + "images_background_small2.zip", "images_background_small2.zip"),
         (base + "one-shot-classification/all_runs.zip", "all_runs.zip"),
     ]
+    assert all(len(sha) == 64 and int(sha, 16) >= 0 for _, _, sha in listed)  # every file has a SHA-256
     import torchvision.datasets.utils as tvu
-
-    calls = []
-    monkeypatch.setattr(tvu, "download_url", lambda url, root, filename=None, md5=None: calls.append((url, root, filename)))
-    out = sources.download_omniglot(tmp_path)
-    assert out == tmp_path / "omniglot"
-    assert calls == [(u, str(out), f) for u, f, _ in listed]
 
     def fail(*a, **k):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(tvu, "download_url", fail)
     _raises("could not download " + base + "images_background.zip", sources.download_omniglot, tmp_path)
+
+
+# The fake release: two zips' contents and their digests; the fake network serves ``served``.
+FAKE = {"a.zip": b"the release file a", "b.zip": b"the release file b"}
+
+
+def _fake_release(monkeypatch, served):
+    import hashlib
+
+    import torchvision.datasets.utils as tvu
+
+    monkeypatch.setattr(sources, "_OMNIGLOT_FILES", tuple((n, hashlib.sha256(c).hexdigest()) for n, c in FAKE.items()))
+    calls = []
+
+    def fetch(url, root, filename=None, md5=None):  # what download_url does: write root/filename
+        calls.append(url.rsplit("/", 1)[-1])
+        Path(root).mkdir(parents=True, exist_ok=True)
+        (Path(root) / filename).write_bytes(served[url.rsplit("/", 1)[-1]])
+
+    monkeypatch.setattr(tvu, "download_url", fetch)
+    return calls
+
+
+def test_download_keeps_files_whose_sha256_matches(tmp_path, monkeypatch):
+    calls = _fake_release(monkeypatch, FAKE)
+    out = sources.download_omniglot(tmp_path)
+    assert sorted(p.name for p in out.iterdir()) == ["a.zip", "b.zip"]  # no .part left behind
+    assert all((out / n).read_bytes() == c for n, c in FAKE.items())
+    assert sources.download_omniglot(tmp_path) == out and calls == ["a.zip", "b.zip"]  # present and verified: not fetched again
+
+
+@pytest.mark.parametrize("check", ["on", "disabled"])
+def test_a_download_that_fails_its_sha256_is_refused_and_deleted(tmp_path, monkeypatch, capsys, check):
+    """A corrupted b.zip: one-line error, nothing kept under its name or as .part. "disabled" is the
+    broken variant (the digest not compared), where the same assertions see the bad file kept."""
+    _fake_release(monkeypatch, {**FAKE, "b.zip": b"truncated"})
+    if check == "disabled":
+        real = dict(sources._OMNIGLOT_FILES)
+        monkeypatch.setattr(sources, "file_sha256", lambda path: real[path.name.strip(".").removesuffix(".part")])
+        sources.download_omniglot(tmp_path)
+        assert (tmp_path / "omniglot" / "b.zip").read_bytes() == b"truncated"
+        return
+    from fewshot.cli import main
+
+    assert main(["data", "download", "omniglot", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "SHA-256" in err[0] and "b.zip" in err[0] and "deleted" in err[0], err
+    assert sorted(p.name for p in (tmp_path / "omniglot").iterdir()) == ["a.zip"]  # the good file stays, the bad one is gone
+
+
+def test_an_existing_file_with_the_wrong_sha256_is_refused_untouched(tmp_path, monkeypatch):
+    calls = _fake_release(monkeypatch, FAKE)
+    (tmp_path / "omniglot").mkdir()
+    (tmp_path / "omniglot" / "a.zip").write_bytes(b"my own edits")
+    _raises("is not the release file", sources.download_omniglot, tmp_path)
+    assert (tmp_path / "omniglot" / "a.zip").read_bytes() == b"my own edits" and calls == []
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("name", ["images_background_small1.zip", "all_runs.zip"])
+def test_the_shared_copies_match_the_download_digests(shared_data, name):
+    listed = {f: sha for _, f, sha in omniglot_downloads()}
+    assert sources.file_sha256(_real(shared_data, name)) == listed[name]
 
 
 # ------------------------------------------------------------------ real data

@@ -25,6 +25,7 @@ unpacked folder works too.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -43,6 +44,7 @@ __all__ = [
     "OMNIGLOT_URL_PREFIX",
     "decode_image",
     "download_omniglot",
+    "file_sha256",
     "load_digits",
     "load_image_folder",
     "load_omniglot",
@@ -60,13 +62,15 @@ OMNIGLOT_LAYOUT = (
 
 OMNIGLOT_URL_PREFIX = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
 
-# MD5s as published with torchvision's Omniglot dataset; None: not checked.
-_OMNIGLOT_FILES: tuple[tuple[str, str | None], ...] = (
-    ("images_background.zip", "68d2efa1b9178cc56df9314c21c6e718"),
-    ("images_evaluation.zip", "6b91aef0f799c5bb55b94e3f2daec811"),
-    ("images_background_small1.zip", None),
-    ("images_background_small2.zip", None),
-    ("one-shot-classification/all_runs.zip", None),
+# SHA-256 of every release zip, all checked. The four image zips: as published in TensorFlow Datasets'
+# url_checksums/omniglot.txt (images_background_small1.zip's equals the copy in ../shared/data/omniglot).
+# all_runs.zip has no published digest: the copy in ../shared/data/omniglot (352,787 bytes).
+_OMNIGLOT_FILES: tuple[tuple[str, str], ...] = (
+    ("images_background.zip", "ad41ab679c8b5d90b271ef46be6987cc81211774a695c29dcc5367b2b26ee640"),
+    ("images_evaluation.zip", "1f61a8f3366785b057fc117d9228e78a16e3d976c8953b2a10fcc74cf0609cee"),
+    ("images_background_small1.zip", "f38eb80f801274ac2b4dff5b24289016bfaba4a7d5bb50deebf27104ad6cb8a4"),
+    ("images_background_small2.zip", "3ccaa407515a8778e5d0861875af38b17e418f301ad5bb3b5a6b65d901a41c7f"),
+    ("one-shot-classification/all_runs.zip", "437c1eeab0af8484112e1b4cc0f3d541ec727f7c47b9b202da738af9dfd6c325"),
 )
 
 _RESAMPLE = Image.Resampling.BOX
@@ -422,27 +426,57 @@ def load_unlabeled_folder(
 # ---------------------------------------------------------------- download
 
 
-def omniglot_downloads() -> list[tuple[str, str, str | None]]:
-    """(url, file name, md5 or None) of each original Omniglot release zip that
+def omniglot_downloads() -> list[tuple[str, str, str]]:
+    """(url, file name, SHA-256) of each original Omniglot release zip that
     :func:`download_omniglot` fetches."""
-    return [(f"{OMNIGLOT_URL_PREFIX}/{rel}", rel.rsplit("/", 1)[-1], md5) for rel, md5 in _OMNIGLOT_FILES]
+    return [(f"{OMNIGLOT_URL_PREFIX}/{rel}", rel.rsplit("/", 1)[-1], sha) for rel, sha in _OMNIGLOT_FILES]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def download_omniglot(root: str | os.PathLike[str]) -> Path:
     """Download the original Omniglot release zips into ``root/omniglot`` and return that folder.
 
-    Files already present (and matching their MD5 where one is known) are kept. The zips
-    are not extracted: the loaders read them directly, so ``FEWSHOT_DATA=root`` works.
+    Every file is checked against its SHA-256 (:func:`omniglot_downloads`). A download goes to a
+    hidden ``.NAME.part`` file first and becomes ``NAME`` only if its digest matches; a mismatch is
+    deleted and reported (DataError). A file already present is kept if it matches and refused,
+    untouched, if it does not. The zips are not extracted: the loaders read them directly, so
+    ``FEWSHOT_DATA=root`` works.
     """
     from torchvision.datasets.utils import download_url
 
     target = Path(root).expanduser() / "omniglot"
-    for url, filename, md5 in omniglot_downloads():
+    for url, filename, sha256 in omniglot_downloads():
+        path = target / filename
+        if path.exists():
+            if file_sha256(path) != sha256:
+                raise DataError(
+                    f"'{path}' exists but is not the release file (SHA-256 {file_sha256(path)[:12]}…, expected "
+                    f"{sha256[:12]}…); move it away and download again"
+                )
+            continue
+        part = target / f".{filename}.part"
+        part.unlink(missing_ok=True)
         try:
-            download_url(url, str(target), filename=filename, md5=md5)
+            download_url(url, str(target), filename=part.name)
         except Exception as err:  # noqa: BLE001 - network/disk failures are the user's to fix
+            part.unlink(missing_ok=True)
             raise DataError(
-                f"could not download {url} to {target / filename}: {err}; "
+                f"could not download {url} to {path}: {err}; "
                 f"download it by hand into {target}"
             ) from None
+        got = file_sha256(part) if part.is_file() else "no file"
+        if got != sha256:
+            part.unlink(missing_ok=True)
+            raise DataError(
+                f"download of {url} failed its check (SHA-256 {got[:12]}…, expected {sha256[:12]}…); "
+                f"deleted it, try again or download it by hand into {target}"
+            )
+        os.replace(part, path)
     return target
