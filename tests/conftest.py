@@ -42,3 +42,71 @@ def pretrain_interrupted(monkeypatch: pytest.MonkeyPatch, config, at_step: int =
     with pytest.raises(KeyboardInterrupt):
         api.pretrain(config, progress=False)
     monkeypatch.setattr(trainer, "learning_rate", real_lr)
+
+
+def restart_from_scratch(config, resume: bool = False, progress: bool = True):
+    """A broken "resume", kept as a negative control: it drops the run folder and trains again from
+    step 0. Seeded, it still ends with the uninterrupted run's weights; :func:`resume_problems` must see it."""
+    import shutil
+
+    from fewshot import api
+
+    if resume:
+        shutil.rmtree(config.run_dir)
+    return api.pretrain(config, resume=False, progress=progress)
+
+
+def resume_problems(monkeypatch: pytest.MonkeyPatch, config_for, pretrain=None) -> list[str]:
+    """What is wrong with resuming runs of the recipe ``config_for(name)`` (6 steps, a checkpoint every 3);
+    empty if nothing. ``pretrain(config, resume, progress)`` is the resume under test (``api.pretrain``).
+
+    "full" runs uninterrupted; "cut" stops at step 4 and resumes from its step-3 checkpoint; "altered" is
+    a copy of "cut" whose checkpoint has one weight shifted, resumed too. A resume must run only the 3
+    steps left, end with the full run's weights and history, and end elsewhere from the altered
+    checkpoint: equal weights alone cannot tell a resume from seeded training from scratch.
+    """
+    import shutil
+
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from fewshot import api
+    from fewshot.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+
+    pretrain = pretrain or api.pretrain
+    weights = lambda name: load_checkpoint(config_for(name).run_dir).prefixed("model")  # noqa: E731
+
+    full = api.pretrain(config_for("full"), progress=False)
+    pretrain_interrupted(monkeypatch, config_for("cut"))
+    cut_dir = config_for("cut").run_dir
+    kept = load_checkpoint(cut_dir)
+    assert (full.step, kept.step) == (6, 3), "the recipe must run 6 steps with a checkpoint every 3"
+
+    # The altered copy: one encoder weight shifted by 0.01 (a fresh checkpoint pair, so its SHA-256 matches).
+    altered_dir = config_for("altered").run_dir
+    shutil.copytree(cut_dir, altered_dir)
+    key = next(k for k in sorted(kept.tensors) if k.startswith("model.encoder.") and k.endswith("weight"))
+    tensors = {**kept.tensors, key: kept.tensors[key] + 0.01}
+    meta = {k: kept.meta[k] for k in ("optimizer", "history", "train_seconds")}
+    save_checkpoint(altered_dir / "checkpoints" / "last", Checkpoint(kept.config, kept.step, tensors, meta))
+
+    steps = []
+    handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: steps.append(1))
+    try:
+        resumed = pretrain(config_for("cut"), resume=True, progress=False)
+        ran = len(steps)
+        pretrain(config_for("altered"), resume=True, progress=False)
+    finally:
+        handle.remove()
+
+    problems = []
+    if ran != full.step - kept.step:
+        problems.append(f"resume ran {ran} optimizer steps, not the {full.step - kept.step} left after step {kept.step}")
+    a, b, c = weights("full"), weights("cut"), weights("altered")
+    if a.keys() != b.keys() or any(not torch.equal(a[k], b[k]) for k in a):
+        problems.append("resumed weights differ from the uninterrupted run's")
+    if a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a):
+        problems.append(f"resuming with '{key}' shifted by 0.01 ends with the uninterrupted run's weights: the checkpoint is not read")
+    if [(h["step"], h["loss"]) for h in resumed.history] != [(h["step"], h["loss"]) for h in full.history]:
+        problems.append("the resumed history differs from the uninterrupted run's")
+    return problems

@@ -1,5 +1,7 @@
 """The one trainer: resume gives the same weights, NaN stops and keeps the last good checkpoint."""
 
+import re
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ from fewshot import api
 from fewshot.errors import CheckpointError, TrainingDiverged
 from fewshot.train import trainer
 from fewshot.train.checkpoint import load_checkpoint
-from conftest import pretrain_interrupted
+from conftest import pretrain_interrupted, restart_from_scratch, resume_problems
 
 TINY = ["data.image_size=16", "train.steps=6", "train.batch_size=32", "train.checkpoint_every=3",
         "train.log_every=1", "train.warmup_steps=2", "method.projection_hidden=32", "method.projection_dim=16",
@@ -22,36 +24,25 @@ def _weights(run_dir):
     return load_checkpoint(run_dir / "checkpoints" / "last.safetensors").prefixed("model")
 
 
+# The last case is the negative control: a "resume" that trains again from step 0 must be caught.
 @pytest.mark.parametrize(
-    "method",
+    "method, pretrain, caught",
     [
-        [],  # simclr
+        ([], None, []),  # simclr
         # MoCo's queue, pointer and key encoder, BYOL's target must come back from the checkpoint.
         # 96 keys, not 64: with 64 keys per step a queue of 64 is rewritten whole and its pointer stays at 0.
-        ["method=moco", "method.queue_size=96"],
-        ["method=byol", "method.predictor_hidden=32"],
+        (["method=moco", "method.queue_size=96"], None, []),
+        (["method=byol", "method.predictor_hidden=32"], None, []),
         # R2-D2's learned λ, scale and bias are parameters with optimizer state too.
-        ["method=protonet"],
-        ["method=r2d2"],
+        (["method=protonet"], None, []),
+        (["method=r2d2"], None, []),
+        ([], restart_from_scratch, ["resume ran 6 optimizer steps, not the 3", "the checkpoint is not read"]),
     ],
-    ids=["simclr", "moco", "byol", "protonet", "r2d2"],
+    ids=["simclr", "moco", "byol", "protonet", "r2d2", "restart-from-scratch-is-caught"],
 )
-def test_resumed_run_matches_uninterrupted(tmp_path, monkeypatch, method):
-    full = api.pretrain(_config(tmp_path, "full", *method), progress=False)
-    assert full.step == 6
-
-    pretrain_interrupted(monkeypatch, _config(tmp_path, "cut", *method))
-    assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.safetensors").step == 3
-
-    resumed = api.pretrain(_config(tmp_path, "cut", *method), resume=True, progress=False)
-    assert resumed.step == 6
-    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    # and the history carries on across the interruption
-    assert [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
-    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in full.history], abs=0)
+def test_resume_runs_only_the_remaining_steps_from_the_checkpoint(tmp_path, monkeypatch, method, pretrain, caught):
+    problems = resume_problems(monkeypatch, lambda name: _config(tmp_path, name, *method), pretrain)
+    assert len(problems) == len(caught) and all(want in got for want, got in zip(caught, problems)), problems
 
 
 def test_training_changes_weights_and_logs(tmp_path):
@@ -92,9 +83,77 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         return out * float("nan") if calls["n"] == 5 else out
 
     monkeypatch.setattr(SimCLR, "loss", loss_then_nan)
-    with pytest.raises(TrainingDiverged, match="step 4.*step 3"):
+    # Step N = N optimizer updates done: the 5th loss is step 5's, which is not applied.
+    with pytest.raises(TrainingDiverged, match=r"loss became nan in step 5, which was not applied; .*checkpoint \(step 3\)"):
         api.pretrain(_config(tmp_path, "nan"), progress=False)
     assert load_checkpoint(tmp_path / "nan" / "checkpoints" / "last.safetensors").step == 3
+
+
+class _NanGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose update would poison every weight."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+@pytest.fixture(scope="module")
+def clean_step_3(tmp_path_factory):
+    """Every tensor of a clean run's step-3 checkpoint (the same recipe, stopped at step 4)."""
+    tmp_path = tmp_path_factory.mktemp("clean")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        pretrain_interrupted(monkeypatch, _config(tmp_path, "clean"))
+    return load_checkpoint(tmp_path / "clean" / "checkpoints" / "last.safetensors").tensors
+
+
+# Step 6 is a checkpoint step. "gradient": a finite loss with NaN gradients (seen before the update);
+# "buffer": an infinite BatchNorm running variance, which no gradient sees (seen before the save).
+# Unchecked is the old trainer (loss checked only), the negative control: it writes the bad tensors.
+@pytest.mark.parametrize("checked", [True, False], ids=["checked", "unchecked-writes-them"])
+@pytest.mark.parametrize("inject", ["gradient", "buffer"])
+def test_non_finite_tensors_never_reach_a_checkpoint(tmp_path, monkeypatch, clean_step_3, inject, checked):
+    from fewshot.methods.contrastive import SimCLR
+
+    if inject == "gradient":
+        real_loss, calls = SimCLR.loss, []
+
+        def nan_gradient_in_step_6(self, z1, z2, labels):
+            calls.append(1)
+            out = real_loss(self, z1, z2, labels)
+            return _NanGradient.apply(out) if len(calls) == 6 else out
+
+        monkeypatch.setattr(SimCLR, "loss", nan_gradient_in_step_6)
+        expected = r"gradient of .* is not finite in step 6, which was not applied"
+    else:
+
+        def inf_running_var_after_step_5(self, step, total_steps):
+            if step + 1 == 5:
+                next(m for m in self.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var.fill_(float("inf"))
+
+        monkeypatch.setattr(SimCLR, "after_step", inf_running_var_after_step_5)
+        expected = r"'model\.encoder\..*running_var' is not finite after step 6, so step 6 was not saved"
+    if not checked:
+        monkeypatch.setattr(trainer, "first_non_finite", lambda named: None)
+
+    error = None
+    try:
+        api.pretrain(_config(tmp_path, "bad"), progress=False)
+    except TrainingDiverged as exc:
+        error = str(exc)
+    kept = load_checkpoint(tmp_path / "bad" / "checkpoints" / "last.safetensors")
+    non_finite = [k for k, v in kept.tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if checked:
+        assert error is not None and re.search(expected + r"; training stopped and the last good checkpoint \(step 3\)", error), error
+        assert kept.step == 3 and non_finite == []
+        assert kept.tensors.keys() == clean_step_3.keys()
+        for k, v in kept.tensors.items():
+            assert torch.equal(v, clean_step_3[k]), k
+    else:
+        assert error is None and kept.step == 6 and non_finite, "the unchecked trainer should have written them"
 
 
 def test_learning_rate_schedule():

@@ -147,6 +147,9 @@ class TrainConfig(_Strict):
     strategy: str = Field("auto", description="auto, ddp, … (Lightning Fabric)")
     precision: str = Field("auto", description="auto = bf16-mixed on a GPU that has bf16, else 32-true (fp32 is 5× faster on CPU)")
     channels_last: bool = Field(True, description="NHWC memory layout: 1.45× faster convolutions on CPU")
+    sync_batchnorm: bool | None = Field(
+        None, description="under DDP, BatchNorm over the global batch (SyncBatchNorm); None = on GPUs when world size > 1 (torch has no CPU SyncBatchNorm)"
+    )
 
 
 class EvalConfig(_Strict):

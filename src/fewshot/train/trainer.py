@@ -3,6 +3,10 @@
 Read top to bottom: set up Fabric → build the method → restore a checkpoint if resuming →
 for each step: batch → views + loss inside the method → backward → optimizer → hook → log →
 checkpoint. CPU here; the same config on 1..N GPUs or nodes (DDP), bf16 where the GPU has it.
+
+Steps count optimizer updates: "step N" is the state after N updates, everywhere — the history
+row N (which logs the loss update N minimised), the checkpoint of step N, and the error that says
+step N was not applied (so the run stopped at step N − 1).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +90,35 @@ class BatchOrder:
         return self._perm[start : start + self.batch_size]
 
 
+def use_sync_batchnorm(train: TrainConfig, world_size: int, device: torch.device) -> bool:
+    """Whether to convert BatchNorm to SyncBatchNorm: under DDP each process would otherwise normalise
+    with its own slice's statistics, and the update would differ from one process on the joined batch.
+    torch (2.14) has SyncBatchNorm only for GPUs: on CPU its forward raises "SyncBatchNorm expected
+    input tensor to be on GPU", so auto (None) leaves CPU runs per-process and ``true`` there is an error."""
+    if world_size == 1:
+        return False
+    if device.type == "cpu":
+        if train.sync_batchnorm:
+            raise ConfigError(
+                "train.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm does not run on CPU; "
+                "set train.sync_batchnorm=false (each process then normalises with its own batch's statistics)"
+            )
+        return False
+    return train.sync_batchnorm is not False
+
+
+def first_non_finite(named: Iterable[tuple[str, torch.Tensor | None]]) -> str | None:
+    """Name of the first floating-point tensor holding a NaN or ±inf, else None (one host sync for all)."""
+    named = [(name, t) for name, t in named if t is not None and t.is_floating_point()]
+    if not named:
+        return None
+    device = named[0][1].device  # AdamW keeps its step counts on the CPU, the moments beside the weights
+    finite = torch.stack([torch.isfinite(t).all().to(device) for _, t in named])
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0, 0])][0]
+
+
 def checkpoint_path(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / "last.safetensors"
 
@@ -133,13 +167,15 @@ def pretrain(
         fabric.launch()
     torch.manual_seed(train.seed)
     method = build_method(config)  # after seeding, so the initial weights depend only on the seed
+    if use_sync_batchnorm(train, fabric.world_size, fabric.device):
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)  # same state_dict keys: checkpoints stay plain
     if method.needs_labels and not data.labeled:
         raise ConfigError(f"method '{config.method.name}' needs labels, but the pre-training data is unlabeled")
     if train.channels_last:
         method = method.to(memory_format=torch.channels_last)
     # Frozen parameters (MoCo's and BYOL's EMA targets) move only through after_step.
-    trainable = [p for p in method.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
+    trainable = [(name, p) for name, p in method.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([p for _, p in trainable], lr=train.lr, weight_decay=train.weight_decay)
     view_gen = torch.Generator().manual_seed(train.seed + 7919 * fabric.global_rank)
 
     start_step, history, train_seconds, saved_step = 0, [], 0.0, 0
@@ -156,10 +192,20 @@ def pretrain(
         optimizer.load_state_dict(optimizer_from_flat(restored.prefixed("optim"), restored.meta["optimizer"]))
 
     order = BatchOrder(len(data), train.batch_size, train.seed, fabric.global_rank, fabric.world_size)
+    # A GradScaler (fp16) skips steps with non-finite gradients itself; its scaled gradients may be inf.
+    check_gradients = getattr(fabric.strategy.precision, "scaler", None) is None
+
+    def diverged(what: str) -> TrainingDiverged:
+        kept = f"the last good checkpoint (step {saved_step}) is kept at '{ckpt_path}'" if saved_step else "no checkpoint had been written yet"
+        return TrainingDiverged(f"{what}; training stopped and {kept}")
 
     def save(step: int) -> Path:
+        # Every rank checks (their states are equal under DDP), so all stop together, before anything is written.
+        tensors, optim_scalars = _state_tensors(raw_method, optimizer, view_gen)
+        bad = first_non_finite(tensors.items())
+        if bad is not None:
+            raise diverged(f"'{bad}' is not finite after step {step}, so step {step} was not saved")
         if fabric.is_global_zero:
-            tensors, optim_scalars = _state_tensors(raw_method, optimizer, view_gen)
             meta = {"optimizer": optim_scalars, "history": history, "train_seconds": train_seconds}
             save_checkpoint(ckpt_path, Checkpoint(config.model_dump(mode="json"), step, tensors, meta))
         fabric.barrier()
@@ -180,10 +226,13 @@ def pretrain(
             group["lr"] = lr
         loss, logs = method(x, y, view_gen)
         if not torch.isfinite(loss):
-            kept = f"the last good checkpoint (step {saved_step}) is kept at '{ckpt_path}'" if saved_step else "no checkpoint had been written yet"
-            raise TrainingDiverged(f"loss became {loss.item()} at step {step}; training stopped and {kept}")
+            raise diverged(f"loss became {loss.item()} in step {step + 1}, which was not applied")
         optimizer.zero_grad(set_to_none=True)
         fabric.backward(loss)
+        if check_gradients:  # a finite loss can still have NaN gradients (0·inf, sqrt at 0, a bad op)
+            bad = first_non_finite([*((f"gradient of {n}", p.grad) for n, p in trainable), *((f"parameter {n}", p) for n, p in trainable)])
+            if bad is not None:
+                raise diverged(f"{bad} is not finite in step {step + 1}, which was not applied")
         optimizer.step()
         raw_method.after_step(step, train.steps)
         window_steps += 1
