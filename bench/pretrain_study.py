@@ -13,16 +13,24 @@ warm-up + cosine schedule (warm-up = 5% of its steps), as in SimCLR's epoch stud
         # each autoencoder bottleneck vs MAE vs SimCLR, frozen (prototypes, logistic regression)
         # and fine-tuned (every weight, a fixed number of steps per 20-way 1-shot episode)
 
-Results are appended to ``runs/<study>/results.jsonl`` (a rerun skips finished rows); the table
-and a plot (``docs/figures/<study>.png``) are written from that file.
+Results are appended to ``runs/<study>/results.jsonl``. A rerun reuses a row only if its key matches:
+the SHA-256 of the row's full config (less name/out), its fine-tuning settings and the code version
+(git commit, plus a hash of uncommitted changes under src/, bench/ and configs/); without git nothing
+is reused. The table and a plot (``docs/figures/<study>.png``) are written from the rows of this run.
+
+With ``--finetune N`` the fine-tuned column is scored on the first N episodes of the frozen columns'
+seed, and the frozen prototypes are scored again on exactly those N episodes (column "prototypes,
+same episodes"), so the two are compared on the same episodes.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,6 +46,7 @@ from fewshot.config import find_recipe, load_config  # noqa: E402
 from fewshot.errors import FewshotError  # noqa: E402
 
 IMAGES = 2720  # Omniglot images_background_small1
+REPO = Path(__file__).resolve().parents[1]
 
 # (label, recipe, batch, overrides) per study; the epoch budget comes from --epochs.
 STUDIES: dict[str, list[tuple[str, str, int, list[str]]]] = {
@@ -70,9 +79,10 @@ def runs_for(study: str, epochs: int) -> list[tuple[str, str, int, list[str], in
     return [(*row, epochs) for row in STUDIES[study]]
 
 
-def finetuned(config, encoder, episodes: int, steps: int) -> dict:
-    """Full fine-tuning per 20-way 1-shot episode on Lake's evaluation pool (the frozen columns'
-    episodes, same seed): a cosine head from the prototypes, then ``steps`` AdamW steps on every weight."""
+def finetuned(config, encoder, episodes: int, steps: int) -> tuple[dict, dict]:
+    """Full fine-tuning per 20-way 1-shot episode on Lake's evaluation pool (the first ``episodes`` of
+    the frozen columns' episodes, same seed): a cosine head from the prototypes, then ``steps`` AdamW
+    steps on every weight. Returns (fine-tuned row, frozen prototypes on the same episodes)."""
     from fewshot.adapt.runner import AdaptSettings, run_adaptation
     from fewshot.data.lake import load_lake_runs
     from fewshot.data.sources import resolve_data_path
@@ -80,16 +90,29 @@ def finetuned(config, encoder, episodes: int, steps: int) -> dict:
 
     pool = lake_pool(load_lake_runs(resolve_data_path(config.eval.lake_runs, ""), config.data.image_size))
     settings = AdaptSettings(steps=steps, lr=1e-4)  # 1e-3 on every weight of a 20-image task overshoots (bench/adapt.py smoke run)
-    return run_adaptation(encoder, pool.images, pool.labels, "full", {}, 20, 1, 1, episodes, settings, config.eval.seed)
+    tuned = run_adaptation(encoder, pool.images, pool.labels, "full", {}, 20, 1, 1, episodes, settings, config.eval.seed)
+    # Zero steps of the linear probe = the frozen encoder's nearest (cosine) prototype, on these episodes.
+    frozen = run_adaptation(encoder, pool.images, pool.labels, "linear-probe", {}, 20, 1, 1, episodes, AdaptSettings(steps=0), config.eval.seed)
+    return tuned, frozen
 
 
-def run_row(study: str, label: str, recipe: str, batch: int, overrides: list[str], epochs: int,
-            finetune_episodes: int = 0, finetune_steps: int = 20) -> dict:
+def code_version() -> str | None:
+    """The git commit of the checkout, plus a hash of uncommitted changes under src/, bench/ and
+    configs/; None without git (then no cached row is trusted)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        diff = subprocess.run(["git", "diff", "HEAD", "--", "src", "bench", "configs"], cwd=REPO, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + (f"+{hashlib.sha256(diff).hexdigest()[:12]}" if diff else "")
+
+
+def row_config(study: str, label: str, recipe: str, batch: int, overrides: list[str], epochs: int):
     base = load_config(find_recipe(recipe))
     batch = batch or base.train.batch_size  # 0 = the recipe's own batch
     steps = math.ceil(epochs * IMAGES / batch)
     slug = label.lower().replace(" ", "-").replace(",", "").replace("(", "").replace(")", "").replace("=", "")
-    config = load_config(
+    return load_config(
         find_recipe(recipe),
         [
             f"name={study}-{slug}", f"out=runs/{study}", f"train.batch_size={batch}", f"train.steps={steps}",
@@ -97,7 +120,21 @@ def run_row(study: str, label: str, recipe: str, batch: int, overrides: list[str
             *overrides,
         ],
     )
+
+
+def row_key(config, finetune_episodes: int, finetune_steps: int, version: str | None) -> str | None:
+    """What a cached row must match to be reused: the config (less where it is written), the
+    fine-tuning settings and the code version; None (never reused) without a code version."""
+    if version is None:
+        return None
+    settings = {k: v for k, v in config.model_dump(mode="json").items() if k not in ("name", "out")}
+    blob = json.dumps({"config": settings, "finetune": [finetune_episodes, finetune_steps], "code": version}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def run_row(config, label: str, recipe: str, epochs: int, finetune_episodes: int = 0, finetune_steps: int = 20) -> dict:
     result, report, wall = pretrain_and_score(config)
+    batch = config.train.batch_size
     proto = {(r["way"], r["shot"]): r for r in report.results if r["classifier"] == "proto-cosine"}
     logreg = {(r["way"], r["shot"]): r for r in report.results if r["classifier"] == "logreg"}
     extra = {}
@@ -107,9 +144,9 @@ def run_row(study: str, label: str, recipe: str, batch: int, overrides: list[str
         from fewshot import api
 
         _, method, _ = api.load_pretrained(result.checkpoint)
-        ft = finetuned(config, method.encoder, finetune_episodes, finetune_steps)
+        ft, frozen = finetuned(config, method.encoder, finetune_episodes, finetune_steps)
         extra.update(way20_ft=ft["accuracy"], way20_ft_ci=ft["ci95"], ft_episodes=ft["episodes"], ft_steps=ft["steps"],
-                     ft_seconds=round(ft["seconds_per_episode"], 2))
+                     ft_seconds=round(ft["seconds_per_episode"], 2), way20_ft_frozen=frozen["accuracy"], way20_ft_frozen_ci=frozen["ci95"])
     return {
         "label": label, "recipe": recipe, "batch": batch, "epochs": epochs, "steps": result.step,
         "train_minutes": round(result.train_seconds / 60, 2), "views_per_s": round(result.views_per_second),
@@ -121,15 +158,20 @@ def run_row(study: str, label: str, recipe: str, batch: int, overrides: list[str
 
 def table(rows: list[dict]) -> str:
     if any("way20_ft" in r for r in rows):
+        n = next(r["ft_episodes"] for r in rows if "way20_ft" in r)
         lines = [
-            "| run | epochs | steps | Lake's 20 runs | 20-way 1-shot, prototypes | 20-way 1-shot, logreg | 20-way 1-shot, fine-tuned |",
-            "|---|---|---|---|---|---|---|",
+            "| run | epochs | steps | Lake's 20 runs | 20-way 1-shot, prototypes | 20-way 1-shot, logreg "
+            f"| prototypes, the {n} fine-tuning episodes | fine-tuned, the same {n} episodes |",
+            "|---|---|---|---|---|---|---|---|",
         ]
+
+        def cell(r, key):
+            return f"{100 * r[key]:.1f} ± {100 * r[key + '_ci']:.1f}" if key in r else "–"
+
         for r in rows:
-            ft = f"{100 * r['way20_ft']:.1f} ± {100 * r['way20_ft_ci']:.1f}" if "way20_ft" in r else "–"
             lines.append(
-                f"| {r['label']} | {r['epochs']} | {r['steps']:,} | {100 * r['lake']:.1f} | {100 * r['way20']:.1f} ± {100 * r['way20_ci']:.1f} "
-                f"| {100 * r['way20_logreg']:.1f} ± {100 * r['way20_logreg_ci']:.1f} | {ft} |"
+                f"| {r['label']} | {r['epochs']} | {r['steps']:,} | {100 * r['lake']:.1f} | {cell(r, 'way20')} "
+                f"| {cell(r, 'way20_logreg')} | {cell(r, 'way20_ft_frozen')} | {cell(r, 'way20_ft')} |"
             )
         return "\n".join(lines)
     lines = [
@@ -186,20 +228,34 @@ def main() -> int:
         os.environ["FEWSHOT_DATA"] = args.data
     out = Path("runs") / args.study / "results.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {json.loads(line)["label"]: json.loads(line) for line in out.read_text().splitlines()} if out.exists() else {}
+    cached = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    done = {r["key"]: r for r in cached if r.get("key")}  # rows of older versions (no key) are never reused
+    version = code_version()
+    if version is None:
+        print("bench: no git checkout, so no cached row is reused", file=sys.stderr)
     rows = []
     for label, recipe, batch, overrides, epochs in runs_for(args.study, args.epochs):
-        if label not in done and (args.only is None or args.only in label):
-            try:
-                done[label] = run_row(args.study, label, recipe, batch, overrides, epochs, args.finetune, args.finetune_steps)
-            except FewshotError as exc:
-                print(f"bench: error in '{label}': {exc}", file=sys.stderr)
-                return 2
-            with out.open("a") as f:
-                f.write(json.dumps(done[label]) + "\n")
-            print(json.dumps(done[label]), file=sys.stderr)
-        if label in done:
-            rows.append(done[label])
+        if args.only is not None and args.only not in label:
+            continue
+        try:
+            config = row_config(args.study, label, recipe, batch, overrides, epochs)
+            key = row_key(config, args.finetune, args.finetune_steps, version)
+            if key is None or key not in done:
+                # a new config or code version gets its own run folder: never the folder of a stale row
+                config = config.model_copy(update={"name": f"{config.name}-{(key or os.urandom(8).hex())[:10]}"})
+                row = run_row(config, label, recipe, epochs, args.finetune, args.finetune_steps)
+                row.update(key=key, code_version=version)
+                with out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(json.dumps(row), file=sys.stderr)
+                if key is not None:
+                    done[key] = row
+            else:
+                row = done[key]
+        except FewshotError as exc:
+            print(f"bench: error in '{label}': {exc}", file=sys.stderr)
+            return 2
+        rows.append(row)
     print(table(rows))
     plot(args.study, rows, Path("docs/figures") / f"{args.study}.png")
     return 0

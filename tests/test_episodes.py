@@ -157,3 +157,33 @@ def test_every_class_and_every_example_gets_used():
     # Each class is in an episode with probability 5/10: Binomial(400, 0.5), sd 10.
     assert class_counts.min() > 150 and class_counts.max() < 250
     assert seen == set(range(labels.size))  # examples are drawn from the whole class
+
+
+# --- pinned: the same episodes on every machine -------------------------------------------------
+
+# Episodes 0 and 1 of EpisodeSampler(np.repeat(np.arange(10), 6), way=5, shot=1, query=2, seed=7), as
+# drawn with NumPy 2.4 (pyproject pins NumPy's major version: Generator streams may change across
+# majors). Image index i is class i // 6. A sampler change or a NumPy whose stream differs fails here.
+PINNED = {
+    0: {"classes": [4, 7, 5, 9, 8], "support": [28, 46, 35, 59, 50], "query": [25, 29, 43, 42, 31, 34, 56, 55, 51, 52]},
+    1: {"classes": [7, 6, 1, 2, 5], "support": [43, 40, 7, 15, 32], "query": [44, 45, 41, 37, 8, 10, 12, 17, 33, 34]},
+}
+
+
+@pytest.mark.parametrize("stream", ["numpy", "seed-words-swapped"])
+def test_pinned_episodes_are_drawn_on_every_machine(stream, monkeypatch):
+    """The second variant draws episode i from default_rng([i, seed]) instead of [seed, i] (a plausible
+    refactoring slip, and what any change of stream looks like): the pin must catch it."""
+    if stream != "numpy":
+        real = np.random.default_rng
+        monkeypatch.setattr(np.random, "default_rng", lambda seed=None: real(list(reversed(seed))))
+    labels = np.repeat(np.arange(10), 6)
+    sampler = EpisodeSampler(labels, way=5, shot=1, query=2, seed=7)
+    drawn = {
+        i: {"classes": (labels[e.support]).tolist(), "support": e.support.tolist(), "query": e.query.tolist()}
+        for i, e in enumerate(sampler.episodes(2))
+    }
+    if stream == "numpy":
+        assert drawn == PINNED
+    else:
+        assert drawn[0] != PINNED[0] and drawn[1] != PINNED[1]

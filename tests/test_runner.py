@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -247,3 +248,34 @@ def test_probe_errors():
     y_single[0] = 7  # class 7 has one example
     with pytest.raises(DataError, match="class 7 has 1 example"):
         linear_probe_fractions(X, y_single)
+
+
+# --- a real score, pinned ----------------------------------------------------------------------
+
+# Raw pixels on Lake et al.'s 20 runs (400 test items), measured with
+#   load_lake_runs("omniglot/all_runs.zip", size) + score_lake_runs(lambda x: x.flatten(1), runs, metric):
+# 105 px, euclidean 1-NN: 76/400 = 19.0%, the pixel baseline of Lake's original demo; 28 px (the
+# default size, area-resampled), cosine 1-NN: 87/400 = 21.75%.
+PINNED_LAKE_PIXELS = [(105, "euclidean", 76), (28, "cosine", 87)]
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("variant", ["as released", "train images in lexical order"])
+@pytest.mark.parametrize("size, metric, correct", PINNED_LAKE_PIXELS)
+def test_pixel_scores_on_lakes_runs_are_pinned(shared_data, size, metric, correct, variant):
+    """The second variant reads each run's training images in lexical order (class1, class10, class11, …)
+    instead of by number, so the answer key points at the wrong images: the pin must catch it."""
+    from fewshot.data.lake import load_lake_runs
+
+    path = shared_data / "omniglot" / "all_runs.zip"
+    if not path.exists():
+        pytest.skip(f"{path} is absent; set FEWSHOT_DATA to the folder holding omniglot/all_runs.zip")
+    runs = load_lake_runs(path, size)
+    if variant != "as released":
+        lexical = sorted(range(20), key=lambda i: f"class{i + 1:d}")
+        runs = [dataclasses.replace(r, train_images=r.train_images[lexical]) for r in runs]
+    result = score_lake_runs(lambda x: x.flatten(1), runs, metric)
+    if variant == "as released":
+        assert round(result["accuracy"] * 400) == correct and result["accuracy"] == correct / 400
+    else:
+        assert round(result["accuracy"] * 400) != correct
