@@ -1,0 +1,47 @@
+"""bench/pretrain_study.py reuses a cached row only for the same config, fine-tuning settings and code."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def study():
+    import sys
+
+    sys.path.insert(0, str(BENCH))  # pretrain_study imports its neighbour omniglot.py
+    try:
+        spec = importlib.util.spec_from_file_location("pretrain_study", BENCH / "pretrain_study.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+@pytest.mark.parametrize("variant", ["config+code", "label only (the old cache)"])
+def test_a_cached_row_is_reused_only_for_the_same_config_and_code(study, variant, monkeypatch):
+    """The old cache keyed rows by label alone, so a changed recipe or changed code reused a stale row:
+    the same assertions must fail for that variant."""
+    if variant != "config+code":
+        monkeypatch.setattr(study, "row_key", lambda config, episodes, steps, version: "SimCLR b256")
+    config = study.row_config("reconstruction", "SimCLR b256", "simclr-omniglot", 256, [], 20)
+    key = study.row_key(config, 100, 20, "commit-a")
+    changed = {
+        "config": study.row_key(study.row_config("reconstruction", "SimCLR b256", "simclr-omniglot", 256, ["method.temperature=0.5"], 20), 100, 20, "commit-a"),
+        "fine-tuning": study.row_key(config, 100, 21, "commit-a"),
+        "code": study.row_key(config, 100, 20, "commit-b"),
+    }
+    same_settings_elsewhere = study.row_key(config.model_copy(update={"name": "elsewhere", "out": "/tmp"}), 100, 20, "commit-a")
+    distinct = {what: other != key for what, other in changed.items()}
+    if variant == "config+code":
+        assert all(distinct.values()), distinct
+        assert same_settings_elsewhere == key  # where a run is written does not change its result
+        assert study.row_key(config, 100, 20, None) is None  # no code version: nothing is reused
+    else:
+        assert not any(distinct.values())
