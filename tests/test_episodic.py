@@ -135,7 +135,7 @@ def _batch(n=10):
 
 
 def test_protonet_is_prototypical_loss_on_views_of_each_image():
-    cfg = load_config(overrides=["method=protonet", "method.support_views=2", "method.query_views=2",
+    cfg = load_config(overrides=["method=protonet", "method.support_views=2", "method.support_is_original=false", "method.query_views=2",
                                  "method.proto_metric=cosine", "method.temperature=0.4", *TINY])
     method = build_method(cfg)
     x, y = _batch()

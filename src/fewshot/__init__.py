@@ -1,3 +1,7 @@
 """fewshot: unsupervised pre-training for few-shot learning."""
 
 __version__ = "0.1.0"
+
+# Registers the built-in methods' config classes, so any recipe validates wherever it is loaded
+# (timm's package imports its model registry the same way).
+import fewshot.methods  # noqa: E402,F401

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
 from fewshot.errors import ConfigError
 
@@ -54,6 +54,17 @@ class DataConfig(_Strict):
     heldout_fraction: float = Field(
         0.1, gt=0, lt=1, description="text: the last fraction of the corpus (from a blank line on) held out of tokenizer and model training"
     )
+    # Character normalisation (fewshot.data.normalize), applied alike to pre-training, evaluation and Lake's runs.
+    normalize: bool = Field(
+        False, description="moment-normalise each image: ink centre to the centre, each axis scaled to a fixed ink spread (characters)"
+    )
+    normalize_from: int = Field(105, ge=8, le=1024, description="normalize: images are read at this size first (Omniglot's own 105 px)")
+    normalize_spread: float = Field(
+        0.16, gt=0, lt=0.5, description="normalize: ink standard deviation per axis as a fraction of image_size (0.16 keeps all "
+        "ink of 99% of background-small1 drawings inside the frame)"
+    )
+    normalize_max_stretch: float = Field(2.0, ge=1, description="normalize: the aspect ratio changes by at most this factor (1 = keep it)")
+    normalize_blur: float = Field(1.0, ge=0, description="normalize: σ of a Gaussian blur in output pixels after normalising (0 = none)")
 
 
 class ViewsConfig(_Strict):
@@ -67,67 +78,54 @@ class EncoderConfig(_Strict):
 
 
 class MethodConfig(_Strict):
-    name: str = Field("simclr", description="pre-training method: simclr, triplet, npair, supcon, moco, byol, autoencoder, mae, protonet, r2d2, gpt, mlm, time-contrastive")
-    temperature: float = Field(0.5, gt=0, description="τ of NT-Xent / SupCon / protonet's cosine logits / time-contrastive (R3M: 1)")
-    positive_in_denominator: bool = Field(True, description="NT-Xent: keep the positive in the denominator (SimCLR) or not (DCL)")
-    gather_negatives: bool = Field(True, description="SimCLR under DDP: negatives from every process's views (global batch), else local")
-    margin: float = Field(1.0, ge=0, description="triplet margin ε")
-    batch_hard: bool = Field(True, description="triplet: mine the hardest positive and negative in the batch")
-    l2_reg: float = Field(0.0, ge=0, description="N-pair / time-contrastive: weight of the embedding-norm regulariser")
-    projection_hidden: int = Field(256, ge=1, description="hidden width of the projection MLP")
-    projection_dim: int = Field(128, ge=1, description="output width of the projection MLP (0 layers: see projection_layers)")
-    projection_layers: int = Field(2, ge=0, description="layers of the projection MLP; 0 = no projector")
-    projection_conv_blocks: int = Field(0, ge=0, description="conv blocks (conv4 only) before the projection MLP")
-    momentum: float = Field(
-        0.99, ge=0, lt=1, description="MoCo: EMA factor m of the key encoder, θ_k ← m·θ_k + (1−m)·θ_q (paper: 0.999 for ImageNet-length runs)"
-    )
-    momentum_base: float = Field(
-        0.996, ge=0, le=1, description="BYOL: target EMA factor at step 0; a cosine schedule takes it to 1 at the last step"
-    )
-    queue_size: int = Field(4096, ge=1, description="MoCo: keys K kept in the queue of negatives")
-    predictor_hidden: int = Field(256, ge=1, description="BYOL: hidden width of the predictor MLP (projector output → hidden → same width)")
-    positive_window: int = Field(2, ge=1, description="time-contrastive: the positive frame lies 1..W frames from the anchor")
-    negative_gap: int = Field(
-        4, ge=1, description="time-contrastive: the same-sequence negative lies ≥ this many frames from the anchor (and farther than the positive)"
-    )
-    # Episodic (protonet, r2d2): each image of a batch is a class; its support and query sets are views of it.
-    support_views: int = Field(1, ge=1, description="protonet/r2d2: support views S per image (ProtoCLR: 1)")
-    query_views: int = Field(3, ge=1, description="protonet/r2d2: query views Q per image (ProtoCLR: 3); S + Q views per image in all")
-    support_is_original: bool = Field(
-        False, description="protonet/r2d2: the un-augmented image is the support (ProtoCLR); needs support_views=1"
-    )
-    proto_metric: Literal["euclidean", "cosine"] = Field(
-        "euclidean", description="protonet: −‖q − c‖² (Snell et al. 2017, ProtoCLR) or cos(q, c)/temperature"
-    )
-    r2d2_lambda_init: float = Field(1.0, gt=0, description="r2d2: initial ridge penalty λ (learned, log-parametrised; paper: 1)")
-    r2d2_scale_init: float = Field(10.0, gt=0, description="r2d2: initial output scale α of the logits α·X_qW (learned, log-parametrised)")
-    # Reconstruction: autoencoder bottlenecks (dimension, information, sparsity, capacity) and MAE.
-    code_dim: int = Field(64, ge=1, description="autoencoder: size of the code r = Linear(encoder features), the dimension bottleneck")
-    code_noise: float = Field(0.0, ge=0, description="autoencoder: σ of Gaussian noise added to r while training (information bottleneck)")
-    input_noise: float = Field(0.0, ge=0, description="denoising autoencoder: σ of Gaussian noise added to x; the loss targets the clean x")
-    input_mask_ratio: float = Field(
-        0.0, ge=0, lt=1, description="denoising autoencoder: fraction of input patches set to 0 (Vincent et al. 2008's masking noise)"
-    )
-    input_mask_patch: int = Field(1, ge=1, description="denoising autoencoder: side of the square patches input_mask_ratio drops (1 = pixels)")
-    topk: int = Field(0, ge=0, description="k-sparse autoencoder: keep the k largest entries of r, zero the rest; 0 = off")
-    l1: float = Field(0.0, ge=0, description="sparse autoencoder: weight λ of the L1 penalty λ·mean_b Σ_j |r_bj|")
-    decoder: Literal["conv", "linear"] = Field(
-        "conv", description="autoencoder decoder: conv (mirror of the conv encoder) or linear (one layer: the capacity bottleneck)"
-    )
-    reconstruction: Literal["bce", "mse"] = Field("bce", description="autoencoder loss: bce (pixels in [0, 1], decoder gives logits) or mse")
-    mask_ratio: float = Field(0.75, ge=0, lt=1, description="MAE: fraction of patches removed before the encoder")
-    norm_pix_loss: bool = Field(False, description="MAE: target each patch's pixels standardised by its own mean and variance")
-    decoder_dim: int = Field(128, ge=4, description="MAE: decoder width (divisible by 4 and by decoder_heads)")
-    decoder_depth: int = Field(2, ge=1, description="MAE: decoder blocks (paper: 8 at ViT-L scale)")
-    decoder_heads: int = Field(4, ge=1, description="MAE: decoder attention heads")
-    # Language models (gpt, mlm) on data.source=text; sizes in encoder.options {dim, depth, heads, mlp_ratio}.
-    mlm_ratio: float = Field(0.15, gt=0, lt=1, description="mlm: fraction of tokens chosen for prediction (BERT: 0.15)")
-    mlm_replace: tuple[float, float, float] = Field(
-        (0.8, 0.1, 0.1), description="mlm: of the chosen, fractions → [MASK], random token, unchanged (BERT 80/10/10; [0.8,0.2,0] = 80/20)"
-    )
-    mlm_masking: Literal["bert", "span"] = Field(
-        "bert", description="mlm: bert (independent tokens, Devlin et al. 2019) or span (SpanBERT's geometric spans → [MASK], Joshi et al. 2020)"
-    )
+    """The part of a recipe every method shares: its name.
+
+    Each method file subclasses this with its own hyper-parameters, the paper's values as
+    defaults (``fewshot.methods.contrastive.SimCLRConfig`` …), and registers it with
+    :func:`register_method_config` (``fewshot.methods.register_method`` does this). The
+    ``method`` section of a recipe is validated against the class its ``name`` selects, so a key
+    another method owns is an error, not a silently ignored value.
+    """
+
+    name: str = Field("simclr", description="pre-training method (see `fewshot info` for the registered names)")
+
+
+_METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
+DEFAULT_METHOD = "simclr"
+
+
+def register_method_config(name: str, config_class: type[MethodConfig]) -> None:
+    """Make ``method.name=<name>`` validate against ``config_class``."""
+    if not (isinstance(config_class, type) and issubclass(config_class, MethodConfig)):
+        raise TypeError(f"method '{name}': its config class must subclass MethodConfig")
+    _METHOD_CONFIGS[name] = config_class
+
+
+def method_config_class(name: str) -> type[MethodConfig]:
+    if name not in _METHOD_CONFIGS:
+        raise ConfigError(f"unknown method '{name}'; known methods: {', '.join(sorted(_METHOD_CONFIGS))}")
+    return _METHOD_CONFIGS[name]
+
+
+def _method_section(tree: Any) -> MethodConfig:
+    """The ``method`` section as its own method's config class (``ConfigError`` naming ``method.KEY``)."""
+    if isinstance(tree, MethodConfig):
+        return tree
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config section 'method' must be a mapping or a method name, got {tree!r}")
+    name = tree.get("name", DEFAULT_METHOD)
+    if not isinstance(name, str):
+        raise ConfigError(f"bad config value for 'method.name': expected a method name (got {name!r})")
+    config_class = method_config_class(name)
+    try:
+        return config_class.model_validate(tree)
+    except ValidationError as err:
+        message = _format_error(err, "method")
+        if err.errors()[0]["type"] == "extra_forbidden":
+            message += f"; method '{name}' takes: {', '.join(k for k in config_class.model_fields if k != 'name') or 'no options'}"
+        raise ConfigError(message) from None
 
 
 class TrainConfig(_Strict):
@@ -166,6 +164,18 @@ class EvalConfig(_Strict):
     )
     probe_fractions: list[float] = Field([0.01, 0.1, 1.0], description="label fractions of the linear probe; [] to skip")
     batch_size: int = Field(512, ge=1, description="images per forward pass when embedding")
+    character_baselines: bool = Field(
+        False, description="with eval.lake_runs: also score normalised pixels, Lake's modified Hausdorff distance (MHD) and MHD "
+        "on normalised ink, each with its own preprocessing; 'pixels' is then always the raw pixels"
+    )
+    mhd_episodes: int = Field(
+        100, ge=1, description="episodes of the MHD rows: the first N of the same seeded episodes (exact MHD costs ~1 ms per pair)"
+    )
+    test_time: list[Literal["tta", "hub", "hungarian"]] = Field(
+        [], description="test-time options scored apart from the inductive rows on Lake's runs and episodes: tta (mean "
+        "embedding over views), hub (CSLS over the run's test items; transductive), hungarian (one-to-one; transductive)"
+    )
+    tta_views: int = Field(8, ge=1, description="tta: augmented views averaged with the image itself")
 
     @field_validator("probe_fractions")
     @classmethod
@@ -181,9 +191,15 @@ class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     views: ViewsConfig = Field(default_factory=ViewsConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
-    method: MethodConfig = Field(default_factory=MethodConfig)
+    # SerializeAsAny: dump the method's own fields, not only those of the MethodConfig base.
+    method: SerializeAsAny[MethodConfig] = Field(default_factory=lambda: _method_section({}))
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_by_name(cls, v: Any) -> MethodConfig:
+        return _method_section(v)
 
     @property
     def run_dir(self) -> Path:
@@ -194,9 +210,9 @@ class RunConfig(_Strict):
 _NAMED_SECTIONS = ("views", "encoder", "method")
 
 
-def _format_error(err: ValidationError) -> str:
+def _format_error(err: ValidationError, section: str | None = None) -> str:
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "config"
+    where = ".".join(str(p) for p in (section, *first["loc"]) if p is not None) or "config"
     if first["type"] == "extra_forbidden":
         return f"unknown config key '{where}'"
     got = first.get("input")
@@ -260,6 +276,8 @@ def load_config(
         _set_dotted(tree, *parse_override(text))
     for key, value in fields.items():
         _set_dotted(tree, key, value)
+    if "method" in tree:  # validated apart so an error names method.KEY
+        tree["method"] = _method_section(tree["method"])
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:
@@ -267,7 +285,16 @@ def load_config(
 
 
 def config_from_dict(tree: dict[str, Any]) -> RunConfig:
-    """Rebuild a config stored in a checkpoint."""
+    """Rebuild a config stored in a checkpoint.
+
+    Runs written before each method owned its config stored every method's fields; the ones the
+    stored method does not own never reached it, so they are dropped here rather than refused.
+    """
+    tree = copy.deepcopy(tree)
+    method = tree.get("method")
+    if isinstance(method, dict):
+        owned = method_config_class(method.get("name", DEFAULT_METHOD)).model_fields
+        tree["method"] = {k: v for k, v in method.items() if k in owned}
     return load_config(base=tree)
 
 

@@ -2,13 +2,14 @@
 
 A method is a :class:`~fewshot.methods.base.Method`: ``.encoder`` (what evaluation keeps) and
 ``forward(inputs, labels, generator) -> (loss, logs)``, the training step the one trainer
-calls; ``after_step(step, total_steps)`` is the hook for per-step extras (EMA, queues).
-Register a new one in ``METHODS`` below.
+calls; ``after_step(step, total_steps)`` is the hook for per-step extras (EMA, queues). Its
+``config_class`` is its recipe section, the paper's hyper-parameters as defaults. A new method
+is one class and one :func:`register_method` call.
 """
 
 from __future__ import annotations
 
-from fewshot.config import RunConfig
+from fewshot.config import RunConfig, register_method_config
 from fewshot.errors import ConfigError
 from fewshot.methods.autoencoder import Autoencoder
 from fewshot.methods.base import Method
@@ -19,8 +20,21 @@ from fewshot.methods.mae import MAE
 from fewshot.methods.momentum import MOMENTUM_METHODS
 from fewshot.methods.time_contrastive import TimeContrastive
 
-METHODS = {**CONTRASTIVE_METHODS, **MOMENTUM_METHODS, **EPISODIC_METHODS, "autoencoder": Autoencoder, "mae": MAE, **LANGUAGE_METHODS,
-           "time-contrastive": TimeContrastive}
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str, method_class: type[Method]) -> type[Method]:
+    """Make ``method.name=<name>`` build ``method_class``, its section validated by ``method_class.config_class``."""
+    if not (isinstance(method_class, type) and issubclass(method_class, Method)):
+        raise TypeError(f"method '{name}' must be a subclass of fewshot.methods.Method")
+    register_method_config(name, method_class.config_class)
+    METHODS[name] = method_class
+    return method_class
+
+
+for _name, _cls in {**CONTRASTIVE_METHODS, **MOMENTUM_METHODS, **EPISODIC_METHODS, "autoencoder": Autoencoder, "mae": MAE,
+                    **LANGUAGE_METHODS, "time-contrastive": TimeContrastive}.items():
+    register_method(_name, _cls)
 
 
 def method_names() -> list[str]:
@@ -35,4 +49,4 @@ def build_method(config: RunConfig) -> Method:
     return METHODS[name](config)
 
 
-__all__ = ["METHODS", "Method", "TwoViewMethod", "build_method", "method_names"]
+__all__ = ["METHODS", "Method", "TwoViewMethod", "build_method", "method_names", "register_method"]

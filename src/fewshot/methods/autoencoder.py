@@ -20,10 +20,13 @@ embeds images with the code r; the decoder is dropped after pre-training.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import nn
 
-from fewshot.config import RunConfig
+from fewshot.config import MethodConfig, RunConfig
 from fewshot.data.masking import random_mask
 from fewshot.data.views import make_views
 from fewshot.errors import ConfigError
@@ -65,6 +68,23 @@ def _conv_shape(backbone: nn.Module, image_size: int) -> tuple[int, int, int]:
     return 64, max(pools, 1), pools
 
 
+class AutoencoderConfig(MethodConfig):
+    # One field per bottleneck: dimension, information (noise), sparsity, capacity (a linear decoder).
+    code_dim: int = Field(64, ge=1, description="size of the code r = Linear(encoder features), the dimension bottleneck")
+    code_noise: float = Field(0.0, ge=0, description="σ of Gaussian noise added to r while training (information bottleneck)")
+    input_noise: float = Field(0.0, ge=0, description="denoising: σ of Gaussian noise added to x; the loss targets the clean x")
+    input_mask_ratio: float = Field(
+        0.0, ge=0, lt=1, description="denoising: fraction of input patches set to 0 (Vincent et al. 2008's masking noise)"
+    )
+    input_mask_patch: int = Field(1, ge=1, description="denoising: side of the square patches input_mask_ratio drops (1 = pixels)")
+    topk: int = Field(0, ge=0, description="k-sparse: keep the k largest entries of r, zero the rest; 0 = off")
+    l1: float = Field(0.0, ge=0, description="sparse: weight λ of the L1 penalty λ·mean_b Σ_j |r_bj|")
+    decoder: Literal["conv", "linear"] = Field(
+        "conv", description="conv (mirror of the conv encoder) or linear (one layer: the capacity bottleneck)"
+    )
+    reconstruction: Literal["bce", "mse"] = Field("bce", description="bce (pixels in [0, 1], decoder gives logits) or mse")
+
+
 class Autoencoder(Method):
     """Conv autoencoder: x → (corrupt) → encoder → r → (code noise) → decoder → x̂, with
 
@@ -74,6 +94,8 @@ class Autoencoder(Method):
     dropout); the input corruption is the denoising task itself, so it applies whenever the loss
     is computed. The input is one view of ``config.views`` (``none``: the image itself).
     """
+
+    config_class = AutoencoderConfig
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__()

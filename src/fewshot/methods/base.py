@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fewshot.config import MethodConfig
+
 
 class Method(nn.Module):
     """A pre-training method: ``.encoder`` (the product evaluation keeps) plus one training step.
@@ -17,6 +19,7 @@ class Method(nn.Module):
     so throughput is reported as views/s across methods.
     """
 
+    config_class: type[MethodConfig] = MethodConfig  # its recipe section, the paper's values as defaults
     needs_labels = False
     views_per_sample = 1
     encoder: nn.Module

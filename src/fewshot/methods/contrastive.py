@@ -12,13 +12,44 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fewshot.config import RunConfig
+from pydantic import Field
+
+from fewshot.config import MethodConfig, RunConfig
 from fewshot.data.views import make_views
 from fewshot.distributed import gather_others
 from fewshot.methods.base import Method
 from fewshot.models.encoders import create_encoder
 from fewshot.models.heads import conv_projection_head, projection_head
 from fewshot.objectives.contrastive import NPairLoss, NTXentLoss, SupConLoss, TripletLoss
+
+
+class ProjectionConfig(MethodConfig):
+    """The projection head g every view-based method puts between r and its loss (dropped after pre-training).
+    Sizes are this project's small-scale defaults, not a paper's (SimCLR: 2048 → 128 on ResNet-50)."""
+
+    projection_hidden: int = Field(256, ge=1, description="hidden width of the projection MLP")
+    projection_dim: int = Field(128, ge=1, description="output width of the projection MLP")
+    projection_layers: int = Field(2, ge=0, description="layers of the projection MLP; 0 = no projector")
+    projection_conv_blocks: int = Field(0, ge=0, description="conv blocks (conv4 only) before the projection MLP")
+
+
+class SimCLRConfig(ProjectionConfig):
+    temperature: float = Field(0.5, gt=0, description="τ of NT-Xent (Chen et al. 2020: 0.5 for CIFAR-10, 0.1 for ImageNet's large batches)")
+    positive_in_denominator: bool = Field(True, description="keep the positive in the denominator (SimCLR) or not (DCL)")
+    gather_negatives: bool = Field(True, description="under DDP: negatives from every process's views (global batch), else local")
+
+
+class TripletConfig(ProjectionConfig):
+    margin: float = Field(0.2, ge=0, description="margin ε on the unit sphere (FaceNet, Schroff et al. 2015: 0.2)")
+    batch_hard: bool = Field(True, description="mine the hardest positive and negative in the batch (Hermans et al. 2017)")
+
+
+class NPairConfig(ProjectionConfig):
+    l2_reg: float = Field(0.0, ge=0, description="weight of the embedding-norm regulariser (Sohn 2016 regularises the L2 norm)")
+
+
+class SupConConfig(ProjectionConfig):
+    temperature: float = Field(0.1, gt=0, description="τ of the SupCon loss (Khosla et al. 2020: 0.1)")
 
 
 def encoder_projector_views(config: RunConfig) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -36,6 +67,7 @@ def encoder_projector_views(config: RunConfig) -> tuple[nn.Module, nn.Module, nn
 class TwoViewMethod(Method):
     """Views → encoder → projector → objective. Subclasses set ``objective`` and may override ``loss``."""
 
+    config_class = ProjectionConfig
     views_per_sample = 2
 
     def __init__(self, config: RunConfig, objective: nn.Module) -> None:
@@ -68,6 +100,8 @@ class SimCLR(TwoViewMethod):
     sees only its own batch (the local loss).
     """
 
+    config_class = SimCLRConfig
+
     def __init__(self, config: RunConfig) -> None:
         m = config.method
         super().__init__(config, NTXentLoss(m.temperature, m.positive_in_denominator))
@@ -81,6 +115,8 @@ class SimCLR(TwoViewMethod):
 class Triplet(TwoViewMethod):
     """Triplet loss on views: the other view of the same image is the positive; the negative is
     the hardest other image in the batch (batch_hard) or the next image's view."""
+
+    config_class = TripletConfig
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config, TripletLoss(config.method.margin, config.method.batch_hard))
@@ -97,12 +133,16 @@ class Triplet(TwoViewMethod):
 class NPair(TwoViewMethod):
     """N-pair loss (Sohn 2016): each view's positive against the N−1 other images' positives."""
 
+    config_class = NPairConfig
+
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config, NPairLoss(config.method.l2_reg))
 
 
 class SupCon(TwoViewMethod):
     """Supervised contrastive (Khosla et al. 2020): every view of the same class is a positive."""
+
+    config_class = SupConConfig
 
     needs_labels = True
 

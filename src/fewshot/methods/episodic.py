@@ -17,17 +17,37 @@ Under DDP each process's batch is its own episode.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
+from pydantic import Field
 
 from fewshot.config import RunConfig
 from fewshot.data.views import IdentityViews
 from fewshot.errors import ConfigError
-from fewshot.methods.contrastive import TwoViewMethod
+from fewshot.methods.contrastive import ProjectionConfig, TwoViewMethod
 from fewshot.objectives.episodic import R2D2Head, prototypical_loss
 
 __all__ = ["EPISODIC_METHODS", "EpisodicMethod", "ProtoNet", "R2D2"]
+
+
+class EpisodicConfig(ProjectionConfig):
+    # Each image of a batch is a class; its support and query sets are views of it (ProtoCLR, Medina et al. 2020).
+    support_views: int = Field(1, ge=1, description="support views S per image (ProtoCLR: 1)")
+    query_views: int = Field(3, ge=1, description="query views Q per image (ProtoCLR: 3); S + Q views per image in all")
+    support_is_original: bool = Field(True, description="the un-augmented image is the support (ProtoCLR); needs support_views=1")
+
+
+class ProtoNetConfig(EpisodicConfig):
+    proto_metric: Literal["euclidean", "cosine"] = Field(
+        "euclidean", description="−‖q − c‖² (Snell et al. 2017, ProtoCLR) or cos(q, c)/temperature"
+    )
+    temperature: float = Field(0.5, gt=0, description="τ of the cosine logits (proto_metric=cosine only)")
+
+
+class R2D2Config(EpisodicConfig):
+    r2d2_lambda_init: float = Field(1.0, gt=0, description="initial ridge penalty λ (learned, log-parametrised; Bertinetto et al. 2019: 1)")
+    r2d2_scale_init: float = Field(10.0, gt=0, description="initial output scale α of the logits α·X_qW (learned, log-parametrised)")
 
 
 class EpisodicMethod(TwoViewMethod):
@@ -37,6 +57,8 @@ class EpisodicMethod(TwoViewMethod):
     as ProtoCLR) and view recipe, but makes S + Q views per image instead of two. Subclasses
     implement ``episode_loss(support (B, S, D), query (B, Q, D)) -> (loss, accuracy)``.
     """
+
+    config_class = EpisodicConfig
 
     def __init__(self, config: RunConfig, objective: torch.nn.Module | None = None) -> None:
         super().__init__(config, objective)
@@ -80,6 +102,8 @@ class ProtoNet(EpisodicMethod):
     """ProtoCLR / prototypical networks on unlabeled episodes: queries against the mean of their
     image's support views, squared euclidean (Snell et al. 2017) or cosine / τ."""
 
+    config_class = ProtoNetConfig
+
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config)
         self.metric, self.temperature = config.method.proto_metric, config.method.temperature
@@ -92,6 +116,8 @@ class R2D2(EpisodicMethod):
     """R2-D2 (Bertinetto et al. 2019) on unlabeled episodes: one-hot ridge regression on the support
     views in closed form, W = Xᵀ(XXᵀ + λI)⁻¹Y, queries scored α·X_qW; λ and α learned
     (the paper's scalar β cancels in the softmax; see :class:`R2D2Head`)."""
+
+    config_class = R2D2Config
 
     def __init__(self, config: RunConfig) -> None:
         m = config.method

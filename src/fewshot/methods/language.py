@@ -9,11 +9,12 @@ them with :mod:`fewshot.data.masking`, and score cross-entropy on the targeted p
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
+from pydantic import Field
 
-from fewshot.config import RunConfig
+from fewshot.config import MethodConfig, RunConfig
 from fewshot.data.masking import bert_mask, causal_targets, span_mask
 from fewshot.data.tokenizer import BOS_ID, CLS_ID, MASK_ID, SPECIAL_TOKENS
 from fewshot.errors import ConfigError
@@ -40,6 +41,16 @@ def build_language_model(config: RunConfig, cls: type[TextTransformer]) -> TextT
         raise ConfigError(f"encoder '{TEXT_ENCODER}' options {options}: {exc}") from None
 
 
+class MLMConfig(MethodConfig):
+    mlm_ratio: float = Field(0.15, gt=0, lt=1, description="fraction of tokens chosen for prediction (BERT: 0.15)")
+    mlm_replace: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="of the chosen, fractions → [MASK], random token, unchanged (BERT 80/10/10; [0.8,0.2,0] = 80/20)"
+    )
+    mlm_masking: Literal["bert", "span"] = Field(
+        "bert", description="bert (independent tokens, Devlin et al. 2019) or span (SpanBERT's geometric spans → [MASK], Joshi et al. 2020)"
+    )
+
+
 class CausalLM(Method):
     """GPT (Radford et al. 2018): maximise Σ_t log p(x_t | x_<t). The window gets [BOS] first, so
     inputs [BOS], x_1..x_{L−1} predict x_1..x_L (``causal_targets``) under causal attention."""
@@ -59,6 +70,8 @@ class MaskedLanguageModel(Method):
     """BERT's masked LM (Devlin et al. 2019): [CLS] + window; ``mlm_ratio`` of the non-special tokens
     chosen, of those ``mlm_replace`` = (→ [MASK], → random token, unchanged); predict the originals
     at the chosen positions only. ``mlm_masking=span`` masks SpanBERT spans instead (Joshi et al. 2020)."""
+
+    config_class = MLMConfig
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__()

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from fewshot.config import RunConfig
+from pydantic import Field
+
+from fewshot.config import MethodConfig, RunConfig
 from fewshot.data.masking import mae_shuffle, patchify
 from fewshot.data.views import make_views
 from fewshot.errors import ConfigError
@@ -30,8 +32,18 @@ from fewshot.objectives.reconstruction import masked_patch_loss, norm_pix_target
 __all__ = ["MAE"]
 
 
+class MAEConfig(MethodConfig):
+    mask_ratio: float = Field(0.75, ge=0, lt=1, description="fraction of patches removed before the encoder (He et al. 2022: 0.75)")
+    norm_pix_loss: bool = Field(True, description="target each patch's pixels standardised by its own mean and variance (He et al. 2022, Table 1d)")
+    decoder_dim: int = Field(128, ge=4, description="decoder width (divisible by 4 and by decoder_heads; paper: 512 at ViT-L scale)")
+    decoder_depth: int = Field(2, ge=1, description="decoder blocks (paper: 8 at ViT-L scale)")
+    decoder_heads: int = Field(4, ge=1, description="decoder attention heads")
+
+
 class MAE(Method):
     """ViT encoder on the visible patches → MAE decoder → pixels; loss on the removed patches."""
+
+    config_class = MAEConfig
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__()

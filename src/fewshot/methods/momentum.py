@@ -22,11 +22,12 @@ import math
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from fewshot.config import RunConfig
 from fewshot.distributed import gather_all
-from fewshot.methods.contrastive import TwoViewMethod
+from fewshot.methods.contrastive import ProjectionConfig, TwoViewMethod
 from fewshot.models.heads import projection_head
 from fewshot.objectives.contrastive import BYOLLoss, InfoNCELoss
 
@@ -70,6 +71,19 @@ def byol_momentum(step: int, total_steps: int, base: float = 0.996) -> float:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     progress = min(max(step / total_steps, 0.0), 1.0)
     return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
+
+
+class MoCoConfig(ProjectionConfig):
+    temperature: float = Field(0.2, gt=0, description="τ of InfoNCE (MoCo v2: 0.2)")
+    momentum: float = Field(0.999, ge=0, lt=1, description="EMA factor m of the key encoder, θ_k ← m·θ_k + (1−m)·θ_q (MoCo: 0.999)")
+    queue_size: int = Field(65536, ge=1, description="keys K kept in the queue of negatives (MoCo: 65,536 for ImageNet)")
+
+
+class BYOLConfig(ProjectionConfig):
+    momentum_base: float = Field(
+        0.996, ge=0, le=1, description="target EMA factor τ_base at step 0; a cosine schedule takes it to 1 at the last step (BYOL: 0.996)"
+    )
+    predictor_hidden: int = Field(256, ge=1, description="hidden width of the predictor MLP (BYOL: 4096 at ImageNet scale)")
 
 
 class MomentumMethod(TwoViewMethod):
@@ -123,11 +137,11 @@ class MoCo(MomentumMethod):
 
     then both views' keys (from every DDP rank) replace the oldest keys in the queue.
 
-    Departures from the paper, all for short runs on small data: m defaults to 0.99 (the paper's
-    0.999 is for 200–800 ImageNet epochs; with a few thousand steps the key encoder would lag a
-    third of the run); the projector is the shared :func:`projection_head`, which has BatchNorm
+    Departures from the paper: the projector is the shared :func:`projection_head`, which has BatchNorm
     in its hidden layer; and BatchNorm is not shuffled across GPUs (MoCo's "shuffling BN").
     """
+
+    config_class = MoCoConfig
 
     def __init__(self, config: RunConfig) -> None:
         m = config.method
@@ -178,6 +192,8 @@ class BYOL(MomentumMethod):
     collapsing to a constant without negatives. After each step the target moves with
     τ = :func:`byol_momentum` (from ``momentum_base`` to 1 over the run).
     """
+
+    config_class = BYOLConfig
 
     def __init__(self, config: RunConfig) -> None:
         m = config.method

@@ -11,11 +11,12 @@ negative squared L2 distance, the loss InfoNCE (:func:`~fewshot.objectives.contr
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from fewshot.config import RunConfig
 from fewshot.errors import ConfigError
 from fewshot.methods.base import Method
-from fewshot.methods.contrastive import encoder_projector_views
+from fewshot.methods.contrastive import ProjectionConfig, encoder_projector_views
 from fewshot.objectives.contrastive import time_contrastive_loss
 
 __all__ = ["TimeContrastive", "sample_frame_triplets"]
@@ -58,6 +59,13 @@ def sample_frame_triplets(
     )
 
 
+class TimeContrastiveConfig(ProjectionConfig):
+    positive_window: int = Field(2, ge=1, description="the positive frame lies 1..W frames from the anchor")
+    negative_gap: int = Field(4, ge=1, description="the same-sequence negative lies ≥ this many frames from the anchor (and farther than the positive)")
+    temperature: float = Field(1.0, gt=0, description="τ of the TCN InfoNCE (R3M, Nair et al. 2022: 1, the raw negative distance)")
+    l2_reg: float = Field(0.0, ge=0, description="weight of the embedding-norm regulariser")
+
+
 class TimeContrastive(Method):
     """R3M-style time-contrastive learning: frames → (views) → encoder → projector → TCN InfoNCE.
 
@@ -70,6 +78,8 @@ class TimeContrastive(Method):
     negative and the other sequences' anchors, τ = ``method.temperature`` and
     λ = ``method.l2_reg``.
     """
+
+    config_class = TimeContrastiveConfig
 
     views_per_sample = 3
 
