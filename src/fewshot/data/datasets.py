@@ -8,6 +8,8 @@ import torch
 from tokenizers import Tokenizer
 
 from fewshot.config import DataConfig
+from fewshot.data.lake import LakeRun, load_lake_runs
+from fewshot.data.normalize import normalize_characters
 from fewshot.data.sequences import SequenceSet, load_sequence_folder, moving_shapes
 from fewshot.data.sources import load_digits, load_image_folder, load_omniglot, load_unlabeled_folder, resolve_data_path
 from fewshot.data.splits import split_classes
@@ -30,21 +32,46 @@ def load_sequence_source(data: DataConfig) -> SequenceSet:
     return load_sequence_folder(resolve_data_path(data.path, ""), data.image_size, data.channels, data.invert, data.frames)
 
 
+def read_size(data: DataConfig) -> int:
+    """The size images are decoded at: ``data.normalize_from`` when they are normalised afterwards, else ``data.image_size``."""
+    return data.normalize_from if data.normalize else data.image_size
+
+
+def preprocess(images: torch.Tensor, data: DataConfig) -> torch.Tensor:
+    """The run's preprocessing after decoding at :func:`read_size`: character normalisation to
+    ``data.image_size`` when ``data.normalize`` (see :mod:`fewshot.data.normalize`), else nothing."""
+    if not data.normalize:
+        return images
+    return normalize_characters(images, data.image_size, data.normalize_spread, data.normalize_max_stretch, data.normalize_blur)
+
+
+def _preprocessed(images: ImageSet, data: DataConfig) -> ImageSet:
+    return ImageSet(preprocess(images.images, data), images.labels, images.classes, images.groups)
+
+
 def load_source(data: DataConfig) -> ImageSet:
     """The labeled source named by ``data.source``, at ``data.image_size`` (sequence sources: every frame)."""
     if data.source in SEQUENCE_SOURCES:
         return load_sequence_source(data).as_images()
-    if data.source == "digits":
-        return load_digits(data.image_size)
-    if data.source == "omniglot":
-        return load_omniglot(resolve_data_path(data.path, OMNIGLOT_DEFAULT), data.image_size)
     if data.source == "text":
         raise DataError("data.source=text is a text corpus, not images: it is read by fewshot.data.text")
+    size = read_size(data)
+    if data.source == "digits":
+        return _preprocessed(load_digits(size), data)
+    if data.source == "omniglot":
+        return _preprocessed(load_omniglot(resolve_data_path(data.path, OMNIGLOT_DEFAULT), size), data)
     if data.path is None:
         raise DataError(f"data.source={data.source} needs data.path (the image folder)")
     if data.source == "unlabeled":
-        return load_unlabeled_folder(resolve_data_path(data.path, ""), data.image_size, data.channels, data.invert)
-    return load_image_folder(resolve_data_path(data.path, ""), data.image_size, data.channels, data.invert)
+        return _preprocessed(load_unlabeled_folder(resolve_data_path(data.path, ""), size, data.channels, data.invert), data)
+    return _preprocessed(load_image_folder(resolve_data_path(data.path, ""), size, data.channels, data.invert), data)
+
+
+def load_lake_runs_for(path: str, data: DataConfig) -> list[LakeRun]:
+    """Lake's runs (``path``: all_runs.zip or its folder) with the run's own preprocessing, so a
+    checkpoint trained on normalised characters is scored on normalised characters."""
+    runs = load_lake_runs(resolve_data_path(path, ""), read_size(data))
+    return [LakeRun(r.name, preprocess(r.train_images, data), preprocess(r.test_images, data), r.answers) for r in runs]
 
 
 @dataclass
@@ -61,7 +88,7 @@ def _merge(a: ImageSet, b: ImageSet) -> ImageSet:
 
 def load_eval_folder(path: str, data: DataConfig) -> ImageSet:
     """A labeled class-per-folder evaluation set, preprocessed like the pre-training data."""
-    return load_image_folder(resolve_data_path(path, ""), data.image_size, data.channels, data.invert)
+    return _preprocessed(load_image_folder(resolve_data_path(path, ""), read_size(data), data.channels, data.invert), data)
 
 
 def load_run_data(data: DataConfig, eval_path: str | None = None, tokenizer: Tokenizer | None = None) -> RunData:
@@ -85,8 +112,8 @@ def load_run_data(data: DataConfig, eval_path: str | None = None, tokenizer: Tok
         train_classes, eval_classes = split_classes(len(source.classes), holdout, data.split_seed)
         train, evaluation = source.select_classes(train_classes), source.select_classes(eval_classes)
     if data.unlabeled_path is not None:
-        extra = load_unlabeled_folder(resolve_data_path(data.unlabeled_path, ""), data.image_size, data.channels, data.invert)
-        train = _merge(train.unlabeled(), extra)
+        extra = load_unlabeled_folder(resolve_data_path(data.unlabeled_path, ""), read_size(data), data.channels, data.invert)
+        train = _merge(train.unlabeled(), _preprocessed(extra, data))
     if eval_path is not None:
         evaluation = load_eval_folder(eval_path, data)
     return RunData(train, evaluation)
@@ -98,6 +125,8 @@ def _sequence_run_data(data: DataConfig, eval_path: str | None) -> RunData:
     middle frame, so no two evaluation images are near-copies from one sequence."""
     if data.unlabeled_path is not None:
         raise DataError(f"data.unlabeled_path adds still images; it cannot join sequence data (data.source={data.source})")
+    if data.normalize:
+        raise DataError(f"data.normalize applies to image sources, not to sequences (data.source={data.source}); set data.normalize=false")
     source = load_sequence_source(data)
     evaluation: ImageSet | None = None
     if data.pretrain_on_all or not source.labeled or eval_path is not None:
