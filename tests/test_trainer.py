@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fewshot import api
-from fewshot.errors import CheckpointError, TrainingDiverged
+from fewshot.errors import CheckpointError, ConfigError, TrainingDiverged
 from fewshot.train import trainer
 from fewshot.train.checkpoint import load_checkpoint
 from conftest import pretrain_interrupted, restart_from_scratch, resume_problems
@@ -171,6 +171,36 @@ def test_batch_order_covers_each_epoch_once_per_rank():
     seen = torch.cat([o.indices(s) for s in range(orders[0].per_epoch) for o in orders])
     assert len(seen) == 16 and len(set(seen.tolist())) == 16  # disjoint across ranks and steps
     assert torch.equal(trainer.BatchOrder(20, 4, seed=3).indices(5), trainer.BatchOrder(20, 4, seed=3).indices(5))
+
+
+def test_sync_batchnorm_under_ddp_on_gpus_only():
+    """Auto (None) syncs under DDP on GPUs; on CPU torch has no SyncBatchNorm (tests/test_distributed.py
+    shows its error), so auto stays per-process there and an explicit true is a one-line error."""
+    train = api.load_config().train
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert [trainer.use_sync_batchnorm(train, w, d) for w, d in [(1, cpu), (1, gpu), (2, cpu), (2, gpu)]] == [False, False, False, True]
+    assert not trainer.use_sync_batchnorm(train.model_copy(update={"sync_batchnorm": False}), 2, gpu)
+    with pytest.raises(ConfigError, match="train.sync_batchnorm=true needs GPUs"):
+        trainer.use_sync_batchnorm(train.model_copy(update={"sync_batchnorm": True}), 2, cpu)
+
+
+def test_sync_batchnorm_conversion_keeps_plain_checkpoints(tmp_path, monkeypatch):
+    """Where it applies, the trainer converts every BatchNorm and its checkpoint still loads into plain
+    BatchNorm (on one process SyncBatchNorm falls back to BatchNorm, so CPU can run it)."""
+    converted = []
+    real = torch.nn.SyncBatchNorm.convert_sync_batchnorm
+
+    def spy(module, process_group=None):
+        out = real(module, process_group)
+        converted.append(sum(isinstance(m, torch.nn.SyncBatchNorm) for m in out.modules()))
+        return out
+
+    monkeypatch.setattr(trainer, "use_sync_batchnorm", lambda train, world_size, device: True)
+    monkeypatch.setattr(torch.nn.SyncBatchNorm, "convert_sync_batchnorm", spy)
+    api.pretrain(_config(tmp_path, "sync", "train.steps=2"), progress=False)
+    assert converted and converted[-1] >= 5  # the outermost call (it recurses): 4 in Conv-4, 1 in the projector
+    _, method, ckpt = api.load_pretrained(tmp_path / "sync")
+    assert ckpt.step == 2 and not any(isinstance(m, torch.nn.SyncBatchNorm) for m in method.modules())
 
 
 def test_ddp_on_two_cpu_processes(tmp_path):

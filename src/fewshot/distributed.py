@@ -3,9 +3,18 @@
 Under DDP each process holds a slice of the global batch. Gathering the other slices' embeddings
 *with* their gradient (``torch.distributed.nn.functional.all_gather``: its backward sums each
 slice's gradient from every process) and using them as extra negatives gives every local anchor the
-denominator it would have on one device with the whole batch. Since DDP then averages parameter
-gradients over the W processes, the update equals the single-device update on the concatenated
-batch (tests/test_distributed.py checks loss and gradients on 2 gloo processes).
+denominator it would have on one device with the whole batch: the loss and its gradients with
+respect to the embeddings equal one device's on the concatenated batch.
+
+What that makes of the whole update (DDP averages the parameter gradients over the W processes):
+it equals one device's on the concatenated batch *of the same views* where nothing else mixes the
+samples of a batch, i.e. without BatchNorm, or with BatchNorm made global by SyncBatchNorm
+(``train.sync_batchnorm``, on by default under DDP on GPUs). torch has no CPU SyncBatchNorm: on CPU
+each process normalises its own slice, and the update differs. Each process draws its own views
+(seed + 7919·rank), so a DDP run never sees the views one device would draw. tests/test_distributed.py
+checks all of this on 2 gloo processes (loss and embedding gradients; parameter gradients on fixed
+views, equal for a ViT, not for Conv-4 with per-process BatchNorm; MoCo's queue), except
+SyncBatchNorm's synchronisation, which needs GPUs.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ class CheckpointError(FewshotError):
 
 
 class TrainingDiverged(FewshotError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss, a gradient or a parameter became NaN or infinite; the last good checkpoint is kept."""
 
 
 class EncoderMismatch(ConfigError):
