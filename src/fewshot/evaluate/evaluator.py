@@ -11,12 +11,14 @@ import torch
 from torch import nn
 
 from fewshot.config import RunConfig
+from fewshot.data.datasets import preprocess, read_size
 from fewshot.data.lake import LakeRun, load_lake_runs
 from fewshot.data.sources import resolve_data_path
 from fewshot.data.types import ImageSet
 from fewshot.errors import DataError
 from fewshot.evaluate.probe import linear_probe_fractions
-from fewshot.evaluate.runner import run_episodes, score_lake_runs
+from fewshot.evaluate.hausdorff import mhd_matrix, point_sets
+from fewshot.evaluate.runner import run_distance_episodes, run_episodes, score_lake_runs, score_lake_runs_by_distance
 from fewshot.methods import build_method
 
 Embed = Callable[[torch.Tensor], torch.Tensor]
@@ -82,41 +84,108 @@ def lake_pool(runs: list[LakeRun]) -> ImageSet:
     return ImageSet(torch.stack(images), torch.tensor(labels), classes)
 
 
+@dataclass
+class Scorer:
+    """How one row sees the evaluation images when it is more than an embedding of the run's images.
+
+    Either ``embed`` (features → the configured classifiers) or ``prepare`` + ``distance`` (items
+    such as ink point sets, and a matrix of distances between two lists of them → nearest
+    neighbour, named ``classifier``); ``pool`` and ``runs`` replace the run's own evaluation
+    images (a baseline with its own preprocessing), ``None`` keeps them.
+    """
+
+    embed: Embed | None = None
+    prepare: Callable[[torch.Tensor], list] | None = None
+    distance: Callable[..., torch.Tensor] | None = None
+    classifier: str = "nn-distance"
+    pool: ImageSet | None = None
+    runs: list[LakeRun] | None = None
+
+
 def evaluate_encoders(
-    encoders: dict[str, Embed],
+    encoders: dict[str, Embed | Scorer],
     config: RunConfig,
     eval_set: ImageSet | None,
     lake_runs_path: str | Path | None = None,
     log: Callable[[str], None] = lambda _: None,
+    runs: list[LakeRun] | None = None,
 ) -> EvalReport:
-    """Score every encoder (name → embed function) on the same seeded episodes, Lake's runs and probe.
+    """Score every encoder (name → embed function or :class:`Scorer`) on the same seeded episodes,
+    Lake's runs and probe.
 
     Without an evaluation split (``data.pretrain_on_all``), the episodes are drawn from Lake's runs.
     """
     ev = config.eval
     report = EvalReport(run_dir=str(config.run_dir))
-    runs = load_lake_runs(resolve_data_path(str(lake_runs_path), LAKE_DEFAULT), config.data.image_size) if lake_runs_path else None
+    if runs is None and lake_runs_path:
+        runs = load_lake_runs(resolve_data_path(str(lake_runs_path), LAKE_DEFAULT), read_size(config.data))
+        runs = [LakeRun(r.name, preprocess(r.train_images, config.data), preprocess(r.test_images, config.data), r.answers) for r in runs]
     if eval_set is None and runs is not None:
         eval_set = lake_pool(runs)
     if eval_set is None:
         raise DataError("nothing to evaluate on: the data has no held-out classes; set eval.data_path (a class-per-folder folder) or eval.lake_runs")
-    for name, embed in encoders.items():
-        if eval_set is not None:
-            log(f"embedding {len(eval_set)} evaluation images with '{name}'")
-            features = embed(eval_set.images)
+    for name, scorer in encoders.items():
+        if not isinstance(scorer, Scorer):
+            scorer = Scorer(embed=scorer)
+        pool = scorer.pool if scorer.pool is not None else eval_set
+        these_runs = scorer.runs if scorer.runs is not None else runs
+        log(f"scoring {len(pool)} evaluation images with '{name}'")
+        if scorer.embed is not None:
+            features = scorer.embed(pool.images)
             for way in ev.ways:
                 for shot in ev.shots:
-                    rows = run_episodes(
-                        features, eval_set.labels, way, shot, ev.queries, ev.episodes, tuple(ev.classifiers), ev.seed
-                    )
+                    rows = run_episodes(features, pool.labels, way, shot, ev.queries, ev.episodes, tuple(ev.classifiers), ev.seed)
                     report.results += [{"encoder": name, **row} for row in rows]
             if ev.probe_fractions:
-                rows = linear_probe_fractions(features, eval_set.labels, tuple(ev.probe_fractions), seed=ev.seed)
+                rows = linear_probe_fractions(features, pool.labels, tuple(ev.probe_fractions), seed=ev.seed)
                 report.probe += [{"encoder": name, **row} for row in rows]
-        if runs is not None:
-            log(f"scoring Lake's {len(runs)} runs with '{name}'")
-            report.lake_runs[name] = score_lake_runs(embed, runs)
+        else:
+            items = scorer.prepare(pool.images)
+
+            def pair_distance(pairs, items=items, scorer=scorer):
+                d = scorer.distance(items, items, torch.as_tensor(pairs))
+                return d[pairs[:, 0], pairs[:, 1]].numpy()
+
+            for way in ev.ways:
+                for shot in ev.shots:
+                    row = run_distance_episodes(pair_distance, pool.labels, way, shot, ev.queries, ev.mhd_episodes, ev.seed, scorer.classifier)
+                    report.results.append({"encoder": name, **row})
+        if these_runs is not None:
+            log(f"scoring Lake's {len(these_runs)} runs with '{name}'")
+            if scorer.embed is not None:
+                report.lake_runs[name] = score_lake_runs(scorer.embed, these_runs)
+            else:
+                report.lake_runs[name] = score_lake_runs_by_distance(
+                    lambda test, train, s=scorer: s.distance(s.prepare(test), s.prepare(train)), these_runs, scorer.classifier
+                )
     return report
+
+
+def character_baselines(config: RunConfig, lake_runs_path: str | Path, pooled: bool) -> dict[str, Scorer]:
+    """The training-free rows a user would try on characters, each with its own preprocessing of
+    Lake's runs (and of Lake's pool for episodes when ``pooled``): raw pixels at image_size,
+    moment-normalised pixels (the run's normalisation settings), Lake's MHD on the centred ink of
+    the images at ``data.normalize_from`` px, and MHD on the normalised ink coordinates."""
+    path = resolve_data_path(str(lake_runs_path), LAKE_DEFAULT)
+    data = config.data
+    norm_cfg = data.model_copy(update={"normalize": True})
+    raw = load_lake_runs(path, data.image_size)
+    native = load_lake_runs(path, data.normalize_from)
+    norm = [LakeRun(r.name, preprocess(r.train_images, norm_cfg), preprocess(r.test_images, norm_cfg), r.answers) for r in native]
+    spread_px = data.normalize_spread * data.normalize_from
+
+    def pool(r):
+        return lake_pool(r) if pooled else None
+
+    return {
+        "pixels": Scorer(embed=pixels, pool=pool(raw), runs=raw),
+        "pixels-normalized": Scorer(embed=pixels, pool=pool(norm), runs=norm),
+        "mhd": Scorer(prepare=point_sets, distance=mhd_matrix, classifier="nn-mhd", pool=pool(native), runs=native),
+        "mhd-normalized": Scorer(
+            prepare=lambda x: point_sets(x, True, spread_px, data.normalize_max_stretch),
+            distance=mhd_matrix, classifier="nn-mhd", pool=pool(native), runs=native,
+        ),
+    }
 
 
 def evaluate(
@@ -126,12 +195,15 @@ def evaluate(
     lake_runs_path: str | Path | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> EvalReport:
-    """Evaluate a (pre-trained) encoder and, if ``config.eval.baselines``, pixels and the random encoder."""
+    """Evaluate a (pre-trained) encoder and, if ``config.eval.baselines``, pixels and the random encoder
+    (with ``eval.character_baselines`` and Lake's runs also normalised pixels, MHD and normalised MHD)."""
     bs = config.eval.batch_size
-    encoders: dict[str, Embed] = {}
+    encoders: dict[str, Embed | Scorer] = {}
     if config.eval.baselines:
         rand = random_encoder(config)
         encoders["pixels"] = pixels
+        if config.eval.character_baselines and lake_runs_path:
+            encoders.update(character_baselines(config, lake_runs_path, pooled=eval_set is None))
         encoders["random"] = lambda x: embed_images(rand, x, bs)
     if encoder is not None:
         encoders["pretrained"] = lambda x: embed_images(encoder, x, bs)
