@@ -82,7 +82,7 @@ NETWORKS = {
     # normalises its own slice: the negative control the equality check must reject.
     "conv4-batchnorm": ["encoder.options={width: 8}"],
 }
-MOCO = [*TINY, "method=moco", "method.queue_size=24", "method.momentum=0.9"]  # 16 keys a step: the 2nd step wraps
+MOCO = ["method=moco", *TINY, "method.queue_size=24", "method.momentum=0.9"]  # 16 keys a step: the 2nd step wraps
 
 
 def _views(seed: int, n: int = WORLD * IMAGES) -> tuple[torch.Tensor, torch.Tensor]:

@@ -156,6 +156,14 @@ def test_non_finite_tensors_never_reach_a_checkpoint(tmp_path, monkeypatch, clea
         assert error is None and kept.step == 6 and non_finite, "the unchecked trainer should have written them"
 
 
+def test_first_non_finite_names_the_tensor_and_is_not_fooled_by_overflow():
+    huge = torch.tensor([1e30, 1e30])  # finite, but its norm overflows float32: the fast path's false alarm
+    named = [("a", torch.ones(2)), ("b", huge), ("i", torch.tensor([2**62])), ("none", None)]
+    assert trainer.first_non_finite(named) is None
+    assert trainer.first_non_finite([*named, ("c", torch.tensor([0.0, float("inf")])), ("d", torch.tensor([float("nan")]))]) == "c"
+    assert trainer.first_non_finite([*named, ("d", torch.tensor([float("nan")], dtype=torch.float64))]) == "d"
+
+
 def test_learning_rate_schedule():
     cfg = api.load_config(overrides=["train.steps=100", "train.warmup_steps=10", "train.lr=1.0", "train.min_lr_ratio=0.1"])
     lrs = [trainer.learning_rate(s, cfg.train) for s in range(100)]
