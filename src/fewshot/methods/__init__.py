@@ -18,6 +18,7 @@ from fewshot.methods.episodic import EPISODIC_METHODS
 from fewshot.methods.language import LANGUAGE_METHODS
 from fewshot.methods.mae import MAE
 from fewshot.methods.momentum import MOMENTUM_METHODS
+from fewshot.methods.neighbors import NNCLR
 from fewshot.methods.time_contrastive import TimeContrastive
 
 METHODS: dict[str, type[Method]] = {}
@@ -33,7 +34,7 @@ def register_method(name: str, method_class: type[Method]) -> type[Method]:
 
 
 for _name, _cls in {**CONTRASTIVE_METHODS, **MOMENTUM_METHODS, **EPISODIC_METHODS, "autoencoder": Autoencoder, "mae": MAE,
-                    **LANGUAGE_METHODS, "time-contrastive": TimeContrastive}.items():
+                    **LANGUAGE_METHODS, "time-contrastive": TimeContrastive, "nnclr": NNCLR}.items():
     register_method(_name, _cls)
 
 
