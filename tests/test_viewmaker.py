@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fewshot import api
-from fewshot.data.viewmaker import ViewmakerViews, l1_sphere
+from fewshot.data.views.viewmaker import ViewmakerViews, l1_sphere
 from fewshot.data.views import VIEW_RECIPES, make_views
 from fewshot.errors import ConfigError
 from fewshot.train.checkpoint import load_checkpoint
@@ -84,7 +84,7 @@ def test_gradient_reversal_negates_the_viewmakers_gradients() -> None:
 )
 def test_bad_options_are_config_errors(opts, match) -> None:
     with pytest.raises(ConfigError, match=match):
-        make_views("viewmaker", 12, **opts)
+        make_views("viewmaker", 12, 1, **opts)
 
 
 def test_registered() -> None:

@@ -1,6 +1,6 @@
 """fewshot: unsupervised pre-training for few-shot learning."""
 
-__version__ = "0.1.0"
+from fewshot.version import __version__
 
 # Registers the built-in methods' config classes, so any recipe validates wherever it is loaded
 # (timm's package imports its model registry the same way).

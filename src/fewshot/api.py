@@ -16,18 +16,18 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from fewshot.config import DataConfig, RunConfig, config_from_dict, find_recipe, load_config
+from fewshot.config import DataConfig, RunConfig, find_recipe, load_config
 from fewshot.data.datasets import load_run_data
 from fewshot.data.text import load_text_splits
-from fewshot.data.tokenizer import decode, encode, load_tokenizer, save_tokenizer, train_tokenizer
+from fewshot.data.tokenizer import decode, encode, save_tokenizer, train_tokenizer
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.evaluate.evaluator import EvalReport, evaluate
 from fewshot.evaluate.text import evaluate_text_run, perplexity_line
 from fewshot.generate import generate as _generate
-from fewshot.methods import build_method
 from fewshot.methods.language import LANGUAGE_METHODS
 from fewshot.report import write_report
-from fewshot.train.checkpoint import Checkpoint, load_checkpoint
+from fewshot.run import Run
+from fewshot.train.checkpoint import Checkpoint
 from fewshot.train.trainer import TrainResult, checkpoint_path, pretrain as _pretrain
 
 Log = Callable[[str], None]
@@ -57,18 +57,19 @@ def pretrain(config: RunConfig, resume: bool = False, progress: bool = True) -> 
     it writes anything."""
     if not resume:
         refuse_existing_run(config.run_dir)
-    data_config, ckpt = config.data, checkpoint_path(config.run_dir)
-    if resume and ckpt.exists():  # a resumed run trains on the data it started with
-        data_config = config_from_dict(load_checkpoint(ckpt).config).data
-    tokenizer = _run_tokenizer(config, data_config, resume) if data_config.source == "text" else None
-    return _pretrain(config, load_run_data(data_config, config.eval.data_path, tokenizer).pretrain, resume=resume, progress=progress)
+    run = Run.open(config.run_dir) if resume and checkpoint_path(config.run_dir).exists() else None
+    data_config = run.config.data if run else config.data  # a resumed run trains on the data it started with
+    if run:
+        tokenizer = run.tokenizer()
+    else:
+        tokenizer = _new_tokenizer(config, data_config) if data_config.source == "text" else None
+    data = load_run_data(data_config, config.eval.data_path, tokenizer).pretrain
+    return _pretrain(config, data, resume=resume, progress=progress, checkpoint=run.checkpoint if run else None)
 
 
-def _run_tokenizer(config: RunConfig, data: DataConfig, resume: bool) -> Tokenizer:
-    """A text run's tokenizer: a new run trains one on the training split and saves it as
-    run_dir/tokenizer.json before training; a resumed run reuses that file."""
-    if resume:  # the stored run's method is checked when it was started
-        return load_tokenizer(config.run_dir)
+def _new_tokenizer(config: RunConfig, data: DataConfig) -> Tokenizer:
+    """A new text run's tokenizer, trained on the training split and saved as run_dir/tokenizer.json
+    before training (a resumed run reuses that file: :meth:`Run.tokenizer`)."""
     if config.method.name not in LANGUAGE_METHODS:
         raise ConfigError(f"data.source=text needs a language method ({', '.join(LANGUAGE_METHODS)}), got '{config.method.name}'")
     tokenizer = train_tokenizer(load_text_splits(data).train, data.vocab_size)
@@ -76,15 +77,18 @@ def _run_tokenizer(config: RunConfig, data: DataConfig, resume: bool) -> Tokeniz
     return tokenizer
 
 
+def open_run(path: str | Path) -> Run:
+    """The run folder (or checkpoint file) ``path``, opened once: config, checkpoint, encoder, tokenizer,
+    base SHA-256 and evaluation set (see :class:`fewshot.run.Run`)."""
+    return Run.open(path)
+
+
 def load_pretrained(path: str | Path) -> tuple[RunConfig, nn.Module, Checkpoint]:
-    """(config, method, checkpoint) from a checkpoint file or a run folder; ``method.encoder`` is the product."""
-    ckpt = load_checkpoint(path)
-    config = config_from_dict(ckpt.config)
-    method = build_method(config)
-    missing, unexpected = method.load_state_dict(ckpt.prefixed("model"), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint '{path}' does not fit method '{config.method.name}' (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return config, method, ckpt
+    """(config, method, checkpoint) from a checkpoint file or a run folder, with the whole pre-training
+    method (heads, targets, queues); ``method.encoder`` is the product. For the encoder alone use
+    ``open_run(path).encoder()``."""
+    run = Run.open(path)
+    return run.config, run.method(), run.checkpoint
 
 
 def evaluate_run(
@@ -94,21 +98,21 @@ def evaluate_run(
 
     ``overrides`` change the stored config for this evaluation only (e.g. ``eval.episodes=1000``).
     """
-    config, method, ckpt = load_pretrained(path)
+    run = Run.open(path)
     # The report goes beside the checkpoint, wherever the run folder has moved since training.
-    run_dir = Path(path) if Path(path).is_dir() else Path(path).parent.parent
-    config = load_config(base=config.model_dump(mode="json"), overrides=[f"out={run_dir.parent}", f"name={run_dir.name}", *overrides])
-    header = f"Evaluation of {run_dir} (step {ckpt.step})."
+    run_dir = run.path
+    config = load_config(base=run.config.model_dump(mode="json"), overrides=[f"out={run_dir.parent}", f"name={run_dir.name}", *overrides])
+    header = f"Evaluation of {run_dir} (step {run.step})."
     if config.data.source == "text":
-        report = evaluate_text_run(config, method, run_dir, log)
+        report = evaluate_text_run(config, run.method(), run_dir, log)
         header += " " + perplexity_line(report.perplexity)
     else:
         lake = lake_runs or config.eval.lake_runs
         data = load_run_data(config.data, config.eval.data_path)
-        report = evaluate(config, method.encoder, data.evaluation, lake, log)
+        report = evaluate(config, run.encoder(), data.evaluation, lake, log)
     # Each evaluation gets its own folder: re-evaluating never overwrites an earlier report.
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
-    report.report_path = str(write_report(run_dir / "evaluations" / stamp, report, ckpt.meta.get("history", []), header))
+    report.report_path = str(write_report(run_dir / "evaluations" / stamp, report, run.history, header))
     return report
 
 
@@ -120,7 +124,7 @@ def quickstart(overrides: list[str] | tuple[str, ...] = (), progress: bool = Tru
     log(f"pre-training {config.method.name} on {config.data.source} ({config.train.steps} steps) into {config.run_dir}")
     result = pretrain(config, progress=progress)
     data = load_run_data(config.data, config.eval.data_path)
-    report = evaluate(config, _trained_encoder(result), data.evaluation, config.eval.lake_runs, log)
+    report = evaluate(config, Run.open(result.checkpoint).encoder(), data.evaluation, config.eval.lake_runs, log)
     header = f"Pre-trained {config.method.name} / {config.encoder.name} for {result.step} steps at {result.views_per_second:.0f} views/s."
     path = write_report(config.run_dir, report, result.history, header)
     out = report.to_json()
@@ -139,15 +143,14 @@ def generate(
 ) -> dict[str, Any]:
     """Continue ``prompt`` with a gpt run's model and tokenizer (see :func:`fewshot.generate.generate`);
     the same seed gives the same text."""
-    config, method, ckpt = load_pretrained(path)
-    if config.method.name != "gpt":
-        raise ConfigError(f"'{path}' is a {config.method.name} run; generation needs a gpt run")
-    run_dir = Path(path) if Path(path).is_dir() else Path(path).parent.parent
-    tokenizer = load_tokenizer(run_dir)
+    run = Run.open(path)
+    if run.config.method.name != "gpt":
+        raise ConfigError(f"'{path}' is a {run.config.method.name} run; generation needs a gpt run")
+    tokenizer = run.tokenizer()
     ids = encode(tokenizer, prompt)
-    out = _generate(method.encoder, ids, max_new_tokens, temperature, top_k, torch.Generator().manual_seed(seed), use_cache)
+    out = _generate(run.method().language_model(), ids, max_new_tokens, temperature, top_k, torch.Generator().manual_seed(seed), use_cache)
     return {
-        "run_dir": str(run_dir), "step": ckpt.step, "prompt": prompt, "text": decode(tokenizer, out),
+        "run_dir": str(run.path), "step": run.step, "prompt": prompt, "text": decode(tokenizer, out),
         "completion": decode(tokenizer, out[len(ids):]), "new_tokens": len(out) - len(ids),
         "temperature": temperature, "top_k": top_k, "seed": seed,
     }
@@ -168,9 +171,4 @@ def load_adapted(adapter: str | Path, path: str | Path) -> nn.Module:
     return _load_adapted(adapter, path)
 
 
-def _trained_encoder(result: TrainResult) -> nn.Module:
-    _, method, _ = load_pretrained(result.checkpoint)
-    return method.encoder
-
-
-__all__ = ["load_config", "pretrain", "evaluate_run", "load_pretrained", "quickstart", "generate", "adapt", "load_adapted"]
+__all__ = ["load_config", "pretrain", "evaluate_run", "open_run", "load_pretrained", "quickstart", "generate", "adapt", "load_adapted"]

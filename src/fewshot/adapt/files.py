@@ -27,7 +27,8 @@ from fewshot.adapt.classifier import AdaptedClassifier, CosineHead
 from fewshot.adapt.inject import trainable_parameters
 from fewshot.adapt.registry import adapt
 from fewshot.errors import CheckpointError, ConfigError
-from fewshot.train.checkpoint import atomic_write, read_file_pair, sha256_file, versions
+from fewshot.io import atomic_write, sha256_file, versions
+from fewshot.train.checkpoint import read_file_pair
 
 __all__ = ["ADAPTER_FORMAT", "adapter_target", "adapter_tensors", "load_adapter", "read_adapter_meta", "save_adapter"]
 

@@ -18,6 +18,7 @@ from fewshot.adapt.registry import get_adapt_method
 from fewshot.adapt.runner import AdaptSettings, episode_generator, fit_classifier, run_adaptation
 from fewshot.config import RunConfig
 from fewshot.errors import ConfigError, DataError
+from fewshot.run import Run
 
 __all__ = ["adapt_checkpoint", "load_adapted", "method_options"]
 
@@ -72,8 +73,7 @@ def adapt_checkpoint(
     checkpoints/ folder is refused always, all before anything is loaded or trained.
     ``augment`` trains on views from the run's own augmentation recipe.
     """
-    from fewshot.api import load_pretrained
-    from fewshot.data.datasets import load_eval_folder, load_run_data
+    from fewshot.data.datasets import load_eval_folder
     from fewshot.data.views import make_views
 
     if (support is None) == (episodes is None):
@@ -85,15 +85,15 @@ def adapt_checkpoint(
     get_adapt_method(method)  # an unknown name fails before the checkpoint loads
     if out is not None:
         adapter_target(out, overwrite=force)  # refused before any work, not after it
-    config, pretrained, ckpt = load_pretrained(path)
-    base = pretrained.encoder.to(_device(device)).eval()
-    base_sha256 = str(ckpt.meta.get("tensors_sha256", ""))
+    run = Run.open(path)
+    config, base_sha256 = run.config, run.base_sha256
+    base = run.encoder().to(_device(device)).eval()  # the encoder alone: no heads, queues or targets
     options = method_options(method, options, config)
     settings = settings or AdaptSettings()
     if augment:
-        settings.augment = make_views(config.views.name, config.data.image_size, **config.views.options)
+        settings.augment = make_views(config.views.name, config.data.image_size, config.data.channels, **config.views.options)
     if episodes is not None:
-        data = load_run_data(config.data, config.eval.data_path).evaluation
+        data = run.evaluation_set()
         if data is None:
             raise DataError("the run has no held-out classes to draw episodes from; set eval.data_path in the run or use --support")
         log(f"adapting with {method} on {episodes} {way}-way {shot}-shot episodes, {settings.steps} steps each")
@@ -121,7 +121,5 @@ def adapt_checkpoint(
 
 def load_adapted(adapter: str | Path, path: str | Path) -> AdaptedClassifier:
     """The classifier of adapter file ``adapter`` on the encoder of checkpoint/run ``path``."""
-    from fewshot.api import load_pretrained
-
-    _, pretrained, ckpt = load_pretrained(path)
-    return load_adapter(adapter, pretrained.encoder.eval(), str(ckpt.meta.get("tensors_sha256", "")))
+    run = Run.open(path)
+    return load_adapter(adapter, run.encoder(), run.base_sha256)

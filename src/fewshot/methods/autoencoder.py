@@ -32,7 +32,6 @@ from fewshot.data.views import make_views
 from fewshot.errors import ConfigError
 from fewshot.methods.base import Method
 from fewshot.models.decoders import ConvDecoder, LinearDecoder
-from fewshot.models.encoders import create_encoder
 from fewshot.objectives.reconstruction import bce_reconstruction, l1_sparsity, mse_reconstruction, topk_sparsify
 
 __all__ = ["Autoencoder", "CodeEncoder"]
@@ -97,11 +96,16 @@ class Autoencoder(Method):
 
     config_class = AutoencoderConfig
 
+    @classmethod
+    def build_encoder(cls, config: RunConfig) -> CodeEncoder:
+        backbone = super().build_encoder(config)
+        return CodeEncoder(backbone, config.method.code_dim, config.method.topk)
+
     def __init__(self, config: RunConfig) -> None:
         super().__init__()
         data, m = config.data, config.method
-        backbone = create_encoder(config.encoder.name, data.channels, data.image_size, **config.encoder.options)
-        self.encoder = CodeEncoder(backbone, m.code_dim, m.topk)
+        self.encoder = self.build_encoder(config)
+        backbone = self.encoder.backbone
         if m.decoder == "linear":
             self.decoder: nn.Module = LinearDecoder(m.code_dim, data.channels, data.image_size)
         else:
@@ -111,7 +115,7 @@ class Autoencoder(Method):
             raise ConfigError(
                 f"method.input_mask_patch={m.input_mask_patch} does not divide data.image_size={data.image_size}"
             )
-        self.views = make_views(config.views.name, data.image_size, **config.views.options)
+        self.views = make_views(config.views.name, data.image_size, data.channels, **config.views.options)
         self.reconstruction = bce_reconstruction if m.reconstruction == "bce" else mse_reconstruction
         self.code_noise, self.l1 = m.code_noise, m.l1
         self.input_noise, self.input_mask_ratio, self.input_mask_patch = m.input_noise, m.input_mask_ratio, m.input_mask_patch

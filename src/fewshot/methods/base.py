@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fewshot.config import MethodConfig
+from fewshot.config import MethodConfig, RunConfig
+from fewshot.models.encoders import create_encoder
 
 
 class Method(nn.Module):
@@ -23,6 +24,13 @@ class Method(nn.Module):
     needs_labels = False
     views_per_sample = 1
     encoder: nn.Module
+
+    @classmethod
+    def build_encoder(cls, config: RunConfig) -> nn.Module:
+        """The encoder alone, as this method builds it: what ``Run.encoder`` loads weights into, so
+        adapting or evaluating a run never builds heads, targets or queues."""
+        data = config.data
+        return create_encoder(config.encoder.name, data.channels, data.image_size, **config.encoder.options)
 
     def forward(
         self, inputs: torch.Tensor, labels: torch.Tensor, generator: torch.Generator

@@ -18,7 +18,6 @@ from fewshot.config import MethodConfig, RunConfig
 from fewshot.data.views import make_views
 from fewshot.distributed import gather_others
 from fewshot.methods.base import Method
-from fewshot.models.encoders import create_encoder
 from fewshot.models.heads import conv_projection_head, projection_head
 from fewshot.objectives.contrastive import NPairLoss, NTXentLoss, SupConLoss, TripletLoss
 
@@ -56,7 +55,7 @@ def encoder_projector_views(config: RunConfig) -> tuple[nn.Module, nn.Module, nn
     """The encoder, projection head and view recipe that ``config`` names, as every view-based
     method builds them (``method.projection_conv_blocks`` continue a conv encoder before the MLP)."""
     data, m = config.data, config.method
-    encoder = create_encoder(config.encoder.name, data.channels, data.image_size, **config.encoder.options)
+    encoder = Method.build_encoder(config)
     if m.projection_conv_blocks:
         projector = conv_projection_head(encoder, m.projection_conv_blocks, m.projection_hidden, m.projection_dim, m.projection_layers)
     else:

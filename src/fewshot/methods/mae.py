@@ -26,7 +26,7 @@ from fewshot.data.views import make_views
 from fewshot.errors import ConfigError
 from fewshot.methods.base import Method
 from fewshot.models.decoders import MAEDecoder
-from fewshot.models.encoders import ViT, create_encoder
+from fewshot.models.encoders import ViT
 from fewshot.objectives.reconstruction import masked_patch_loss, norm_pix_target
 
 __all__ = ["MAE"]
@@ -45,13 +45,17 @@ class MAE(Method):
 
     config_class = MAEConfig
 
+    @classmethod
+    def build_encoder(cls, config: RunConfig) -> ViT:
+        encoder = super().build_encoder(config)
+        if not isinstance(encoder, ViT):
+            raise ConfigError(f"method 'mae' needs a ViT encoder (e.g. encoder=vit-tiny), got '{config.encoder.name}'")
+        return encoder
+
     def __init__(self, config: RunConfig) -> None:
         super().__init__()
         data, m = config.data, config.method
-        encoder = create_encoder(config.encoder.name, data.channels, data.image_size, **config.encoder.options)
-        if not isinstance(encoder, ViT):
-            raise ConfigError(f"method 'mae' needs a ViT encoder (e.g. encoder=vit-tiny), got '{config.encoder.name}'")
-        self.encoder = encoder
+        self.encoder = encoder = self.build_encoder(config)
         self.patch_size = encoder.patch_size
         self.num_patches = encoder.patch_embed.num_patches
         removed = round(m.mask_ratio * self.num_patches)
@@ -60,7 +64,7 @@ class MAE(Method):
         self.decoder = MAEDecoder(
             self.num_patches, encoder.dim, self.patch_size**2 * data.channels, m.decoder_dim, m.decoder_depth, m.decoder_heads
         )
-        self.views = make_views(config.views.name, data.image_size, **config.views.options)
+        self.views = make_views(config.views.name, data.image_size, data.channels, **config.views.options)
         self.mask_ratio, self.norm_pix_loss = m.mask_ratio, m.norm_pix_loss
 
     def encode_visible(

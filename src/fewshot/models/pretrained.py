@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from fewshot.errors import CheckpointError, ConfigError, DataError
-from fewshot.train.checkpoint import sha256_file
+from fewshot.io import sha256_file
 
 __all__ = [
     "PRETRAINED",
@@ -43,7 +43,6 @@ __all__ = [
     "mean_pool",
     "model_dir",
     "require",
-    "sha256_file",
     "verify_weights",
 ]
 

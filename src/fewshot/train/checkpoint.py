@@ -8,11 +8,7 @@ so a torn or mismatched pair is detected. Nothing is ever unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import platform
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fewshot.errors import CheckpointError
+from fewshot.io import atomic_write, sha256_file, versions
 
 FORMAT = "fewshot-checkpoint"
 FORMAT_VERSION = 1
@@ -38,34 +35,6 @@ class Checkpoint:
         """The tensors under ``prefix.`` with the prefix removed."""
         cut = len(prefix) + 1
         return {k[cut:]: v for k, v in self.tensors.items() if k.startswith(prefix + ".")}
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def versions() -> dict[str, str]:
-    import fewshot
-
-    return {"fewshot": fewshot.__version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:

@@ -133,18 +133,24 @@ def _state_tensors(method: torch.nn.Module, optimizer: torch.optim.Optimizer, vi
 
 
 def pretrain(
-    config: RunConfig, data: TrainingData, resume: bool = False, progress: bool = True, fabric: Fabric | None = None
+    config: RunConfig,
+    data: TrainingData,
+    resume: bool = False,
+    progress: bool = True,
+    fabric: Fabric | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> TrainResult:
     """Pre-train ``config.method`` on ``data`` and write checkpoints to ``config.run_dir``.
 
     With ``resume=True`` the run continues from ``run_dir/checkpoints/last`` (using the
-    checkpoint's own config) and ends with the same weights as an uninterrupted run.
+    checkpoint's own config) and ends with the same weights as an uninterrupted run;
+    ``checkpoint`` is that file when the caller has already read it (``Run.open``).
     """
     run_dir = config.run_dir
     ckpt_path = checkpoint_path(run_dir)
     restored: Checkpoint | None = None
     if resume:
-        restored = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
+        restored = checkpoint or (load_checkpoint(ckpt_path) if ckpt_path.exists() else None)
         if restored is None:
             raise CheckpointError(f"cannot resume: no checkpoint at '{ckpt_path}'")
         stored = config_from_dict(restored.config)

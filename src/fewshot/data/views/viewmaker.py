@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewshot.data.views import _RECIPES, VIEW_RECIPES, ViewRecipe, _check_batch, _number
+from fewshot.data.views.kernels import check_batch, check_number
+from fewshot.data.views.recipes import ViewRecipe
 from fewshot.errors import ConfigError
 
 __all__ = ["ViewmakerViews", "l1_sphere", "reverse_gradient"]
@@ -95,7 +96,7 @@ class ViewmakerViews(ViewRecipe):
         self, image_size: int, *, channels: int = 1, budget: float = 0.05, noise: int = 1, width: int = 32, depth: int = 3
     ) -> None:
         super().__init__(image_size)
-        self.budget = _number("budget", budget)
+        self.budget = check_number("budget", budget)
         if not 0 < self.budget <= 1:
             raise ConfigError(f"view option budget must be in (0, 1] (mean |δ| per pixel), got {budget!r}")
         for what, value, low in (("noise", noise, 1), ("width", width, 1), ("depth", depth, 0), ("channels", channels, 1)):
@@ -121,7 +122,7 @@ class ViewmakerViews(ViewRecipe):
 
     def perturbation(self, x: Tensor, generator: torch.Generator) -> Tensor:
         """δ for every image of x (B, C, H, W), ‖δ_b‖₁ = ε·C·H·W; no gradient reversal here."""
-        _check_batch(x, generator)
+        check_batch(x, generator)
         if x.shape[1] != self.channels:
             raise ValueError(f"this viewmaker was built for {self.channels}-channel images, got {x.shape[1]}")
         b, _, h, w = x.shape
@@ -139,5 +140,3 @@ class ViewmakerViews(ViewRecipe):
         return (x + reverse_gradient(self.perturbation(x, generator))).clamp(0.0, 1.0)
 
 
-_RECIPES[ViewmakerViews.name] = ViewmakerViews
-VIEW_RECIPES.append(ViewmakerViews.name)
