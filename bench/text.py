@@ -39,8 +39,7 @@ def seconds_per_step(config: RunConfig, data: TokenSet, steps: int = 4) -> float
     for i in range(steps + 1):
         if i == 1:
             start = time.perf_counter()
-        x, y = data.batch(torch.randint(len(data), (config.train.batch_size,), generator=gen))
-        loss, _ = method(x, y, gen)
+        loss, _ = method(data.batch(torch.randint(len(data), (config.train.batch_size,), generator=gen)), gen)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -113,7 +113,7 @@ def _update_worker(rank: int, store: str, out: str) -> None:
         for name, overrides in NETWORKS.items():
             method = _fixed(_seeded([*TINY, *overrides]), v1[rows], v2[rows])
             ddp = DistributedDataParallel(method)  # kept alive: its backward hooks need it
-            loss, _ = ddp(v1[rows], torch.zeros(IMAGES), None)
+            loss, _ = ddp({"images": v1[rows], "labels": torch.zeros(IMAGES)}, None)
             loss.backward()  # DDP all-reduces: every rank holds the mean of the ranks' gradients
             grads.update({f"{name}/{n}": p.grad for n, p in method.named_parameters() if p.grad is not None})
         save_file(grads, os.path.join(out, f"grads{rank}.safetensors"))
@@ -160,7 +160,7 @@ def test_ddp_parameter_gradients_equal_one_process_on_the_joined_batch(two_proce
     ranks = [load_file(str(two_processes / f"grads{r}.safetensors")) for r in range(WORLD)]
     v1, v2 = _views(0)
     method = _fixed(_seeded([*TINY, *NETWORKS[network]]), v1, v2)
-    loss, _ = method(v1, torch.zeros(WORLD * IMAGES), None)
+    loss, _ = method({"images": v1, "labels": torch.zeros(WORLD * IMAGES)}, None)
     loss.backward()
     one = {n: p.grad for n, p in method.named_parameters() if p.grad is not None}
     got = {k.split("/", 1)[1]: v for k, v in ranks[0].items() if k.startswith(network + "/")}

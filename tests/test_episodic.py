@@ -139,7 +139,7 @@ def test_protonet_is_prototypical_loss_on_views_of_each_image():
                                  "method.proto_metric=cosine", "method.temperature=0.4", *TINY])
     method = build_method(cfg)
     x, y = _batch()
-    loss, logs = method(x, y, torch.Generator().manual_seed(3))
+    loss, logs = method({"images": x, "labels": y}, torch.Generator().manual_seed(3))
     assert method.views_per_sample == 4
     # By hand: the recipe on the batch repeated 4 times gives block k = view k of every image.
     views = method.views(x.repeat(4, 1, 1, 1), torch.Generator().manual_seed(3))
@@ -157,7 +157,7 @@ def test_identical_views_make_an_easy_episode():
     (for ridge regression once the 10 support rows can be interpolated: D = 16 ≥ 10, small λ)."""
     for name, extra in (("protonet", []), ("r2d2", ["method.projection_dim=16", "method.r2d2_lambda_init=0.001"])):
         method = build_method(load_config(overrides=[f"method={name}", "views=none", *TINY, *extra]))
-        loss, logs = method(*_batch(), torch.Generator().manual_seed(0))
+        loss, logs = method(dict(zip(("images", "labels"), _batch())), torch.Generator().manual_seed(0))
         assert logs["episode_acc"] == 1.0, name
 
 
@@ -165,7 +165,7 @@ def test_support_is_original_uses_the_image_itself():
     cfg = load_config(overrides=["method=r2d2", "method.support_is_original=true", "method.query_views=2", *TINY])
     method = build_method(cfg).eval()  # eval: BatchNorm per sample, so parts can be embedded apart
     x, y = _batch()
-    loss, _ = method(x, y, torch.Generator().manual_seed(4))
+    loss, _ = method({"images": x, "labels": y}, torch.Generator().manual_seed(4))
     embed = lambda v: method.projector(method.encoder(v))  # noqa: E731
     support = embed(x)[:, None]
     query = embed(method.views(x.repeat(2, 1, 1, 1), torch.Generator().manual_seed(4))).reshape(2, 10, -1).transpose(0, 1)

@@ -9,12 +9,18 @@ from fewshot.objectives import nt_xent_loss, supcon_loss
 from fewshot.errors import ConfigError
 
 TINY = ["data.image_size=16", "method.projection_hidden=16", "method.projection_dim=8", "encoder.options={width: 8}"]
-# Methods tied to one encoder family get it here (after TINY, so these options replace TINY's).
+# MAE builds only on a ViT (after TINY, so these options replace TINY's).
 ENCODER_FOR = {"mae": ["encoder=vit-tiny", "encoder.options={depth: 1}", "method.decoder_depth=1"]}
-TEXT = ["data.source=text", "data.seq_len=8", "data.vocab_size=300", "encoder=text-transformer", "encoder.options={dim: 16, depth: 1, heads: 2}"]
-ENCODER_FOR |= {"gpt": TEXT, "mlm": TEXT}
-TEXT_METHODS = {"gpt", "mlm"}  # trained on token windows (B, seq_len); tests/test_text.py checks them in depth
-SEQUENCE_METHODS = {"time-contrastive"}  # trained on frame sequences (B, T, C, H, W)
+# A tiny tensor for every batch key a method can declare, and the data a recipe must name to give it.
+_g = torch.Generator().manual_seed(0)
+EXAMPLE = {
+    "images": torch.rand(12, 1, 16, 16, generator=_g),
+    "labels": torch.arange(12) % 3,
+    "tokens": torch.randint(6, 300, (12, 8), generator=_g),
+    "frames": torch.rand(12, 6, 1, 16, 16, generator=_g),
+}
+SOURCE_FOR = {"tokens": ["data.source=text", "data.seq_len=8", "data.vocab_size=300", "encoder=text-transformer",
+                         "encoder.options={dim: 16, depth: 1, heads: 2}"]}
 
 
 def _batch(n=12):
@@ -30,13 +36,10 @@ def owned(name, overrides):
 
 @pytest.mark.parametrize("name", method_names())
 def test_every_method_trains(name):
-    method = build_method(load_config(overrides=[f"method={name}", *owned(name, TINY), *ENCODER_FOR.get(name, [])]))
-    x, y = _batch()
-    if name in SEQUENCE_METHODS:  # sequences (B, T, C, H, W) instead of images
-        x = torch.rand(12, 6, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    if name in TEXT_METHODS:
-        x = torch.randint(6, 300, (12, 8), generator=torch.Generator().manual_seed(0))
-    loss, logs = method(x, y, torch.Generator().manual_seed(1))
+    inputs = METHODS[name].inputs  # the batch is made from what the method declares, with no per-method case
+    source = [o for key in inputs for o in SOURCE_FOR.get(key, [])]
+    method = build_method(load_config(overrides=[f"method={name}", *owned(name, TINY), *ENCODER_FOR.get(name, []), *source]))
+    loss, logs = method({key: EXAMPLE[key] for key in inputs}, torch.Generator().manual_seed(1))
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     grads = [p.grad for p in method.encoder.parameters()]
@@ -54,7 +57,7 @@ def test_simclr_is_nt_xent_on_two_views():
     torch.manual_seed(0)
     method = build_method(cfg)
     x, y = _batch()
-    loss, _ = method(x, y, torch.Generator().manual_seed(5))
+    loss, _ = method({"images": x, "labels": y}, torch.Generator().manual_seed(5))
     z1, z2 = _by_hand(method, x, 5)
     torch.testing.assert_close(loss, nt_xent_loss(z1, z2, 0.3))
 
@@ -63,12 +66,54 @@ def test_supcon_uses_labels():
     cfg = load_config(overrides=["method=supcon", "method.temperature=0.2", "train.channels_last=false", *TINY])
     method = build_method(cfg)
     x, y = _batch()
-    loss, _ = method(x, y, torch.Generator().manual_seed(5))
+    loss, _ = method({"images": x, "labels": y}, torch.Generator().manual_seed(5))
     z1, z2 = _by_hand(method, x, 5)
     torch.testing.assert_close(loss, supcon_loss(torch.stack([z1, z2], 1), y, 0.2))
-    assert method.needs_labels
+    assert "labels" in method.inputs
 
 
 def test_unknown_method():
     with pytest.raises(ConfigError, match="unknown method 'byol2'.*simclr"):
         build_method(load_config(overrides=["method=byol2"]))
+
+
+# --------------------------------------------------------------------------- batches as mappings
+
+def _tiny_run(tmp_path, *overrides):
+    from fewshot import api
+
+    return api.load_config(overrides=[f"out={tmp_path}", "train.steps=2", "train.batch_size=16", "train.warmup_steps=1",
+                                      *owned(overrides[0].split("=")[1], TINY), *overrides])
+
+
+@pytest.mark.parametrize("method, data, needle", [
+    ("method=supcon", "data.holdout_classes=0.5", "reads labels from each batch, but data.source=digits gives only images"),
+    ("method=gpt", "data.source=digits", "pre-trains on text"),  # refused by its build, earlier still
+    ("method=time-contrastive", "data.source=digits", "reads frames"),
+])
+def test_a_method_is_refused_before_training_when_the_data_lacks_its_inputs(tmp_path, monkeypatch, method, data, needle):
+    from fewshot import api
+    from fewshot.data import types
+
+    if method == "method=supcon":  # the pre-training set loses its labels, as an unlabeled folder's would
+        real = types.ImageSet.batch
+        monkeypatch.setattr(types.ImageSet, "keys", property(lambda self: frozenset({"images"})))
+        monkeypatch.setattr(types.ImageSet, "batch", lambda self, idx: {"images": real(self, idx)["images"]})
+    steps = []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda *a, **k: steps.append(1))
+    with pytest.raises(ConfigError, match=needle):
+        api.pretrain(_tiny_run(tmp_path, method, data), progress=False)
+    assert steps == [] and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_label_free_method_never_receives_the_labels(tmp_path, monkeypatch):
+    from fewshot import api
+    from fewshot.methods.contrastive import SimCLR, SupCon
+
+    seen = {}
+    for cls in (SimCLR, SupCon):
+        real = cls.forward
+        monkeypatch.setattr(cls, "forward", lambda self, batch, g, real=real, cls=cls: seen.setdefault(cls.__name__, set(batch)) and real(self, batch, g))
+    api.pretrain(_tiny_run(tmp_path / "a", "method=simclr"), progress=False)  # digits: a labeled source
+    api.pretrain(_tiny_run(tmp_path / "b", "method=supcon"), progress=False)
+    assert seen == {"SimCLR": {"images"}, "SupCon": {"images", "labels"}}

@@ -170,7 +170,7 @@ def test_moco_loss_queue_and_pointer():
     method.queue_ptr.fill_(30)  # so the write wraps: slots 30..39, then 0..13
     old_queue = method.queue.clone()
 
-    loss, _ = method(x, y, torch.Generator().manual_seed(5))
+    loss, _ = method({"images": x, "labels": y}, torch.Generator().manual_seed(5))
 
     # By hand, from the same views: symmetric InfoNCE against the *old* queue.
     v1, v2 = method.views.two_views(x, torch.Generator().manual_seed(5))
@@ -197,7 +197,7 @@ def test_moco_loss_queue_and_pointer():
 def test_moco_queue_keeps_newest_keys_when_batch_exceeds_queue():
     method = _method("moco", "method.queue_size=10")
     x, y = _batch(12)
-    method(x, y, torch.Generator().manual_seed(5))
+    method({"images": x, "labels": y}, torch.Generator().manual_seed(5))
     v1, v2 = method.views.two_views(x, torch.Generator().manual_seed(5))
     with torch.no_grad():
         k = F.normalize(method.target(torch.cat([v1, v2])), dim=1)
@@ -209,7 +209,7 @@ def test_moco_queue_keeps_newest_keys_when_batch_exceeds_queue():
 def test_moco_eval_mode_does_not_enqueue():
     method = _method("moco", "method.queue_size=40").eval()
     before = method.queue.clone()
-    method(*_batch(), torch.Generator().manual_seed(5))
+    method(dict(zip(("images", "labels"), _batch())), torch.Generator().manual_seed(5))
     assert torch.equal(method.queue, before) and method.queue_ptr.item() == 0
 
 
@@ -243,7 +243,7 @@ def test_target_is_not_part_of_the_encoder():
 def test_byol_loss_gradients_and_scheduled_update():
     method = _method("byol", "method.momentum_base=0.9")
     x, y = _batch()
-    loss, _ = method(x, y, torch.Generator().manual_seed(3))
+    loss, _ = method({"images": x, "labels": y}, torch.Generator().manual_seed(3))
     assert loss.ndim == 0 and torch.isfinite(loss) and 0 <= loss.item() <= 8  # two terms, each in [0, 4]
 
     # By hand: symmetric normalised MSE against the target branch.

@@ -32,7 +32,7 @@ def test_nn_positives_come_from_the_queue_never_the_view_nor_its_image():
     g = torch.Generator().manual_seed(0)
     pool = torch.rand(40, 1, 16, 16, generator=g)
     for k in range(4):  # fill the queue with 32 of the 40 images' embeddings
-        method(pool[8 * k : 8 * k + 8], torch.full((8,), -1), g)
+        method({"images": pool[8 * k : 8 * k + 8]}, g)
     assert int(method.queue_filled) == 32
     batch = pool[[0, 1, 2, 35, 36]]  # three images already in the queue, two never seen
     keys = image_keys(batch)
@@ -66,8 +66,8 @@ def test_nnclr_with_clusters_trains():
     method = build_method(load_config(overrides=[*TINY, "method.queue_size=16", "method.clusters=3", "method.cluster_every=1"]))
     g = torch.Generator().manual_seed(0)
     x = torch.rand(8, 1, 16, 16, generator=g)
-    method(x, torch.full((8,), -1), g)
-    loss, logs = method(x.flip(0), torch.full((8,), -1), g)
+    method({"images": x}, g)
+    loss, logs = method({"images": x.flip(0)}, g)
     assert torch.isfinite(loss) and "cluster_loss" in logs
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.encoder.parameters())
@@ -101,12 +101,12 @@ def test_pixel_neighbours_are_other_queued_images():
     method = build_method(load_config(overrides=[*TINY, "method.queue_size=32", "method.neighbor_space=pixels", "method.neighbor_prob=1.0", "views=none"]))
     g = torch.Generator().manual_seed(0)
     pool = torch.rand(16, 1, 16, 16, generator=g)
-    method(pool[:8], torch.full((8,), -1), g)  # queue: images 0..7
+    method({"images": pool[:8]}, g)  # queue: images 0..7
     batch = torch.cat([pool[:2], pool[:2] + 0.01])  # two queued images and near-copies of them
     views = method.pixel_neighbour_views(batch, image_keys(batch), g)
     v2 = views[4:]
     assert not torch.equal(v2[0], batch[0]) and not torch.equal(v2[1], batch[1])  # never the image itself
     torch.testing.assert_close(v2[2], pool[0])  # the near-copy's neighbour: the queued original
     torch.testing.assert_close(v2[3], pool[1])
-    loss, _ = method(pool[8:], torch.full((8,), -1), g)
+    loss, _ = method({"images": pool[8:]}, g)
     assert torch.isfinite(loss)

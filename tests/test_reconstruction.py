@@ -128,7 +128,7 @@ def test_code_noise_only_in_training_mode():
     assert torch.equal(method.eval().perturb_code(r, torch.Generator().manual_seed(9)), r)
     # and the eval-mode loss is the noise-free reconstruction
     x = _images()
-    loss, _ = method(x, None, torch.Generator().manual_seed(0))
+    loss, _ = method({"images": x}, torch.Generator().manual_seed(0))
     torch.testing.assert_close(loss, bce_reconstruction(method.decoder(method.encoder(x)), x))
 
 
@@ -149,14 +149,14 @@ def test_denoising_input_is_corrupted_and_target_is_clean():
                 else:
                     assert torch.equal(block, noisy[b, 0, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4])
     assert int(hidden.sum(dim=1).unique()) == 4
-    loss, _ = method(x, None, torch.Generator().manual_seed(5))
+    loss, _ = method({"images": x}, torch.Generator().manual_seed(5))
     torch.testing.assert_close(loss, bce_reconstruction(method.decoder(method.encoder(x_tilde)), x))
 
 
 def test_l1_term_joins_the_loss():
     method = _method(*AE, "method.l1=0.3", "method.reconstruction=mse").eval()
     x = _images()
-    loss, logs = method(x, None, torch.Generator())
+    loss, logs = method({"images": x}, torch.Generator())
     r = method.encoder(x)
     expected = mse_reconstruction(method.decoder(r), x) + 0.3 * r.abs().sum(dim=1).mean()
     torch.testing.assert_close(loss, expected)
@@ -207,7 +207,7 @@ def test_mae_encoder_sees_exactly_the_visible_patches():
     method = _method(*MAE_TINY).eval()
     enc, x = method.encoder, _images(3)
     seen = []
-    enc.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    enc.trunk.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
     with torch.no_grad():
         method.encode_visible(x, torch.Generator().manual_seed(11))
         ids_keep, _, mask = mae_shuffle(3, 16, 0.75, torch.Generator().manual_seed(11))
@@ -277,7 +277,7 @@ def test_sincos_positions_follow_the_formula():
 def test_mae_loss_is_masked_mse_against_the_chosen_target(norm_pix):
     method = _method(*MAE_TINY, f"method.norm_pix_loss={str(norm_pix).lower()}").eval()
     x = _images(3)
-    loss, _ = method(x, None, torch.Generator().manual_seed(6))
+    loss, _ = method({"images": x}, torch.Generator().manual_seed(6))
     latent, mask, ids_restore = method.encode_visible(x, torch.Generator().manual_seed(6))
     target = patchify(x, 4)
     if norm_pix:
@@ -348,5 +348,5 @@ def test_recipes_build_their_method(recipe):
     cfg = load_config(find_recipe(recipe))
     method = build_method(cfg)
     x = torch.rand(2, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    loss, _ = method(x, None, torch.Generator().manual_seed(0))
+    loss, _ = method({"images": x}, torch.Generator().manual_seed(0))
     assert torch.isfinite(loss) and method.encoder.eval()(x).shape == (2, method.encoder.dim)

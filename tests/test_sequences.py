@@ -55,7 +55,8 @@ def test_moving_shapes_rejects_bad_arguments() -> None:
 
 def test_sequence_set_contract() -> None:
     s = moving_shapes(12, frames=4, size=16, seed=1)
-    x, y = s.batch(torch.tensor([2, 5]))
+    batch = s.batch(torch.tensor([2, 5]))
+    x, y = batch["frames"], batch["labels"]
     assert x.shape == (2, 4, 1, 16, 16) and torch.equal(y, s.labels[[2, 5]])
     sub = s.select_classes([3, 0])
     assert sub.classes == [s.classes[3], s.classes[0]]

@@ -124,14 +124,14 @@ def test_method_picks_the_sampled_frames() -> None:
     method = build_method(cfg).eval()
     assert isinstance(method, TimeContrastive) and method.views_per_sample == 3
     seqs = moving_shapes(6, 8, 16, seed=5).frames
-    loss, _ = method(seqs, torch.zeros(6), torch.Generator().manual_seed(9))
+    loss, _ = method({"frames": seqs}, torch.Generator().manual_seed(9))
     a, p, n = sample_frame_triplets(6, 8, 2, 4, torch.Generator().manual_seed(9))
     rows = torch.arange(6)
     embed = lambda idx: method.projector(method.encoder(seqs[rows, idx]))  # noqa: E731
     expected = time_contrastive_loss(embed(a), embed(p), embed(n)[:, None], 1.0, True, 1e-3)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     with pytest.raises(ConfigError, match="sequences"):
-        method(seqs[:, 0], torch.zeros(6), torch.Generator())
+        method({"frames": seqs[:, 0]}, torch.Generator())
 
 
 def test_trains_through_the_trainer_and_evaluates(tmp_path) -> None:

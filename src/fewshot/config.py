@@ -20,14 +20,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Data source names, registered by fewshot.data.datasets (register_image_source and the built-in
+# text and sequence sources) so a recipe naming an unknown source fails when it is loaded.
+_DATA_SOURCES: set[str] = set()
+
+
+def register_data_source(name: str) -> None:
+    _DATA_SOURCES.add(name)
+
+
 class DataConfig(_Strict):
-    source: Literal["digits", "omniglot", "folder", "unlabeled", "text", "sequences", "moving-shapes"] = Field(
+    source: str = Field(
         "digits",
         description="digits (built in), omniglot (release zip or folder), folder (class-per-folder images), "
         "unlabeled (a flat folder of images; evaluate with eval.data_path or eval.lake_runs), "
         "text (a play-format corpus for the gpt / mlm methods), "
-        "sequences (path/SEQUENCE/FRAME images, unlabeled), moving-shapes (generated sequences; label = shape)",
+        "sequences (path/SEQUENCE/FRAME images, unlabeled), moving-shapes (generated sequences; label = shape); "
+        "or any source registered with fewshot.data.datasets.register_image_source",
     )
+
+    @field_validator("source")
+    @classmethod
+    def _registered_source(cls, v: str) -> str:
+        if v not in _DATA_SOURCES:
+            raise ValueError(f"unknown data source; known sources: {', '.join(sorted(_DATA_SOURCES))}")
+        return v
     path: str | None = Field(
         None,
         description="data path; omniglot defaults to $FEWSHOT_DATA/omniglot/images_background_small1.zip, "

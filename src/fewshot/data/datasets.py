@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer
 
-from fewshot.config import DataConfig
+from fewshot.config import DataConfig, register_data_source
 from fewshot.data.lake import LakeRun, load_lake_runs
 from fewshot.data.normalize import normalize_characters
 from fewshot.data.sequences import SequenceSet, load_sequence_folder, moving_shapes
@@ -19,7 +20,34 @@ from fewshot.errors import DataError
 
 OMNIGLOT_DEFAULT = "omniglot/images_background_small1.zip"
 SEQUENCE_SOURCES = ("sequences", "moving-shapes")
+TEXT_SOURCE = "text"
 MOVING_SHAPES_FRAMES = 16  # data.frames=null on moving-shapes
+
+# An image source: (data config, decode size) -> ImageSet at that size, before the run's preprocessing.
+ImageLoader = Callable[[DataConfig, int], ImageSet]
+IMAGE_SOURCES: dict[str, ImageLoader] = {}
+
+
+def register_image_source(name: str, loader: ImageLoader) -> ImageLoader:
+    """Make ``data.source=<name>`` load its images with ``loader(data, size)``: class-disjoint splits,
+    character normalisation, episodes and Lake's runs then work as for the built-in sources."""
+    register_data_source(name)
+    IMAGE_SOURCES[name] = loader
+    return loader
+
+
+def _folder_path(data: DataConfig) -> str:
+    if data.path is None:
+        raise DataError(f"data.source={data.source} needs data.path (the image folder)")
+    return resolve_data_path(data.path, "")
+
+
+register_image_source("digits", lambda data, size: load_digits(size))
+register_image_source("omniglot", lambda data, size: load_omniglot(resolve_data_path(data.path, OMNIGLOT_DEFAULT), size))
+register_image_source("folder", lambda data, size: load_image_folder(_folder_path(data), size, data.channels, data.invert))
+register_image_source("unlabeled", lambda data, size: load_unlabeled_folder(_folder_path(data), size, data.channels, data.invert))
+for _name in (*SEQUENCE_SOURCES, TEXT_SOURCE):  # read by load_sequence_source and fewshot.data.text
+    register_data_source(_name)
 
 
 def load_sequence_source(data: DataConfig) -> SequenceSet:
@@ -53,18 +81,11 @@ def load_source(data: DataConfig) -> ImageSet:
     """The labeled source named by ``data.source``, at ``data.image_size`` (sequence sources: every frame)."""
     if data.source in SEQUENCE_SOURCES:
         return load_sequence_source(data).as_images()
-    if data.source == "text":
+    if data.source == TEXT_SOURCE:
         raise DataError("data.source=text is a text corpus, not images: it is read by fewshot.data.text")
-    size = read_size(data)
-    if data.source == "digits":
-        return _preprocessed(load_digits(size), data)
-    if data.source == "omniglot":
-        return _preprocessed(load_omniglot(resolve_data_path(data.path, OMNIGLOT_DEFAULT), size), data)
-    if data.path is None:
-        raise DataError(f"data.source={data.source} needs data.path (the image folder)")
-    if data.source == "unlabeled":
-        return _preprocessed(load_unlabeled_folder(resolve_data_path(data.path, ""), size, data.channels, data.invert), data)
-    return _preprocessed(load_image_folder(resolve_data_path(data.path, ""), size, data.channels, data.invert), data)
+    if data.source not in IMAGE_SOURCES:
+        raise DataError(f"unknown data source '{data.source}'; known: {', '.join(sorted(IMAGE_SOURCES))}")
+    return _preprocessed(IMAGE_SOURCES[data.source](data, read_size(data)), data)
 
 
 def load_lake_runs_for(path: str, data: DataConfig) -> list[LakeRun]:
@@ -98,7 +119,7 @@ def load_run_data(data: DataConfig, eval_path: str | None = None, tokenizer: Tok
     pre-training and evaluation comes from elsewhere (the ``eval_path`` folder, or Lake's runs). Pre-training images keep
     their labels here; methods that must not see them never read them.
     """
-    if data.source == "text":  # windows of the training split; evaluate/text.py reads the held-out split itself
+    if data.source == TEXT_SOURCE:  # windows of the training split; evaluate/text.py reads the held-out split itself
         if tokenizer is None:
             raise DataError("data.source=text needs the run's tokenizer to turn the corpus into token windows")
         return RunData(TokenSet(encode_text(tokenizer, load_text_splits(data).train), data.seq_len), None)

@@ -51,9 +51,13 @@ class SequenceSet:
     def __len__(self) -> int:
         return self.frames.shape[0]
 
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(frames (B, T, C, H, W), labels (B,)) of the sequences ``idx``."""
-        return self.frames[idx], self.labels[idx]
+    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"frames": (B, T, C, H, W), "labels": (B,)}`` of the sequences ``idx`` (no labels when unlabeled)."""
+        return {"frames": self.frames[idx], "labels": self.labels[idx]} if self.labeled else {"frames": self.frames[idx]}
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return frozenset({"frames", "labels"} if self.labeled else {"frames"})
 
     @property
     def labeled(self) -> bool:

@@ -76,11 +76,12 @@ class TokenSet:
 
     tokens: (N,) int64. Window i is ``tokens[i*stride : i*stride + seq_len]``; ``stride=1`` makes
     every offset a sample (the seeded batch order then draws random windows, as nanoGPT does),
-    ``stride=seq_len`` gives non-overlapping windows. ``batch(idx)`` returns ((B, seq_len) ids,
-    (B,) labels all -1): pre-training text is unlabeled.
+    ``stride=seq_len`` gives non-overlapping windows. ``batch(idx)`` returns ``{"tokens": (B, seq_len) ids}``:
+    pre-training text is unlabeled.
     """
 
     labeled = False
+    keys = frozenset({"tokens"})
 
     def __init__(self, tokens: torch.Tensor, seq_len: int, stride: int = 1) -> None:
         if tokens.ndim != 1 or tokens.dtype != torch.int64:
@@ -95,9 +96,9 @@ class TokenSet:
     def __len__(self) -> int:
         return (len(self.tokens) - self.seq_len) // self.stride + 1
 
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         starts = torch.as_tensor(idx, dtype=torch.long) * self.stride
-        return self.tokens[starts[:, None] + self._offsets], torch.full((len(starts),), -1, dtype=torch.long)
+        return {"tokens": self.tokens[starts[:, None] + self._offsets]}
 
 
 _HEADER = re.compile(r"^([^\n:][^\n]*):$")

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+# What the trainer hands a method: named tensors, e.g. {"images": (B, C, H, W), "labels": (B,)},
+# {"tokens": (B, T)} or {"frames": (B, T, C, H, W)}; a method declares the keys it reads (Method.inputs).
+Batch = Mapping[str, torch.Tensor]
+
 
 class TrainingData(Protocol):
-    """What the trainer needs of a data set: its size, a batch by index, whether it has labels.
-    :class:`ImageSet` is one; token sets for text are another."""
+    """What the trainer needs of a data set: its size, a batch by index and the keys every batch holds.
+    :class:`ImageSet` is one; token windows and frame sequences are others."""
 
     def __len__(self) -> int: ...
 
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def batch(self, idx: torch.Tensor) -> Batch: ...
 
     @property
-    def labeled(self) -> bool: ...
+    def keys(self) -> frozenset[str]: ...
 
 
 @dataclass
@@ -44,9 +49,13 @@ class ImageSet:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, labels) of the samples ``idx``: what the trainer feeds a method."""
-        return self.images[idx], self.labels[idx]
+    def batch(self, idx: torch.Tensor) -> Batch:
+        """``{"images", "labels"}`` of the samples ``idx`` (no labels when the set is unlabeled)."""
+        return {"images": self.images[idx], "labels": self.labels[idx]} if self.labeled else {"images": self.images[idx]}
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return frozenset({"images", "labels"} if self.labeled else {"images"})
 
     @property
     def labeled(self) -> bool:

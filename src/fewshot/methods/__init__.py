@@ -1,8 +1,8 @@
 """Pre-training methods: each ties views, encoder, heads and an objective together.
 
 A method is a :class:`~fewshot.methods.base.Method`: ``.encoder`` (what evaluation keeps) and
-``forward(inputs, labels, generator) -> (loss, logs)``, the training step the one trainer
-calls; ``after_step(step, total_steps)`` is the hook for per-step extras (EMA, queues). Its
+``forward(batch, generator) -> (loss, logs)``, the training step the one trainer calls on a
+mapping of named tensors of which it reads ``inputs``; ``after_step(step, total_steps)`` is the hook for per-step extras (EMA, queues). Its
 ``config_class`` is its recipe section, the paper's hyper-parameters as defaults. A new method
 is one class and one :func:`register_method` call.
 """

@@ -26,6 +26,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from fewshot.data.types import Batch
 from fewshot.config import MethodConfig, RunConfig
 from fewshot.data.masking import random_mask
 from fewshot.data.views import make_views
@@ -140,9 +141,8 @@ class Autoencoder(Method):
             return r + self.code_noise * torch.randn(r.shape, generator=generator).to(r.device, r.dtype)
         return r
 
-    def forward(
-        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        images = batch["images"]
         x = self.views(images, generator)
         x_in = self.corrupt(x, generator)
         if self.channels_last:

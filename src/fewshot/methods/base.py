@@ -6,14 +6,16 @@ import torch
 from torch import nn
 
 from fewshot.config import MethodConfig, RunConfig
+from fewshot.data.types import Batch
 from fewshot.models.encoders import create_encoder
 
 
 class Method(nn.Module):
     """A pre-training method: ``.encoder`` (the product evaluation keeps) plus one training step.
 
-    ``forward(inputs, labels, generator) -> (loss, logs)`` is the step the trainer calls on a
-    batch from ``data.batch(idx)``; ``generator`` is the checkpointed CPU generator every random
+    ``forward(batch, generator) -> (loss, logs)`` is the step the trainer calls on a batch from
+    ``data.batch(idx)``, a mapping of named tensors of which the method reads ``inputs`` (checked
+    against the data's keys when the trainer builds it, not at the first step); ``generator`` is the checkpointed CPU generator every random
     draw (views, masks, episodes) must use so a resumed run repeats the uninterrupted one.
     ``after_step(step, total_steps)`` runs after each optimizer step (EMA targets, queues).
     ``views_per_sample`` is how many encoder inputs one sample becomes (2 for two-view methods),
@@ -21,7 +23,7 @@ class Method(nn.Module):
     """
 
     config_class: type[MethodConfig] = MethodConfig  # its recipe section, the paper's values as defaults
-    needs_labels = False
+    inputs: tuple[str, ...] = ("images",)  # the batch keys forward reads; the trainer checks the data has them
     views_per_sample = 1
     encoder: nn.Module
 
@@ -32,9 +34,7 @@ class Method(nn.Module):
         data = config.data
         return create_encoder(config.encoder.name, data.channels, data.image_size, **config.encoder.options)
 
-    def forward(
-        self, inputs: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
     def after_step(self, step: int, total_steps: int) -> None:

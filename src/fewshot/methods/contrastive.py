@@ -14,6 +14,7 @@ from torch import nn
 
 from pydantic import Field
 
+from fewshot.data.types import Batch
 from fewshot.config import MethodConfig, RunConfig
 from fewshot.data.views import make_views
 from fewshot.distributed import gather_others
@@ -75,7 +76,7 @@ class TwoViewMethod(Method):
         self.objective = objective
         self.channels_last = config.train.channels_last
 
-    def loss(self, z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         return self.objective(z1, z2)
 
     def both_views(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -84,11 +85,10 @@ class TwoViewMethod(Method):
         views = torch.cat([v1, v2])
         return views.contiguous(memory_format=torch.channels_last) if self.channels_last else views
 
-    def forward(
-        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        images = batch["images"]
         z1, z2 = self.projector(self.encoder(self.both_views(images, generator))).float().chunk(2)
-        return self.loss(z1, z2, labels), {}
+        return self.loss(z1, z2, batch.get("labels")), {}
 
 
 class SimCLR(TwoViewMethod):
@@ -143,7 +143,7 @@ class SupCon(TwoViewMethod):
 
     config_class = SupConConfig
 
-    needs_labels = True
+    inputs = ("images", "labels")
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__(config, SupConLoss(config.method.temperature))

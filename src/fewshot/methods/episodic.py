@@ -22,6 +22,7 @@ from typing import Callable, Literal
 import torch
 from pydantic import Field
 
+from fewshot.data.types import Batch
 from fewshot.config import RunConfig
 from fewshot.data.views import IdentityViews
 from fewshot.errors import ConfigError
@@ -88,9 +89,8 @@ class EpisodicMethod(TwoViewMethod):
     def episode_loss(self, support: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def forward(
-        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        images = batch["images"]
         b = images.shape[0]
         z = self.projector(self.encoder(self.episode_views(images, generator))).float()
         z = z.reshape(self.views_per_sample, b, -1).transpose(0, 1)  # (B, S+Q, D): row n is class n

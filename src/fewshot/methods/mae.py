@@ -20,6 +20,7 @@ import torch
 
 from pydantic import Field
 
+from fewshot.data.types import Batch
 from fewshot.config import MethodConfig, RunConfig
 from fewshot.data.masking import mae_shuffle, patchify
 from fewshot.data.views import make_views
@@ -76,9 +77,8 @@ class MAE(Method):
         ids_keep, ids_restore, mask = ids_keep.to(x.device), ids_restore.to(x.device), mask.to(x.device)
         return self.encoder.forward_visible(x, ids_keep), mask, ids_restore
 
-    def forward(
-        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        images = batch["images"]
         x = self.views(images, generator)
         latent, mask, ids_restore = self.encode_visible(x, generator)
         pred = self.decoder(latent, ids_restore)  # (B, L, p·p·C)

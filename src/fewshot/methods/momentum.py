@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from fewshot.data.types import Batch
 from fewshot.config import RunConfig
 from fewshot.distributed import gather_all
 from fewshot.methods.contrastive import ProjectionConfig, TwoViewMethod
@@ -154,9 +155,8 @@ class MoCo(MomentumMethod):
     def momentum_at(self, step: int, total_steps: int) -> float:
         return self.momentum
 
-    def forward(
-        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        images = batch["images"]
         views = self.both_views(images, generator)
         q1, q2 = self.projector(self.encoder(views)).float().chunk(2)
         with torch.no_grad():
@@ -204,9 +204,8 @@ class BYOL(MomentumMethod):
     def momentum_at(self, step: int, total_steps: int) -> float:
         return byol_momentum(step, total_steps, self.momentum_base)
 
-    def forward(
-        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        images = batch["images"]
         views = self.both_views(images, generator)
         p1, p2 = self.predictor(self.projector(self.encoder(views))).float().chunk(2)
         with torch.no_grad():

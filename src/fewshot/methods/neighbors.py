@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from fewshot.data.types import Batch
 from fewshot.config import RunConfig
 from fewshot.methods.contrastive import ProjectionConfig, TwoViewMethod
 from fewshot.models.heads import projection_head
@@ -128,7 +129,8 @@ class NNCLR(TwoViewMethod):
         views = torch.cat([self.views(images, generator), self.views(partner, generator)])
         return views.contiguous(memory_format=torch.channels_last) if self.channels_last else views
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        images = batch["images"]
         keys = image_keys(images)
         if self.neighbor_space == "pixels":
             z1, z2 = self.projector(self.encoder(self.pixel_neighbour_views(images, keys, generator))).float().chunk(2)

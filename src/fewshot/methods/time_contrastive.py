@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from fewshot.data.types import Batch
 from fewshot.config import RunConfig
 from fewshot.errors import ConfigError
 from fewshot.methods.base import Method
@@ -79,6 +80,7 @@ class TimeContrastive(Method):
     λ = ``method.l2_reg``.
     """
 
+    inputs = ("frames",)
     config_class = TimeContrastiveConfig
 
     views_per_sample = 3
@@ -91,9 +93,8 @@ class TimeContrastive(Method):
         self.temperature, self.l2_reg = m.temperature, m.l2_reg
         self.channels_last = config.train.channels_last
 
-    def forward(
-        self, frames: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        frames = batch["frames"]
         if frames.ndim != 5:
             raise ConfigError(
                 f"time-contrastive trains on sequences (B, T, C, H, W), got a batch of shape {tuple(frames.shape)}; "

@@ -175,8 +175,12 @@ def pretrain(
     method = build_method(config)  # after seeding, so the initial weights depend only on the seed
     if use_sync_batchnorm(train, fabric.world_size, fabric.device):
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)  # same state_dict keys: checkpoints stay plain
-    if method.needs_labels and not data.labeled:
-        raise ConfigError(f"method '{config.method.name}' needs labels, but the pre-training data is unlabeled")
+    missing = [key for key in method.inputs if key not in data.keys]
+    if missing:
+        raise ConfigError(
+            f"method '{config.method.name}' reads {', '.join(missing)} from each batch, but data.source={config.data.source} "
+            f"gives only {', '.join(sorted(data.keys))}" + (" (the pre-training data is unlabeled)" if "labels" in missing else "")
+        )
     if train.channels_last:
         method = method.to(memory_format=torch.channels_last)
     # Frozen parameters (MoCo's and BYOL's EMA targets) move only through after_step.
@@ -226,11 +230,12 @@ def pretrain(
     step, window_start, window_steps, session_start = start_step, time.perf_counter(), 0, time.perf_counter()
     for step in range(start_step, train.steps):
         idx = order.indices(step)
-        x, y = fabric.to_device(data.batch(idx))
+        # Only the keys the method declares: a label-free method never receives the labels.
+        batch = fabric.to_device({key: value for key, value in data.batch(idx).items() if key in raw_method.inputs})
         lr = learning_rate(step, train)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, logs = method(x, y, view_gen)
+        loss, logs = method(batch, view_gen)
         if not torch.isfinite(loss):
             raise diverged(f"loss became {loss.item()} in step {step + 1}, which was not applied")
         optimizer.zero_grad(set_to_none=True)
