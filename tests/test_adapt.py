@@ -139,8 +139,8 @@ def test_lora_parameter_count_is_r_times_in_plus_out():
 def test_lora_targets_that_match_nothing_name_the_patterns_and_what_exists():
     with pytest.raises(ConfigError, match=r"no Linear/Conv2d module matches targets \['\*nothing\*'\].*blocks\.0\.attn\.qkv"):
         adapt(vit(), "lora", {"targets": ["*nothing*"]})
-    model = adapt(vit(), "lora", {"targets": [r"re:blocks\.1\.attn\.(qkv|proj)"]})
-    assert sorted(n for n, m in model.named_modules() if isinstance(m, LoRALinear)) == ["blocks.1.attn.proj", "blocks.1.attn.qkv"]
+    model = adapt(vit(), "lora", {"targets": [r"re:trunk\.blocks\.1\.attn\.(qkv|proj)"]})
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, LoRALinear)) == ["trunk.blocks.1.attn.proj", "trunk.blocks.1.attn.qkv"]
 
 
 def test_unknown_method_and_options_are_config_errors():
@@ -254,7 +254,7 @@ def test_only_the_methods_parameters_train():
                                                  "features.5.bias", "features.9.weight", "features.9.bias"}
     assert _trainable_names("partial", "conv4", {"k": 1}) == {"features.8.weight", "features.8.bias",
                                                               "features.9.weight", "features.9.bias"}
-    assert _trainable_names("partial", "vit", {"k": 1}) == {n for n in all_vit if n.startswith(("blocks.1.", "norm."))}
+    assert _trainable_names("partial", "vit", {"k": 1}) == {n for n in all_vit if n.startswith(("trunk.blocks.1.", "trunk.norm."))}
     assert all(n.split(".")[-1] in ("lora_A", "lora_B") for n in _trainable_names("lora", "vit"))
     assert all(n.split(".")[-1].startswith("ia3_") for n in _trainable_names("ia3", "vit"))
     adapter = _trainable_names("adapter", "vit", {"norms": False})

@@ -1,4 +1,5 @@
-"""Every registered encoder through the same contract: (B, C, H, W) → (B, dim), gradients, errors."""
+"""Every registered encoder through the same contract: x → (B, dim), gradients, errors; the token
+trunk's attention (past, padding mask, cross-attention) against explicit computations."""
 
 import pytest
 import torch
@@ -8,20 +9,31 @@ from fewshot.models.encoders import create_encoder, encoder_names
 from fewshot.models.heads import projection_head
 
 SIZES = {"conv4": 28, "resnet18": 16, "vit-tiny": 16}
-SMALL = {"conv4": {"width": 8}, "resnet18": {}, "vit-tiny": {"depth": 1}}
+SMALL = {"conv4": {"width": 8}, "resnet18": {}, "vit-tiny": {"depth": 1},
+         "text-transformer": {"vocab_size": 50, "max_len": 9, "dim": 16, "depth": 1, "heads": 2}}
+
+
+def encoder_and_input(name, channels):
+    if name == "text-transformer":  # token ids; no channels
+        return create_encoder(name, **SMALL[name]), torch.randint(6, 50, (3, 7))
+    size = SIZES[name]
+    return create_encoder(name, channels, size, **SMALL[name]), torch.randn(3, channels, size, size, requires_grad=True)
 
 
 @pytest.mark.parametrize("name", encoder_names())
 @pytest.mark.parametrize("channels", [1, 3])
 def test_encoder_contract(name, channels):
-    size = SIZES[name]
-    enc = create_encoder(name, channels, size, **SMALL[name])
-    x = torch.randn(3, channels, size, size, requires_grad=True)
+    enc, x = encoder_and_input(name, channels)
     r = enc(x)
     assert r.shape == (3, enc.dim)
     r.square().sum().backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all()
+    if x.is_floating_point():
+        assert x.grad is not None and torch.isfinite(x.grad).all()
     assert all(p.grad is not None for p in enc.parameters() if p.requires_grad)
+    if hasattr(enc, "forward_tokens"):  # one signature: x → (B, [CLS]/start + T, dim)
+        tokens = enc.forward_tokens(x)
+        assert tokens.shape[0] == 3 and tokens.shape[2] == enc.dim
+        torch.testing.assert_close(enc(x), tokens[:, 0])  # both default to the first token's state
 
 
 def test_channels_last_gives_the_same_output():
@@ -102,3 +114,70 @@ def test_causal_attention_cache_equals_full_recompute():
         steps.append(out)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
     assert past[0].shape == (2, 4, 6, 4)
+
+
+def _pad(seqs, side):
+    """Equal-length batch (B, T, D) from sequences of different lengths, junk at the padded
+    positions, and the mask (B, T) that is True there."""
+    t = max(len(x) for x in seqs)
+    batch = torch.randn(len(seqs), t, seqs[0].shape[1])
+    mask = torch.ones(len(seqs), t, dtype=torch.bool)
+    for i, x in enumerate(seqs):
+        span = slice(0, len(x)) if side == "right" else slice(t - len(x), t)
+        batch[i, span], mask[i, span] = x, False
+    return batch, mask
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_mask_gives_each_sequence_as_if_alone(causal, side):
+    from fewshot.models.transformer import TokenTrunk
+
+    torch.manual_seed(0)
+    trunk = TokenTrunk(16, depth=2, heads=4, causal=causal).eval()
+    seqs = [torch.randn(n, 16) for n in (5, 3, 1)]
+    batch, mask = _pad(seqs, side)
+    out, unmasked = trunk(batch, padding_mask=mask), trunk(batch)
+    assert torch.isfinite(out).all()  # padded queries with no key to see stay finite
+    differs = []
+    for i, x in enumerate(seqs):
+        alone = trunk(x[None])[0]
+        torch.testing.assert_close(out[i][~mask[i]], alone, atol=1e-5, rtol=1e-5)
+        differs.append(not torch.allclose(unmasked[i][~mask[i]], alone, atol=1e-4))
+    # Negative control: without the mask the padded sequences see the junk, except where a causal
+    # model's padding comes after every real token.
+    assert differs == [False, not (causal and side == "right"), not (causal and side == "right")]
+
+
+def test_cross_attention_matches_explicit_softmax_in_float64():
+    from fewshot.models.transformer import Attention, TokenTrunk
+
+    torch.manual_seed(0)
+    attn = Attention(16, 4, context_dim=12).double()
+    x, context = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 7, 12, dtype=torch.float64)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 4:] = True
+    heads = lambda t: t.reshape(2, -1, 4, 4).transpose(1, 2)  # noqa: E731
+    q = heads(x @ attn.q.weight.T + attn.q.bias)
+    kv = context @ attn.kv.weight.T + attn.kv.bias
+    k, v = heads(kv[..., :16]), heads(kv[..., 16:])
+
+    def explicit(mask):
+        scores = (q @ k.transpose(-1, -2) / 2.0).masked_fill(mask[:, None, None, :], float("-inf"))
+        y = torch.exp(scores - scores.amax(-1, keepdim=True))
+        y = (y / y.sum(-1, keepdim=True)) @ v
+        return y.transpose(1, 2).reshape(2, 5, 16) @ attn.proj.weight.T + attn.proj.bias
+
+    got = attn(x, context=context, padding_mask=pad)
+    torch.testing.assert_close(got, explicit(pad), atol=1e-12, rtol=1e-12)
+    assert not torch.allclose(got, explicit(torch.zeros_like(pad)))  # negative control: the mask matters
+    with pytest.raises(ValueError, match="context"):
+        attn(x)
+
+    # Through the trunk: blocks route the context and its mask; padded context entries change nothing.
+    trunk = TokenTrunk(16, depth=2, heads=4, context_dim=12).double()
+    other = context.clone()
+    other[1, 4:] = 100.0
+    torch.testing.assert_close(trunk(x, context=context, context_mask=pad), trunk(x, context=other, context_mask=pad))
+    assert not torch.allclose(trunk(x, context=context), trunk(x, context=other))
+    assert not torch.allclose(trunk(x, context=context), trunk(x, context=2 * context))

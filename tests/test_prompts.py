@@ -84,12 +84,12 @@ def ref_vit(vit, x: torch.Tensor, layer_prompts=None, pasts=None) -> torch.Tenso
     tokens = ref_patches(vit, x)
     z = torch.cat([vit.cls_token.expand(x.shape[0], 1, -1), tokens], 1) + vit.pos_embed
     n_prev = 0
-    for layer, block in enumerate(vit.blocks):
+    for layer, block in enumerate(vit.trunk.blocks):
         if layer_prompts is not None and layer_prompts[layer] is not None:
             z = torch.cat([z[:, :1], layer_prompts[layer], z[:, 1 + n_prev :]], 1)
             n_prev = layer_prompts[layer].shape[1]
         z = ref_block(block, z, None if pasts is None else pasts[layer])
-    return ref_layer_norm(vit.norm, z)[:, 0]
+    return ref_layer_norm(vit.trunk.norm, z)[:, 0]
 
 
 def test_reference_is_the_vit():
@@ -178,6 +178,16 @@ def test_zero_length_prompts_and_prefixes_are_the_base():
         PrefixTuning(tiny_vit(), n_prefix=0, reparam=False),
     ]:
         torch.testing.assert_close(wrapper.double()(x), base(x), **TOL)
+
+
+def test_prompts_keep_the_base_pooling():
+    """A mean-pooled ViT stays mean-pooled under prompts: zero prompts give the base r, not its [CLS]."""
+    torch.manual_seed(0)
+    base = ViT(1, SIZE, PATCH, dim=DIM, depth=DEPTH, heads=HEADS, pool="mean").double()
+    x = images()
+    for wrapper in (PromptTuning(base, n_prompts=0), DeepPromptTuning(base, n_prompts=0)):
+        torch.testing.assert_close(wrapper(x), base(x), **TOL)
+    assert not torch.allclose(base.forward_tokens(x)[:, 0], base(x))  # a [CLS] readout would differ
 
 
 @pytest.mark.parametrize("name, size", [("pad-conv4", 16), ("pad-vit", SIZE), ("pad-resnet18", SIZE)])

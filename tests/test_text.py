@@ -108,25 +108,26 @@ def test_token_set_windows():
     tokens = torch.arange(100, 120)
     ts = TokenSet(tokens, seq_len=5, stride=1)
     assert len(ts) == 16 and not ts.labeled
-    x, y = ts.batch(torch.tensor([0, 15, 3]))
-    assert x.tolist() == [list(range(100, 105)), list(range(115, 120)), list(range(103, 108))] and (y == -1).all()
+    batch = ts.batch(torch.tensor([0, 15, 3]))
+    assert set(batch) == set(ts.keys) == {"tokens"}  # unlabeled: no labels key at all
+    assert batch["tokens"].tolist() == [list(range(100, 105)), list(range(115, 120)), list(range(103, 108))]
     assert len(TokenSet(tokens, 5, stride=5)) == 4
 
 
 # ------------------------------------------------------------------ models
 
 
-def test_tied_embeddings_share_storage_and_survive_the_state_dict():
+def test_tied_embeddings_are_one_parameter_and_survive_the_state_dict():
     for cls in (GPT, MaskedLM):
         m = tiny(cls)
-        assert m.head.weight is m.tok_emb.weight and m.head.weight.data_ptr() == m.tok_emb.weight.data_ptr()
-        assert sum(p is m.tok_emb.weight for p in m.parameters()) == 1  # one Parameter, optimised once
-        state = m.state_dict()
-        assert "head.weight" not in state  # safetensors refuses shared storage; the tie is restored on load
-        m2 = tiny(cls, seed=1)
-        m2.load_state_dict(state)
-        assert m2.head.weight is m2.tok_emb.weight
         x = torch.randint(6, 300, (2, 7))
+        emb = m.encoder.tok_emb.weight
+        # logits = head(h) · Eᵀ with E the tower's embedding: the one vocab-sized matrix, stored once
+        torch.testing.assert_close(m(x), m.head(m.encoder.hidden(x)) @ emb.T)
+        assert [n for n, p in m.named_parameters() if p.shape[0] == 300] == ["encoder.tok_emb.weight"]
+        m2 = tiny(cls, seed=1)
+        assert not torch.allclose(m2(x), m(x))
+        m2.load_state_dict(m.state_dict())
         torch.testing.assert_close(m2(x), m(x))
 
 
@@ -143,18 +144,20 @@ def test_causal_output_at_t_ignores_later_tokens_and_the_masked_lm_does_not():
 def test_prefix_embeddings_act_like_the_tokens_they_embed():
     gpt = tiny(GPT)
     a, b = torch.randint(6, 300, (2, 4)), torch.randint(6, 300, (2, 5))
-    torch.testing.assert_close(gpt(b, prefix=gpt.tok_emb(a)), gpt(torch.cat([a, b], 1))[:, 4:])
+    torch.testing.assert_close(gpt(b, prefix=gpt.encoder.tok_emb(a)), gpt(torch.cat([a, b], 1))[:, 4:])
     with pytest.raises(ValueError, match="context"):
         gpt(torch.zeros(1, 25, dtype=torch.long))
 
 
 def test_embed_pools():
-    mlm = tiny(MaskedLM)
+    mlm = tiny(MaskedLM).encoder
     x = torch.randint(6, 300, (3, 8))
-    h = mlm.forward_tokens(prepend(x, CLS_ID))
-    torch.testing.assert_close(mlm.embed(x), h[:, 0])  # [CLS] by default
+    h = mlm.hidden(prepend(x, CLS_ID))
+    torch.testing.assert_close(mlm.forward_tokens(x), h)  # plain tokens: the tower adds [CLS] itself
+    torch.testing.assert_close(mlm(x), h[:, 0])  # [CLS] by default
     torch.testing.assert_close(mlm.embed(x, "mean"), h[:, 1:].mean(1))
-    assert tiny(GPT).embed(x).shape == (3, 32)
+    gpt = tiny(GPT).encoder
+    torch.testing.assert_close(gpt(x), gpt.hidden(prepend(x, BOS_ID))[:, 1:].mean(1))
 
 
 # ------------------------------------------------------------------ generation
@@ -264,16 +267,16 @@ def test_method_losses_match_hand_computations(tmp_path, corpus):
     x = torch.randint(6, 300, (3, 16), generator=torch.Generator().manual_seed(0))
     gpt = build_method(_config(tmp_path, corpus, "g", "gpt"))
     seq = torch.cat([torch.full((3, 1), BOS_ID), x], 1)
-    logits = gpt.encoder(seq[:, :-1])
+    logits = gpt.language_model()(seq[:, :-1])
     want = -torch.log_softmax(logits, -1).gather(2, x[..., None]).mean()
-    torch.testing.assert_close(gpt(x, None, torch.Generator())[0], want)
+    torch.testing.assert_close(gpt({"tokens": x}, torch.Generator())[0], want)
 
     mlm = build_method(_config(tmp_path, corpus, "m", "mlm", "method.mlm_ratio=0.3"))
-    loss, _ = mlm(x, None, torch.Generator().manual_seed(5))
+    loss, _ = mlm({"tokens": x}, torch.Generator().manual_seed(5))
     masked = mlm.mask(x, torch.Generator().manual_seed(5))  # the same draw
     assert (masked.inputs[:, 0] == CLS_ID).all() and not masked.mask[:, 0].any()  # [CLS] never chosen
     assert (masked.targets[masked.mask] == seq[:, 1:][masked.mask[:, 1:]]).all()
-    logp = torch.log_softmax(mlm.encoder(masked.inputs), -1)
+    logp = torch.log_softmax(mlm.language_model()(masked.inputs), -1)
     pos = masked.mask.nonzero().tolist()
     want = -sum(logp[b, t, x[b, t - 1]] for b, t in pos) / len(pos)
     torch.testing.assert_close(loss, want)
@@ -305,7 +308,7 @@ def test_speaker_pool_is_a_class_disjoint_split_of_speakers_with_enough_speeches
 
 
 def test_embed_texts_batches_without_changing_any_vector(tok):
-    mlm = tiny(MaskedLM, max_len=10)
+    mlm = tiny(MaskedLM, max_len=10).encoder
     texts = ["thou art", "fair rose moon", "thou art", "sweet villain peace fire king love death night day"]
     got = embed_texts(mlm, tok, texts, "cls", batch_size=2)
     for i, t in enumerate(texts):

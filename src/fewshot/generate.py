@@ -12,7 +12,7 @@ import torch
 
 from fewshot.data.tokenizer import BOS_ID
 from fewshot.errors import ConfigError
-from fewshot.models.language import GPT, prepend
+from fewshot.models.language import LanguageModel, prepend
 
 
 def sample_next(
@@ -39,7 +39,7 @@ def sample_next(
 
 @torch.no_grad()
 def generate(
-    model: GPT,
+    model: LanguageModel,
     prompt: list[int],
     max_new_tokens: int,
     temperature: float = 1.0,

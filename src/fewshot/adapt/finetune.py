@@ -43,8 +43,8 @@ def encoder_blocks(encoder: nn.Module) -> list[list[str]]:
     from fewshot.models.encoders import Conv4, SmallResNet18, ViT
 
     if isinstance(encoder, ViT):
-        units = [["patch_embed", "cls_token", "pos_embed"]] + [[f"blocks.{i}"] for i in range(len(encoder.blocks))]
-        units[-1].append("norm")
+        units = [["patch_embed", "cls_token", "pos_embed"]] + [[f"trunk.blocks.{i}"] for i in range(len(encoder.trunk.blocks))]
+        units[-1].append("trunk.norm")
         return units
     if isinstance(encoder, Conv4):
         units: list[list[str]] = []

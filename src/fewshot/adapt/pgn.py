@@ -6,7 +6,7 @@ L logits per prompt; the prompts are convex mixtures of library tokens,
 
     w = softmax(g(x).view(n, L), dim=-1) ∈ R^{n×L},   P(x) = w T ∈ R^{n×D},
 
-and enter the frozen ViT once like prompt tuning: ``z_0 = [x_cls, P(x), E + pos]``, r = LN(z_L)[CLS].
+and enter the frozen ViT once like prompt tuning: ``z_0 = [P(x), x_cls, E + pos]``, r = LN(z_L)[CLS].
 T (init N(0, 0.02²) as in the authors' code) and g are the trainable parts. g is either
 
 - ``"conv"``: two Conv-4 blocks (3×3 conv → BN → ReLU → max-pool) of ``width`` channels (default
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fewshot.adapt.prompts import PromptWrapper, check_int, insert_prompts, require_vit, vit_readout, vit_tokens
+from fewshot.adapt.prompts import PromptWrapper, check_int, prompted, require_vit
 from fewshot.errors import ConfigError
 from fewshot.models.encoders import conv_block
 
@@ -87,7 +87,4 @@ class PromptGenerationNetwork(PromptWrapper):
         return self.prompt_weights(images) @ self.library
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = insert_prompts(vit_tokens(self.base, images), self.prompts(images))
-        for block in self.base.blocks:
-            tokens = block(tokens)
-        return vit_readout(self.base, tokens)
+        return prompted(self.base, images, self.prompts(images))

@@ -3,15 +3,16 @@
 Every wrapper here is ``Wrapper(encoder, **options)``: it keeps the encoder as ``.base`` with all
 its parameters frozen (and in eval mode, so BatchNorm keeps its pre-trained statistics), has
 ``.dim = encoder.dim``, maps images (B, C, H, W) to r (B, dim), and trains only its own parameters.
-Tokens of the ViT are ``[CLS] + patches`` with positions added; r is ``norm(tokens)[:, 0]``.
+Prompt tokens go through the ViT's own token trunk (extra tokens, deep prompts or past keys and
+values); r is the ViT's own pooling of its [CLS] + patch outputs, prompt outputs dropped.
 
 - :class:`PromptTuning` (Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt
   Tuning"; on a ViT's patch tokens it is VPT-shallow, Jia et al. 2022, "Visual Prompt Tuning",
   hence the alias :data:`VisualPromptTuning`): n learned tokens P ∈ R^{n×D} enter once,
-  ``z_0 = [x_cls, P, E + pos]``, ``z_l = Block_l(z_{l-1})``, r = LN(z_L)[0].
+  ``z_0 = [P, x_cls, E + pos]``, ``z_l = Block_l(z_{l-1})``, r = LN(z_L)[CLS].
 - :class:`DeepPromptTuning` (VPT-deep, Jia et al. 2022; P-tuning v2, Liu et al. 2022): fresh
   prompts P_l at every layer's input, replacing the previous layer's prompt outputs,
-  ``[x_cls, _, E]_l = Block_l([x_cls, P_{l-1}, E]_{l-1})``.
+  ``[_, x_cls, E]_l = Block_l([P_{l-1}, x_cls, E]_{l-1})``.
 - :class:`PrefixTuning` (Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for
   Generation"): per-layer keys and values P_l = (K_l, V_l) ∈ R^{n×D} prepended inside attention,
   ``head = softmax(Q [K_l; K]ᵀ/√d) [V_l; V]``, reparameterised during training as
@@ -21,7 +22,7 @@ Tokens of the ViT are ``[CLS] + patches`` with positions added; r is ``norm(toke
   central (H−2p)×(W−2p) window; any image encoder (conv4, resnet18, ViT).
 
 Prompt tokens get no position embedding (as in VPT and the PGN code), so for the non-causal ViT
-where they sit in the sequence does not change r; they go right after [CLS].
+where they sit in the sequence does not change r; they go first.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torch import nn
 
 from fewshot.errors import ConfigError, DataError, EncoderMismatch
 
-VIT_PARTS = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")
+VIT_PARTS = ("patch_embed", "input_tokens", "trunk", "pool_tokens")
 
 
 def check_int(who: str, name: str, value: object, minimum: int) -> int:
@@ -69,24 +70,10 @@ class PromptWrapper(nn.Module):
         return self
 
 
-# ViT pieces shared by the token wrappers (and fewshot.adapt.pgn).
-
-
-def vit_tokens(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """[CLS] + patch tokens with positions added, as the ViT builds them: (B, 1 + patches, D)."""
-    tokens = vit.patch_embed(images)
-    tokens = torch.cat([vit.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-    return tokens + vit.pos_embed
-
-
-def insert_prompts(tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-    """tokens (B, 1 + T, D), prompts (B, n, D) → [CLS, prompts, rest] (B, 1 + n + T, D)."""
-    return torch.cat([tokens[:, :1], prompts, tokens[:, 1:]], dim=1)
-
-
-def vit_readout(vit: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """r = LN(z_L)[CLS], the ViT's own representation: (B, D)."""
-    return vit.norm(tokens)[:, 0]
+def prompted(vit: nn.Module, images: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """Shallow prompts (B, n, D) enter the ViT's trunk first, beside its tokens: r (B, D) of the rest."""
+    out = vit.trunk(torch.cat([prompts, vit.input_tokens(images)], dim=1))
+    return vit.pool_tokens(out[:, prompts.shape[1] :])
 
 
 def vpt_init(vit: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
@@ -101,7 +88,7 @@ def vpt_init(vit: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
 class PromptTuning(PromptWrapper):
     """Prompt tuning (Lester et al. 2021) = VPT-shallow on a ViT (Jia et al. 2022).
 
-    ``z_0 = [x_cls, P, E + pos]``, P ∈ R^{n×D} learned (no position), frozen blocks on top,
+    ``z_0 = [P, x_cls, E + pos]``, P ∈ R^{n×D} learned (no position), frozen blocks on top,
     r = LN(z_L)[CLS]. Trainable: n·D. ``n_prompts=0`` is the base encoder.
     """
 
@@ -112,11 +99,7 @@ class PromptTuning(PromptWrapper):
         self.prompts = nn.Parameter(vpt_init(encoder, (1, n, self.dim)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = vit_tokens(self.base, images)
-        tokens = insert_prompts(tokens, self.prompts.expand(tokens.shape[0], -1, -1))
-        for block in self.base.blocks:
-            tokens = block(tokens)
-        return vit_readout(self.base, tokens)
+        return prompted(self.base, images, self.prompts.expand(images.shape[0], -1, -1))
 
 
 VisualPromptTuning = PromptTuning
@@ -126,7 +109,7 @@ VisualPromptTuning = PromptTuning
 class DeepPromptTuning(PromptWrapper):
     """Deep prompt tuning: VPT-deep (Jia et al. 2022), P-tuning v2 (Liu et al. 2022).
 
-    Layer l reads ``[x_cls, P_l, E]`` where P_l ∈ R^{n×D} is its own learned prompt and the
+    Layer l reads ``[P_l, x_cls, E]`` where P_l ∈ R^{n×D} is its own learned prompt and the
     previous layer's outputs at the prompt positions are discarded; r = LN(z_L)[CLS].
     Trainable: depth·n·D. ``n_prompts=0`` is the base encoder.
     """
@@ -135,16 +118,11 @@ class DeepPromptTuning(PromptWrapper):
         super().__init__(encoder)
         require_vit(encoder, "deep prompt tuning")
         n = check_int("deep prompt tuning", "n_prompts", n_prompts, 0)
-        self.prompts = nn.Parameter(vpt_init(encoder, (len(encoder.blocks), n, self.dim)))
+        self.prompts = nn.Parameter(vpt_init(encoder, (len(encoder.trunk.blocks), n, self.dim)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = vit_tokens(self.base, images)
-        b, n = tokens.shape[0], self.prompts.shape[1]
-        for layer, block in enumerate(self.base.blocks):
-            if layer:  # drop the prompt outputs of the layer below
-                tokens = torch.cat([tokens[:, :1], tokens[:, 1 + n :]], dim=1)
-            tokens = block(insert_prompts(tokens, self.prompts[layer].expand(b, -1, -1)))
-        return vit_readout(self.base, tokens)
+        prompts = self.prompts[:, None].expand(-1, images.shape[0], -1, -1)  # (depth, B, n, D)
+        return self.base.pool_tokens(self.base.trunk(self.base.input_tokens(images), prompts=prompts))
 
 
 class PrefixTuning(PromptWrapper):
@@ -175,10 +153,10 @@ class PrefixTuning(PromptWrapper):
             raise ConfigError(f"{who}: reparam must be true or false, got {reparam!r}")
         if not reparam and (embed_dim is not None or hidden is not None):
             raise ConfigError(f"{who}: embed_dim and hidden size the reparameterisation MLP; set reparam=true or drop them")
-        for block in encoder.blocks:
+        for block in encoder.trunk.blocks:
             if self.dim % block.attn.heads:
                 raise ConfigError(f"{who}: dim {self.dim} is not divisible by {block.attn.heads} heads")
-        self.n_prefix, self.depth = n, len(encoder.blocks)
+        self.n_prefix, self.depth = n, len(encoder.trunk.blocks)
         if reparam:
             # Defaults: P' at half the width (the paper only asks for smaller), MLP hidden = D as in PEFT.
             e = check_int(who, "embed_dim", self.dim // 2 if embed_dim is None else embed_dim, 1)
@@ -200,7 +178,7 @@ class PrefixTuning(PromptWrapper):
     def past(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per block, (K_l, V_l) shaped as Attention's ``past``: (B, heads, n, D/heads) each."""
         table, out = self.prefix_table(), []
-        for layer, block in enumerate(self.base.blocks):
+        for layer, block in enumerate(self.base.trunk.blocks):
             h = block.attn.heads
             k, v = table[layer].view(2, self.n_prefix, h, self.dim // h).transpose(1, 2)  # 2 × (h, n, D/h)
             out.append((k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)))
@@ -216,10 +194,7 @@ class PrefixTuning(PromptWrapper):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = vit_tokens(self.base, images)
-        for block, kv in zip(self.base.blocks, self.past(tokens.shape[0])):
-            tokens = block(tokens, kv)
-        return vit_readout(self.base, tokens)
+        return self.base.pool_tokens(self.base.trunk(self.base.input_tokens(images), past=self.past(images.shape[0])))
 
 
 def first_conv_channels(encoder: nn.Module) -> int | None:

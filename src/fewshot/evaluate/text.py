@@ -26,7 +26,7 @@ from fewshot.evaluate.evaluator import EvalReport, random_encoder
 from fewshot.evaluate.speakers import bag_of_words, embed_texts, speaker_episodes, speaker_pool
 from fewshot.methods.base import Method
 from fewshot.methods.language import MaskedLanguageModel
-from fewshot.models.language import GPT, prepend
+from fewshot.models.language import LanguageModel, prepend
 
 
 def _windows(tokens: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
@@ -43,7 +43,7 @@ def _summary(total_nll: float, count: int, n_chars: int | None, kind: str) -> di
 
 
 @torch.no_grad()
-def perplexity(model: GPT, tokens: torch.Tensor, seq_len: int, n_chars: int | None = None, batch_size: int = 32) -> dict[str, Any]:
+def perplexity(model: LanguageModel, tokens: torch.Tensor, seq_len: int, n_chars: int | None = None, batch_size: int = 32) -> dict[str, Any]:
     """exp(mean NLL) of every token of ``tokens`` (N,) under the causal ``model`` ([BOS] before each window).
 
     Returns {"kind": "causal", "nll", "perplexity", "tokens", and "bits_per_char" if ``n_chars``}.
@@ -68,7 +68,7 @@ def perplexity(model: GPT, tokens: torch.Tensor, seq_len: int, n_chars: int | No
 def masked_perplexity(method: MaskedLanguageModel, tokens: torch.Tensor, seq_len: int, seed: int = 0, batch_size: int = 32) -> dict[str, Any]:
     """exp(mean NLL of the original tokens at the masked positions), the method's own masking rule
     drawn from a generator seeded with ``seed`` (same masks every time)."""
-    model = method.encoder
+    model = method.language_model()
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -111,7 +111,7 @@ def evaluate_text_run(config: RunConfig, method: Method, run_dir: str | Path, lo
     if isinstance(method, MaskedLanguageModel):
         ppl = masked_perplexity(method, held, data.seq_len, seed=ev.seed)
     else:
-        ppl = perplexity(method.encoder, held, data.seq_len, n_chars=len(splits.heldout))
+        ppl = perplexity(method.language_model(), held, data.seq_len, n_chars=len(splits.heldout))
     pool = speaker_pool(parse_speeches(splits.heldout), max(ev.shots) + ev.queries, data.holdout_classes, data.split_seed)
     log(f"speaker episodes over {len(pool.speakers)} held-out speakers ({len(pool.texts)} speeches)")
     features = {f"{name}-{p}": embed_texts(method.encoder, tokenizer, pool.texts, p) for p in pools_of(name)}

@@ -2,8 +2,9 @@
 
 Both take windows of text tokens from :class:`~fewshot.data.text.TokenSet`, corrupt or shift
 them with :mod:`fewshot.data.masking`, and score cross-entropy on the targeted positions
-(:func:`~fewshot.objectives.language.token_cross_entropy`). ``.encoder`` is the language model:
-``encoder(tokens)`` gives logits, ``encoder.embed(tokens)`` the representation r.
+(:func:`~fewshot.objectives.language.token_cross_entropy`). ``.encoder`` is the text tower from the
+encoder registry (``encoder(tokens)`` gives r), ``.head`` the LM head before the tied decoder, and
+``language_model()`` the two as one module whose forward gives logits (training, perplexity, generation).
 """
 
 from __future__ import annotations
@@ -14,20 +15,22 @@ from typing import Callable, Literal
 import torch
 from pydantic import Field
 
+from fewshot.data.types import Batch
 from fewshot.config import MethodConfig, RunConfig
 from fewshot.data.masking import bert_mask, causal_targets, span_mask
 from fewshot.data.tokenizer import BOS_ID, CLS_ID, MASK_ID, SPECIAL_TOKENS
 from fewshot.errors import ConfigError
 from fewshot.methods.base import Method
-from fewshot.models.language import GPT, MaskedLM, TextTransformer, prepend
+from fewshot.models.encoders import create_encoder
+from fewshot.models.language import LanguageModel, TextTransformer, mlm_head, prepend
 from fewshot.objectives.language import token_cross_entropy
 
 TEXT_ENCODER = "text-transformer"
 SPECIAL_IDS = tuple(range(len(SPECIAL_TOKENS)))
 
 
-def build_language_model(config: RunConfig, cls: type[TextTransformer]) -> TextTransformer:
-    """``cls`` sized by ``encoder.options`` {dim, depth, heads, mlp_ratio}; vocabulary and context from ``data``."""
+def build_text_tower(config: RunConfig, causal: bool) -> TextTransformer:
+    """The registry's text tower sized by ``encoder.options`` {dim, depth, heads, mlp_ratio}; vocabulary and context from ``data``."""
     name = config.method.name
     if config.data.source != "text":
         raise ConfigError(f"method '{name}' pre-trains on text; set data.source=text (got {config.data.source})")
@@ -36,8 +39,8 @@ def build_language_model(config: RunConfig, cls: type[TextTransformer]) -> TextT
     options = {k: v for k, v in config.encoder.options.items() if v is not None}
     try:
         # +1: the window plus its [BOS] / [CLS].
-        return cls(vocab_size=config.data.vocab_size, max_len=config.data.seq_len + 1, **options)
-    except (TypeError, ValueError) as exc:  # an option the model does not take, or dim % heads
+        return create_encoder(TEXT_ENCODER, vocab_size=config.data.vocab_size, max_len=config.data.seq_len + 1, causal=causal, **options)
+    except (ConfigError, ValueError) as exc:  # an option the model does not take, or dim % heads
         raise ConfigError(f"encoder '{TEXT_ENCODER}' options {options}: {exc}") from None
 
 
@@ -55,15 +58,24 @@ class CausalLM(Method):
     """GPT (Radford et al. 2018): maximise Σ_t log p(x_t | x_<t). The window gets [BOS] first, so
     inputs [BOS], x_1..x_{L−1} predict x_1..x_L (``causal_targets``) under causal attention."""
 
+    inputs = ("tokens",)
+
+    @classmethod
+    def build_encoder(cls, config: RunConfig) -> TextTransformer:
+        return build_text_tower(config, causal=True)
+
     def __init__(self, config: RunConfig) -> None:
         super().__init__()
-        self.encoder = build_language_model(config, GPT)
+        self.encoder = self.build_encoder(config)
+        self.head = torch.nn.Identity()  # GPT's head is the tied decoder alone
 
-    def forward(
-        self, tokens: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    def language_model(self) -> LanguageModel:
+        return LanguageModel(self.encoder, self.head)
+
+    def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        tokens = batch["tokens"]
         shifted = causal_targets(prepend(tokens, BOS_ID))
-        return token_cross_entropy(self.encoder(shifted.inputs), shifted.targets), {}
+        return token_cross_entropy(self.language_model()(shifted.inputs), shifted.targets), {}
 
 
 class MaskedLanguageModel(Method):
@@ -71,14 +83,20 @@ class MaskedLanguageModel(Method):
     chosen, of those ``mlm_replace`` = (→ [MASK], → random token, unchanged); predict the originals
     at the chosen positions only. ``mlm_masking=span`` masks SpanBERT spans instead (Joshi et al. 2020)."""
 
+    inputs = ("tokens",)
     config_class = MLMConfig
+
+    @classmethod
+    def build_encoder(cls, config: RunConfig) -> TextTransformer:
+        return build_text_tower(config, causal=False)
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__()
         m = config.method
         if any(p < 0 for p in m.mlm_replace) or not math.isclose(sum(m.mlm_replace), 1.0, abs_tol=1e-6):
             raise ConfigError(f"method.mlm_replace must be three fractions ≥ 0 that sum to 1, got {list(m.mlm_replace)}")
-        self.encoder = build_language_model(config, MaskedLM)
+        self.encoder = self.build_encoder(config)
+        self.head = mlm_head(self.encoder.dim)
         self.ratio, self.replace, self.masking = m.mlm_ratio, tuple(m.mlm_replace), m.mlm_masking
         self.vocab_size = config.data.vocab_size
 
@@ -89,11 +107,13 @@ class MaskedLanguageModel(Method):
             return span_mask(seq, MASK_ID, generator, self.ratio, special_ids=SPECIAL_IDS)
         return bert_mask(seq, MASK_ID, self.vocab_size, generator, self.ratio, self.replace, special_ids=SPECIAL_IDS)
 
-    def forward(
-        self, tokens: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        tokens = batch["tokens"]
         masked = self.mask(tokens, generator)
-        return token_cross_entropy(self.encoder(masked.inputs), masked.targets), {}
+        return token_cross_entropy(self.language_model()(masked.inputs), masked.targets), {}
+
+    def language_model(self) -> LanguageModel:
+        return LanguageModel(self.encoder, self.head)
 
 
 LANGUAGE_METHODS: dict[str, Callable[[RunConfig], Method]] = {"gpt": CausalLM, "mlm": MaskedLanguageModel}

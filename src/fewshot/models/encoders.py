@@ -1,7 +1,8 @@
 """Encoders behind one constructor by name.
 
-Every encoder maps images (B, C, H, W) to a flat representation r of shape (B, encoder.dim).
-Token models also offer ``forward_tokens(x) -> (B, T, dim)``.
+Every encoder maps its input x (images (B, C, H, W); token ids (B, T) for the text tower) to a
+flat representation r of shape (B, encoder.dim). Token models (ViT, text tower) also offer
+``forward_tokens(x) -> (B, T, dim)``: [CLS] / start token first, after the trunk's final norm.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torchvision
 from torch import nn
 
 from fewshot.errors import ConfigError
-from fewshot.models.transformer import Block, PatchEmbed
+from fewshot.models.language import TextTransformer
+from fewshot.models.transformer import PatchEmbed, TokenTrunk
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -30,13 +32,14 @@ def encoder_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_encoder(name: str, in_channels: int = 1, image_size: int = 28, **options) -> nn.Module:
-    """Build encoder `name`; options left at None keep the builder's default."""
+def create_encoder(name: str, in_channels: int | None = None, image_size: int | None = None, **options) -> nn.Module:
+    """Build encoder `name`; options left at None keep the builder's default (image encoders:
+    1 channel, 28 px; the text tower takes vocab_size and max_len instead)."""
     if name not in _REGISTRY:
         raise ConfigError(f"unknown encoder '{name}'; known encoders: {', '.join(encoder_names())}")
-    options = {k: v for k, v in options.items() if v is not None}
+    options = {k: v for k, v in dict(options, in_channels=in_channels, image_size=image_size).items() if v is not None}
     try:
-        return _REGISTRY[name](in_channels=in_channels, image_size=image_size, **options)
+        return _REGISTRY[name](**options)
     except TypeError as exc:  # an option the builder does not take
         raise ConfigError(f"encoder '{name}': {exc}") from None
 
@@ -124,16 +127,20 @@ class ViT(nn.Module):
         self.patch_embed = PatchEmbed(image_size, patch_size, in_channels, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, self.patch_embed.num_patches + 1, dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
+        self.trunk = TokenTrunk(dim, depth, heads)
         self.dim = dim
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def input_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """[CLS] + patch tokens with positions added, the trunk's input: (B, 1 + patches, dim)."""
         tokens = self.patch_embed(x)
-        tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self.pos_embed
-        for block in self.blocks:
-            tokens = block(tokens)
-        return self.norm(tokens)  # (B, 1 + patches, dim)
+        return torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self.pos_embed
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(self.input_tokens(x))  # (B, 1 + patches, dim)
+
+    def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """r from the trunk's output [CLS] + patches: (B, 1 + L, dim) → (B, dim)."""
+        return tokens[:, 1:].mean(dim=1) if self.pool == "mean" else tokens[:, 0]
 
     def forward_visible(self, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """MAE's encoder pass (He et al. 2022): only the patches at ``ids_keep`` (B, L_keep) enter
@@ -142,16 +149,20 @@ class ViT(nn.Module):
         tokens = self.patch_embed(x) + self.pos_embed[:, 1:]  # (B, L, dim)
         tokens = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        tokens = torch.cat([cls, tokens], dim=1)
-        for block in self.blocks:
-            tokens = block(tokens)
-        return self.norm(tokens)
+        return self.trunk(torch.cat([cls, tokens], dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.forward_tokens(x)
-        return tokens[:, 1:].mean(dim=1) if self.pool == "mean" else tokens[:, 0]
+        return self.pool_tokens(self.forward_tokens(x))
 
 
 @register("vit-tiny")
 def vit_tiny(in_channels: int = 1, image_size: int = 28, patch_size: int = 4, depth: int = 6, pool: str = "cls") -> nn.Module:
     return ViT(in_channels, image_size, patch_size, dim=192, depth=depth, heads=3, pool=pool)
+
+
+@register("text-transformer")
+def text_transformer(
+    vocab_size: int, max_len: int, dim: int = 128, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0, causal: bool = False
+) -> nn.Module:
+    """The text tower (token ids → r); ``causal`` for a GPT's, else a masked LM's. See models/language.py."""
+    return TextTransformer(vocab_size, max_len, dim, depth, heads, mlp_ratio, causal)

@@ -1,18 +1,21 @@
-"""Language models on the shared transformer blocks: a causal GPT and a bidirectional masked LM.
+"""Language models on the token trunk: a causal GPT and a bidirectional masked LM.
 
-Both are token embedding + learned positional embedding → pre-norm :class:`Block` s → final
-LayerNorm → LM head whose weight IS the token embedding (tied, Press & Wolf 2017). ``forward``
-takes full sequences (the caller puts [BOS] / [CLS] first) and returns logits; ``embed`` takes
-plain text tokens, adds the start token itself and returns one vector per sequence, r: (B, dim).
+Both are a text tower (:class:`TextTransformer`, registered as encoder ``text-transformer``:
+token + learned position embeddings → :class:`~fewshot.models.transformer.TokenTrunk`) and a
+separate LM head; the logits are ``head(h) · Eᵀ`` with E the tower's token embedding (tied, Press
+& Wolf 2017), so the embedding is one Parameter stored once. The tower gives r: (B, dim) for plain
+text tokens (it adds the start token itself); :class:`LanguageModel` takes full sequences (the
+caller puts [BOS] / [CLS] first) and gives logits.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fewshot.data.tokenizer import BOS_ID, CLS_ID
-from fewshot.models.transformer import Block, KeyValues
+from fewshot.models.transformer import KeyValues, TokenTrunk
 
 
 def prepend(tokens: torch.Tensor, token_id: int) -> torch.Tensor:
@@ -21,59 +24,44 @@ def prepend(tokens: torch.Tensor, token_id: int) -> torch.Tensor:
     return torch.cat([start, tokens], dim=1)
 
 
-def _drop_tied_head(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    state_dict.pop(prefix + "head.weight", None)
-
-
-def _fill_tied_head(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    if prefix + "tok_emb.weight" in state_dict:
-        state_dict[prefix + "head.weight"] = state_dict[prefix + "tok_emb.weight"]
+def gpt2_init(m: nn.Module) -> None:
+    """GPT-2's initialisation: N(0, 0.02) weights, zero biases."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+    if isinstance(m, nn.Linear) and m.bias is not None:
+        nn.init.zeros_(m.bias)
 
 
 class TextTransformer(nn.Module):
-    """Embeddings → blocks → LayerNorm → tied LM head. ``causal`` picks GPT or masked-LM attention."""
-
-    start_id: int
-    default_pool: str
+    """The text tower: token ids (B, T) → r (B, dim). ``causal`` picks GPT attention ([BOS] first,
+    r = mean of the text tokens' states) or bidirectional masked-LM attention ([CLS] first, r = [CLS])."""
 
     def __init__(
         self, vocab_size: int, max_len: int, dim: int = 128, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0, causal: bool = False
     ) -> None:
         super().__init__()
         self.dim, self.max_len, self.vocab_size, self.causal = dim, max_len, vocab_size, causal
+        self.start_id, self.default_pool = (BOS_ID, "mean") if causal else (CLS_ID, "cls")
         self.tok_emb = nn.Embedding(vocab_size, dim)
         self.pos_emb = nn.Parameter(torch.zeros(1, max_len, dim))
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, causal) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, vocab_size, bias=False)
-        self.apply(self._init)
+        self.trunk = TokenTrunk(dim, depth, heads, mlp_ratio, causal)
+        self.apply(gpt2_init)
         nn.init.normal_(self.pos_emb, std=0.02)
-        self.head.weight = self.tok_emb.weight  # tied: one Parameter, one storage
-        # safetensors refuses two names for one storage: the state dict keeps only tok_emb.weight.
-        self.register_state_dict_post_hook(_drop_tied_head)
-        self.register_load_state_dict_pre_hook(_fill_tied_head)
 
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        # GPT-2's initialisation: N(0, 0.02) weights, zero biases.
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-    def forward_tokens(
+    def hidden(
         self,
         tokens: torch.Tensor,
         prefix: torch.Tensor | None = None,
         past: list[KeyValues] | None = None,
+        padding_mask: torch.Tensor | None = None,
         return_kv: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, list[KeyValues]]:
-        """Hidden states after the final LayerNorm, (B, P + T, dim).
+        """Hidden states of full sequences after the final LayerNorm, (B, P + T, dim).
 
         tokens: (B, T) ids. prefix: optional (B, P, dim) embeddings placed before the tokens
         (prefix tuning, image prefixes); they take positions 0..P−1. past: per-block keys and
         values of earlier positions (the KV cache); this call's positions continue after them.
-        ``return_kv`` also returns the per-block (past + new) keys and values.
+        padding_mask: (B, past + P + T) bool, True at padding. ``return_kv``: also the per-block keys/values.
         """
         x = self.tok_emb(tokens)
         if prefix is not None:
@@ -81,41 +69,20 @@ class TextTransformer(nn.Module):
         start = 0 if past is None else past[0][0].shape[2]
         if start + x.shape[1] > self.max_len:
             raise ValueError(f"{start + x.shape[1]} positions exceed the model's context of {self.max_len}")
-        x = x + self.pos_emb[:, start : start + x.shape[1]]
-        new_past = []
-        for i, block in enumerate(self.blocks):
-            if return_kv:
-                x, kv = block(x, None if past is None else past[i], return_kv=True)
-                new_past.append(kv)
-            else:
-                x = block(x, None if past is None else past[i])
-        x = self.norm(x)
-        return (x, new_past) if return_kv else x
+        return self.trunk(x + self.pos_emb[:, start : start + x.shape[1]], past, padding_mask, return_kv=return_kv)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden)
-
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        prefix: torch.Tensor | None = None,
-        past: list[KeyValues] | None = None,
-        return_kv: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[KeyValues]]:
-        """Logits (B, T, vocab) at the token positions (prefix positions have no targets)."""
-        out = self.forward_tokens(tokens, prefix, past, return_kv)
-        hidden, kv = out if return_kv else (out, None)
-        logits = self.logits(hidden[:, hidden.shape[1] - tokens.shape[1] :])
-        return (logits, kv) if return_kv else logits
+    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Plain text tokens (B, T) → states of [start] + tokens, (B, 1 + T, dim), as the ViT's [CLS] + patches."""
+        return self.hidden(prepend(tokens, self.start_id))
 
     def embed(self, tokens: torch.Tensor, pool: str | None = None) -> torch.Tensor:
-        """r: (B, dim) for plain text tokens (B, T): the start token is added here.
+        """r: (B, dim) for plain text tokens (B, T).
 
         pool: "cls" (the start token's state: [CLS] for the masked LM), "mean" (mean over the
         text tokens, start token excluded) or "last" (the last token: all a causal model has seen).
         """
         pool = pool or self.default_pool
-        h = self.forward_tokens(prepend(tokens, self.start_id))
+        h = self.forward_tokens(tokens)
         if pool == "cls":
             return h[:, 0]
         if pool == "mean":
@@ -124,31 +91,64 @@ class TextTransformer(nn.Module):
             return h[:, -1]
         raise ValueError(f"unknown pool '{pool}'; choose cls, mean or last")
 
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed(tokens)
 
-class GPT(TextTransformer):
+
+class LanguageModel(nn.Module):
+    """``.encoder`` (the text tower, r) + ``.head`` (applied before the tied decoder Eᵀ)."""
+
+    def __init__(self, encoder: TextTransformer, head: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    @property
+    def causal(self) -> bool:
+        return self.encoder.causal
+
+    @property
+    def max_len(self) -> int:
+        return self.encoder.max_len
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.head(hidden), self.encoder.tok_emb.weight)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        prefix: torch.Tensor | None = None,
+        past: list[KeyValues] | None = None,
+        padding_mask: torch.Tensor | None = None,
+        return_kv: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[KeyValues]]:
+        """Logits (B, T, vocab) at the token positions (prefix positions have no targets)."""
+        out = self.encoder.hidden(tokens, prefix, past, padding_mask, return_kv)
+        hidden, kv = out if return_kv else (out, None)
+        logits = self.logits(hidden[:, hidden.shape[1] - tokens.shape[1] :])
+        return (logits, kv) if return_kv else logits
+
+
+class GPT(LanguageModel):
     """Causal language model (Radford et al. 2018): position t attends to positions ≤ t; [BOS] starts
-    every sequence, so the first text token is predicted too. r = mean-pooled hidden states."""
-
-    start_id = BOS_ID
-    default_pool = "mean"
+    every sequence, so the first text token is predicted too. The head is the tied decoder alone."""
 
     def __init__(self, vocab_size: int, max_len: int, dim: int = 128, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0) -> None:
-        super().__init__(vocab_size, max_len, dim, depth, heads, mlp_ratio, causal=True)
+        super().__init__(TextTransformer(vocab_size, max_len, dim, depth, heads, mlp_ratio, causal=True), nn.Identity())
 
 
-class MaskedLM(TextTransformer):
-    """Bidirectional masked language model (Devlin et al. 2019, BERT): [CLS] first; r = [CLS]'s state.
+class MaskedLM(LanguageModel):
+    """Bidirectional masked language model (Devlin et al. 2019, BERT): [CLS] first.
 
     As BERT's reference code, the MLM head is dense → GELU → LayerNorm before the tied decoder.
     """
 
-    start_id = CLS_ID
-    default_pool = "cls"
-
     def __init__(self, vocab_size: int, max_len: int, dim: int = 128, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0) -> None:
-        super().__init__(vocab_size, max_len, dim, depth, heads, mlp_ratio, causal=False)
-        self.transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim))
-        self._init(self.transform[0])
+        encoder = TextTransformer(vocab_size, max_len, dim, depth, heads, mlp_ratio, causal=False)
+        super().__init__(encoder, mlm_head(dim))
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(self.transform(hidden))
+
+def mlm_head(dim: int) -> nn.Module:
+    """BERT's MLM transform before the tied decoder: dense → GELU → LayerNorm."""
+    head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim))
+    gpt2_init(head[0])
+    return head

@@ -1,4 +1,10 @@
-"""Transformer parts shared by every token model (the ViT now; masked LM, GPT and text towers later)."""
+"""The one token trunk: attention, the pre-norm block and :class:`TokenTrunk` (blocks + final norm).
+
+Every token model embeds its own inputs (patches + [CLS] for the ViT, token ids for the text
+tower) and adds positions, then runs the same trunk. The trunk takes past keys/values (a KV
+cache or learned prefixes), a key padding mask, deep prompts and, in blocks built with
+``context_dim``, cross-attention to a context sequence (image tokens for a text decoder).
+"""
 
 from __future__ import annotations
 
@@ -12,61 +18,148 @@ KeyValues = tuple[torch.Tensor, torch.Tensor]
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention on PyTorch's fused scaled_dot_product_attention.
+    """Multi-head attention on PyTorch's fused scaled_dot_product_attention.
 
-    ``past`` holds keys and values that come before this call's tokens: a KV cache during
-    generation, or learned prefixes (prefix tuning). They are prepended to this call's keys
-    and values; with ``causal`` the new tokens see every past position and the new ones up to
-    their own. ``return_kv`` also returns the full (past + new) keys and values for the next call.
+    Self-attention projects q, k, v with one fused ``qkv`` Linear (the name LoRA and (IA)³ target).
+    With ``context_dim`` it is cross-attention: ``q`` projects x, ``kv`` projects the context
+    (B, S, context_dim), so keys and values come from another sequence of another width.
+
+    ``past`` holds keys and values before this call's tokens: a KV cache during generation, or
+    learned prefixes (prefix tuning); they are prepended to the keys and values. With ``causal``
+    the new tokens see every past position and the new ones up to their own. ``padding_mask``
+    (B, T_keys) bool is True at keys to ignore (padding), over past + new keys (or the context).
+    ``return_kv`` also returns the full (past + new) keys and values for the next call.
     """
 
-    def __init__(self, dim: int, heads: int, causal: bool = False) -> None:
+    def __init__(self, dim: int, heads: int, causal: bool = False, context_dim: int | None = None) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads = heads
-        self.causal = causal
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.causal = causal and context_dim is None  # a context has no order relative to x
+        if context_dim is None:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        else:
+            self.q = nn.Linear(dim, dim)
+            self.kv = nn.Linear(context_dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
+    def split(self, y: torch.Tensor, parts: int) -> torch.Tensor:
+        """(B, T, parts·D) → (parts, B, heads, T, D/heads)."""
+        b, t, _ = y.shape
+        return y.view(b, t, parts, self.heads, -1).permute(2, 0, 3, 1, 4)
+
     def forward(
-        self, x: torch.Tensor, past: KeyValues | None = None, return_kv: bool = False
+        self,
+        x: torch.Tensor,
+        past: KeyValues | None = None,
+        return_kv: bool = False,
+        padding_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, KeyValues]:
         b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 × (B, h, T, d/h)
-        mask, is_causal = None, self.causal
+        if hasattr(self, "qkv"):
+            q, k, v = self.split(self.qkv(x), 3)  # 3 × (B, h, T, d/h)
+        else:
+            if context is None:
+                raise ValueError("cross-attention needs a context (B, S, context_dim)")
+            q, (k, v) = self.split(self.q(x), 1)[0], self.split(self.kv(context), 2)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        mask, is_causal = None, self.causal
+        if self.causal and (past is not None or padding_mask is not None) and t > 1:
+            # new query i sees the past and new keys ≤ i; SDPA's is_causal assumes no past
+            mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=k.shape[2] - t)
+        if past is not None or padding_mask is not None:
             is_causal = False
-            if self.causal and t > 1:  # new query i sees past positions and new keys ≤ i
-                mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=k.shape[2] - t)
+        if padding_mask is not None:
+            if padding_mask.shape != (b, k.shape[2]):
+                raise ValueError(f"padding_mask must be (batch, keys) = {(b, k.shape[2])}, got {tuple(padding_mask.shape)}")
+            keep = ~padding_mask[:, None, None, :]  # (B, 1, 1, T_k), True = attend
+            mask = keep if mask is None else keep & mask
+            # A query with no key to attend (a padded query under a causal mask) would give NaN;
+            # let it see every key instead: its output sits at a padded position and is ignored.
+            mask = mask | ~mask.any(dim=-1, keepdim=True)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         out = self.proj(y.transpose(1, 2).reshape(b, t, d))
         return (out, (k, v)) if return_kv else out
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+    """Pre-norm transformer block: x + attn(LN(x)), [x + cross(LN(x), context)], then x + mlp(LN(x)).
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, causal: bool = False) -> None:
+    The cross-attention sub-layer exists only when built with ``context_dim`` (its width)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, causal: bool = False, context_dim: int | None = None) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads, causal)
+        if context_dim is not None:
+            self.norm_cross = nn.LayerNorm(dim)
+            self.cross = Attention(dim, heads, context_dim=context_dim)
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(
-        self, x: torch.Tensor, past: KeyValues | None = None, return_kv: bool = False
+        self,
+        x: torch.Tensor,
+        past: KeyValues | None = None,
+        return_kv: bool = False,
+        padding_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, KeyValues]:
-        """``past`` / ``return_kv`` as in :class:`Attention` (KV cache, prefixes)."""
-        if return_kv:
-            a, kv = self.attn(self.norm1(x), past, return_kv=True)
-        else:
-            a, kv = self.attn(self.norm1(x), past), None
+        """``past`` / ``return_kv`` / ``padding_mask`` as in :class:`Attention` (KV cache, prefixes);
+        ``context_mask`` (B, S) is the padding mask of the context."""
+        a = self.attn(self.norm1(x), past, return_kv=return_kv, padding_mask=padding_mask)
+        a, kv = a if return_kv else (a, None)
         x = x + a
+        if hasattr(self, "cross"):
+            x = x + self.cross(self.norm_cross(x), padding_mask=context_mask, context=context)
         x = x + self.mlp(self.norm2(x))
         return (x, kv) if return_kv else x
+
+
+class TokenTrunk(nn.Module):
+    """``depth`` pre-norm :class:`Block` s and a final LayerNorm: (B, T, D) embedded tokens → (B, T, D).
+
+    past: per-block keys/values of earlier positions (KV cache or prefixes), as :class:`Attention`.
+    padding_mask: (B, T_past + T) bool, True at padded keys. context / context_mask: the sequence
+    that blocks built with ``context_dim`` cross-attend to, and its padding. prompts: (depth, B, n, D)
+    deep prompts (VPT-deep, P-tuning v2): block l reads its own n tokens first, in place of block
+    l−1's outputs there; they are dropped from the output. ``return_kv`` also returns the per-block
+    (past + new) keys and values.
+    """
+
+    def __init__(
+        self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, causal: bool = False, context_dim: int | None = None
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, causal, context_dim) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        past: list[KeyValues] | None = None,
+        padding_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
+        return_kv: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[KeyValues]]:
+        n = 0 if prompts is None else prompts.shape[2]
+        present = []
+        for i, block in enumerate(self.blocks):
+            if n:
+                x = torch.cat([prompts[i], x[:, n:] if i else x], dim=1)
+            x = block(x, None if past is None else past[i], return_kv, padding_mask, context, context_mask)
+            if return_kv:
+                x, kv = x
+                present.append(kv)
+        x = self.norm(x[:, n:])
+        return (x, present) if return_kv else x
 
 
 class PatchEmbed(nn.Module):
