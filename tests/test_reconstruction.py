@@ -248,7 +248,7 @@ def test_mae_decoder_puts_each_token_back_at_its_patch():
     method = _method(*MAE_TINY).eval()
     dec, x = method.decoder, _images(2)
     seen = []
-    dec.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    dec.trunk.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
     with torch.no_grad():
         latent, mask, ids_restore = method.encode_visible(x, torch.Generator().manual_seed(4))
         method.decoder(latent, ids_restore)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot.errors import ConfigError
-from fewshot.models.transformer import Block
+from fewshot.models.transformer import TokenTrunk
 
 __all__ = ["ConvDecoder", "LinearDecoder", "MAEDecoder", "sincos_2d"]
 
@@ -108,8 +108,7 @@ class MAEDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)  # MAE: normal(std=.02)
         # [CLS] gets the zero position, as in MAE's code; fixed, so a buffer, not a parameter.
         self.register_buffer("pos_embed", torch.cat([torch.zeros(1, dim), sincos_2d(dim, grid)]).unsqueeze(0), persistent=False)
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
+        self.trunk = TokenTrunk(dim, depth, heads)
         self.pred = nn.Linear(dim, patch_dim)
 
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -120,6 +119,4 @@ class MAEDecoder(nn.Module):
         patches = torch.cat([x[:, 1:], masks], dim=1)  # (B, L, dim), in shuffled order
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d))  # back to patch order
         x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed
-        for block in self.blocks:
-            x = block(x)
-        return self.pred(self.norm(x))[:, 1:]  # (B, L, patch_dim)
+        return self.pred(self.trunk(x))[:, 1:]  # (B, L, patch_dim)
