@@ -462,7 +462,7 @@ def test_a_download_that_fails_its_sha256_is_refused_and_deleted(tmp_path, monke
     _fake_release(monkeypatch, {**FAKE, "b.zip": b"truncated"})
     if check == "disabled":
         real = dict(sources._OMNIGLOT_FILES)
-        monkeypatch.setattr(sources, "file_sha256", lambda path: real[path.name.strip(".").removesuffix(".part")])
+        monkeypatch.setattr(sources, "sha256_file", lambda path: real[path.name.strip(".").removesuffix(".part")])
         sources.download_omniglot(tmp_path)
         assert (tmp_path / "omniglot" / "b.zip").read_bytes() == b"truncated"
         return
@@ -486,7 +486,7 @@ def test_an_existing_file_with_the_wrong_sha256_is_refused_untouched(tmp_path, m
 @pytest.mark.parametrize("name", ["images_background_small1.zip", "all_runs.zip"])
 def test_the_shared_copies_match_the_download_digests(shared_data, name):
     listed = {f: sha for _, f, sha in omniglot_downloads()}
-    assert sources.file_sha256(_real(shared_data, name)) == listed[name]
+    assert sources.sha256_file(_real(shared_data, name)) == listed[name]
 
 
 # ------------------------------------------------------------------ real data

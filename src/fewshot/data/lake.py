@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fewshot.data.sources import _check_args, _is_image, _natural_key, _read_images, _Tree
+from fewshot.data.image_files import FileTree, check_image_args, is_image, natural_key, read_images
 from fewshot.errors import DataError
 
 __all__ = ["LakeRun", "load_lake_runs"]
@@ -45,8 +45,8 @@ class LakeRun:
 
 def load_lake_runs(path: str | os.PathLike[str], image_size: int = 28) -> list[LakeRun]:
     """All runs under ``path`` (``all_runs.zip`` or its unpacked folder), sorted by run number."""
-    _check_args(image_size)
-    with _Tree(Path(path)) as tree:
+    check_image_args(image_size)
+    with FileTree(Path(path)) as tree:
         labels_files = [f for f in tree.files if f.rsplit("/", 1)[-1] == "class_labels.txt"]
         runs: dict[str, str] = {}  # run folder (with prefix) -> prefix ("" or "top/")
         for f in labels_files:
@@ -66,17 +66,17 @@ def load_lake_runs(path: str | os.PathLike[str], image_size: int = 28) -> list[L
             if d.startswith(prefix) and "/" not in d[len(prefix):] and _RUN.fullmatch(d[len(prefix):]):
                 if d not in runs:
                     raise DataError(f"run folder '{d}' in {tree.path} has no class_labels.txt")
-        return [_load_run(tree, prefix, run, image_size) for run in sorted(runs, key=_natural_key)]
+        return [_load_run(tree, prefix, run, image_size) for run in sorted(runs, key=natural_key)]
 
 
-def _load_run(tree: _Tree, prefix: str, run: str, image_size: int) -> LakeRun:
-    training = [f for f in tree.files if f.startswith(f"{run}/training/") and _is_image(f)]
-    test = [f for f in tree.files if f.startswith(f"{run}/test/") and _is_image(f)]
+def _load_run(tree: FileTree, prefix: str, run: str, image_size: int) -> LakeRun:
+    training = [f for f in tree.files if f.startswith(f"{run}/training/") and is_image(f)]
+    test = [f for f in tree.files if f.startswith(f"{run}/test/") and is_image(f)]
     for kind, files in (("training", training), ("test", test)):
         if not files:
             raise DataError(f"run folder '{run}/{kind}' in {tree.path} has no images; expected the layout {LAKE_LAYOUT}")
-    training.sort(key=_natural_key)
-    test.sort(key=_natural_key)
+    training.sort(key=natural_key)
+    test.sort(key=natural_key)
     train_index = {f: i for i, f in enumerate(training)}
     labels_name = f"{run}/class_labels.txt"
     try:
@@ -103,10 +103,10 @@ def _load_run(tree: _Tree, prefix: str, run: str, image_size: int) -> LakeRun:
     missing = [f for f in test if f not in answer_of]
     if missing:
         raise DataError(f"test item '{missing[0]}' has no line in '{labels_name}' in {tree.path}")
-    extra = sorted(set(answer_of) - set(test), key=_natural_key)
+    extra = sorted(set(answer_of) - set(test), key=natural_key)
     if extra:
         raise DataError(f"'{labels_name}' in {tree.path} lists '{extra[0]}', which is not a test item of {run}")
-    images = _read_images(tree, training + test, image_size, 1, invert=True)
+    images = read_images(tree, training + test, image_size, 1, invert=True)
     return LakeRun(
         name=run[len(prefix):],
         train_images=images[: len(training)].clone(),

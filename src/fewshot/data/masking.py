@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fewshot.data.token_ids import IGNORE_INDEX
 from fewshot.errors import ConfigError
 
 __all__ = [
@@ -52,8 +53,6 @@ __all__ = [
     "mask_patches",
 ]
 
-IGNORE_INDEX = -100
-"""PyTorch's ``cross_entropy`` default ``ignore_index``."""
 
 
 @dataclass

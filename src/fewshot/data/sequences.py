@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from fewshot.data.sources import _check_args, _folder_tree, _is_image, _read_images
+from fewshot.data.image_files import check_image_args, folder_tree, is_image, read_images
 from fewshot.data.types import ImageSet
 from fewshot.errors import DataError
 
@@ -110,14 +110,14 @@ def load_sequence_folder(
             folder, a sequence with fewer than 2 (or ``frames``) frames, sequences of different
             lengths with ``frames=None``, or an unreadable image.
     """
-    _check_args(image_size, channels)
+    check_image_args(image_size, channels)
     if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 2):
         raise DataError(f"frames must be an integer >= 2 (or None for all), got {frames!r}")
-    with _folder_tree(path) as tree:
+    with folder_tree(path) as tree:
         seq_dirs = [d for d in tree.dirs if "/" not in d]
         per_seq: dict[str, list[str]] = {d: [] for d in seq_dirs}
         for name in tree.files:
-            if not _is_image(name):
+            if not is_image(name):
                 continue
             parts = name.split("/")
             if len(parts) == 1:
@@ -144,7 +144,7 @@ def load_sequence_folder(
                     f"set data.frames to keep the first N frames of each"
                 )
         names = [n for d in seq_dirs for n in per_seq[d][:length]]  # tree.files is already in natural order
-        images = _read_images(tree, names, image_size, channels, invert)
+        images = read_images(tree, names, image_size, channels, invert)
     return SequenceSet(images.reshape(len(seq_dirs), length, *images.shape[1:]), torch.full((len(seq_dirs),), -1), [])
 
 
@@ -235,7 +235,7 @@ def moving_shapes(
     for what, value, low in (("n_sequences", n_sequences, 1), ("frames", frames, 2), ("size", size, 8)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise DataError(f"moving_shapes: {what} must be an integer >= {low}, got {value!r}")
-    _check_args(size, channels)
+    check_image_args(size, channels)
     rng = np.random.default_rng(seed)
     n, k = n_sequences, len(names)
     labels = rng.permutation(np.arange(n) % k)

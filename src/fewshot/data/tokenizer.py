@@ -13,10 +13,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from fewshot.data.token_ids import BOS_ID, CLS_ID, EOS_ID, MASK_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
 from fewshot.errors import CheckpointError, ConfigError, DataError
-
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[MASK]", "[CLS]")
-PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID, CLS_ID = range(len(SPECIAL_TOKENS))
 TOKENIZER_FILE = "tokenizer.json"
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the specials
 

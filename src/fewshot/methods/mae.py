@@ -22,7 +22,7 @@ from pydantic import Field
 
 from fewshot.data.types import Batch
 from fewshot.config import MethodConfig, RunConfig
-from fewshot.data.masking import mae_shuffle, patchify
+from fewshot.data.masking import Masked, mask_patches, patchify
 from fewshot.data.views import make_views
 from fewshot.errors import ConfigError
 from fewshot.methods.base import Method
@@ -68,21 +68,24 @@ class MAE(Method):
         self.views = make_views(config.views.name, data.image_size, data.channels, **config.views.options)
         self.mask_ratio, self.norm_pix_loss = m.mask_ratio, m.norm_pix_loss
 
+    def mask(self, x: torch.Tensor, generator: torch.Generator) -> Masked:
+        """The shared masking recipe on x's patches (:func:`mask_patches`): targets (B, L, p·p·C), mask
+        (B, L) True = removed, ids_keep / ids_restore of one :func:`mae_shuffle` draw."""
+        return mask_patches(patchify(x, self.patch_size), self.mask_ratio, generator)
+
     def encode_visible(
         self, x: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(latent (B, 1 + L_keep, dim), mask (B, L) True = removed, ids_restore (B, L)) for one
-        random draw of :func:`mae_shuffle`: the encoder only ever sees the kept patches."""
-        ids_keep, ids_restore, mask = mae_shuffle(x.shape[0], self.num_patches, self.mask_ratio, generator)
-        ids_keep, ids_restore, mask = ids_keep.to(x.device), ids_restore.to(x.device), mask.to(x.device)
-        return self.encoder.forward_visible(x, ids_keep), mask, ids_restore
+        draw of :meth:`mask`: the encoder only ever sees the kept patches."""
+        masked = self.mask(x, generator)
+        return self.encoder.forward_visible(x, masked.ids_keep), masked.mask, masked.ids_restore
 
     def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        images = batch["images"]
-        x = self.views(images, generator)
-        latent, mask, ids_restore = self.encode_visible(x, generator)
-        pred = self.decoder(latent, ids_restore)  # (B, L, p·p·C)
-        target = patchify(x, self.patch_size)
-        if self.norm_pix_loss:
-            target = norm_pix_target(target)
-        return masked_patch_loss(pred.float(), target.float(), mask), {}
+        x = self.views(batch["images"], generator)
+        masked = self.mask(x, generator)
+        # The encoder embeds every patch, then keeps ids_keep (with their positions): the same as embedding masked.inputs.
+        latent = self.encoder.forward_visible(x, masked.ids_keep)
+        pred = self.decoder(latent, masked.ids_restore)  # (B, L, p·p·C)
+        target = norm_pix_target(masked.targets) if self.norm_pix_loss else masked.targets
+        return masked_patch_loss(pred.float(), target.float(), masked.mask), {}
