@@ -136,7 +136,7 @@ def _update_worker(rank: int, store: str, out: str) -> None:
             try:
                 for step in range(2):
                     s1, s2 = _views(10 + step)
-                    _fixed(moco, s1[rows], s2[rows])(s1[rows], None, None)
+                    _fixed(moco, s1[rows], s2[rows])({"images": s1[rows]}, None)
             finally:
                 momentum.gather_all = real_gather
             queues = {"queue": moco.queue, "ptr": moco.queue_ptr, **{f"keys{i}": k for i, k in enumerate(local_keys)}}
