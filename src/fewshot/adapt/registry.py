@@ -1,8 +1,9 @@
 """One registry of adaptation methods: name → function(encoder, **options) → adapted module.
 
-The adapted module maps images to r like the encoder and has only the method's parameters
+The adapted module maps inputs (images, or texts for a text base) to r like the encoder and has only the method's parameters
 trainable. In-place methods (LoRA, adapters, (IA)³, BitFit, …) inject into the encoder they are
-given; wrapper methods (prompts, PGN: :mod:`fewshot.adapt.prompts`, :mod:`fewshot.adapt.pgn`)
+given; PEFT's methods (``peft-lora`` …, :mod:`fewshot.adapt.hf`) return the Hugging Face base
+with PEFT's adapter attached; wrapper methods (prompts, PGN: :mod:`fewshot.adapt.prompts`, :mod:`fewshot.adapt.pgn`)
 return ``Wrapper(encoder, **options)`` holding the frozen encoder as ``.base``. Callers that keep
 the base pass a copy (the runner does, once per episode).
 
@@ -34,6 +35,7 @@ class AdaptMethod:
     summary: str
     mergeable: bool = False
     wrapper: bool = False  # returns a new module holding the frozen encoder as .base
+    lr: float | None = None  # the method's learning rate when none is given (None: AdaptSettings')
 
     def options(self) -> list[str]:
         """The option names ``build`` takes (everything after the encoder but the generator)."""
@@ -102,6 +104,22 @@ def _register_wrappers() -> None:
 
 
 _register_wrappers()
+
+
+def _register_peft() -> None:
+    """PEFT's methods on Hugging Face bases (fewshot.adapt.hf), beside fewshot's own."""
+    from fewshot.adapt import hf
+
+    for name, summary in (
+        ("lora", "PEFT LoRA on a Hugging Face model (r=8, α=16, query + value)"),
+        ("ia3", "PEFT (IA)³ on a Hugging Face model (keys, values, FFN activations)"),
+        ("prefix", "PEFT prefix tuning on a Hugging Face model (10 virtual tokens)"),
+        ("prompt", "PEFT prompt tuning on a Hugging Face model (10 virtual tokens)"),
+    ):
+        register(AdaptMethod(f"peft-{name}", hf.peft_builder(name), summary, lr=hf.DEFAULT_LR[name]))
+
+
+_register_peft()
 
 
 def adapt_method_names() -> list[str]:

@@ -18,7 +18,7 @@ from fewshot.data.types import ImageSet
 from fewshot.errors import DataError
 from fewshot.evaluate.probe import linear_probe_fractions
 from fewshot.evaluate.hausdorff import mhd_matrix, point_sets
-from fewshot.evaluate.runner import run_distance_episodes, run_episodes, score_lake_runs, score_lake_runs_by_distance
+from fewshot.evaluate.runner import episode_table, run_distance_episodes, score_lake_runs, score_lake_runs_by_distance
 from fewshot.methods import build_method
 
 Embed = Callable[[torch.Tensor], torch.Tensor]
@@ -132,10 +132,7 @@ def evaluate_encoders(
         log(f"scoring {len(pool)} evaluation images with '{name}'")
         if scorer.embed is not None:
             features = scorer.embed(pool.images)
-            for way in ev.ways:
-                for shot in ev.shots:
-                    rows = run_episodes(features, pool.labels, way, shot, ev.queries, ev.episodes, tuple(ev.classifiers), ev.seed)
-                    report.results += [{"encoder": name, **row} for row in rows]
+            report.results += episode_table(features, pool.labels, ev, name)
             if ev.probe_fractions:
                 rows = linear_probe_fractions(features, pool.labels, tuple(ev.probe_fractions), seed=ev.seed)
                 report.probe += [{"encoder": name, **row} for row in rows]

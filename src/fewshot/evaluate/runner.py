@@ -9,6 +9,7 @@ mean). We use the sample standard deviation (``ddof=1``); with 600 episodes it d
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from sklearn import config_context
 from threadpoolctl import threadpool_limits
 
+from fewshot.config import EvalConfig
 from fewshot.errors import ConfigError, DataError
 from fewshot.evaluate.classifiers import (
     CLASSIFIERS,
@@ -25,9 +27,12 @@ from fewshot.evaluate.classifiers import (
     l2_normalize,
     make_classifier,
 )
-from fewshot.evaluate.episodes import EpisodeSampler, as_feature_matrix, as_label_vector
+from fewshot.evaluate.episodes import Episode, EpisodeSampler, as_feature_matrix, as_label_vector
 
-__all__ = ["mean_ci95", "run_distance_episodes", "run_episodes", "score_lake_runs", "score_lake_runs_by_distance"]
+__all__ = [
+    "episode_table", "fit_predict_episodes", "mean_ci95", "run_distance_episodes", "run_episodes", "score_lake_runs",
+    "score_lake_runs_by_distance", "take",
+]
 
 DEFAULT_CLASSIFIERS = CLASSIFIERS
 
@@ -44,6 +49,35 @@ def mean_ci95(accuracies: Iterable[float]) -> tuple[float, float]:
     if values.size == 1:
         return mean, math.nan
     return mean, float(1.96 * values.std(ddof=1) / math.sqrt(values.size))
+
+
+def take(items: Any, idx: np.ndarray) -> Any:
+    """Rows ``idx`` of a tensor or array of items (features, images), or of a list (texts)."""
+    if isinstance(items, torch.Tensor):
+        return items[torch.from_numpy(np.array(idx, dtype=np.int64))]  # a copy: episodes are read-only
+    if isinstance(items, np.ndarray):
+        return items[idx]
+    return [items[int(j)] for j in idx]
+
+
+def fit_predict_episodes(make: Callable[[int], Any], items: Any, drawn: Sequence[Episode]) -> tuple[list[float], list[float], Any]:
+    """The one episode loop for any classifier shaped like an estimator.
+
+    ``make(i)`` gives a fresh classifier for episode ``i``; it is fitted on the support items with
+    labels 0..way-1 and predicts the queries. ``items`` are whatever it takes: a feature matrix, an
+    image tensor or a list of texts. Returns (accuracy per episode, seconds per episode, the first
+    episode's fitted classifier).
+    """
+    accuracies, seconds, first = [], [], None
+    for i, episode in enumerate(drawn):
+        start = time.perf_counter()
+        model = make(i)
+        model.fit(take(items, episode.support), episode.support_labels)
+        predicted = np.asarray(model.predict(take(items, episode.query)))
+        seconds.append(time.perf_counter() - start)
+        accuracies.append(float(np.mean(predicted == episode.query_labels)))
+        first = model if first is None else first
+    return accuracies, seconds, first
 
 
 def _check_classifiers(classifiers: Sequence[str] | str) -> tuple[str, ...]:
@@ -96,17 +130,14 @@ def run_episodes(
             correct = _prototype_correct(
                 features, support, support_labels, query_idx, query_labels, name[len("proto-") :]
             )
+            per_episode = correct.mean(axis=1)
         else:
-            correct = np.empty((len(drawn), query_idx.shape[1]), dtype=bool)
             # Episode-sized problems are far too small for a multi-threaded BLAS: its threads
             # only contend (10x slower on 2 cores, worse on more), so run them single-threaded.
             # The features were checked for NaN/inf once above, so skip scikit-learn's checks.
             with threadpool_limits(limits=1), config_context(assume_finite=True):
-                for k, episode in enumerate(drawn):
-                    model = make_classifier(name)
-                    model.fit(features[episode.support], episode.support_labels)
-                    correct[k] = model.predict(features[episode.query]) == episode.query_labels
-        accuracy, ci95 = mean_ci95(correct.mean(axis=1))
+                per_episode = fit_predict_episodes(lambda i: make_classifier(name), features, drawn)[0]
+        accuracy, ci95 = mean_ci95(per_episode)
         rows.append(
             {
                 "classifier": name,
@@ -118,6 +149,17 @@ def run_episodes(
                 "ci95": ci95,
             }
         )
+    return rows
+
+
+def episode_table(features: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, ev: EvalConfig, encoder: str) -> list[dict[str, Any]]:
+    """:func:`run_episodes` over every ``eval.ways`` × ``eval.shots``, rows tagged with ``encoder``:
+    the table every evaluator (images, speakers) prints."""
+    rows = []
+    for way in ev.ways:
+        for shot in ev.shots:
+            found = run_episodes(features, labels, way, shot, ev.queries, ev.episodes, tuple(ev.classifiers), ev.seed)
+            rows += [{"encoder": encoder, **row} for row in found]
     return rows
 
 

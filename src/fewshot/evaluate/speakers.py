@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from sklearn.feature_extraction.text import TfidfVectorizer
 from tokenizers import Tokenizer
 
@@ -23,7 +24,7 @@ from fewshot.config import EvalConfig
 from fewshot.data.splits import split_classes
 from fewshot.data.tokenizer import encode
 from fewshot.errors import DataError
-from fewshot.evaluate.runner import run_episodes
+from fewshot.evaluate.runner import episode_table
 from fewshot.models.language import TextTransformer
 
 
@@ -62,41 +63,53 @@ def bag_of_words(train_texts: list[str], texts: list[str]) -> np.ndarray:
     return vectorizer.transform(texts).toarray().astype(np.float32)
 
 
+class TokenizedTexts(nn.Module):
+    """A text tower behind the face every adapter and the episode runner use: texts → r (N, dim),
+    with gradients. ``model`` is the run's tower (``model.embed(tokens, pool)``), ``tokenizer`` its BPE.
+
+    Texts longer than the model's context keep their first ``max_len − 1`` tokens. The texts are
+    batched only with texts of the same token length: no padding, and each r is exactly what the
+    text alone would give.
+    """
+
+    def __init__(self, model: TextTransformer, tokenizer: Tokenizer, pool: str | None = None, batch_size: int = 64) -> None:
+        super().__init__()
+        self.model, self.tokenizer, self.pool, self.batch_size = model, tokenizer, pool, batch_size
+        self.dim = model.dim
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        if not texts:
+            raise DataError("no texts to embed")
+        ids = [encode(self.tokenizer, t)[: self.model.max_len - 1] for t in texts]
+        if any(len(i) == 0 for i in ids):
+            raise DataError("cannot embed an empty text")
+        device = next(self.model.parameters()).device
+        by_length: dict[int, list[int]] = {}
+        for i, seq in enumerate(ids):
+            by_length.setdefault(len(seq), []).append(i)
+        rows, outs = [], []
+        for group in by_length.values():
+            for b in range(0, len(group), self.batch_size):
+                chunk = group[b : b + self.batch_size]
+                outs.append(self.model.embed(torch.tensor([ids[i] for i in chunk], dtype=torch.long, device=device), self.pool))
+                rows += chunk
+        order = torch.empty(len(rows), dtype=torch.long)
+        order[torch.tensor(rows)] = torch.arange(len(rows))
+        return torch.cat(outs)[order.to(device)].float()
+
+
 @torch.no_grad()
 def embed_texts(
     model: TextTransformer, tokenizer: Tokenizer, texts: list[str], pool: str | None = None, batch_size: int = 64
 ) -> torch.Tensor:
-    """r = model.embed(tokens, pool) for every text, (N, dim) float32 on the CPU.
-
-    Texts longer than the model's context keep their first ``max_len − 1`` tokens. The blocks have
-    no padding mask, so texts are batched only with texts of the same token length: no padding,
-    and each r is exactly what the text alone would give.
-    """
-    ids = [encode(tokenizer, t)[: model.max_len - 1] for t in texts]
-    if any(len(i) == 0 for i in ids):
-        raise DataError("cannot embed an empty text")
+    """r = model.embed(tokens, pool) for every text, (N, dim) float32 on the CPU, in eval mode."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    out = torch.empty(len(texts), model.dim)
-    by_length: dict[int, list[int]] = {}
-    for i, seq in enumerate(ids):
-        by_length.setdefault(len(seq), []).append(i)
-    for rows in by_length.values():
-        for b in range(0, len(rows), batch_size):
-            chunk = rows[b : b + batch_size]
-            batch = torch.tensor([ids[i] for i in chunk], dtype=torch.long, device=device)
-            out[chunk] = model.embed(batch, pool).float().cpu()
+    out = TokenizedTexts(model, tokenizer, pool, batch_size)(texts).cpu()
     model.train(was_training)
     return out
 
 
 def speaker_episodes(features: dict[str, np.ndarray | torch.Tensor], labels: np.ndarray, ev: EvalConfig) -> list[dict[str, Any]]:
     """Rows ``{"encoder", "classifier", "way", "shot", ...}`` for every feature set on the same seeded episodes."""
-    rows = []
-    for name, feats in features.items():
-        for way in ev.ways:
-            for shot in ev.shots:
-                found = run_episodes(feats, labels, way, shot, ev.queries, ev.episodes, tuple(ev.classifiers), ev.seed)
-                rows += [{"encoder": name, **row} for row in found]
-    return rows
+    return [row for name, feats in features.items() for row in episode_table(feats, labels, ev, name)]

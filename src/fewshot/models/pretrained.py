@@ -179,8 +179,12 @@ class TextEncoder(nn.Module):
         hidden = self.model(**batch).last_hidden_state
         return hidden[:, -batch["input_ids"].shape[1] :]
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sentence embeddings (B, dim) of a tokenized batch, with gradients."""
+    def forward(self, batch: dict[str, torch.Tensor] | Sequence[str]) -> torch.Tensor:
+        """Sentence embeddings (B, dim) of a tokenized batch or of texts, with gradients (texts → r,
+        as every encoder an adapter or the episode runner takes)."""
+        if not isinstance(batch, dict):
+            device = next(self.parameters()).device
+            batch = {k: v.to(device) for k, v in self.tokenize(batch).items()}
         pooled = mean_pool(self.forward_tokens(batch), batch["attention_mask"])
         return nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
 
