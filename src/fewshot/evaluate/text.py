@@ -95,11 +95,6 @@ class TextEvalReport(EvalReport):
         return {**super().to_json(), "perplexity": self.perplexity, "speakers": self.speakers}
 
 
-def pools_of(method_name: str) -> tuple[str, ...]:
-    """Representations scored per model: the masked LM's [CLS] and mean; the GPT's mean."""
-    return ("cls", "mean") if method_name == "mlm" else ("mean",)
-
-
 def evaluate_text_run(config: RunConfig, method: Method, run_dir: str | Path, log: Callable[[str], None] = lambda _: None) -> TextEvalReport:
     """Held-out perplexity and the speaker-identification table of a gpt / mlm run, with the
     bag-of-words and random-initialisation baselines when ``eval.baselines``."""
@@ -108,16 +103,16 @@ def evaluate_text_run(config: RunConfig, method: Method, run_dir: str | Path, lo
     splits = load_text_splits(data)
     held = encode_text(tokenizer, splits.heldout)
     log(f"perplexity on {len(held)} held-out tokens")
-    if isinstance(method, MaskedLanguageModel):
+    if not method.encoder.causal:  # the model says which likelihood it has: masked tokens only
         ppl = masked_perplexity(method, held, data.seq_len, seed=ev.seed)
     else:
         ppl = perplexity(method.language_model(), held, data.seq_len, n_chars=len(splits.heldout))
     pool = speaker_pool(parse_speeches(splits.heldout), max(ev.shots) + ev.queries, data.holdout_classes, data.split_seed)
     log(f"speaker episodes over {len(pool.speakers)} held-out speakers ({len(pool.texts)} speeches)")
-    features = {f"{name}-{p}": embed_texts(method.encoder, tokenizer, pool.texts, p) for p in pools_of(name)}
+    features = {f"{name}-{p}": embed_texts(method.encoder, tokenizer, pool.texts, p) for p in method.encoder.pools}
     if ev.baselines:
         rand = random_encoder(config)
-        features |= {f"random-{p}": embed_texts(rand, tokenizer, pool.texts, p) for p in pools_of(name)}
+        features |= {f"random-{p}": embed_texts(rand, tokenizer, pool.texts, p) for p in rand.pools}
         features["bag-of-words"] = bag_of_words([t for _, t in parse_speeches(splits.train)], pool.texts)
     report = TextEvalReport(run_dir=str(run_dir), perplexity=ppl, speakers=pool.speakers)
     report.results = speaker_episodes(features, pool.labels, ev)

@@ -42,6 +42,8 @@ class TextTransformer(nn.Module):
         super().__init__()
         self.dim, self.max_len, self.vocab_size, self.causal = dim, max_len, vocab_size, causal
         self.start_id, self.default_pool = (BOS_ID, "mean") if causal else (CLS_ID, "cls")
+        # The poolings worth scoring: a causal model's start token has seen nothing but itself.
+        self.pools = ("mean",) if causal else ("cls", "mean")
         self.tok_emb = nn.Embedding(vocab_size, dim)
         self.pos_emb = nn.Parameter(torch.zeros(1, max_len, dim))
         self.trunk = TokenTrunk(dim, depth, heads, mlp_ratio, causal)
