@@ -89,8 +89,8 @@ ADAPTERS: dict[str, Callable[..., Any]] = {
     "prompt": _prompt,
 }
 
-# AdamW learning rates of the adapter when the user gives none (the registry's AdaptMethod.lr). Few-shot fits run tens of
-# steps, not the thousands of the papers, so these sit at the top of each paper's range:
+# AdamW learning rates of the adapter when the user gives none (the registry's AdaptMethod.lr).
+# Few-shot fits run tens of steps, not the thousands of the papers, so these sit at the top of each paper's range:
 # (IA)^3 3e-3 is T-Few's own value; LoRA 1e-3 is above the 2e-4..5e-4 of Hu et al.'s GLUE runs
 # for the shorter schedule; prefix/prompt tuning use the larger rates those papers report
 # (Lester et al. use 0.3 with Adafactor; 1e-2 with AdamW here).
