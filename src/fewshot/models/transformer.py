@@ -35,7 +35,7 @@ class Attention(nn.Module):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
-        self.heads = heads
+        self.heads, self.context_dim = heads, context_dim
         self.causal = causal and context_dim is None  # a context has no order relative to x
         if context_dim is None:
             self.qkv = nn.Linear(dim, 3 * dim)
@@ -58,7 +58,7 @@ class Attention(nn.Module):
         context: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, KeyValues]:
         b, t, d = x.shape
-        if hasattr(self, "qkv"):
+        if self.context_dim is None:
             q, k, v = self.split(self.qkv(x), 3)  # 3 × (B, h, T, d/h)
         else:
             if context is None:
@@ -66,12 +66,10 @@ class Attention(nn.Module):
             q, (k, v) = self.split(self.q(x), 1)[0], self.split(self.kv(context), 2)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        mask, is_causal = None, self.causal
-        if self.causal and (past is not None or padding_mask is not None) and t > 1:
-            # new query i sees the past and new keys ≤ i; SDPA's is_causal assumes no past
+        mask, is_causal = None, self.causal and past is None and padding_mask is None
+        if self.causal and not is_causal and t > 1:
+            # new query i sees the past and new keys ≤ i (SDPA's is_causal knows no past or padding)
             mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=k.shape[2] - t)
-        if past is not None or padding_mask is not None:
-            is_causal = False
         if padding_mask is not None:
             if padding_mask.shape != (b, k.shape[2]):
                 raise ValueError(f"padding_mask must be (batch, keys) = {(b, k.shape[2])}, got {tuple(padding_mask.shape)}")
