@@ -213,31 +213,30 @@ def evaluate(
 def add_test_time_rows(
     report: EvalReport, config: RunConfig, encoder: nn.Module, eval_set: ImageSet | None, lake_runs_path, log: Callable[[str], None]
 ) -> None:
-    """Rows for ``eval.test_time`` apart from the inductive ones: encoder ``pretrained+tta``
-    (inductive, mean embedding over views) and ``pretrained+hub`` / ``pretrained+hungarian``
-    (transductive; with tta also on, on top of the tta embedding), each on Lake's runs and on the
+    """Rows for ``eval.test_time`` apart from the inductive ones, each option alone: encoder
+    ``pretrained+tta`` (inductive, mean embedding over views) and ``pretrained+hub`` /
+    ``pretrained+hungarian`` (transductive, on the plain embedding), each on Lake's runs and on the
     episodes with cosine prototypes; every row carries ``transductive``."""
     from fewshot.data.views import make_views
     from fewshot.evaluate.test_time import run_test_time_episodes, score_lake_runs_test_time, tta_embed
 
     ev, data = config.eval, config.data
     base = lambda x: embed_images(encoder, x, ev.batch_size)  # noqa: E731
-    embed, prefix = base, "pretrained"
+    rules = []  # (rule, embed, row name)
     if "tta" in ev.test_time:
         views = make_views(config.views.name, data.image_size, data.channels, **config.views.options)
-        embed, prefix = tta_embed(base, views, ev.tta_views, ev.seed), "pretrained+tta"
-    rules = [("cosine", prefix)] if "tta" in ev.test_time else []
-    rules += [(r, f"{prefix}+{r}") for r in ("hub", "hungarian") if r in ev.test_time]
+        rules.append(("cosine", tta_embed(base, views, ev.tta_views, ev.seed), "pretrained+tta"))
+    rules += [(r, base, f"pretrained+{r}") for r in ("hub", "hungarian") if r in ev.test_time]
     runs = None
     if lake_runs_path:
         runs = load_lake_runs(resolve_data_path(str(lake_runs_path), LAKE_DEFAULT), read_size(data))
         runs = [LakeRun(r.name, preprocess(r.train_images, data), preprocess(r.test_images, data), r.answers) for r in runs]
     pool = eval_set if eval_set is not None else (lake_pool(runs) if runs is not None else None)
-    features = embed(pool.images) if pool is not None else None
-    for rule, name in rules:
+    for rule, embed, name in rules:
         log(f"test-time rows '{name}'")
         if runs is not None:
             report.lake_runs[name] = score_lake_runs_test_time(embed, runs, rule)
+        features = embed(pool.images) if pool is not None else None
         if features is not None:
             for way in ev.ways:
                 for shot in ev.shots:
