@@ -468,3 +468,14 @@ def test_elastic_alone_bends_but_keeps_the_ink() -> None:
     assert (centre_x - 13.5).abs().max() < 2.0  # the bar bends in place: a small smooth warp, not a scramble
     same = make_views("characters", 28, 1, **opts)(x, gen(4))
     assert torch.equal(out, same)
+
+
+def test_every_piece_runs_under_cpu_bf16_autocast() -> None:
+    # train.precision=bf16-mixed on a CPU: grid_sample hands the later pieces a bf16 batch, and
+    # stroke thickness once crashed there (a float32 blend weight against bf16 images).
+    x = torch.rand(4, 1, 28, 28, generator=gen(1))
+    opts = dict(thickness_prob=1.0, erase_prob=1.0, elastic_prob=1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v = make_views("characters", 28, 1, **opts)(x, gen(2))
+    assert v.shape == (4, 1, 28, 28) and torch.isfinite(v.float()).all()
+    assert stroke_thickness(x.bfloat16(), torch.full((4,), 0.5)).dtype == torch.bfloat16

@@ -226,7 +226,7 @@ def stroke_thickness(x: Tensor, t: Tensor) -> Tensor:
     sign = torch.where(t < 0, -1.0, 1.0).to(x.dtype)
     offset = (t < 0).to(x.dtype)
     target = torch.addcmul(offset, sign, dilate3(torch.addcmul(offset, sign, x)))
-    return torch.lerp(x, target, t.abs())
+    return torch.lerp(x, target, t.abs().to(x.dtype))  # x is bf16 under CPU autocast (grid_sample)
 
 
 def erase(x: Tensor, top: Tensor, left: Tensor, height: Tensor, width: Tensor) -> Tensor:
