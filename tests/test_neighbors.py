@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fewshot.config import load_config
+from fewshot.errors import ConfigError
 from fewshot.evaluate.purity import cluster_purity, neighbour_purity
 from fewshot.methods import build_method
 from fewshot.methods.neighbors import image_keys

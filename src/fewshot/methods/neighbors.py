@@ -35,6 +35,7 @@ from torch import nn
 
 from fewshot.data.types import Batch
 from fewshot.config import RunConfig
+from fewshot.errors import ConfigError
 from fewshot.methods.contrastive import ProjectionConfig, TwoViewMethod
 from fewshot.models.heads import projection_head
 from fewshot.objectives.contrastive import nt_xent_loss, supcon_loss
@@ -72,8 +73,10 @@ class NNCLR(TwoViewMethod):
     config_class = NNCLRConfig
 
     def __init__(self, config: RunConfig) -> None:
-        super().__init__(config, nn.Identity())
         m = config.method
+        if m.neighbor_space == "pixels" and m.clusters:
+            raise ConfigError("method.clusters clusters the embedding queue; with method.neighbor_space=pixels set method.clusters=0")
+        super().__init__(config, nn.Identity())
         self.temperature = m.temperature
         self.exclude_self = m.exclude_self
         width = m.projection_dim
