@@ -111,3 +111,5 @@ def test_pixel_neighbours_are_other_queued_images():
     torch.testing.assert_close(v2[3], pool[1])
     loss, _ = method({"images": pool[8:]}, g)
     assert torch.isfinite(loss)
+    with pytest.raises(ConfigError, match="method.clusters"):  # an option that would be ignored is refused
+        build_method(load_config(overrides=[*TINY, "method.neighbor_space=pixels", "method.clusters=4"]))
