@@ -154,7 +154,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         "bf16_gpu": bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
         "cpu_threads": torch.get_num_threads(),
         "methods": method_names(),
-        "encoders": encoder_names() + ["text-transformer (data.source=text)"],
+        "encoders": encoder_names(),
         "adapt_methods": adapt_method_names(),
         "views": list(VIEW_RECIPES),
         "classifiers": list(CLASSIFIERS),
