@@ -110,3 +110,12 @@ def resume_problems(monkeypatch: pytest.MonkeyPatch, config_for, pretrain=None) 
     if [(h["step"], h["loss"]) for h in resumed.history] != [(h["step"], h["loss"]) for h in full.history]:
         problems.append("the resumed history differs from the uninterrupted run's")
     return problems
+
+
+def owned(name: str, overrides: list[str]) -> list[str]:
+    """The ``method.*`` overrides that method ``name``'s config has a field for (each method owns its
+    config: MoCo has no predictor), and every other override."""
+    from fewshot.methods import METHODS
+
+    fields = METHODS[name].config_class.model_fields
+    return [o for o in overrides if not o.startswith("method.") or o.split("=")[0].split(".")[1] in fields]

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import owned
 
 from fewshot.config import load_config
 from fewshot.methods import METHODS, build_method, method_names
@@ -26,12 +27,6 @@ SOURCE_FOR = {"tokens": ["data.source=text", "data.seq_len=8", "data.vocab_size=
 def _batch(n=12):
     g = torch.Generator().manual_seed(0)
     return torch.rand(n, 1, 16, 16, generator=g), torch.arange(n) % 3
-
-
-def owned(name, overrides):
-    """The overrides that ``name``'s config has a field for (each method owns its config)."""
-    fields = METHODS[name].config_class.model_fields
-    return [o for o in overrides if not o.startswith("method.") or o.split("=")[0].split(".")[1] in fields]
 
 
 @pytest.mark.parametrize("name", method_names())

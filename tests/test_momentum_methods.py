@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import owned
 import torch.nn.functional as F
 from torch import nn
 
@@ -14,7 +15,7 @@ from fewshot import api
 from fewshot.config import load_config
 from fewshot.data.datasets import load_run_data
 from fewshot.errors import ConfigError
-from fewshot.methods import METHODS, build_method, method_names
+from fewshot.methods import build_method, method_names
 from fewshot.methods.momentum import BYOL, MoCo, byol_momentum, update_momentum
 from fewshot.objectives import BYOLLoss, InfoNCELoss, byol_loss, info_nce_loss
 
@@ -31,12 +32,6 @@ def _rand(*shape: int, seed: int) -> torch.Tensor:
 def _batch(n=12):
     g = torch.Generator().manual_seed(0)
     return torch.rand(n, 1, 16, 16, generator=g), torch.arange(n) % 3
-
-
-def owned(name, overrides):
-    """The overrides that ``name``'s config has a field for (each method owns its config: MoCo has no predictor)."""
-    fields = METHODS[name].config_class.model_fields
-    return [o for o in overrides if not o.startswith("method.") or o.split("=")[0].split(".")[1] in fields]
 
 
 def _method(name, *extra):

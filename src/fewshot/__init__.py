@@ -6,3 +6,5 @@ from fewshot.version import __version__
 # it is loaded (timm's package imports its model registry the same way).
 import fewshot.data.datasets  # noqa: E402,F401
 import fewshot.methods  # noqa: E402,F401
+
+__all__ = ["__version__"]

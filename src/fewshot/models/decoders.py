@@ -15,7 +15,6 @@ reads them is the method's choice.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fewshot.errors import ConfigError
