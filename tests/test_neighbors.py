@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from fewshot.config import load_config
-from fewshot.errors import ConfigError
 from fewshot.evaluate.purity import cluster_purity, neighbour_purity
 from fewshot.methods import build_method
 from fewshot.methods.neighbors import image_keys
@@ -111,5 +110,26 @@ def test_pixel_neighbours_are_other_queued_images():
     torch.testing.assert_close(v2[3], pool[1])
     loss, _ = method({"images": pool[8:]}, g)
     assert torch.isfinite(loss)
-    with pytest.raises(ConfigError, match="method.clusters"):  # an option that would be ignored is refused
-        build_method(load_config(overrides=[*TINY, "method.neighbor_space=pixels", "method.clusters=4"]))
+    assert not hasattr(method, "predictor")  # SimCLR's loss: nothing would train a predictor
+
+
+def test_pixel_neighbours_off_is_two_views_of_the_image():
+    # neighbor_prob=0 is the ablation's "no neighbour positives" cell: view 2 is always the image's own
+    method = build_method(load_config(overrides=[*TINY, "method.queue_size=32", "method.neighbor_space=pixels", "method.neighbor_prob=0.0", "views=none"]))
+    g = torch.Generator().manual_seed(0)
+    pool = torch.rand(16, 1, 16, 16, generator=g)
+    method({"images": pool[:8]}, g)
+    views = method.pixel_neighbour_views(pool[:4], image_keys(pool[:4]), g)
+    torch.testing.assert_close(views[4:], pool[:4])
+
+
+def test_clusters_with_pixel_neighbours_run_on_the_projections():
+    method = build_method(load_config(overrides=[*TINY, "method.queue_size=16", "method.neighbor_space=pixels", "method.clusters=3", "method.cluster_every=1"]))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 1, 16, 16, generator=g)
+    method({"images": x}, g)
+    assert method.cluster_queue.shape == (16, 8) and method.cluster_queue[:8].abs().sum() > 0
+    loss, logs = method({"images": x.flip(0)}, g)
+    assert torch.isfinite(loss) and "cluster_loss" in logs
+    # the centroids come from the projection queue, not the pixel queue (which has 256 columns)
+    assert method.centroids.shape == (3, 8)

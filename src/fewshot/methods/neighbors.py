@@ -21,6 +21,8 @@ Departures from the paper, each an option:
   probability ``neighbor_prob`` the second view is drawn from that neighbour instead of the image;
   the loss is then SimCLR's NT-Xent between the two views (no predictor), so the encoder learns
   what two similar-looking drawings share rather than what one image's augmentations share.
+  ``neighbor_prob=0`` is SimCLR itself, the ablation's "no neighbour positives" cell. Clusters
+  combine with pixel neighbours: k-means then runs on a second queue, of the projections.
 Until the queue holds entries (the first step), a view's own other view stands in as positive.
 """
 
@@ -35,7 +37,6 @@ from torch import nn
 
 from fewshot.data.types import Batch
 from fewshot.config import RunConfig
-from fewshot.errors import ConfigError
 from fewshot.methods.contrastive import ProjectionConfig, TwoViewMethod
 from fewshot.models.heads import projection_head
 from fewshot.objectives.contrastive import nt_xent_loss, supcon_loss
@@ -74,17 +75,16 @@ class NNCLR(TwoViewMethod):
 
     def __init__(self, config: RunConfig) -> None:
         m = config.method
-        if m.neighbor_space == "pixels" and m.clusters:
-            raise ConfigError("method.clusters clusters the embedding queue; with method.neighbor_space=pixels set method.clusters=0")
         super().__init__(config, nn.Identity())
         self.temperature = m.temperature
         self.exclude_self = m.exclude_self
         width = m.projection_dim
-        self.predictor = projection_head(width, m.predictor_hidden, width, 2)
+        if m.neighbor_space == "embedding":  # pixel neighbours use SimCLR's loss, which has no predictor
+            self.predictor = projection_head(width, m.predictor_hidden, width, 2)
         self.clusters, self.cluster_every = m.clusters, m.cluster_every
         self.cluster_weight, self.cluster_temperature = m.cluster_weight, m.cluster_temperature
         self.register_buffer("queue", torch.zeros(m.queue_size, width))
-        self.register_buffer("queue_keys", torch.full((m.queue_size,), float("nan"), dtype=torch.float64))
+        self.register_buffer("queue_keys", torch.zeros(m.queue_size, dtype=torch.float64))  # read only up to queue_filled
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self.register_buffer("queue_filled", torch.zeros(1, dtype=torch.long))
         self.register_buffer("centroids", torch.zeros(max(m.clusters, 1), width))
@@ -93,6 +93,8 @@ class NNCLR(TwoViewMethod):
         if m.neighbor_space == "pixels":  # the support set is the images themselves
             pixels = config.data.channels * config.data.image_size**2
             self.register_buffer("queue", torch.zeros(m.queue_size, pixels))
+            if m.clusters:  # k-means needs the projections, queued beside the pixels (same slots)
+                self.register_buffer("cluster_queue", torch.zeros(m.queue_size, width))
 
     def neighbours(self, z: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """The support-set positive of each row of z (B, D): its nearest queue entry, never an
@@ -110,11 +112,13 @@ class NNCLR(TwoViewMethod):
         return torch.where((idx >= 0)[:, None], out, z.detach())
 
     @torch.no_grad()
-    def _enqueue(self, z: torch.Tensor, keys: torch.Tensor) -> None:
+    def _enqueue(self, z: torch.Tensor, keys: torch.Tensor, projections: torch.Tensor | None = None) -> None:
         size, n = self.queue.shape[0], len(z)
         first = max(0, n - size)
         slots = (self.queue_ptr + torch.arange(n - first, device=z.device)) % size
         self.queue.index_copy_(0, slots, z[first:].detach().float())  # raw: neighbours are found by cosine
+        if projections is not None:
+            self.cluster_queue.index_copy_(0, slots, projections[first:].detach().float())
         self.queue_keys.index_copy_(0, slots.to(self.queue_keys.device), keys[first:].to(self.queue_keys))
         self.queue_ptr.add_(n - first).remainder_(size)
         self.queue_filled.copy_(torch.clamp(self.queue_filled + (n - first), max=size))
@@ -122,38 +126,44 @@ class NNCLR(TwoViewMethod):
     def pixel_neighbour_views(self, images: torch.Tensor, keys: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """neighbor_space=pixels: views (2B, C, H, W) — view 1 of each image, view 2 of its nearest
         queued image (never itself) with probability neighbor_prob, else of the image."""
-        flat = images.flatten(1).float()
         partner = images
         if int(self.queue_filled) > 0:
-            neighbour = self.neighbours(flat, keys).view_as(images).to(images.dtype)
+            neighbour = self.neighbours(images.flatten(1).float(), keys).view_as(images).to(images.dtype)
             take = torch.rand(len(images), generator=generator) < self.neighbor_prob
             partner = torch.where(take.to(images.device)[:, None, None, None], neighbour, images)
-        self._enqueue(flat, keys)
         views = torch.cat([self.views(images, generator), self.views(partner, generator)])
         return views.contiguous(memory_format=torch.channels_last) if self.channels_last else views
+
+    def cluster_loss(self, z1: torch.Tensor, z2: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+        """SupCon over both views with each image's nearest k-means centroid as its class; k-means
+        re-run on the queued projections every cluster_every steps; None until the queue holds k."""
+        bank = self.cluster_queue if self.neighbor_space == "pixels" else self.queue
+        filled = int(self.queue_filled)
+        if filled < self.clusters:
+            return None
+        if int(self.step_count) % self.cluster_every == 0:
+            self.centroids.copy_(spherical_kmeans(bank[:filled], self.clusters, generator=generator)[0])
+        pseudo = (F.normalize(z1.detach(), dim=1) @ self.centroids.T).argmax(1)
+        return supcon_loss(F.normalize(torch.stack([z1, z2], 1), dim=2), pseudo, self.cluster_temperature)
 
     def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         images = batch["images"]
         keys = image_keys(images)
         if self.neighbor_space == "pixels":
             z1, z2 = self.projector(self.encoder(self.pixel_neighbour_views(images, keys, generator))).float().chunk(2)
-            self.step_count.add_(1)
-            return nt_xent_loss(z1, z2, self.temperature), {}
-        z = self.projector(self.encoder(self.both_views(images, generator))).float()
-        p1, p2 = self.predictor(z).chunk(2)
-        z1, z2 = z.chunk(2)
-        loss = 0.5 * (nnclr_loss(self.neighbours(z1, keys), p2, self.temperature) + nnclr_loss(self.neighbours(z2, keys), p1, self.temperature))
+            loss = nt_xent_loss(z1, z2, self.temperature)
+        else:
+            z = self.projector(self.encoder(self.both_views(images, generator))).float()
+            p1, p2 = self.predictor(z).chunk(2)
+            z1, z2 = z.chunk(2)
+            loss = 0.5 * (nnclr_loss(self.neighbours(z1, keys), p2, self.temperature) + nnclr_loss(self.neighbours(z2, keys), p1, self.temperature))
         logs: dict[str, float] = {}
-        if self.clusters:
-            filled = int(self.queue_filled)
-            if int(self.step_count) % self.cluster_every == 0 and filled >= self.clusters:
-                self.centroids.copy_(spherical_kmeans(self.queue[:filled], self.clusters, generator=generator)[0])
-            if filled >= self.clusters:
-                pseudo = (F.normalize(z1.detach(), dim=1) @ self.centroids.T).argmax(1)
-                views = F.normalize(torch.stack([z1, z2], 1), dim=2)
-                cluster_loss = supcon_loss(views, pseudo, self.cluster_temperature)
-                loss = loss + self.cluster_weight * cluster_loss
-                logs["cluster_loss"] = float(cluster_loss.detach())
-        self._enqueue(z1, keys)
+        if self.clusters and (extra := self.cluster_loss(z1, z2, generator)) is not None:
+            loss = loss + self.cluster_weight * extra
+            logs["cluster_loss"] = float(extra.detach())
+        if self.neighbor_space == "pixels":
+            self._enqueue(images.flatten(1).float(), keys, z1 if self.clusters else None)
+        else:
+            self._enqueue(z1, keys)
         self.step_count.add_(1)
         return loss, logs
