@@ -45,3 +45,25 @@ def test_a_cached_row_is_reused_only_for_the_same_config_and_code(study, variant
         assert study.row_key(config, 100, 20, None) is None  # no code version: nothing is reused
     else:
         assert not any(distinct.values())
+
+
+def test_the_omniglot_ablation_is_the_full_grid_around_the_default_recipe():
+    import sys
+
+    from fewshot.config import find_recipe, load_config
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("omniglot_ablation", BENCH / "omniglot_ablation.py")
+        ablation = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ablation)
+    finally:
+        sys.path.remove(str(BENCH))
+    recipe = load_config(find_recipe("nnclr-omniglot"))
+    seen = set()
+    for cell in ablation.CELLS:
+        c = load_config(find_recipe("nnclr-omniglot"), ablation.cell_overrides(cell))
+        seen.add((c.data.normalize, c.method.neighbor_prob > 0, c.method.clusters > 0))
+        if cell == "norm+nn":  # the default cell is the recipe itself, only evaluated more narrowly
+            assert c.model_dump() == recipe.model_dump()
+    assert len(seen) == 8  # every combination of the three factors, once
