@@ -112,6 +112,25 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 def cmd_data(args: argparse.Namespace) -> None:
     from fewshot.data import sources
 
+    if args.action == "scenes":
+        from fewshot.data.scenes import noise_config, write_scenes
+
+        if not args.out:
+            raise FewshotError("fewshot data scenes needs --out DIR (a new folder)")
+        out = write_scenes(args.out, args.n, args.size, args.objects, args.seed, noise_config(args.noise), args.split_seed)
+        noisy = ", ".join(f"{k} {v}" for k, v in out["noise_rows"].items() if v) or "none"
+        _emit(args, out, f"{out['images']} scenes, {out['rows']} captioned rows (noise: {noisy}) in {out['out']}; manifest: {out['manifest']}")
+        return
+    if args.action == "filter":
+        from fewshot.data.filters import filter_config, filter_manifest, report_text
+
+        if not args.name or not args.out:
+            raise FewshotError("fewshot data filter needs a manifest and --out KEPT_MANIFEST, e.g. fewshot data filter pool/manifest.tsv --out kept.tsv")
+        out = filter_manifest(args.name, args.out, filter_config(args.overrides))
+        _emit(args, out, report_text(out))
+        return
+    if args.name is None:
+        raise FewshotError(f"fewshot data {args.action} needs a data set name")
     if args.action == "download":
         if args.name != "omniglot":
             raise FewshotError(f"unknown data set '{args.name}'; downloadable: omniglot")
@@ -187,12 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("quickstart", cmd_quickstart, "the demo: SimCLR on digits for ~2 CPU minutes, then the few-shot table")
     p.add_argument("overrides", nargs="*", help="key=value overrides of configs/quickstart.yaml")
 
-    p = add("data", cmd_data, "describe or download data")
-    p.add_argument("action", choices=["info", "download"])
-    p.add_argument("name", help="digits, omniglot or folder")
+    p = add("data", cmd_data, "describe or download data; generate captioned scenes; filter image-caption pairs")
+    p.add_argument("action", choices=["info", "download", "scenes", "filter"])
+    p.add_argument("name", nargs="?", help="digits, omniglot or folder (info, download); the manifest (filter)")
     p.add_argument("--path", help="data path (zip or folder)")
     p.add_argument("--root", default="data", help="download folder (download only)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.image_size=32")
+    p.add_argument("--n", type=int, default=50000, help="scenes: images to generate")
+    p.add_argument("--size", type=int, default=32, help="scenes: image side in pixels")
+    p.add_argument("--objects", default="1-3", help="scenes: objects per image, N or MIN-MAX")
+    p.add_argument("--seed", type=int, default=0, help="scenes: seed of every draw")
+    p.add_argument("--split-seed", type=int, help="scenes: seed of the held-out (shape, colour) pairs (default --seed)")
+    p.add_argument("--noise", nargs="*", default=[], metavar="KIND=FRACTION",
+                   help="scenes: planted noise, e.g. mismatched=0.1 near_miss=0.1 boilerplate=0.05 shared_alt=0.05 near_duplicate=0.05")
+    p.add_argument("--out", help="scenes: a new folder for images/, manifest.tsv, ...; filter: the kept manifest (a new file)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.image_size=32; filter options, e.g. max_shared=10")
 
     p = add("generate", cmd_generate, "continue a prompt with a gpt run (KV cache; greedy, temperature, top-k)")
     p.add_argument("run_dir", help="gpt run folder (holds checkpoints/ and tokenizer.json)")
