@@ -1,0 +1,245 @@
+"""CLIP (Radford et al. 2021): an image tower and a text tower trained to agree on image–caption pairs.
+
+Image tower: any registered encoder (``encoder.name``), r = encoder(images). Text tower: the
+registered ``text-transformer`` (bidirectional, [CLS] first, padding masked), r = the [CLS] state.
+Each tower gets a linear projection (no bias, as CLIP's) to ``method.embed_dim``; the loss is
+:func:`fewshot.objectives.clip.clip_loss` with a learned logit scale, initialised at ln(1/τ₀),
+τ₀ = 0.07, and clamped at ln 100 after every step (open_clip clamps the parameter the same way).
+
+Lock flags give LiT's grid (Zhai et al. 2022): ``method.image.lock`` freezes the image tower —
+no gradient, kept in eval mode so BatchNorm statistics do not move either, bit-identical after
+training — and needs pretrained weights, ``method.image.init=RUN`` (a fewshot run folder whose
+encoder is this run's ``encoder``). The projections stay trainable (they are new). A locked
+tower's outputs depend only on its input, so they are cached by the input's bytes
+(``method.cache_locked``): a pair seen again skips the tower. ``method.text.lock`` needs a
+pretrained text tower, which the text-transformer trained from scratch is not.
+
+Departures from the paper, for small data and CPUs: ``embed_dim`` 128 (CLIP: 512 for ViT-B/32);
+the text tower is bidirectional and reads [CLS] (CLIP's is causal and reads [EOS]); no image
+augmentation (CLIP's is a random square crop only; scene captions name positions, which crops
+and flips would falsify); the one trainer's AdamW decays the logit scale with the weights
+(open_clip exempts it), by lr·weight_decay·t per step, 5·10⁻⁷ at this project's defaults.
+
+Batch keys (the image–text pairs contract): ``images`` (B, C, H, W) in [0, 1], ``tokens`` (B, T)
+padded with PAD_ID, ``caption_keys`` (B,) equal exactly where two captions are identical, so an
+identical caption of another image is a positive (``method.caption_positives``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file
+from torch import nn
+
+from fewshot.config import MethodConfig, RunConfig
+from fewshot.data.token_ids import PAD_ID
+from fewshot.data.types import Batch
+from fewshot.distributed import gather_all, gather_others, world_size
+from fewshot.errors import CheckpointError, ConfigError
+from fewshot.io import sha256_file
+from fewshot.methods.base import Method
+from fewshot.models.encoders import create_encoder
+from fewshot.models.language import TextTransformer, prepend
+from fewshot.objectives.clip import clip_loss
+
+__all__ = ["CLIP", "CLIPConfig", "pretrained_encoder"]
+
+TEXT_ENCODER = "text-transformer"
+
+
+class _Tower(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    lock: bool = Field(False, description="freeze the tower (LiT's L): no gradient, eval mode; needs pretrained weights")
+
+
+class ImageTowerConfig(_Tower):
+    init: str | None = Field(None, description="a fewshot run folder whose encoder starts the image tower (LiT's L or U)")
+
+
+class TextTowerConfig(_Tower):
+    dim: int = Field(128, ge=1, description="text-transformer width")
+    depth: int = Field(4, ge=1, description="text-transformer blocks")
+    heads: int = Field(4, ge=1, description="attention heads (dim must be divisible by heads)")
+
+
+class CLIPConfig(MethodConfig):
+    temperature: float = Field(0.07, gt=0, description="initial τ; the logit scale ln(1/τ) is learned (Radford et al. 2021: 0.07)")
+    max_scale: float = Field(100.0, gt=1, description="the logit scale 1/τ is clamped at this (Radford et al. 2021: 100)")
+    embed_dim: int = Field(128, ge=1, description="shared embedding width of the two projections (CLIP ViT-B/32: 512)")
+    local_loss: bool = Field(False, description="under DDP: score only this process's pairs against all gathered ones (open_clip's local_loss)")
+    gather_negatives: bool = Field(True, description="under DDP: every process's pairs are negatives (the global batch), else local")
+    caption_positives: bool = Field(True, description="identical captions in a batch are positives, not negatives (needs caption_keys)")
+    cache_locked: bool = Field(True, description="cache a locked tower's outputs by input (LiT precomputes them)")
+    image: ImageTowerConfig = Field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = Field(default_factory=TextTowerConfig)
+
+
+def pretrained_encoder(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(stored config, encoder weights) of a fewshot run folder or its checkpoint file, SHA-256 checked.
+
+    What ``Run.open(path).encoder()`` reads, read here because a method sits below train/ and run.py
+    in the layers (tests/test_layers.py) and so cannot import them."""
+    path = Path(path)
+    tensors_path = path / "checkpoints" / "last.safetensors" if path.is_dir() else path.with_suffix(".safetensors")
+    meta_path = tensors_path.with_suffix(".json")
+    if not tensors_path.is_file() or not meta_path.is_file():
+        raise CheckpointError(f"'{path}' is not a fewshot run: no {tensors_path.name} with its {meta_path.name}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"'{meta_path}' is not a fewshot checkpoint: not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != "fewshot-checkpoint" or "config" not in meta:
+        raise CheckpointError(f"'{meta_path}' is not a fewshot checkpoint")
+    if sha256_file(tensors_path) != meta.get("tensors_sha256"):
+        raise CheckpointError(f"'{tensors_path}' does not match its JSON (SHA-256 differs): the pair is torn or was edited")
+    prefix = "model.encoder."
+    state = {k[len(prefix):]: v for k, v in load_file(str(tensors_path)).items() if k.startswith(prefix)}
+    return meta["config"], state
+
+
+def _row_key(row: torch.Tensor) -> bytes:
+    return hashlib.blake2b(row.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+
+
+class CLIP(Method):
+    """Image tower + text tower → linear projections → symmetric InfoNCE with a learned scale."""
+
+    config_class = CLIPConfig
+    inputs = ("images", "tokens", "caption_keys")
+
+    @classmethod
+    def build_encoder(cls, config: RunConfig) -> nn.Module:
+        """The image tower alone (what the episode evaluator scores), without its ``image.init`` weights."""
+        return super().build_encoder(config)
+
+    @staticmethod
+    def build_text_encoder(config: RunConfig) -> TextTransformer:
+        t, data = config.method.text, config.data
+        vocab_size, seq_len = getattr(data, "vocab_size", None), getattr(data, "seq_len", None)
+        if vocab_size is None or seq_len is None:
+            raise ConfigError(f"method 'clip' sizes its text tower by data.vocab_size and data.seq_len, which "
+                              f"data.source={data.source} does not have: pre-train on image–caption pairs")
+        try:  # +1: the [CLS] before the caption's tokens
+            return create_encoder(TEXT_ENCODER, vocab_size=vocab_size, max_len=seq_len + 1,
+                                  dim=t.dim, depth=t.depth, heads=t.heads, causal=False)
+        except (ConfigError, ValueError) as exc:  # dim % heads
+            raise ConfigError(f"method.text {{dim: {t.dim}, depth: {t.depth}, heads: {t.heads}}}: {exc}") from None
+
+    def __init__(self, config: RunConfig) -> None:
+        super().__init__()
+        m = config.method
+        if m.text.lock:
+            raise ConfigError("method.text.lock=true: the text tower is trained from scratch here, so there are no "
+                              "pretrained weights to lock; leave it unlocked")
+        if m.image.lock and m.image.init is None:
+            raise ConfigError("method.image.lock=true needs pretrained weights to lock: set method.image.init=RUN_DIR "
+                              "(a locked tower from scratch would stay random)")
+        self.encoder = self.build_encoder(config)
+        if m.image.init is not None:
+            self._load_image_tower(config, m.image.init)
+        self.text_encoder = self.build_text_encoder(config)
+        self.image_projection = nn.Linear(self.encoder.dim, m.embed_dim, bias=False)
+        self.text_projection = nn.Linear(self.text_encoder.dim, m.embed_dim, bias=False)
+        nn.init.normal_(self.image_projection.weight, std=self.encoder.dim**-0.5)  # CLIP's width^-0.5
+        nn.init.normal_(self.text_projection.weight, std=self.text_encoder.dim**-0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / m.temperature)))
+        self.max_logit_scale = math.log(m.max_scale)
+        self.locked = {"image": m.image.lock, "text": m.text.lock}
+        for name, tower in (("image", self.encoder), ("text", self.text_encoder)):
+            if self.locked[name]:
+                tower.requires_grad_(False)
+                tower.eval()
+        self.cache_locked, self._cache = m.cache_locked, {"image": {}, "text": {}}
+        self.local_loss, self.gather_negatives, self.caption_positives = m.local_loss, m.gather_negatives, m.caption_positives
+        self.channels_last = config.train.channels_last
+
+    def _load_image_tower(self, config: RunConfig, path: str) -> None:
+        theirs, state = pretrained_encoder(path)
+        ours = config.model_dump(mode="json")
+        mine = (ours["encoder"]["name"], ours["encoder"]["options"], ours["data"]["channels"], ours["data"]["image_size"])
+        found = (theirs["encoder"]["name"], theirs["encoder"]["options"], theirs["data"]["channels"], theirs["data"]["image_size"])
+        if found != mine:
+            raise ConfigError(
+                f"method.image.init '{path}' has encoder {found[0]} {found[1]} on {found[2]}×{found[3]} px images; "
+                f"this run builds {mine[0]} {mine[1]} on {mine[2]}×{mine[3]} px: set encoder and data to match"
+            )
+        self.encoder.load_state_dict(state)
+
+    def train(self, mode: bool = True) -> "CLIP":
+        super().train(mode)
+        for name, tower in (("image", self.encoder), ("text", self.text_encoder)):
+            if self.locked[name]:
+                tower.eval()  # a locked tower's BatchNorm statistics stay as loaded
+        return self
+
+    # ------------------------------------------------------------------ the towers
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The image tower's r, (B, encoder.dim)."""
+        if self.channels_last and images.ndim == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.encoder(images)
+
+    def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The text tower's r for PAD-padded captions (B, T): the [CLS] state, padding masked, (B, dim)."""
+        tower = self.text_encoder
+        sequence = prepend(tokens, tower.start_id)
+        padding = sequence == PAD_ID
+        return tower.hidden(sequence, padding_mask=padding if bool(padding.any()) else None)[:, 0]
+
+    def _tower(self, name: str, features, x: torch.Tensor) -> torch.Tensor:
+        """``features(x)``; for a locked tower without gradient, from the cache where the input was seen."""
+        if not self.locked[name]:
+            return features(x)
+        with torch.no_grad():
+            if not self.cache_locked:
+                return features(x)
+            cache = self._cache[name]
+            keys = [_row_key(row) for row in x]
+            missing = [i for i, k in enumerate(keys) if k not in cache]
+            if missing:
+                fresh = features(x[missing])
+                for i, row in zip(missing, fresh):
+                    cache[keys[i]] = row
+            return torch.stack([cache[k] for k in keys])
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Projected image embeddings (B, embed_dim), not normalised."""
+        return self.image_projection(self._tower("image", self.image_features, images))
+
+    def embed_texts(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Projected text embeddings (B, embed_dim) of PAD-padded token ids, not normalised."""
+        return self.text_projection(self._tower("text", self.text_features, tokens))
+
+    # ------------------------------------------------------------------ the step
+
+    def loss(self, image: torch.Tensor, text: torch.Tensor, caption_keys: torch.Tensor | None) -> torch.Tensor:
+        """:func:`clip_loss` on this process's embeddings, with every process's as columns under DDP."""
+        keys = caption_keys if self.caption_positives else None
+        others: dict[str, torch.Tensor | None] = {}
+        if self.gather_negatives and world_size() > 1:
+            gathered = gather_others(image, text)  # other ranks' images, then their texts, with gradient
+            others["other_images"], others["other_texts"] = gathered.chunk(2)
+            if keys is not None:
+                n, rank = keys.shape[0], torch.distributed.get_rank()
+                every = gather_all(keys)
+                others["other_keys"] = torch.cat([every[:rank * n], every[(rank + 1) * n:]])
+        return clip_loss(image, text, self.logit_scale, keys, **others, local_loss=self.local_loss,
+                         max_logit_scale=self.max_logit_scale)
+
+    def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        image = self.embed_images(batch["images"]).float()
+        text = self.embed_texts(batch["tokens"]).float()
+        return self.loss(image, text, batch.get("caption_keys")), {}
+
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> None:
+        self.logit_scale.clamp_(0, self.max_logit_scale)  # as open_clip after each optimizer step
