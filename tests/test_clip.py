@@ -116,6 +116,21 @@ def test_identical_captions_are_positives_never_negatives():
     assert diagonal.loss(image, text, keys).item() == pytest.approx(clip_loss(image, text, method.logit_scale.double()).item())
 
 
+def test_with_identical_caption_embeddings_the_targets_agree():
+    # What a deterministic text tower gives identical captions: one embedding. The softmax cannot tell the
+    # two columns apart, so the diagonal target already gives the loss and the gradients of the multi-positive one.
+    image, text = _embeddings()
+    text[3] = text[0]
+    image.requires_grad_()
+    text.requires_grad_()
+    keys = torch.tensor([0, 1, 2, 0, 3, 4, 5, 6])
+    positives, diagonal = clip_loss(image, text, 2.0, keys), clip_loss(image, text, 2.0)
+    (gi_p, gt_p), (gi_d, gt_d) = torch.autograd.grad(positives, [image, text]), torch.autograd.grad(diagonal, [image, text])
+    assert positives.item() == pytest.approx(diagonal.item(), rel=1e-12)
+    torch.testing.assert_close(gi_p, gi_d)
+    torch.testing.assert_close(gt_p[0] + gt_p[3], gt_d[0] + gt_d[3])  # what the shared tower receives
+
+
 # ------------------------------------------------------------------ 2 gloo processes against one
 
 WORLD, N = 2, 5

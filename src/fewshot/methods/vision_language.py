@@ -42,7 +42,7 @@ from fewshot.config import MethodConfig, RunConfig
 from fewshot.data.token_ids import PAD_ID
 from fewshot.data.types import Batch
 from fewshot.distributed import gather_all, gather_others, world_size
-from fewshot.errors import CheckpointError, ConfigError
+from fewshot.errors import CheckpointError, ConfigError, DataError
 from fewshot.io import sha256_file
 from fewshot.methods.base import Method
 from fewshot.models.encoders import create_encoder
@@ -191,6 +191,9 @@ class CLIP(Method):
     def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """The text tower's r for PAD-padded captions (B, T): the [CLS] state, padding masked, (B, dim)."""
         tower = self.text_encoder
+        if tokens.shape[1] >= tower.max_len:
+            raise DataError(f"captions of {tokens.shape[1]} tokens exceed the text tower's context of {tower.max_len - 1} "
+                            "(data.seq_len): truncate them")
         sequence = prepend(tokens, tower.start_id)
         padding = sequence == PAD_ID
         return tower.hidden(sequence, padding_mask=padding if bool(padding.any()) else None)[:, 0]

@@ -12,6 +12,11 @@ rows and b of the columns: a row whose caption text occurs several times in the 
 target uniformly over every column with the same caption, so an identical caption of another
 image is a positive, never a negative. Without repeated keys (or without keys) P is the diagonal
 and L is the paper's loss; the keys of the two directions are the same, so P is used both ways.
+Where identical captions also have identical embeddings (a deterministic text tower), the two
+targets give the same loss and the same gradients to both towers (the softmax cannot tell the
+two columns apart); P differs, and keeps the pairing between identical captions from mattering,
+where their embeddings differ: text dropout or augmentation, or captions padded differently
+on different processes.
 
 Across processes (open_clip's ``ClipLoss``, ``gather_with_grad=True``): the columns are the rows
 of every process (``other_images``, ``other_texts``, ``other_keys``: the other processes' rows,
