@@ -178,8 +178,10 @@ def test_write_scenes_folder_and_cli(tmp_path, capsys) -> None:
     assert code == 0
     info = json.loads(capsys.readouterr().out)
     assert info["images"] == 30 and info["noise_rows"]["near_miss"] == round(0.1 * info["rows"])
-    assert sorted(p.name for p in out.iterdir()) == ["images", "manifest.jsonl", "manifest.tsv", "scenes.json", "scenes.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["fewshot-shapes", "images", "manifest.jsonl", "manifest.tsv", "scenes.json", "scenes.jsonl"]
     assert len(list((out / "images").iterdir())) == 30
+    assert sorted(p.name for p in (out / "fewshot-shapes").iterdir()) == sorted(FEWSHOT_SHAPES)
+    assert all(len(list(p.iterdir())) == 40 for p in (out / "fewshot-shapes").iterdir())
     graphs = [json.loads(line) for line in (out / "scenes.jsonl").read_text().splitlines()]
     assert sum(g["duplicate_of"] >= 0 for g in graphs) == 3
     # Never into a folder that holds files; bad options are one line.

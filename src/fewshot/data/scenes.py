@@ -749,6 +749,7 @@ def fewshot_shape_images(per_shape: int, size: int = 32, seed: int = 0) -> Label
 
 POOL_INFO = "scenes.json"  # what made the folder: arguments, held-out pairs, noise counts
 SCENE_GRAPHS = "scenes.jsonl"  # one scene graph per image, in image order, with duplicate_of
+FEWSHOT_FOLDER = "fewshot-shapes"  # SHAPE/NNN.png: the reserved shapes, class per folder, for few-shot episodes
 
 
 def write_scenes(
@@ -759,10 +760,13 @@ def write_scenes(
     seed: int = 0,
     noise: NoiseConfig | None = None,
     split_seed: int | None = None,
+    fewshot_per_shape: int = 40,
 ) -> dict:
     """Generate a pool (:func:`make_pool`) into the new folder ``out``: ``images/NNNNNN.png``, the manifest in
     open_clip's layout twice (``manifest.tsv``; ``manifest.jsonl``), each with a ``noise`` column, the scene
-    graphs (``scenes.jsonl``) and ``scenes.json``. Returns the summary that ``scenes.json`` holds."""
+    graphs (``scenes.jsonl``), ``scenes.json``, and ``fewshot-shapes/SHAPE/NNN.png``: ``fewshot_per_shape``
+    one-object scenes of each reserved shape (:func:`fewshot_shape_images`), the class-per-folder set that
+    few-shot episodes of a run trained on this pool are drawn from. Returns the summary in ``scenes.json``."""
     from fewshot.data.pairs import write_manifest
 
     root = Path(out)
@@ -776,6 +780,11 @@ def write_scenes(
     (root / "images").mkdir(parents=True, exist_ok=True)
     for name, image in zip(names, pool.images):
         Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).save(root / name, optimize=False)
+    few = fewshot_shape_images(fewshot_per_shape, size, seed)
+    for k, (image, label) in enumerate(zip(few.images, few.labels)):
+        folder = root / FEWSHOT_FOLDER / few.classes[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).save(folder / f"{k % fewshot_per_shape:03d}.png")
     paths = [names[i] for i in pool.row_image]
     write_manifest(root / "manifest.tsv", paths, pool.row_caption, pool.row_noise)
     write_manifest(root / "manifest.jsonl", paths, pool.row_caption, pool.row_noise)
@@ -788,7 +797,7 @@ def write_scenes(
         "near_duplicate_images": sum(d >= 0 for d in pool.duplicate_of), "clean_rows": pool.row_noise.count(""),
         "heldout_pairs": sorted(f"{c} {s}" for s, c in pool.heldout), "pretrain_shapes": list(PRETRAIN_SHAPES),
         "fewshot_shapes": list(FEWSHOT_SHAPES), "colours": list(COLOURS), "sizes": list(SIZES),
-        "manifest": str(root / "manifest.tsv"), "out": str(root),
+        "fewshot_images": len(few.labels), "manifest": str(root / "manifest.tsv"), "out": str(root),
     }
     atomic_write(root / POOL_INFO, lambda tmp: tmp.write_text(json.dumps(info, indent=1) + "\n"))
     return info
