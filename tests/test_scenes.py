@@ -194,3 +194,17 @@ def test_write_scenes_folder_and_cli(tmp_path, capsys) -> None:
     assert object_range("2") == (2, 2)
     with pytest.raises(DataError):
         write_scenes(out, 5)
+
+
+def test_the_near_miss_check_fails_a_verifier_blind_to_colour(monkeypatch) -> None:
+    """Negative control for the 10⁴-scene check: a verifier whose noun phrases ignore colour calls near misses true."""
+    from fewshot.data import scenes as module
+
+    heldout = heldout_pairs(0)
+    scenes = sample_scenes(np.random.default_rng(5), 500, (1, 4), seen_pairs(heldout))
+    rng = np.random.default_rng(6)
+    misses = [near_miss(s, rng, heldout) for s in scenes]
+    assert not any(caption_is_true(m, s) for m, s in zip(misses, scenes))
+    real = module._matches
+    monkeypatch.setattr(module, "_matches", lambda desc, o: real((desc[0], None, desc[2]), o))
+    assert sum(caption_is_true(m, s) for m, s in zip(misses, scenes)) > 20
