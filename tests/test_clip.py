@@ -241,21 +241,15 @@ def test_image_init_reads_what_run_open_reads(tmp_path):
     assert all(torch.equal(method.encoder.state_dict()[k], state[k]) for k in state)
 
 
-class PairsSet:
-    """Hand-made image–caption pairs in the contract's shape, until the scenes source lands."""
+def _scene_pairs():
+    """Image–caption pairs of generated scenes as the trainer gets them (data/pairs.py's PairSet)."""
+    from fewshot.data.pairs import pair_set
+    from fewshot.data.scenes import make_pool
+    from fewshot.data.tokenizer import train_tokenizer
 
-    def __init__(self, n=32):
-        self.data = _pairs(n, seed=3)
-
-    def __len__(self):
-        return len(self.data["images"])
-
-    def batch(self, idx):
-        return {k: v[idx] for k, v in self.data.items()}
-
-    @property
-    def keys(self):
-        return frozenset(self.data)
+    pool = make_pool(10, size=16, objects=(1, 2), seed=0)
+    tokenizer = train_tokenizer("\n".join(pool.row_caption), 300)
+    return pair_set(pool.images, pool.row_image, pool.row_caption, tokenizer, context=8)
 
 
 def _train(tmp_path, name, *overrides):
@@ -264,7 +258,7 @@ def _train(tmp_path, name, *overrides):
 
     config = load_config(overrides=[*TINY, f"name={name}", f"out={tmp_path}", "train.steps=3", "train.batch_size=8",
                                     "train.warmup_steps=1", "train.lr=0.01", "train.accelerator=cpu", "train.devices=1", *overrides])
-    pretrain(config, PairsSet(), progress=False)
+    pretrain(config, _scene_pairs(), progress=False)
     return load_checkpoint(config.run_dir).prefixed("model")
 
 
