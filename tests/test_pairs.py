@@ -123,3 +123,17 @@ def test_pair_set_checks_its_shapes() -> None:
         PairSet(torch.zeros(2, 3, 4, 4), torch.tensor([0, 5]), torch.zeros(2, 3, dtype=torch.long), ["a", "b"])
     with pytest.raises(ValueError):
         PairSet(torch.zeros(2, 3, 4, 4), torch.tensor([0]), torch.zeros(2, 3, dtype=torch.long), ["a", "b"])
+
+
+def test_the_pair_tokenizer_learns_captions_and_the_corpus(tmp_path: Path) -> None:
+    from fewshot.data.pairs import train_pair_tokenizer
+    from fewshot.data.token_ids import SPECIAL_TOKENS
+
+    corpus = tmp_path / "play.txt"
+    corpus.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n\n" * 30 + "JULIET:\nHeld out.\n")
+    captions = make_pool(100, objects=(1, 3), seed=0, draw=False).row_caption
+    tok = train_pair_tokenizer(captions, 400, corpus=str(corpus))
+    assert [tok.token_to_id(s) for s in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    assert len(encode(tok, " hourglass")) > 1 and len(encode(tok, " circle")) == 1  # a caption word is one token
+    assert len(encode(tok, " yonder")) == 1 and decode(tok, encode(tok, captions[0])) == captions[0]
+    assert train_pair_tokenizer(captions, 400, corpus=str(corpus)).to_str() == tok.to_str()  # deterministic
