@@ -19,7 +19,7 @@ import tempfile
 
 from fewshot import api
 from fewshot.config import find_recipe, load_config
-from fewshot.data.datasets import load_run_data
+from fewshot.data.registry import load_run_data
 from fewshot.evaluate.evaluator import evaluate
 
 VARIANTS = {

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fewshot.config import find_recipe, load_config
-from fewshot.data.datasets import load_run_data
+from fewshot.data.registry import load_run_data
 from fewshot.data.splits import split_classes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

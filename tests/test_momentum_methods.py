@@ -13,7 +13,7 @@ from torch import nn
 
 from fewshot import api
 from fewshot.config import load_config
-from fewshot.data.datasets import load_run_data
+from fewshot.data.registry import load_run_data
 from fewshot.errors import ConfigError
 from fewshot.methods import build_method, method_names
 from fewshot.methods.momentum import BYOL, MoCo, byol_momentum, update_momentum

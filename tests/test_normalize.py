@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fewshot.config import load_config
-from fewshot.data.datasets import load_source, preprocess
+from fewshot.data.registry import load_source, preprocess
 from fewshot.data.normalize import axis_scales, ink_moments, normalize_characters, normalize_points
 from fewshot.errors import ConfigError, DataError
 

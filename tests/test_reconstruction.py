@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fewshot.config import DataConfig, find_recipe, load_config
-from fewshot.data.datasets import load_source
+from fewshot.data.registry import load_source
 from fewshot.data.masking import mae_shuffle, patchify, random_mask, unpatchify
 from fewshot.data.types import ImageSet
 from fewshot.errors import ConfigError

@@ -63,7 +63,7 @@ def test_resume_reads_the_checkpoint_once(runs, tmp_path, monkeypatch):
     import shutil
 
     import fewshot.train.checkpoint
-    from fewshot.data.datasets import load_run_data
+    from fewshot.data.registry import load_run_data
     from fewshot.train import trainer
 
     reads = []

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from fewshot.config import load_config
-from fewshot.data.datasets import load_run_data, load_source
+from fewshot.data.registry import load_run_data, load_source
 from fewshot.data.sequences import SHAPES, SequenceSet, load_sequence_folder, moving_shapes
 from fewshot.data.types import ImageSet
 from fewshot.errors import ConfigError, DataError

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from fewshot.config import DataConfig, RunConfig, find_recipe, load_config
-from fewshot.data.datasets import load_run_data
+from fewshot.data.registry import load_run_data
 from fewshot.data.text import load_text_splits
 from fewshot.data.tokenizer import decode, encode, save_tokenizer, train_tokenizer
 from fewshot.errors import CheckpointError, ConfigError

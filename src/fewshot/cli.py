@@ -138,7 +138,7 @@ def cmd_data(args: argparse.Namespace) -> None:
         _emit(args, {"downloaded": args.name, "path": str(path)}, f"omniglot is in {path}")
         return
     from fewshot.config import load_config
-    from fewshot.data.datasets import load_source
+    from fewshot.data.registry import load_source
 
     config = load_config(overrides=[f"data.source={args.name}", *([f"data.path={args.path}"] if args.path else []), *args.overrides])
     images = load_source(config.data)
@@ -160,6 +160,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
     from fewshot.adapt.registry import adapt_method_names
+    from fewshot.data.registry import SOURCES
     from fewshot.data.views import VIEW_RECIPES
     from fewshot.evaluate.classifiers import CLASSIFIERS
     from fewshot.methods import method_names
@@ -175,6 +176,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         "methods": method_names(),
         "encoders": encoder_names(),
         "adapt_methods": adapt_method_names(),
+        "sources": sorted(SOURCES),
         "views": list(VIEW_RECIPES),
         "classifiers": list(CLASSIFIERS),
         "data_root": os.environ.get("FEWSHOT_DATA"),

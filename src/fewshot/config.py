@@ -20,31 +20,33 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-# Data source names, registered by fewshot.data.datasets (register_image_source and the built-in
-# text and sequence sources) so a recipe naming an unknown source fails when it is loaded.
-_DATA_SOURCES: set[str] = set()
-
-
-def register_data_source(name: str) -> None:
-    _DATA_SOURCES.add(name)
-
-
 class DataConfig(_Strict):
+    """The part of a recipe every data source shares: its name, its path and the image options that
+    image and sequence sources read.
+
+    A source with options of its own subclasses this (``fewshot.data.text.TextDataConfig`` …) and
+    registers it with :func:`register_source_config` (``fewshot.data.registry.register_source`` does
+    this); the ``data`` section of a recipe is validated against the class its ``source`` selects.
+    """
+
     source: str = Field(
         "digits",
         description="digits (built in), omniglot (release zip or folder), folder (class-per-folder images), "
         "unlabeled (a flat folder of images; evaluate with eval.data_path or eval.lake_runs), "
         "text (a play-format corpus for the gpt / mlm methods), "
         "sequences (path/SEQUENCE/FRAME images, unlabeled), moving-shapes (generated sequences; label = shape); "
-        "or any source registered with fewshot.data.datasets.register_image_source",
+        "or any source registered with fewshot.data.registry.register_source (see `fewshot info`)",
     )
 
     @field_validator("source")
     @classmethod
     def _registered_source(cls, v: str) -> str:
-        if v not in _DATA_SOURCES:
-            raise ValueError(f"unknown data source; known sources: {', '.join(sorted(_DATA_SOURCES))}")
+        if v not in _SOURCE_CONFIGS:
+            raise ValueError(f"unknown data source; known sources: {', '.join(sorted(_SOURCE_CONFIGS))}")
+        if not issubclass(cls, _SOURCE_CONFIGS[v]):  # e.g. DataConfig(source="text") would lack data.seq_len
+            raise ValueError(f"data.source={v} takes its options from {_SOURCE_CONFIGS[v].__name__}, not {cls.__name__}")
         return v
+
     path: str | None = Field(
         None,
         description="data path; omniglot defaults to $FEWSHOT_DATA/omniglot/images_background_small1.zip, "
@@ -57,19 +59,9 @@ class DataConfig(_Strict):
     holdout_classes: float = Field(
         0.5, gt=0, description="classes held out of pre-training for evaluation: a count (≥ 1) or a fraction (< 1)"
     )
-    split_seed: int = Field(0, description="seed of the class-disjoint split (and of the generated moving-shapes)")
-    sequences: int = Field(400, ge=1, description="moving-shapes: sequences generated (balanced over 10 shapes)")
-    frames: int | None = Field(
-        None, ge=2, description="frames per sequence: moving-shapes generates this many (null = 16); "
-        "sequences keeps the first N of each folder (null = all, which must then be equally many)"
-    )
+    split_seed: int = Field(0, description="seed of the class-disjoint split (and of generated sources such as moving-shapes)")
     pretrain_on_all: bool = Field(
         False, description="pre-train on every class of the source (use when evaluation data comes from elsewhere, e.g. Lake's runs)"
-    )
-    seq_len: int = Field(128, ge=2, description="text: tokens per training window (the model's context is seq_len + 1 with [BOS]/[CLS])")
-    vocab_size: int = Field(2048, ge=262, description="text: byte-level BPE vocabulary size (256 bytes + 6 specials at least)")
-    heldout_fraction: float = Field(
-        0.1, gt=0, lt=1, description="text: the last fraction of the corpus (from a blank line on) held out of tokenizer and model training"
     )
     # Character normalisation (fewshot.data.normalize), applied alike to pre-training, evaluation and Lake's runs.
     normalize: bool = Field(
@@ -83,6 +75,47 @@ class DataConfig(_Strict):
     normalize_max_stretch: float = Field(2.0, ge=1, description="normalize: the aspect ratio changes by at most this factor (1 = keep it)")
     normalize_blur: float = Field(1.0, ge=0, description="normalize: σ of a Gaussian blur in output pixels after normalising (0 = none)")
 
+
+
+_SOURCE_CONFIGS: dict[str, type[DataConfig]] = {}
+DEFAULT_SOURCE = "digits"
+
+
+def register_source_config(name: str, config_class: type[DataConfig] = DataConfig) -> None:
+    """Make ``data.source=<name>`` a known source, validated against ``config_class``."""
+    if not (isinstance(config_class, type) and issubclass(config_class, DataConfig)):
+        raise TypeError(f"data source '{name}': its config class must subclass DataConfig")
+    _SOURCE_CONFIGS[name] = config_class
+
+
+def source_config_class(name: str) -> type[DataConfig]:
+    if name not in _SOURCE_CONFIGS:
+        raise ConfigError(f"bad config value for 'data.source': unknown data source '{name}'; known sources: {', '.join(sorted(_SOURCE_CONFIGS))}")
+    return _SOURCE_CONFIGS[name]
+
+
+def _data_section(tree: Any) -> DataConfig:
+    """The ``data`` section as its own source's config class (``ConfigError`` naming ``data.KEY``)."""
+    if isinstance(tree, DataConfig):
+        return tree
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config section 'data' must be a mapping, got {tree!r}")
+    source = tree.get("source", DEFAULT_SOURCE)
+    if not isinstance(source, str):
+        raise ConfigError(f"bad config value for 'data.source': expected a source name (got {source!r})")
+    config_class = source_config_class(source)
+    try:
+        return config_class.model_validate(tree)
+    except ValidationError as err:
+        message = _format_error(err, "data")
+        first = err.errors()[0]
+        if first["type"] == "extra_forbidden":
+            owners = sorted(n for n, c in _SOURCE_CONFIGS.items() if first["loc"][0] in c.model_fields)
+            if owners:
+                message += f" (an option of data.source {', '.join(owners)})"
+        raise ConfigError(message) from None
 
 class ViewsConfig(_Strict):
     name: str = Field("characters", description="augmentation recipe: characters, simclr, none, viewmaker (learned, adversarial)")
@@ -205,13 +238,18 @@ class EvalConfig(_Strict):
 class RunConfig(_Strict):
     name: str = Field("run", description="run name; the run folder is out/name")
     out: str = Field("runs", description="folder that holds run folders")
-    data: DataConfig = Field(default_factory=DataConfig)
+    # SerializeAsAny (here and for method): dump the section's own fields, not only those of its base class.
+    data: SerializeAsAny[DataConfig] = Field(default_factory=lambda: _data_section({}))
     views: ViewsConfig = Field(default_factory=ViewsConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
-    # SerializeAsAny: dump the method's own fields, not only those of the MethodConfig base.
     method: SerializeAsAny[MethodConfig] = Field(default_factory=lambda: _method_section({}))
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_by_source(cls, v: Any) -> DataConfig:
+        return _data_section(v)
 
     @field_validator("method", mode="before")
     @classmethod
@@ -293,6 +331,8 @@ def load_config(
         _set_dotted(tree, *parse_override(text))
     for key, value in fields.items():
         _set_dotted(tree, key, value)
+    if "data" in tree:  # validated apart so an error names data.KEY
+        tree["data"] = _data_section(tree["data"])
     if "method" in tree:  # validated apart so an error names method.KEY
         tree["method"] = _method_section(tree["method"])
     try:
@@ -304,10 +344,15 @@ def load_config(
 def config_from_dict(tree: dict[str, Any]) -> RunConfig:
     """Rebuild a config stored in a checkpoint.
 
-    Runs written before each method owned its config stored every method's fields; the ones the
-    stored method does not own never reached it, so they are dropped here rather than refused.
+    Runs written before each method (and each data source) owned its config stored every method's
+    (every source's) fields; the ones the stored method or source does not own never reached it, so
+    they are dropped here rather than refused.
     """
     tree = copy.deepcopy(tree)
+    data = tree.get("data")
+    if isinstance(data, dict):
+        owned = source_config_class(data.get("source", DEFAULT_SOURCE)).model_fields
+        tree["data"] = {k: v for k, v in data.items() if k in owned}
     method = tree.get("method")
     if isinstance(method, dict):
         owned = method_config_class(method.get("name", DEFAULT_METHOD)).model_fields

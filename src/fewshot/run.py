@@ -78,7 +78,7 @@ class Run:
 
     def evaluation_set(self) -> ImageSet | None:
         """The run's held-out classes (or its ``eval.data_path`` folder), preprocessed like its pre-training data."""
-        from fewshot.data.datasets import load_run_data
+        from fewshot.data.registry import load_run_data
 
         return load_run_data(self.config.data, self.config.eval.data_path).evaluation
 

@@ -107,7 +107,7 @@ def episode_pool(base: Base, shot: int, query: int) -> tuple[Any, Any]:
         data = base.config.data
         pool = speaker_pool(parse_speeches(load_text_splits(data).heldout), shot + query, data.holdout_classes, data.split_seed)
         return pool.texts, pool.labels
-    from fewshot.data.datasets import load_run_data
+    from fewshot.data.registry import load_run_data
 
     data = load_run_data(base.config.data, base.config.eval.data_path).evaluation
     if data is None:
@@ -148,7 +148,7 @@ def adapt_base(path: str | Path, method: str = "lora", options: dict[str, Any] |
     replaced), and a run's checkpoints/ folder is refused always, all before anything is loaded.
     ``augment`` trains on views from the run's own augmentation recipe.
     """
-    from fewshot.data.datasets import load_eval_folder
+    from fewshot.data.registry import load_eval_folder
     from fewshot.data.views import make_views
 
     cfg = adapt_config(method=method, options=options or {}, **fields)

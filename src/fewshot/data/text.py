@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import Field
 from tokenizers import Tokenizer
 
 from fewshot.config import DataConfig
@@ -23,9 +24,19 @@ from fewshot.errors import DataError
 TEXT_DEFAULT = "text/tinyshakespeare.txt"
 
 __all__ = [
-    "TEXT_DEFAULT", "TextSplits", "TokenSet", "encode_text", "load_text_splits", "parse_speeches", "read_corpus", "speaker_lines",
+    "TEXT_DEFAULT", "TextDataConfig", "TextSplits", "TokenSet", "encode_text", "load_text_splits", "parse_speeches", "read_corpus", "speaker_lines",
     "split_text",
 ]
+
+
+class TextDataConfig(DataConfig):
+    """``data.source=text``: a play-format corpus (``data.path``, default ``$FEWSHOT_DATA/text/tinyshakespeare.txt``)."""
+
+    seq_len: int = Field(128, ge=2, description="text: tokens per training window (the model's context is seq_len + 1 with [BOS]/[CLS])")
+    vocab_size: int = Field(2048, ge=262, description="text: byte-level BPE vocabulary size (256 bytes + 6 specials at least)")
+    heldout_fraction: float = Field(
+        0.1, gt=0, lt=1, description="text: the last fraction of the corpus (from a blank line on) held out of tokenizer and model training"
+    )
 
 
 def read_corpus(path: str | os.PathLike[str]) -> str:
@@ -61,7 +72,7 @@ def split_text(text: str, heldout_fraction: float) -> TextSplits:
     return TextSplits(train, heldout)
 
 
-def load_text_splits(data: DataConfig) -> TextSplits:
+def load_text_splits(data: TextDataConfig) -> TextSplits:
     """The corpus named by ``data.path`` (default ``$FEWSHOT_DATA/text/tinyshakespeare.txt``), split."""
     return split_text(read_corpus(resolve_data_path(data.path, TEXT_DEFAULT)), data.heldout_fraction)
 

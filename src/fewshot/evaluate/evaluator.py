@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fewshot.config import RunConfig
-from fewshot.data.datasets import preprocess, read_size
+from fewshot.data.registry import preprocess, read_size
 from fewshot.data.lake import LakeRun, load_lake_runs
 from fewshot.data.sources import resolve_data_path
 from fewshot.data.types import ImageSet
