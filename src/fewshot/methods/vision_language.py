@@ -106,7 +106,8 @@ def pretrained_encoder(path: str | Path) -> tuple[dict[str, Any], dict[str, torc
 
 
 def _row_key(row: torch.Tensor) -> bytes:
-    return hashlib.blake2b(row.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+    """A cache key for one input row (a CPU tensor): a hash of its bytes."""
+    return hashlib.blake2b(row.contiguous().numpy().tobytes(), digest_size=16).digest()
 
 
 class CLIP(Method):
@@ -206,7 +207,7 @@ class CLIP(Method):
             if not self.cache_locked:
                 return features(x)
             cache = self._cache[name]
-            keys = [_row_key(row) for row in x]
+            keys = [_row_key(row) for row in x.detach().cpu()]  # one copy to the host, not one per row
             missing = [i for i, k in enumerate(keys) if k not in cache]
             if missing:
                 fresh = features(x[missing])
