@@ -20,11 +20,17 @@ EXAMPLE = {
     "tokens": torch.randint(6, 300, (12, 8), generator=_g),
     "frames": torch.rand(12, 6, 1, 16, 16, generator=_g),
     "caption_keys": torch.tensor([0, 1, 2, 0, 3, 4, 5, 6, 1, 7, 8, 9]),  # rows 0 and 3, 1 and 8: identical captions
+    "xs": torch.randn(12, 9, 4, generator=_g),  # regression prompts: 9 pairs in 4 dimensions, and their tasks
+    "ys": torch.randn(12, 9, generator=_g),
+    "ws": torch.randn(12, 4, generator=_g),
 }
 SOURCE_FOR = {"tokens": ["data.source=text", "data.seq_len=8", "data.vocab_size=300", "encoder=text-transformer",
                          "encoder.options={dim: 16, depth: 1, heads: 2}"],
              # image–caption pairs: the image tower is conv4 again, after the text source's encoder
-             "caption_keys": ["encoder=conv4", "encoder.options={width: 8}", "method.text={dim: 16, depth: 1, heads: 2}"]}
+             "caption_keys": ["encoder=conv4", "encoder.options={width: 8}", "method.text={dim: 16, depth: 1, heads: 2}"],
+             # the prompt model is the method's own (encoder.* left at its defaults)
+             "xs": ["data.source=linear-regression", "data.dim=4", "data.points=9", "data.curriculum_dims=null",
+                    "data.curriculum_points=null", "encoder.options={}", "method.width=16", "method.depth=1", "method.heads=2"]}
 
 
 def _batch(n=12):

@@ -156,6 +156,15 @@ def cmd_data(args: argparse.Namespace) -> None:
     _emit(args, out, text)
 
 
+def cmd_icl(args: argparse.Namespace) -> None:
+    from fewshot.evaluate.regression import curve_table, evaluate_regression_run
+
+    out = evaluate_regression_run(args.run, args.prompts, args.seed, args.points, args.fresh_tasks)
+    text = (f"Squared error / d (mean ± 95% CI over {out['prompts']} seeded prompts, seed {out['seed']}) against k in-context "
+            f"examples, d = {out['dim']}, σ = {out['noise']}:\n{curve_table(out['error'])}\nplot: {out['plot']}\nreport: {out['report_path']}")
+    _emit(args, out, text)
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
@@ -250,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", metavar="FILE", help="adapter file to write (.safetensors + .json), with --support; never an existing file")
     p.add_argument("--force", action="store_true", help="with --out: replace an earlier adapter file (never other files)")
+
+    p = add("icl", cmd_icl, "in-context regression: a meta-trained run's error curve next to least squares, ridge, one GD step, 3-NN")
+    p.add_argument("action", choices=["evaluate"])
+    p.add_argument("run", help="an icl-regression run folder or checkpoint file")
+    p.add_argument("--prompts", type=int, default=1000, help="seeded evaluation prompts (never training ones)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation prompts")
+    p.add_argument("--points", type=int, help="pairs per prompt (default: the run's data.points; at most that)")
+    p.add_argument("--fresh-tasks", action="store_true", help="a new w per prompt even if the run trained on a task pool")
 
     add("info", cmd_info, "versions, devices and registered names")
     return parser
