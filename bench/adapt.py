@@ -34,7 +34,7 @@ import torch
 
 from fewshot import api
 from fewshot.adapt import ADAPT_METHODS, AdaptSettings, run_adaptation
-from fewshot.adapt.task import method_options
+from fewshot.adapt.bases import method_options
 from fewshot.data.registry import load_run_data
 from fewshot.data.lake import load_lake_runs
 from fewshot.data.sources import load_omniglot, resolve_data_path

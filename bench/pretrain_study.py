@@ -83,7 +83,7 @@ def finetuned(config, encoder, episodes: int, steps: int) -> tuple[dict, dict]:
     """Full fine-tuning per 20-way 1-shot episode on Lake's evaluation pool (the first ``episodes`` of
     the frozen columns' episodes, same seed): a cosine head from the prototypes, then ``steps`` AdamW
     steps on every weight. Returns (fine-tuned row, frozen prototypes on the same episodes)."""
-    from fewshot.adapt.runner import AdaptSettings, run_adaptation
+    from fewshot.adapt.fitting import AdaptSettings, run_adaptation
     from fewshot.data.lake import load_lake_runs
     from fewshot.data.sources import resolve_data_path
     from fewshot.evaluate.evaluator import lake_pool

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from fewshot.adapt.runner import AdaptSettings, run_adaptation
+from fewshot.adapt.fitting import AdaptSettings, run_adaptation
 from fewshot.data.text import speaker_lines
-from fewshot.models.pretrained import load_minilm
+from fewshot.models.hf_text import load_minilm
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Offline MiniLM and PEFT adaptation (fewshot.models.pretrained, fewshot.adapt.hf) through the one
+"""Offline MiniLM and PEFT adaptation (fewshot.models.hf_text, fewshot.adapt.hf) through the one
 adaptation stack: registry entries peft-*, fit_classifier, run_adaptation and fewshot's adapter files."""
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ for _module, _pip in (("transformers", "transformers"), ("peft", "peft"),
 
 from fewshot.adapt.files import load_adapter, save_adapter  # noqa: E402
 from fewshot.adapt.hf import adapter_config, attach_adapter, merge_adapter  # noqa: E402
-from fewshot.adapt.runner import AdaptSettings, fit_classifier, run_adaptation  # noqa: E402
+from fewshot.adapt.fitting import AdaptSettings, fit_classifier, run_adaptation  # noqa: E402
 from fewshot.adapt.inject import count_trainable  # noqa: E402
 from fewshot.errors import CheckpointError, ConfigError  # noqa: E402
 from fewshot.evaluate.classifiers import PrototypeClassifier  # noqa: E402
-from fewshot.models.pretrained import PRETRAINED, load_minilm, model_dir  # noqa: E402
+from fewshot.models.hf_text import PRETRAINED, load_minilm, model_dir  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -231,7 +231,7 @@ def test_missing_packages_are_config_errors_and_fewshot_imports_without_them():
     code = (
         "import sys\n"
         "sys.modules['transformers'] = None; sys.modules['peft'] = None\n"
-        "import fewshot, fewshot.models.pretrained as p, fewshot.adapt.hf as h\n"
+        "import fewshot, fewshot.models.hf_text as p, fewshot.adapt.hf as h\n"
         "from fewshot.errors import ConfigError\n"
         "for call, name in ((p.load_minilm, 'transformers'), (lambda: h.adapter_config('lora'), 'peft')):\n"
         "    try:\n"

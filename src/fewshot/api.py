@@ -160,15 +160,15 @@ def adapt(path: str | Path, method: str = "lora", options: dict[str, Any] | None
     """Adapt a base with a few labels: a run (image or text) or a Hugging Face model name
     (``all-minilm-l6-v2``), scored over episodes (``episodes=N``) or once on a labeled folder
     (``support=..., out=FILE`` saves the adapter); the options are the fields of
-    :class:`fewshot.adapt.task.AdaptConfig`; see :func:`fewshot.adapt.task.adapt_base`."""
-    from fewshot.adapt.task import adapt_base
+    :class:`fewshot.adapt.bases.AdaptConfig`; see :func:`fewshot.adapt.bases.adapt_base`."""
+    from fewshot.adapt.bases import adapt_base
 
     return adapt_base(path, method, options, **kwargs)
 
 
 def load_adapted(adapter: str | Path, path: str | Path) -> nn.Module:
     """The :class:`~fewshot.adapt.AdaptedClassifier` stored in ``adapter``, on base ``path`` (run, checkpoint or model name)."""
-    from fewshot.adapt.task import load_adapted as _load_adapted
+    from fewshot.adapt.bases import load_adapted as _load_adapted
 
     return _load_adapted(adapter, path)
 

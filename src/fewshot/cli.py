@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
 
-    # Defaults live in fewshot.adapt.task.AdaptConfig (None here = its default, or the base's eval.*).
+    # Defaults live in fewshot.adapt.bases.AdaptConfig (None here = its default, or the base's eval.*).
     p = add("adapt", cmd_adapt, "adapt a pre-trained encoder with a few labels (probe, fine-tuning, LoRA, adapters, prompts, PEFT)")
     p.add_argument("base", help="run folder or checkpoint file (image or gpt/mlm text run), or a Hugging Face model: all-minilm-l6-v2")
     p.add_argument("overrides", nargs="*", help="key=value on the base's config, e.g. eval.queries=5 data.path=play.txt")

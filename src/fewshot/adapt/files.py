@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from fewshot.adapt.classifier import AdaptedClassifier, CosineHead
+from fewshot.adapt.heads import AdaptedClassifier, CosineHead
 from fewshot.adapt.inject import trainable_parameters
 from fewshot.adapt.registry import adapt
 from fewshot.errors import CheckpointError, ConfigError

@@ -4,7 +4,7 @@ PEFT does the adapting; this module only picks each method's paper settings. The
 (:mod:`fewshot.adapt.registry`) lists them as ``peft-lora``, ``peft-ia3``, ``peft-prefix`` and
 ``peft-prompt`` beside fewshot's own methods, so the same runner, cosine head, adapter files and
 ``fewshot adapt`` serve them (``fewshot adapt all-minilm-l6-v2 --method peft-lora --episodes 100``).
-The base is a :class:`~fewshot.models.pretrained.TextEncoder` (texts → r); fewshot's own
+The base is a :class:`~fewshot.models.hf_text.TextEncoder` (texts → r); fewshot's own
 ``linear-probe``, ``full``, ``bitfit`` and ``norm`` work on it too.
 
 Adapters (:data:`ADAPTERS`, built by :func:`adapter_config`; each a ``peft`` config):
@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from fewshot.errors import ConfigError, EncoderMismatch
-from fewshot.models.pretrained import TextEncoder, require
+from fewshot.models.hf_text import TextEncoder, require
 
 __all__ = ["ADAPTERS", "DEFAULT_LR", "adapter_config", "attach_adapter", "merge_adapter", "peft_builder"]
 

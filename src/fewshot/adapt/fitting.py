@@ -12,7 +12,7 @@ One task (:func:`fit_classifier`):
 
 Inputs are images, or texts when the base is a text base (a run's text tower behind
 :class:`~fewshot.evaluate.speakers.TokenizedTexts`, or a Hugging Face
-:class:`~fewshot.models.pretrained.TextEncoder`): whatever ``base(inputs) -> r`` takes.
+:class:`~fewshot.models.hf_text.TextEncoder`): whatever ``base(inputs) -> r`` takes.
 
 The base encoder adapts in eval mode: BatchNorm keeps its pre-trained statistics (25 support
 images make noisy batch statistics, and a frozen base must stay frozen). Wrapper methods manage
@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fewshot.adapt.classifier import DEFAULT_SCALE, AdaptedClassifier, CosineHead, fit_steps
 from fewshot.adapt.files import save_adapter
+from fewshot.adapt.heads import DEFAULT_SCALE, AdaptedClassifier, CosineHead, fit_steps
 from fewshot.adapt.inject import count_trainable
 from fewshot.adapt.registry import adapt, get_adapt_method
 from fewshot.errors import ConfigError, DataError

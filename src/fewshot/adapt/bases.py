@@ -19,11 +19,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from fewshot.adapt.classifier import AdaptedClassifier
 from fewshot.adapt.files import adapter_target, load_adapter, save_adapter
+from fewshot.adapt.fitting import AdaptSettings, episode_generator, fit_classifier, run_adaptation
+from fewshot.adapt.heads import AdaptedClassifier
 from fewshot.adapt.inject import count_trainable
 from fewshot.adapt.registry import get_adapt_method
-from fewshot.adapt.runner import AdaptSettings, episode_generator, fit_classifier, run_adaptation
 from fewshot.config import RunConfig, load_config
 from fewshot.errors import ConfigError, DataError
 from fewshot.run import Run
@@ -82,7 +82,7 @@ class Base:
 
 def open_base(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Base:
     """A run folder / checkpoint (image or text run) or a registered Hugging Face model name."""
-    from fewshot.models.pretrained import PRETRAINED, load_pretrained
+    from fewshot.models.hf_text import PRETRAINED, load_pretrained
 
     if str(path) in PRETRAINED:
         # No run: the episodes come from the default text source (data.path= for another corpus).
