@@ -137,3 +137,36 @@ def test_the_pair_tokenizer_learns_captions_and_the_corpus(tmp_path: Path) -> No
     assert len(encode(tok, " hourglass")) > 1 and len(encode(tok, " circle")) == 1  # a caption word is one token
     assert len(encode(tok, " yonder")) == 1 and decode(tok, encode(tok, captions[0])) == captions[0]
     assert train_pair_tokenizer(captions, 400, corpus=str(corpus)).to_str() == tok.to_str()  # deterministic
+
+
+def test_pretrain_on_pairs_keeps_the_run_tokenizer_and_reads_the_scene_shapes(pool_dir: Path, tmp_path: Path, caplog) -> None:
+    """data.source=pairs through the one trainer: a new run trains its tokenizer on the captions + corpus and saves it;
+    evaluation reads the reserved shapes beside the manifest without reading the pairs; cut captions are reported."""
+    from fewshot import api
+    from fewshot.data.pairs import PairsDataConfig
+    from fewshot.data.registry import load_run_data
+    from fewshot.data.scenes import FEWSHOT_SHAPES
+    from fewshot.data.tokenizer import load_tokenizer
+    from fewshot.errors import ConfigError
+
+    corpus = tmp_path / "play.txt"
+    corpus.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n\n" * 20)
+    config = api.load_config(overrides=[
+        "method=clip", "data.source=pairs", f"data.path={pool_dir / 'manifest.tsv'}", f"data.corpus={corpus}", "data.vocab_size=300",
+        "data.seq_len=6", "data.image_size=16", "encoder.name=conv4", "train.steps=2", "train.batch_size=8", f"out={tmp_path}",
+        "name=clip", "method.text.dim=32", "method.text.depth=1", "method.text.heads=2", "method.embed_dim=16",
+    ])
+    assert isinstance(config.data, PairsDataConfig) and config.data.channels == 3
+    with caplog.at_level("WARNING", logger="fewshot"):
+        result = api.pretrain(config, progress=False)
+    assert result.step == 2 and "were cut" in caplog.text  # the long scene captions do not fit in 6 tokens
+    run = api.open_run(result.run_dir)
+    saved = load_tokenizer(result.run_dir)
+    assert run.tokenizer().to_str() == saved.to_str() and saved.get_vocab_size() <= 300
+    evaluation = run.evaluation_set()
+    assert evaluation.classes == sorted(FEWSHOT_SHAPES) and len(evaluation) == 8 * 40
+    assert load_run_data(config.data).pretrain is None  # without the tokenizer the pairs are not read
+    with pytest.raises(ConfigError, match="data.seq_len"):
+        api.load_config(overrides=["data.source=pairs", "data.seq_len=0"])
+    with pytest.raises(DataError, match="needs data.path"):
+        load_run_data(api.load_config(overrides=["data.source=pairs"]).data)

@@ -17,8 +17,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from fewshot.config import DataConfig, RunConfig, find_recipe, load_config
-from fewshot.data.registry import load_run_data
-from fewshot.data.text import load_text_splits
+from fewshot.data.registry import load_run_data, source_tokenizer_text
 from fewshot.data.tokenizer import decode, encode, save_tokenizer, train_tokenizer
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.evaluate.evaluator import EvalReport, evaluate
@@ -59,20 +58,20 @@ def pretrain(config: RunConfig, resume: bool = False, progress: bool = True) -> 
         refuse_existing_run(config.run_dir)
     run = Run.open(config.run_dir) if resume and checkpoint_path(config.run_dir).exists() else None
     data_config = run.config.data if run else config.data  # a resumed run trains on the data it started with
-    if run:
-        tokenizer = run.tokenizer()
-    else:
-        tokenizer = _new_tokenizer(config, data_config) if data_config.source == "text" else None
+    tokenizer = run.tokenizer() if run else _new_tokenizer(config, data_config)
     data = load_run_data(data_config, config.eval.data_path, tokenizer).pretrain
     return _pretrain(config, data, resume=resume, progress=progress, checkpoint=run.checkpoint if run else None)
 
 
-def _new_tokenizer(config: RunConfig, data: DataConfig) -> Tokenizer:
-    """A new text run's tokenizer, trained on the training split and saved as run_dir/tokenizer.json
-    before training (a resumed run reuses that file: :meth:`Run.tokenizer`)."""
-    if config.method.name not in LANGUAGE_METHODS:
+def _new_tokenizer(config: RunConfig, data: DataConfig) -> Tokenizer | None:
+    """A new run's tokenizer when its source has text (text: the training split; pairs: the captions and a
+    corpus), saved as run_dir/tokenizer.json before training (a resumed run reuses that file: :meth:`Run.tokenizer`)."""
+    if data.source == "text" and config.method.name not in LANGUAGE_METHODS:
         raise ConfigError(f"data.source=text needs a language method ({', '.join(LANGUAGE_METHODS)}), got '{config.method.name}'")
-    tokenizer = train_tokenizer(load_text_splits(data).train, data.vocab_size)
+    text = source_tokenizer_text(data)
+    if text is None:
+        return None
+    tokenizer = train_tokenizer(text, data.vocab_size)
     save_tokenizer(tokenizer, config.run_dir)  # pretrain() refused a folder that holds a run's files
     return tokenizer
 

@@ -69,8 +69,10 @@ class Run:
         return method
 
     def tokenizer(self) -> Tokenizer | None:
-        """A text run's tokenizer (``tokenizer.json`` beside the checkpoint); None for other runs."""
-        if self.config.data.source != "text":
+        """The run's tokenizer (``tokenizer.json`` beside the checkpoint) when its source has text (text, pairs); else None."""
+        from fewshot.data.registry import trains_tokenizer
+
+        if not trains_tokenizer(self.config.data.source):
             return None
         from fewshot.data.tokenizer import load_tokenizer
 

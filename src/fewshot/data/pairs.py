@@ -25,10 +25,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Literal
+
 import numpy as np
 import torch
+from pydantic import Field
 from tokenizers import Tokenizer
 
+from fewshot.config import DataConfig
 from fewshot.data.image_files import check_image_args, decode_image
 from fewshot.data.sources import resolve_data_path
 from fewshot.data.text import TEXT_DEFAULT, read_corpus, split_text
@@ -39,8 +43,8 @@ from fewshot.errors import DataError
 from fewshot.io import atomic_write
 
 __all__ = [
-    "CAPTION_KEY", "IMAGE_KEY", "SEPARATOR", "Manifest", "PairSet", "load_pairs", "pair_set", "read_manifest", "tokenize_captions",
-    "train_pair_tokenizer", "write_manifest",
+    "CAPTION_KEY", "IMAGE_KEY", "SEPARATOR", "Manifest", "PairSet", "PairsDataConfig", "manifest_path", "pairs_tokenizer_text", "load_pairs", "pair_set", "read_manifest", "tokenize_captions",
+    "tokenizer_text", "train_pair_tokenizer", "write_manifest",
 ]
 
 IMAGE_KEY, CAPTION_KEY, SEPARATOR = "filepath", "title", "\t"  # open_clip's --csv-img-key, --csv-caption-key, --csv-separator
@@ -263,8 +267,37 @@ def load_pairs(
     return PairSet(torch.from_numpy(out), torch.tensor(row_image, dtype=torch.long), tokens, manifest.captions, manifest.noise, truncated)
 
 
+def tokenizer_text(captions: Sequence[str], corpus: str | None = None) -> str:
+    """What a pairs run's BPE tokenizer learns from: the distinct caption texts, one a line, then the training split
+    of a text corpus (default ``$FEWSHOT_DATA/text/tinyshakespeare.txt``; its held-out tenth stays unseen, as in text runs)."""
+    return "\n".join(dict.fromkeys(captions)) + "\n" + split_text(read_corpus(resolve_data_path(corpus, TEXT_DEFAULT)), 0.1).train
+
+
 def train_pair_tokenizer(captions: Sequence[str], vocab_size: int, corpus: str | None = None) -> Tokenizer:
-    """A run's BPE tokenizer for pairs: trained on the distinct caption texts plus the training split of a text
-    corpus (default ``$FEWSHOT_DATA/text/tinyshakespeare.txt``; its held-out tenth stays unseen, as in text runs)."""
-    text = split_text(read_corpus(resolve_data_path(corpus, TEXT_DEFAULT)), 0.1).train
-    return train_tokenizer("\n".join(dict.fromkeys(captions)) + "\n" + text, vocab_size)
+    """A BPE tokenizer of at most ``vocab_size`` ids trained on :func:`tokenizer_text`."""
+    return train_tokenizer(tokenizer_text(captions, corpus), vocab_size)
+
+
+class PairsDataConfig(DataConfig):
+    """``data.source=pairs``: an image–caption manifest (``data.path``: manifest.tsv or .jsonl in open_clip's
+    layout, e.g. the one ``fewshot data scenes`` writes, or your own)."""
+
+    image_size: int = Field(32, ge=8, le=512, description="images are resized to image_size × image_size")
+    channels: Literal[1, 3] = Field(3, description="1 = grayscale, 3 = RGB")
+    seq_len: int = Field(32, ge=1, description="pairs: caption tokens kept, padded with [PAD]; longer captions are cut and "
+                         "counted (the text tower's context is seq_len + 1 with [CLS])")
+    vocab_size: int = Field(2048, ge=262, description="pairs: byte-level BPE vocabulary of the run's tokenizer (256 bytes + 6 specials at least)")
+    separator: str = Field(SEPARATOR, min_length=1, max_length=1, description="pairs: the field separator of a .tsv/.csv manifest (open_clip's default: tab)")
+    corpus: str | None = Field(None, description="pairs: text the tokenizer learns besides the captions (its first 90%); "
+                               "default $FEWSHOT_DATA/text/tinyshakespeare.txt")
+
+
+def manifest_path(data: PairsDataConfig) -> Path:
+    if data.path is None:
+        raise DataError("data.source=pairs needs data.path: a manifest (.tsv in open_clip's layout, or .jsonl), e.g. from fewshot data scenes")
+    return Path(resolve_data_path(data.path, ""))
+
+
+def pairs_tokenizer_text(data: PairsDataConfig) -> str:
+    """The text a new pairs run's tokenizer is trained on: the manifest's captions plus ``data.corpus``."""
+    return tokenizer_text(read_manifest(manifest_path(data), data.separator).captions, data.corpus)

@@ -9,6 +9,7 @@ gives them the class-disjoint split, character normalisation, unlabeled extras a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -20,6 +21,8 @@ from tokenizers import Tokenizer
 from fewshot.config import DataConfig, register_source_config
 from fewshot.data.lake import LakeRun, load_lake_runs
 from fewshot.data.normalize import normalize_characters
+from fewshot.data.pairs import PairsDataConfig, PairSet, load_pairs, manifest_path, pairs_tokenizer_text
+from fewshot.data.scenes import FEWSHOT_FOLDER
 from fewshot.data.sequences import SequenceSet, load_sequence_folder, moving_shapes
 from fewshot.data.sources import load_digits, load_image_folder, load_omniglot, load_unlabeled_folder, resolve_data_path
 from fewshot.data.splits import split_classes
@@ -33,7 +36,9 @@ MOVING_SHAPES_FRAMES = 16  # data.frames=null on moving-shapes
 
 @dataclass
 class RunData:
-    pretrain: ImageSet | TokenSet | SequenceSet  # unlabeled unless the method needs labels; token windows for text
+    # Unlabeled unless the method needs labels; token windows for text; None only from pairs read without the
+    # run's tokenizer (an evaluation-only call: api.pretrain always hands a pairs run its tokenizer).
+    pretrain: ImageSet | TokenSet | SequenceSet | PairSet | None
     evaluation: ImageSet | None  # labeled classes never seen in pre-training
 
 
@@ -46,6 +51,7 @@ ImageLoader = Callable[[DataConfig, int], ImageSet]
 class Source(NamedTuple):
     load: SourceLoader
     images: Callable[[DataConfig], ImageSet] | None  # the whole labeled source as images (`fewshot data NAME`)
+    tokenizer_text: Callable[[DataConfig], str] | None = None  # what a new run's BPE tokenizer learns (text, pairs)
 
 
 SOURCES: dict[str, Source] = {}
@@ -56,15 +62,18 @@ def register_source(
     loader: SourceLoader,
     config_class: type[DataConfig] | None = None,
     images: Callable[[DataConfig], ImageSet] | None = None,
+    tokenizer_text: Callable[[DataConfig], str] | None = None,
 ) -> SourceLoader:
     """Make ``data.source=<name>`` load with ``loader(data, eval_path, tokenizer) -> RunData``.
 
     ``config_class``: a :class:`~fewshot.config.DataConfig` subclass with the source's own options
     (validated when a recipe names the source; default: the shared fields only). ``images``:
     optional ``images(data) -> ImageSet``, the whole source as labeled images, for :func:`load_source`.
+    ``tokenizer_text``: optional ``tokenizer_text(data) -> str`` for a source of text: a new run trains its
+    BPE tokenizer (``data.vocab_size``) on it, saves it beside the checkpoint and hands it to ``loader``.
     """
     register_source_config(name, config_class or DataConfig)
-    SOURCES[name] = Source(loader, images)
+    SOURCES[name] = Source(loader, images, tokenizer_text)
     return loader
 
 
@@ -97,6 +106,17 @@ def load_source(data: DataConfig) -> ImageSet:
     if images is None:
         raise DataError(f"data.source={data.source} is not a set of images")
     return images(data)
+
+
+def source_tokenizer_text(data: DataConfig) -> str | None:
+    """The text a new run on ``data.source`` trains its tokenizer on; None when the source has no text."""
+    make = _source(data.source).tokenizer_text
+    return None if make is None else make(data)
+
+
+def trains_tokenizer(name: str) -> bool:
+    """Whether runs on source ``name`` keep a tokenizer (``tokenizer.json``) beside their checkpoint."""
+    return _source(name).tokenizer_text is not None
 
 
 def _source(name: str) -> Source:
@@ -186,7 +206,30 @@ def _text_run_data(data: TextDataConfig, eval_path: str | None, tokenizer: Token
     return RunData(TokenSet(encode_text(tokenizer, load_text_splits(data).train), data.seq_len), None)
 
 
-register_source("text", _text_run_data, TextDataConfig)
+register_source("text", _text_run_data, TextDataConfig, tokenizer_text=lambda data: load_text_splits(data).train)
+
+
+# -- image–caption pairs --------------------------------------------------------------------------
+
+
+def _pairs_run_data(data: PairsDataConfig, eval_path: str | None, tokenizer: Tokenizer | None) -> RunData:
+    """The manifest's rows as a :class:`~fewshot.data.pairs.PairSet`; evaluation classes from ``eval_path``, else
+    from the ``fewshot-shapes/`` folder beside a manifest that ``fewshot data scenes`` wrote, else none.
+    Without the run's tokenizer (evaluate, adapt: they read only the evaluation classes) the pairs are not read."""
+    manifest = manifest_path(data)
+    scenes_folder = manifest.parent / FEWSHOT_FOLDER
+    folder = eval_path or (str(scenes_folder) if scenes_folder.is_dir() else None)
+    evaluation = load_eval_folder(folder, data) if folder else None
+    if tokenizer is None:
+        return RunData(None, evaluation)
+    pairs = load_pairs(manifest, tokenizer, data.seq_len, data.image_size, data.channels, data.separator)
+    if pairs.truncated:  # counted and reported (one line on stderr), never silent
+        logging.getLogger("fewshot").warning(f"fewshot: {pairs.truncated} of {len(pairs)} captions in {manifest} are longer "
+                                             f"than data.seq_len={data.seq_len} tokens and were cut")
+    return RunData(pairs, evaluation)
+
+
+register_source("pairs", _pairs_run_data, PairsDataConfig, tokenizer_text=pairs_tokenizer_text)
 
 
 # -- sequences ------------------------------------------------------------------------------------
@@ -249,5 +292,5 @@ register_source(
 
 __all__ = [
     "ImageLoader", "RunData", "SOURCES", "Source", "SourceLoader", "load_eval_folder", "load_lake_runs_for", "load_run_data",
-    "load_source", "preprocess", "read_size", "register_image_source", "register_source",
+    "load_source", "preprocess", "read_size", "register_image_source", "register_source", "source_tokenizer_text", "trains_tokenizer",
 ]
