@@ -85,11 +85,25 @@ def test_embed_is_deterministic_normalised_and_ignores_padding(minilm):
     for i, text in enumerate(SENTENCES):
         torch.testing.assert_close(minilm.embed([text])[0], first[i], atol=1e-5, rtol=0)
     # Mean pooling by hand over the unpadded hidden states of one sentence.
-    batch = minilm.tokenize([SENTENCES[0]])
+    ids = minilm.tokenize([SENTENCES[0]])
+    assert (ids != minilm.pad_id).all()  # alone: no padding
     with torch.no_grad():
-        hidden = minilm.model(**batch).last_hidden_state[0]  # (T, 384)
+        hidden = minilm.model(input_ids=ids).last_hidden_state[0]  # (T, 384)
     by_hand = hidden.mean(0) / hidden.mean(0).norm()
     torch.testing.assert_close(first[0], by_hand, atol=1e-5, rtol=0)
+
+
+def test_forward_tokens_takes_padded_ids_like_every_token_tower(minilm):
+    """x: token ids (B, T) padded with pad_id → (B, T, dim); the mask derived from x is the tokenizer's own."""
+    ids = minilm.tokenize(SENTENCES)
+    mask = minilm.tokenizer(SENTENCES, padding=True, truncation=True, max_length=minilm.max_length, return_tensors="pt")["attention_mask"]
+    assert (mask == 0).any() and torch.equal((ids != minilm.pad_id).long(), mask)
+    with torch.no_grad():
+        tokens = minilm.forward_tokens(ids)
+        expected = minilm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert tokens.shape == (*ids.shape, 384)
+        torch.testing.assert_close(tokens, expected)
+        torch.testing.assert_close(minilm(ids), minilm(SENTENCES))
 
 
 def test_embed_matches_sentence_transformers(minilm):

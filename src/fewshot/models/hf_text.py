@@ -133,7 +133,10 @@ def mean_pool(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class TextEncoder(nn.Module):
-    """A Hugging Face encoder with its tokenizer and pooling: ``embed(texts) -> (B, dim)``.
+    """A Hugging Face encoder with its tokenizer and pooling, shaped like every token tower:
+    ``forward_tokens(x) -> (B, T, dim)`` and ``forward(x) -> r`` (B, dim) for token ids ``x`` (B, T)
+    padded with ``pad_id`` (the attention mask is ``x != pad_id``); ``tokenize(texts)`` makes ``x``,
+    and ``forward`` also takes the texts themselves.
 
     ``model`` is the ``transformers`` model, or a PEFT model wrapping it (see
     :mod:`fewshot.adapt.hf`); both are called with ``input_ids`` and ``attention_mask`` and return
@@ -149,43 +152,39 @@ class TextEncoder(nn.Module):
         self.dim = dim
         self.max_length = max_length
         self.normalize = normalize
+        # The tokenizer never gives a text's own token this id (BERT's [PAD] is special), so padding
+        # is exactly where x == pad_id and the mask needs no second tensor.
+        self.pad_id = int(tokenizer.pad_token_id)
 
     def with_model(self, model: nn.Module) -> "TextEncoder":
         """The same tokenizer and pooling around another (e.g. adapted) model."""
         return TextEncoder(model, self.tokenizer, self.dim, self.max_length, self.normalize)
 
-    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Token ids (B, T) of ``texts``, cut at ``max_length`` and right-padded with ``pad_id``."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise DataError("texts must be a list of strings")
         if not texts:
             raise DataError("no texts to embed")
-        batch = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
-        # One segment: BERT's token type ids are all zero, its default; PEFT's prompt methods
-        # refuse them, so they are never passed.
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return batch["input_ids"]
 
-    def forward_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Last hidden states of the real tokens, (B, T, dim).
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Last hidden states (B, T, dim) of token ids ``x`` (B, T) padded with ``pad_id``.
 
-        Prompt tuning prepends virtual tokens to the output; those are dropped here, so the
-        positions line up with ``batch["attention_mask"]`` for every adapter kind.
+        One segment: BERT's token type ids are all zero, its default; PEFT's prompt methods refuse
+        them, so they are never passed. Prompt tuning prepends virtual tokens to the output; those
+        are dropped here, so the positions line up with ``x`` for every adapter kind.
         """
-        hidden = self.model(**batch).last_hidden_state
-        return hidden[:, -batch["input_ids"].shape[1] :]
+        hidden = self.model(input_ids=x, attention_mask=(x != self.pad_id).long()).last_hidden_state
+        return hidden[:, -x.shape[1] :]
 
-    def forward(self, batch: dict[str, torch.Tensor] | Sequence[str]) -> torch.Tensor:
-        """Sentence embeddings (B, dim) of a tokenized batch or of texts, with gradients (texts → r,
-        as every encoder an adapter or the episode runner takes)."""
-        if not isinstance(batch, dict):
-            device = next(self.parameters()).device
-            batch = {k: v.to(device) for k, v in self.tokenize(batch).items()}
-        pooled = mean_pool(self.forward_tokens(batch), batch["attention_mask"])
+    def forward(self, x: torch.Tensor | Sequence[str]) -> torch.Tensor:
+        """Sentence embeddings r (B, dim) of token ids ``x`` (or of texts), with gradients: the mean of
+        the real tokens' states, L2-normalised when the model's pooling says so."""
+        if not isinstance(x, torch.Tensor):
+            x = self.tokenize(x).to(next(self.parameters()).device)
+        pooled = mean_pool(self.forward_tokens(x), x != self.pad_id)
         return nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
 
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
@@ -206,7 +205,7 @@ class TextEncoder(nn.Module):
             with torch.no_grad():
                 for start in range(0, len(order), batch_size):
                     idx = order[start : start + batch_size]
-                    out[idx] = self(self.tokenize([texts[i] for i in idx])).float()
+                    out[idx] = self([texts[i] for i in idx]).float().cpu()
         finally:
             self.train(was_training)
         return out
