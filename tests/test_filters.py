@@ -80,7 +80,9 @@ def test_bad_filter_input_is_one_line(pool_dir: Path, tmp_path: Path, capsys) ->
     with pytest.raises(DataError, match="keeps none"):
         filter_manifest(pool_dir / "manifest.tsv", tmp_path / "k.tsv", FilterConfig(min_words=40, rules=("length",)))
     with pytest.raises(DataError, match="unknown filter rule"):
-        FilterConfig(rules=("clip_score",))
+        FilterConfig(rules=("blur",))
+    with pytest.raises(DataError, match="needs clip_run"):
+        FilterConfig(rules=("length", "clip_score"))
     with pytest.raises(DataError, match="unknown filter option"):
         filter_config(["max_share=3"])
     assert filter_config(["max_shared=3", "rules=[length,shared_alt]"]) == FilterConfig(rules=("length", "shared_alt"), max_shared=3)
@@ -92,3 +94,35 @@ def test_bad_filter_input_is_one_line(pool_dir: Path, tmp_path: Path, capsys) ->
     assert main(["data", "filter", str(pool_dir / "manifest.tsv"), "--out", str(tmp_path / "x.tsv"), "min_words=40"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 2 and "already exists" in err and "keeps none" in err
+
+
+def test_clip_score_rule_scores_each_row_with_the_run(pool_dir: Path, tmp_path: Path) -> None:
+    """LAION's rule: api.clip_scores equals the cosine of each row's image and caption embedded one at a time, and the
+    rule drops exactly the rows under the threshold (a run of two steps: the mechanics, not a trained model's precision)."""
+    import torch
+
+    from fewshot import api
+    from fewshot.data.pairs import load_pairs
+
+    corpus = tmp_path / "play.txt"
+    corpus.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n\n" * 20)
+    config = api.load_config(overrides=[
+        "method=clip", "data.source=pairs", f"data.path={pool_dir / 'manifest.tsv'}", f"data.corpus={corpus}", "data.vocab_size=300",
+        "data.seq_len=24", "data.image_size=16", "encoder.name=conv4", "train.steps=2", "train.batch_size=8", f"out={tmp_path}",
+        "name=clip", "method.text.dim=32", "method.text.depth=1", "method.text.heads=2", "method.embed_dim=16",
+    ])
+    run_dir = api.pretrain(config, progress=False).run_dir
+    scores = api.clip_scores(run_dir, pool_dir / "manifest.tsv", batch_size=7)
+    run = api.open_run(run_dir)
+    method = run.method().eval()
+    pairs = load_pairs(pool_dir / "manifest.tsv", run.tokenizer(), 24, 16)
+    with torch.no_grad():
+        for r in range(0, len(pairs), 37):
+            image = method.embed_images(pairs.images[int(pairs.image_index[r])][None])[0].double()
+            text = method.embed_texts(pairs.tokens[r][None])[0].double()
+            assert abs(float(image @ text / (image.norm() * text.norm())) - scores[r]) < 1e-5
+    threshold = float(np.median(scores))
+    summary = api.filter_pairs(pool_dir / "manifest.tsv", tmp_path / "kept.tsv", [f"clip_run={run_dir}", f"clip_threshold={threshold}",
+                                                                                  "rules=[clip_score]"])
+    assert summary["report"]["clip_score"]["flagged"] == int((scores < threshold).sum()) == summary["dropped"]
+    assert summary["report"]["clip_score"]["target"] == "mismatched+near_miss"

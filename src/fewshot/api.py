@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 from torch import nn
@@ -172,4 +173,35 @@ def load_adapted(adapter: str | Path, path: str | Path) -> nn.Module:
     return _load_adapted(adapter, path)
 
 
-__all__ = ["load_config", "pretrain", "evaluate_run", "open_run", "load_pretrained", "quickstart", "generate", "adapt", "load_adapted"]
+def clip_scores(run_path: str | Path, manifest: str | Path, batch_size: int = 512) -> np.ndarray:
+    """(R,) cosine of each manifest row's image and caption embeddings under an image–text run (LAION's CLIP
+    score), with the run's own tokenizer, caption length and image size; each image is embedded once."""
+    from fewshot.data.pairs import load_pairs
+
+    run = Run.open(run_path)
+    method = run.method().eval()
+    if not (hasattr(method, "embed_images") and hasattr(method, "embed_texts")):
+        raise ConfigError(f"'{run_path}' is a {run.config.method.name} run; CLIP scores need an image–text run (method=clip)")
+    data = run.config.data
+    pairs = load_pairs(manifest, run.tokenizer(), data.seq_len, data.image_size, data.channels)
+    with torch.no_grad():
+        images = torch.cat([method.embed_images(pairs.images[i : i + batch_size]) for i in range(0, len(pairs.images), batch_size)])
+        texts = torch.cat([method.embed_texts(pairs.tokens[i : i + batch_size]) for i in range(0, len(pairs), batch_size)])
+    cosine = torch.nn.functional.cosine_similarity(images[pairs.image_index], texts, dim=1)
+    return cosine.numpy()
+
+
+def filter_pairs(manifest: str | Path, out: str | Path, options: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """``fewshot data filter``: the rules of :mod:`fewshot.data.filters` (``key=value`` options), and the clip_score
+    rule when ``clip_run=RUN`` names an image–text run; writes the kept manifest and the dropped rows with reasons."""
+    from fewshot.data.filters import filter_config, filter_manifest
+
+    config = filter_config(list(options))
+    scores = clip_scores(config.clip_run, manifest) if config.clip_run else None
+    return filter_manifest(manifest, out, config, scores)
+
+
+__all__ = [
+    "load_config", "pretrain", "evaluate_run", "open_run", "load_pretrained", "quickstart", "generate", "adapt", "load_adapted",
+    "clip_scores", "filter_pairs",
+]

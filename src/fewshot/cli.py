@@ -122,11 +122,12 @@ def cmd_data(args: argparse.Namespace) -> None:
         _emit(args, out, f"{out['images']} scenes, {out['rows']} captioned rows (noise: {noisy}) in {out['out']}; manifest: {out['manifest']}")
         return
     if args.action == "filter":
-        from fewshot.data.filters import filter_config, filter_manifest, report_text
+        from fewshot import api
+        from fewshot.data.filters import report_text
 
         if not args.name or not args.out:
             raise FewshotError("fewshot data filter needs a manifest and --out KEPT_MANIFEST, e.g. fewshot data filter pool/manifest.tsv --out kept.tsv")
-        out = filter_manifest(args.name, args.out, filter_config(args.overrides))
+        out = api.filter_pairs(args.name, args.out, args.overrides)
         _emit(args, out, report_text(out))
         return
     if args.name is None:
@@ -230,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", nargs="*", default=[], metavar="KIND=FRACTION",
                    help="scenes: planted noise, e.g. mismatched=0.1 near_miss=0.1 boilerplate=0.05 shared_alt=0.05 near_duplicate=0.05")
     p.add_argument("--out", help="scenes: a new folder for images/, manifest.tsv, ...; filter: the kept manifest (a new file)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.image_size=32; filter options, e.g. max_shared=10")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.image_size=32; filter options, e.g. max_shared=10 clip_run=RUN clip_threshold=0.3")
 
     p = add("generate", cmd_generate, "continue a prompt with a gpt run (KV cache; greedy, temperature, top-k)")
     p.add_argument("run_dir", help="gpt run folder (holds checkpoints/ and tokenizer.json)")

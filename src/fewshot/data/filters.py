@@ -11,6 +11,8 @@ precision and recall are per rule, over the rows it flags, whatever the others d
 * ``repetition``: a word repeated more than ``max_repeats`` times in a row.
 * ``shared_alt``: a caption text that more than ``max_shared`` distinct images carry (ALIGN drops alt-texts
   shared by more than 10 images: such text describes no image in particular).
+* ``clip_score`` (with ``clip_run``): image–caption cosine under a trained CLIP run below ``clip_threshold``
+  (LAION-400M, Schuhmann et al. 2021: 0.28 with OpenAI's ViT-B/32; a threshold belongs to its model).
 * ``near_duplicate``: an image within ``duplicate_tolerance`` grey levels, at every pixel, of an earlier
   kept image (LAION and DataComp remove near-duplicate images); every row of the later image is dropped.
   Candidates come from a Chebyshev k-d tree over 4×4 block means, which is complete: block means of two
@@ -37,12 +39,13 @@ from fewshot.data.pairs import CAPTION_KEY, IMAGE_KEY, Manifest, read_manifest, 
 from fewshot.errors import DataError
 from fewshot.io import atomic_write
 
-__all__ = ["RULES", "FilterConfig", "FilterResult", "filter_config", "filter_manifest", "filter_pairs", "filter_report", "near_duplicates", "report_text"]
+__all__ = ["CLIP_RULE", "RULES", "TARGETS", "FilterConfig", "FilterResult", "filter_config", "filter_manifest", "filter_pairs", "filter_report", "near_duplicates", "report_text"]
 
 RULES = ("filename", "length", "unique_words", "repetition", "shared_alt", "near_duplicate")
-# The noise kind each rule is meant to catch, for recall on generated scenes.
-TARGETS = {"length": "boilerplate", "filename": "boilerplate", "unique_words": "boilerplate", "repetition": "boilerplate",
-           "shared_alt": "shared_alt", "near_duplicate": "near_duplicate"}
+CLIP_RULE = "clip_score"  # applied when a CLIP run scores the pairs (``clip_run``)
+# The noise kinds each rule is meant to catch, for recall on generated scenes.
+TARGETS = {"length": ("boilerplate",), "filename": ("boilerplate",), "unique_words": ("boilerplate",), "repetition": ("boilerplate",),
+           "shared_alt": ("shared_alt",), "near_duplicate": ("near_duplicate",), CLIP_RULE: ("mismatched", "near_miss")}
 _FILENAME = re.compile(r"^\s*(?:img|dsc|dscn|image|photo|pic|p)?[_\- ]?\d+(?:\.(?:jpe?g|png|gif|bmp|webp|tiff?))?\s*$"
                        r"|\.(?:jpe?g|png|gif|bmp|webp|tiff?)\s*$", re.IGNORECASE)
 _WORDS = re.compile(r"[^\W_]+(?:[-'][^\W_]+)*")
@@ -58,11 +61,18 @@ class FilterConfig:
     max_shared: int = 10
     duplicate_tolerance: int = 4  # grey levels of 255
     image_size: int = 32  # images are compared at this size (area-averaged, which never widens a pixel difference)
+    clip_run: str | None = None  # a CLIP run folder: adds the clip_score rule (the scores come from fewshot.api.clip_scores)
+    clip_threshold: float = 0.28  # LAION-400M's cosine threshold for OpenAI's ViT-B/32; each model needs its own
 
     def __post_init__(self) -> None:
-        unknown = [r for r in self.rules if r not in RULES]
+        self.rules = tuple(self.rules)
+        if self.clip_run is not None and CLIP_RULE not in self.rules:
+            self.rules = (*self.rules, CLIP_RULE)
+        unknown = [r for r in self.rules if r not in (*RULES, CLIP_RULE)]
         if unknown or not self.rules:
-            raise DataError(f"unknown filter rule(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(RULES)}")
+            raise DataError(f"unknown filter rule(s) {', '.join(unknown) or '(none given)'}; known: {', '.join((*RULES, CLIP_RULE))}")
+        if CLIP_RULE in self.rules and self.clip_run is None:
+            raise DataError("the clip_score rule needs clip_run=RUN, a CLIP run folder that scores the pairs")
 
 
 @dataclass
@@ -116,9 +126,11 @@ def near_duplicates(images: np.ndarray, tolerance: int) -> dict[int, int]:
     return copies
 
 
-def filter_pairs(captions: list[str], row_image: list[int], images: np.ndarray | None, config: FilterConfig) -> FilterResult:
+def filter_pairs(
+    captions: list[str], row_image: list[int], images: np.ndarray | None, config: FilterConfig, scores: np.ndarray | None = None
+) -> FilterResult:
     """Which rows each rule flags, which rows are kept, and the reason of each dropped one (the first of
-    ``config.rules`` that flags it)."""
+    ``config.rules`` that flags it). ``scores``: (R,) image–caption cosine per row, for the clip_score rule."""
     flags: dict[str, set[int]] = {rule: set() for rule in config.rules}
     for r, text in enumerate(captions):
         for rule in _text_flags(text, config) & set(config.rules):
@@ -133,6 +145,10 @@ def filter_pairs(captions: list[str], row_image: list[int], images: np.ndarray |
             raise DataError("the near_duplicate rule needs the images")
         copies = near_duplicates(images, config.duplicate_tolerance)
         flags["near_duplicate"] = {r for r, i in enumerate(row_image) if i in copies}
+    if CLIP_RULE in config.rules:
+        if scores is None or len(scores) != len(captions):
+            raise DataError(f"the clip_score rule needs one score per row ({len(captions)})")
+        flags[CLIP_RULE] = {r for r, v in enumerate(scores) if v < config.clip_threshold}  # LAION: keep cosine >= threshold
     reasons = {r: next(rule for rule in config.rules if r in flags[rule]) for r in sorted(set().union(*flags.values()))}
     kept = [r for r in range(len(captions)) if r not in reasons]
     if not kept:
@@ -147,13 +163,13 @@ def filter_report(noise: list[str], result: FilterResult) -> dict:
     rows dropped, their precision, and the recall of each noise kind."""
     out = {}
     for rule, rows in result.flags.items():
-        target = [r for r, kind in enumerate(noise) if kind == TARGETS[rule]]
+        target = [r for r, kind in enumerate(noise) if kind in TARGETS[rule]]
         out[rule] = {
             "flagged": len(rows),
             "dropped": sum(why == rule for why in result.reasons.values()),
             "precision": sum(bool(noise[r]) for r in rows) / len(rows) if rows else None,
             "recall": sum(r in rows for r in target) / len(target) if target else None,
-            "target": TARGETS[rule],
+            "target": "+".join(TARGETS[rule]),
         }
     noisy = [r for r, kind in enumerate(noise) if kind]
     out["all"] = {
@@ -179,10 +195,12 @@ def _read_images(manifest: Manifest, size: int) -> tuple[np.ndarray, list[int]]:
     return out, row_image
 
 
-def filter_manifest(path: str | os.PathLike[str], out: str | os.PathLike[str], config: FilterConfig | None = None) -> dict:
+def filter_manifest(
+    path: str | os.PathLike[str], out: str | os.PathLike[str], config: FilterConfig | None = None, scores: np.ndarray | None = None
+) -> dict:
     """Filter the manifest at ``path`` into ``out`` (a new manifest, same format, kept rows only) and
     ``out``'s sibling ``<stem>.dropped.tsv`` (each dropped row: its manifest line, image, caption, reason). Returns the counts,
-    and per-rule precision and recall when the manifest has noise labels."""
+    and per-rule precision and recall when the manifest has noise labels. ``scores``: the clip_score rule's (R,) cosines."""
     config = config or FilterConfig()
     manifest = read_manifest(path)
     out = Path(out)
@@ -194,7 +212,7 @@ def filter_manifest(path: str | os.PathLike[str], out: str | os.PathLike[str], c
     if row_image is None:
         index: dict[str, int] = {}
         row_image = [index.setdefault(f, len(index)) for f in manifest.filepaths]
-    result = filter_pairs(manifest.captions, row_image, images, config)
+    result = filter_pairs(manifest.captions, row_image, images, config, scores)
     labelled = any(manifest.noise)
     keep = result.kept
     write_manifest(out, [manifest.filepaths[r] for r in keep], [manifest.captions[r] for r in keep],
@@ -231,9 +249,11 @@ def filter_config(options: list[str] | None = None) -> FilterConfig:
         fields["rules"] = tuple(rules if isinstance(rules, list) else str(rules).split(","))
     for key, value in fields.items():
         default = getattr(FilterConfig, key, None)
-        if key != "rules" and (isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(default, int) and value != int(value))):
+        if key == "clip_run":
+            fields[key] = None if value is None else str(value)
+        elif key != "rules" and (isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(default, int) and value != int(value))):
             raise DataError(f"filter option {key}={value!r}: expected a {type(default).__name__}")
-        if isinstance(default, int) and key != "rules":
+        elif isinstance(default, int) and key != "rules":
             fields[key] = int(value)
     return FilterConfig(**fields)
 
