@@ -16,7 +16,7 @@ from fewshot.cli import main
 from fewshot.data.scenes import (
     COLOURS, FEWSHOT_SHAPES, NOISE_KINDS, PRETRAIN_SHAPES, SHARED_ALT_TEXT, SIZES, NoiseConfig, Obj, Scene, caption_is_true,
     captions_for, fewshot_shape_images, heldout_pairs, make_pool, named_pairs, near_miss, object_range, parse_caption, render,
-    sample_scenes, seen_pairs, single_object_test, two_object_test, write_scenes,
+    sample_scenes, seen_pairs, single_object_test, swap_test, two_object_test, write_scenes,
 )
 from fewshot.errors import DataError
 
@@ -169,6 +169,17 @@ def test_evaluation_sets() -> None:
     assert all((o.shape, o.colour) in heldout for s in unseen.scenes for o in s.objects)
     few = fewshot_shape_images(3, size=16).image_set()
     assert few.classes == list(FEWSHOT_SHAPES) and few.labels.bincount().tolist() == [3] * 8
+
+
+@pytest.mark.parametrize("kind", ["binding", "relation"])
+def test_swap_tests_hold_one_true_and_one_false_caption_of_the_same_words(kind: str) -> None:
+    test = swap_test(kind, 200, size=16, seed=0)
+    seen = set(seen_pairs(heldout_pairs(0)))
+    for scene, (true, swapped) in zip(test.scenes, test.captions):
+        assert caption_is_true(true, scene) and not caption_is_true(swapped, scene), (true, swapped, scene)
+        assert sorted(true.split()) == sorted(swapped.split())  # a bag of words cannot tell them apart
+        assert named_pairs(true) | named_pairs(swapped) <= seen
+    assert test.images.shape == (200, 3, 16, 16)
 
 
 def test_write_scenes_folder_and_cli(tmp_path, capsys) -> None:

@@ -52,7 +52,7 @@ from fewshot.io import atomic_write
 __all__ = [
     "COLOURS", "FEWSHOT_SHAPES", "NOISE_KINDS", "PRETRAIN_SHAPES", "SHAPES", "SIZES", "NoiseConfig", "Obj", "Parse", "Scene",
     "LabelledScenes", "ScenePool", "caption_is_true", "captions_for", "fewshot_shape_images", "heldout_pairs", "make_pool", "named_pairs",
-    "near_miss", "noise_config", "object_range", "parse_caption", "render", "sample_scenes", "scene_from_json", "seen_pairs", "single_object_test", "two_object_test", "write_scenes",
+    "near_miss", "noise_config", "object_range", "parse_caption", "render", "sample_scenes", "scene_from_json", "seen_pairs", "single_object_test", "swap_test", "two_object_test", "write_scenes",
 ]
 
 # ----------------------------------------------------------------------------- the world
@@ -744,6 +744,42 @@ def fewshot_shape_images(per_shape: int, size: int = 32, seed: int = 0) -> Label
     scenes = [_one_object(rng, s, tuple(COLOURS)[int(rng.integers(len(COLOURS)))]) for s in FEWSHOT_SHAPES for _ in range(per_shape)]
     return LabelledScenes(scenes, render(scenes, size), np.repeat(np.arange(len(FEWSHOT_SHAPES)), per_shape), list(FEWSHOT_SHAPES), [], [])
 
+
+SWAP_KINDS = ("binding", "relation")
+
+
+def swap_test(kind: str, n: int, size: int = 32, seed: int = 0, split_seed: int = 0) -> LabelledScenes:
+    """``n`` two-object scenes, each with ``captions[i] = [true, swapped]``: the same words in another order,
+    so only a model that binds attributes to objects (or arguments to a relation) tells them apart; chance is 50%.
+
+    ``binding``: two objects of different shapes and colours, all four (shape, colour) combinations seen pairs;
+    "a red circle and a blue square" against "a blue circle and a red square". ``relation``: two uniquely
+    described objects apart by the margin on one axis; "a red circle is left of a blue square" against "a blue
+    square is left of a red circle". Labels: the image index."""
+    if kind not in SWAP_KINDS:
+        raise DataError(f"unknown swap test '{kind}'; known: {', '.join(SWAP_KINDS)}")
+    seen = set(seen_pairs(heldout_pairs(split_seed)))
+    rng = np.random.default_rng([seed, 23 + SWAP_KINDS.index(kind)])
+    scenes: list[Scene] = []
+    captions: list[list[str]] = []
+    while len(scenes) < n:
+        (scene,) = sample_scenes(rng, 1, (2, 2), sorted(seen))
+        a, b = scene.objects
+        if kind == "binding":
+            if a.shape == b.shape or a.colour == b.colour or (a.shape, b.colour) not in seen or (b.shape, a.colour) not in seen:
+                continue
+            pair = [f"{_np(None, a.colour, a.shape)} and {_np(None, b.colour, b.shape)}",
+                    f"{_np(None, b.colour, a.shape)} and {_np(None, a.colour, b.shape)}"]
+        else:
+            facts = [f for f in _relation_facts(scene) if f[1] in ("left", "right", "above", "below")]
+            if not facts:
+                continue
+            da, rel, db = facts[int(rng.integers(len(facts)))]
+            phrase = _PHRASES[rel][0]
+            pair = [f"{_np(*da)} is {phrase} {_np(*db)}", f"{_np(*db)} is {phrase} {_np(*da)}"]
+        scenes.append(scene)
+        captions.append(pair)
+    return LabelledScenes(scenes, render(scenes, size), np.arange(n), [str(i) for i in range(n)], [], captions)
 
 # ----------------------------------------------------------------------------- on disk
 
