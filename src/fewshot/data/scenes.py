@@ -210,11 +210,11 @@ def _np(size: str | None, colour: str | None, shape: str | None) -> str:
     return f"{_article(words[0])} {' '.join(words)}"
 
 
-def _count_phrase(n: int, size: str | None = None, colour: str | None = None, shape: str | None = None) -> str:
+def _count_phrase(n: int, colour: str | None = None, shape: str | None = None) -> str:
     noun = shape or "object"
     noun = noun if n == 1 else PLURALS.get(noun, noun + "s")
     verb = "is" if n == 1 else "are"
-    return f"there {verb} {NUMBERS[n]} {' '.join(w for w in (size, colour, noun) if w)}"
+    return f"there {verb} {NUMBERS[n]} {' '.join(w for w in (colour, noun) if w)}"
 
 
 def _listing(descriptions: list[str]) -> str:
@@ -222,7 +222,7 @@ def _listing(descriptions: list[str]) -> str:
 
 
 _LEADS = ("", "a picture of ", "a photo of ", "an image of ", "there is ")
-_RELATIONS = {  # phrase → (axis test on (a, b))
+_RELATIONS = {  # phrase → the relation it states (tested by _holds)
     "left of": "left", "to the left of": "left", "right of": "right", "to the right of": "right",
     "above": "above", "below": "below", "bigger than": "bigger", "larger than": "bigger", "smaller than": "smaller",
 }
