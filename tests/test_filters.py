@@ -118,7 +118,7 @@ def test_clip_score_rule_scores_each_row_with_the_run(pool_dir: Path, tmp_path: 
     pairs = load_pairs(pool_dir / "manifest.tsv", run.tokenizer(), 24, 16)
     with torch.no_grad():
         for r in range(0, len(pairs), 37):
-            image = method.embed_images(pairs.images[int(pairs.image_index[r])][None])[0].double()
+            image = method.embed_images(pairs.batch(torch.tensor([r]))["images"])[0].double()
             text = method.embed_texts(pairs.tokens[r][None])[0].double()
             assert abs(float(image @ text / (image.norm() * text.norm())) - scores[r]) < 1e-5
     threshold = float(np.median(scores))

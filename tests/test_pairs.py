@@ -37,11 +37,12 @@ def test_manifest_round_trips(pool_dir: Path, tokenizer, name: str) -> None:
     pairs = load_pairs(pool_dir / name, tokenizer, context=40, image_size=16)
     assert len(pairs) == len(pool.row_caption) and pairs.captions == pool.row_caption and pairs.noise == pool.row_noise
     # PNG is lossless and the images are read at their own size: exactly the generated pixels, each file once.
-    assert pairs.images.shape == (24, 3, 16, 16) and torch.equal(pairs.images, torch.from_numpy(pool.images).float() / 255)
+    assert pairs.images.shape == (24, 3, 16, 16) and torch.equal(pairs.images, torch.from_numpy(pool.images))
     assert pairs.image_index.tolist() == pool.row_image and pairs.truncated == 0
     batch = pairs.batch(torch.arange(len(pairs)))
     assert set(batch) == set(pairs.keys) == {"images", "tokens", "caption_keys"}
     assert batch["images"].shape == (len(pairs), 3, 16, 16) and batch["tokens"].dtype == torch.int64
+    assert torch.equal(batch["images"], torch.from_numpy(pool.images[pool.row_image]).float() / 255)
     for row, caption in zip(batch["tokens"].tolist(), pool.row_caption):
         ids = encode(tokenizer, caption)
         assert row == ids + [PAD_ID] * (40 - len(ids)) and decode(tokenizer, ids) == caption

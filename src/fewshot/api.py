@@ -185,7 +185,7 @@ def clip_scores(run_path: str | Path, manifest: str | Path, batch_size: int = 51
     data = run.config.data
     pairs = load_pairs(manifest, run.tokenizer(), data.seq_len, data.image_size, data.channels)
     with torch.no_grad():
-        images = torch.cat([method.embed_images(pairs.images[i : i + batch_size]) for i in range(0, len(pairs.images), batch_size)])
+        images = torch.cat([method.embed_images(pairs.images[i : i + batch_size].float() / 255) for i in range(0, len(pairs.images), batch_size)])
         texts = torch.cat([method.embed_texts(pairs.tokens[i : i + batch_size]) for i in range(0, len(pairs), batch_size)])
     cosine = torch.nn.functional.cosine_similarity(images[pairs.image_index], texts, dim=1)
     return cosine.numpy()
