@@ -15,7 +15,7 @@ import pytest
 from fewshot.cli import main
 from fewshot.data.scenes import (
     COLOURS, FEWSHOT_SHAPES, NOISE_KINDS, PRETRAIN_SHAPES, SHARED_ALT_TEXT, SIZES, NoiseConfig, Obj, Scene, caption_is_true,
-    captions_for, fewshot_shape_images, heldout_pairs, make_pool, named_pairs, near_miss, object_range, parse_caption, render,
+    captions_for, fewshot_shape_images, heldout_pairs, make_pool, named_pairs, near_miss, noise_config, object_range, parse_caption, read_scenes, render,
     sample_scenes, seen_pairs, single_object_test, swap_test, two_object_test, write_scenes,
 )
 from fewshot.errors import DataError
@@ -195,6 +195,11 @@ def test_write_scenes_folder_and_cli(tmp_path, capsys) -> None:
     assert all(len(list(p.iterdir())) == 40 for p in (out / "fewshot-shapes").iterdir())
     graphs = [json.loads(line) for line in (out / "scenes.jsonl").read_text().splitlines()]
     assert sum(g["duplicate_of"] >= 0 for g in graphs) == 3
+    # The scene graphs read back are the pool's, and every clean caption of the manifest is true of its image's.
+    scenes = read_scenes(out)
+    assert list(scenes.values()) == make_pool(30, objects=(1, 2), seed=0, noise=noise_config(["near_miss=0.1", "near_duplicate=0.1"]), draw=False).scenes
+    rows = [line.split("\t") for line in (out / "manifest.tsv").read_text().splitlines()[1:]]
+    assert all(caption_is_true(title, scenes[path]) == (noise in ("", "near_duplicate")) for path, title, noise in rows)
     # Never into a folder that holds files; bad options are one line.
     assert main(["data", "scenes", "--n", "5", "--out", str(out)]) == 2
     assert "not an empty folder" in capsys.readouterr().err

@@ -52,7 +52,7 @@ from fewshot.io import atomic_write
 __all__ = [
     "COLOURS", "FEWSHOT_SHAPES", "NOISE_KINDS", "PRETRAIN_SHAPES", "SHAPES", "SIZES", "NoiseConfig", "Obj", "Parse", "Scene",
     "LabelledScenes", "ScenePool", "caption_is_true", "captions_for", "fewshot_shape_images", "heldout_pairs", "make_pool", "named_pairs",
-    "near_miss", "noise_config", "object_range", "parse_caption", "render", "sample_scenes", "scene_from_json", "seen_pairs", "single_object_test", "swap_test", "two_object_test", "write_scenes",
+    "near_miss", "noise_config", "object_range", "parse_caption", "read_scenes", "render", "sample_scenes", "scene_from_json", "seen_pairs", "single_object_test", "swap_test", "two_object_test", "write_scenes",
 ]
 
 # ----------------------------------------------------------------------------- the world
@@ -837,6 +837,22 @@ def write_scenes(
     }
     atomic_write(root / POOL_INFO, lambda tmp: tmp.write_text(json.dumps(info, indent=1) + "\n"))
     return info
+
+
+def read_scenes(folder: str | os.PathLike[str]) -> dict[str, Scene]:
+    """The scene graph of each image of a folder that :func:`write_scenes` wrote, by the image's manifest path
+    (``images/000000.png``): what a caption can be checked against (:func:`caption_is_true`)."""
+    path = Path(folder) / SCENE_GRAPHS
+    if not path.is_file():
+        raise DataError(f"no scene graphs at '{path}': a folder from fewshot data scenes holds {SCENE_GRAPHS}")
+    out = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            row = json.loads(line)
+            out[row["image"]] = scene_from_json(row)
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise DataError(f"{path} line {number}: not a scene graph ({exc})") from None
+    return out
 
 
 def object_range(text: str | int | tuple[int, int]) -> tuple[int, int]:
