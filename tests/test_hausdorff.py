@@ -12,7 +12,8 @@ from PIL import Image
 from scipy.spatial.distance import cdist
 
 from fewshot.evaluate.hausdorff import ink_points, mhd_matrix, modified_hausdorff, point_sets
-from fewshot.evaluate.runner import run_distance_episodes, run_episodes, score_lake_runs, score_lake_runs_by_distance
+from fewshot.evaluate.classifiers import NearestByDistance
+from fewshot.evaluate.runner import classifier_row, run_episodes, score_lake_runs, score_lake_runs_by_distance
 from fewshot.errors import DataError
 
 
@@ -52,9 +53,17 @@ def test_distance_episodes_match_vector_episodes_for_a_euclidean_distance():
     feats = torch.nn.functional.normalize(torch.randn(60, 6, generator=g), dim=1)
     labels = torch.arange(12).repeat_interleave(5)
     dist = torch.cdist(feats, feats)
-    row = run_distance_episodes(lambda pairs: dist[pairs[:, 0], pairs[:, 1]].numpy(), labels, 5, 1, 2, 50, seed=3)
+    asked = []
+
+    def pair_distance(pairs):
+        asked.extend(map(tuple, pairs.tolist()))
+        return dist[pairs[:, 0], pairs[:, 1]].numpy()
+
+    cache = {}
+    row = classifier_row("nn-distance", lambda: NearestByDistance(pair_distance, cache), np.arange(60), labels, 5, 1, 2, 50, seed=3)
     ref = run_episodes(feats, labels, 5, 1, 2, 50, ("proto-cosine",), seed=3)[0]  # 1-shot: nearest = nearest prototype
     assert row["accuracy"] == pytest.approx(ref["accuracy"]) and row["ci95"] == pytest.approx(ref["ci95"])
+    assert len(asked) == len(set(asked)) == len(cache)  # each pair's distance computed once over all episodes
 
 
 def test_lake_scoring_by_distance_matches_scoring_by_embedding():

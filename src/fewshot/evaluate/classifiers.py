@@ -40,6 +40,7 @@ __all__ = [
     "LOGREG_C",
     "LOGREG_MAX_ITER",
     "METRICS",
+    "NearestByDistance",
     "PrototypeClassifier",
     "l2_normalize",
     "make_classifier",
@@ -136,3 +137,35 @@ def make_classifier(name: str):
         # The cosine metric ignores scale, so L2-normalising first would change nothing.
         return KNeighborsClassifier(n_neighbors=1, metric="cosine", algorithm="brute")
     raise ConfigError(f"unknown classifier {name!r}; choose one of: {', '.join(CLASSIFIERS)}")
+
+
+class NearestByDistance:
+    """1-nearest neighbour under a distance between items that is not a vector metric (Lake's
+    modified Hausdorff distance between ink point sets).
+
+    Items are indices into a pool. ``pair_distance(pairs)`` takes (K, 2) index rows (query,
+    support) and returns their K distances; each pair is computed once and kept in ``cache``, which
+    the caller shares across episodes (and ways × shots), so every distance an evaluation needs is
+    computed once. Each query goes to the class of its nearest support item (the first on a tie).
+    """
+
+    def __init__(self, pair_distance, cache: dict[tuple[int, int], float] | None = None) -> None:
+        self.pair_distance = pair_distance
+        self.cache = {} if cache is None else cache
+
+    def fit(self, support, labels) -> "NearestByDistance":
+        self.support_ = np.asarray(support, dtype=np.int64)
+        self.labels_ = as_label_vector(labels, len(self.support_))
+        return self
+
+    def predict(self, query) -> np.ndarray:
+        query = np.asarray(query, dtype=np.int64)
+        pairs = [(int(q), int(s)) for q in query for s in self.support_]
+        missing = list(dict.fromkeys(p for p in pairs if p not in self.cache))
+        if missing:
+            found = np.asarray(self.pair_distance(np.array(missing, dtype=np.int64)), dtype=np.float64)
+            if found.shape != (len(missing),):
+                raise DataError(f"pair_distance returned shape {found.shape} for {len(missing)} pairs")
+            self.cache.update(zip(missing, found))
+        d = np.array([self.cache[p] for p in pairs]).reshape(len(query), len(self.support_))
+        return self.labels_[d.argmin(axis=1)]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,7 +19,8 @@ from fewshot.data.types import ImageSet
 from fewshot.errors import DataError
 from fewshot.evaluate.probe import linear_probe_fractions
 from fewshot.evaluate.hausdorff import mhd_matrix, point_sets
-from fewshot.evaluate.runner import episode_table, run_distance_episodes, score_lake_runs, score_lake_runs_by_distance
+from fewshot.evaluate.classifiers import NearestByDistance
+from fewshot.evaluate.runner import episode_table, score_lake_runs, score_lake_runs_by_distance
 from fewshot.methods import build_method
 
 Embed = Callable[[torch.Tensor], torch.Tensor]
@@ -143,10 +145,9 @@ def evaluate_encoders(
                 d = scorer.distance(items, items, torch.as_tensor(pairs))
                 return d[pairs[:, 0], pairs[:, 1]].numpy()
 
-            for way in ev.ways:
-                for shot in ev.shots:
-                    row = run_distance_episodes(pair_distance, pool.labels, way, shot, ev.queries, ev.mhd_episodes, ev.seed, scorer.classifier)
-                    report.results.append({"encoder": name, **row})
+            cache: dict = {}  # every pair's distance once, over all ways × shots
+            nearest = {scorer.classifier: lambda: NearestByDistance(pair_distance, cache)}
+            report.results += episode_table(np.arange(len(pool)), pool.labels, ev, name, nearest, ev.mhd_episodes)
         if these_runs is not None:
             log(f"scoring Lake's {len(these_runs)} runs with '{name}'")
             if scorer.embed is not None:
@@ -218,7 +219,7 @@ def add_test_time_rows(
     ``pretrained+hungarian`` (transductive, on the plain embedding), each on Lake's runs and on the
     episodes with cosine prototypes; every row carries ``transductive``."""
     from fewshot.data.views import make_views
-    from fewshot.evaluate.test_time import run_test_time_episodes, score_lake_runs_test_time, tta_embed
+    from fewshot.evaluate.test_time import TRANSDUCTIVE, TestTimePrototypes, score_lake_runs_test_time, tta_embed
 
     ev, data = config.eval, config.data
     base = lambda x: embed_images(encoder, x, ev.batch_size)  # noqa: E731
@@ -236,9 +237,6 @@ def add_test_time_rows(
         log(f"test-time rows '{name}'")
         if runs is not None:
             report.lake_runs[name] = score_lake_runs_test_time(embed, runs, rule)
-        features = embed(pool.images) if pool is not None else None
-        if features is not None:
-            for way in ev.ways:
-                for shot in ev.shots:
-                    row = run_test_time_episodes(features, pool.labels, way, shot, ev.queries, ev.episodes, ev.seed, rule)
-                    report.results.append({"encoder": name, **row})
+        if pool is not None:
+            classifier = {f"proto-cosine+{rule}": lambda rule=rule: TestTimePrototypes(rule)}
+            report.results += episode_table(embed(pool.images), pool.labels, ev, name, classifier, transductive=rule in TRANSDUCTIVE)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ from fewshot.evaluate.classifiers import (
 from fewshot.evaluate.episodes import Episode, EpisodeSampler, as_feature_matrix, as_label_vector
 
 __all__ = [
-    "episode_table", "fit_predict_episodes", "mean_ci95", "run_distance_episodes", "run_episodes", "score_lake_runs",
+    "classifier_row", "episode_table", "fit_predict_episodes", "mean_ci95", "run_episodes", "score_lake_runs",
     "score_lake_runs_by_distance", "take",
 ]
 
@@ -152,15 +152,46 @@ def run_episodes(
     return rows
 
 
-def episode_table(features: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, ev: EvalConfig, encoder: str) -> list[dict[str, Any]]:
-    """:func:`run_episodes` over every ``eval.ways`` × ``eval.shots``, rows tagged with ``encoder``:
-    the table every evaluator (images, speakers) prints."""
+def episode_table(
+    items: Any,
+    labels: np.ndarray | torch.Tensor,
+    ev: EvalConfig,
+    encoder: str,
+    classifiers: Mapping[str, Callable[[], Any]] | None = None,
+    episodes: int | None = None,
+    **fields: Any,
+) -> list[dict[str, Any]]:
+    """Every ``eval.ways`` × ``eval.shots`` on the same seeded episodes, rows tagged with ``encoder``
+    (and ``fields``, e.g. ``transductive``): the table every evaluator (images, distances, test-time
+    rules, speakers) prints.
+
+    ``classifiers``: name → a factory of a fresh fit/predict classifier, fitted per episode on
+    ``items`` (features, images, texts or item indices) through :func:`fit_predict_episodes`; None:
+    ``eval.classifiers`` on the feature matrix ``items`` (:func:`run_episodes`, their fast path).
+    ``episodes``: how many (default ``eval.episodes``; the first N of the same seeded sequence).
+    """
+    episodes = ev.episodes if episodes is None else episodes
     rows = []
     for way in ev.ways:
         for shot in ev.shots:
-            found = run_episodes(features, labels, way, shot, ev.queries, ev.episodes, tuple(ev.classifiers), ev.seed)
-            rows += [{"encoder": encoder, **row} for row in found]
+            if classifiers is None:
+                found = run_episodes(items, labels, way, shot, ev.queries, episodes, tuple(ev.classifiers), ev.seed)
+            else:
+                found = [classifier_row(name, make, items, labels, way, shot, ev.queries, episodes, ev.seed) for name, make in classifiers.items()]
+            rows += [{"encoder": encoder, **row, **fields} for row in found]
     return rows
+
+
+def classifier_row(
+    name: str, make: Callable[[], Any], items: Any, labels: np.ndarray | torch.Tensor, way: int, shot: int, query: int, episodes: int, seed: int
+) -> dict[str, Any]:
+    """One row of :func:`run_episodes`'s layout for any fit/predict classifier (``make()`` gives a fresh
+    one per episode) over the same seeded ``way``-way ``shot``-shot episodes."""
+    sampler = EpisodeSampler(as_label_vector(labels), way, shot, query, seed)
+    drawn = list(sampler.episodes(int(episodes)))
+    accuracy, ci95 = mean_ci95(fit_predict_episodes(lambda i: make(), items, drawn)[0])
+    return {"classifier": name, "way": sampler.way, "shot": sampler.shot, "query": sampler.query,
+            "episodes": len(drawn), "accuracy": accuracy, "ci95": ci95}
 
 
 def _prototype_correct(
@@ -257,47 +288,6 @@ def score_lake_runs(
         correct_total += hits
         items_total += answers.shape[0]
     return {"accuracy": correct_total / items_total, "per_run": per_run, "metric": metric}
-
-
-PairDistance = Callable[[np.ndarray], np.ndarray]
-
-
-def run_distance_episodes(
-    pair_distance: PairDistance,
-    labels: np.ndarray | torch.Tensor,
-    way: int,
-    shot: int,
-    query: int,
-    episodes: int = 600,
-    seed: int = 0,
-    name: str = "nn-distance",
-) -> dict[str, Any]:
-    """Nearest-neighbour accuracy over the same seeded episodes as :func:`run_episodes`, for a
-    distance between items that is not a vector metric (Lake's MHD between ink point sets).
-
-    ``pair_distance(pairs)`` takes (K, 2) item indices (query, support) and returns their K
-    distances; it is called once with every pair the episodes need. Each query goes to the class
-    of its nearest support item (with one shot: the nearest prototype). One row, as in
-    :func:`run_episodes`, with ``classifier = name``.
-    """
-    labels = as_label_vector(labels)
-    sampler = EpisodeSampler(labels, way, shot, query, seed)
-    drawn = list(sampler.episodes(int(episodes)))
-    pairs = np.unique(
-        np.concatenate([np.stack(np.meshgrid(e.query, e.support, indexing="ij"), -1).reshape(-1, 2) for e in drawn]), axis=0
-    )
-    dist = np.asarray(pair_distance(pairs), dtype=np.float64)
-    if dist.shape != (len(pairs),):
-        raise DataError(f"pair_distance returned shape {dist.shape} for {len(pairs)} pairs")
-    lookup = {(int(i), int(j)): d for (i, j), d in zip(pairs, dist)}
-    accuracies = []
-    for e in drawn:
-        d = np.array([[lookup[(int(q), int(s))] for s in e.support] for q in e.query])  # (queries, supports)
-        predicted = e.support_labels[d.argmin(axis=1)]
-        accuracies.append(float((predicted == e.query_labels).mean()))
-    accuracy, ci95 = mean_ci95(accuracies)
-    return {"classifier": name, "way": sampler.way, "shot": sampler.shot, "query": sampler.query,
-            "episodes": len(drawn), "accuracy": accuracy, "ci95": ci95}
 
 
 def score_lake_runs_by_distance(

@@ -25,10 +25,9 @@ from scipy.optimize import linear_sum_assignment
 
 from fewshot.errors import ConfigError, DataError
 from fewshot.evaluate.classifiers import l2_normalize
-from fewshot.evaluate.episodes import EpisodeSampler, as_feature_matrix, as_label_vector
-from fewshot.evaluate.runner import mean_ci95
+from fewshot.evaluate.episodes import as_feature_matrix, as_label_vector
 
-__all__ = ["TRANSDUCTIVE", "csls_scores", "hungarian_predict", "predict", "run_test_time_episodes", "score_lake_runs_test_time", "tta_embed"]
+__all__ = ["TRANSDUCTIVE", "TestTimePrototypes", "csls_scores", "hungarian_predict", "predict", "score_lake_runs_test_time", "tta_embed"]
 
 TRANSDUCTIVE = ("hub", "hungarian")
 HUB_K = 10  # CSLS's neighbourhood size (Conneau et al. 2018: 10)
@@ -98,20 +97,20 @@ def score_lake_runs_test_time(embed: Callable[[torch.Tensor], torch.Tensor], run
     return {"accuracy": hits / items, "per_run": per_run, "metric": rule, "transductive": rule in TRANSDUCTIVE}
 
 
-def run_test_time_episodes(
-    features: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, way: int, shot: int, query: int, episodes: int, seed: int, rule: str
-) -> dict[str, Any]:
-    """The same seeded episodes as :func:`fewshot.evaluate.runner.run_episodes`, cosine prototypes
-    (the mean of the L2-normalised support) and ``rule`` deciding; one row with classifier
-    ``proto-cosine+<rule>`` and ``transductive``."""
-    features = as_feature_matrix(features)
-    labels = as_label_vector(labels, features.shape[0])
-    sampler = EpisodeSampler(labels, way, shot, query, seed)
-    accs = []
-    for e in sampler.episodes(int(episodes)):
-        s = l2_normalize(features[e.support])
-        protos = np.stack([s[e.support_labels == c].mean(0) for c in range(sampler.way)])
-        accs.append(float((predict(rule, features[e.query], protos, sampler.query) == e.query_labels).mean()))
-    accuracy, ci95 = mean_ci95(accs)
-    return {"classifier": f"proto-cosine+{rule}", "way": sampler.way, "shot": sampler.shot, "query": sampler.query,
-            "episodes": len(accs), "accuracy": accuracy, "ci95": ci95, "transductive": rule in TRANSDUCTIVE}
+class TestTimePrototypes:
+    """Cosine prototypes (the mean of the L2-normalised support features per class) with ``rule``
+    deciding (cosine, hub, hungarian); fit/predict, for the evaluator's episode runner. The
+    queries are balanced, so Hungarian gives each class len(query) / classes of them."""
+
+    def __init__(self, rule: str) -> None:
+        self.rule = rule
+
+    def fit(self, support: np.ndarray, labels: np.ndarray) -> "TestTimePrototypes":
+        s = l2_normalize(as_feature_matrix(support))
+        labels = as_label_vector(labels, len(s))
+        self.prototypes_ = np.stack([s[labels == c].mean(0) for c in range(int(labels.max()) + 1)])
+        return self
+
+    def predict(self, query: np.ndarray) -> np.ndarray:
+        query = as_feature_matrix(query)
+        return predict(self.rule, query, self.prototypes_, len(query) // len(self.prototypes_))
