@@ -196,7 +196,8 @@ def _pairs(n=8, seed=0):
 def test_forward_is_the_loss_of_the_two_projected_towers():
     method = _clip()
     batch = _pairs()
-    loss, _ = method(batch, torch.Generator())
+    loss, logs = method(batch, torch.Generator())
+    assert logs == {"scale": pytest.approx(1 / 0.07)}
     image = method.image_projection(method.encoder(batch["images"]))
     text = method.text_projection(method.text_features(batch["tokens"]))
     torch.testing.assert_close(loss, clip_loss(image, text, method.logit_scale, batch["caption_keys"]))

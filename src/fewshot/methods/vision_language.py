@@ -242,7 +242,8 @@ class CLIP(Method):
     def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         image = self.embed_images(batch["images"]).float()
         text = self.embed_texts(batch["tokens"]).float()
-        return self.loss(image, text, batch.get("caption_keys")), {}
+        scale = math.exp(min(self.logit_scale.item(), self.max_logit_scale))  # s = 1/τ, logged to watch it learn
+        return self.loss(image, text, batch.get("caption_keys")), {"scale": scale}
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
