@@ -343,3 +343,43 @@ def test_icl_evaluate_refuses_a_prompt_longer_than_the_context(tmp_path, capsys)
         from fewshot.evaluate.regression import evaluate_regression_run
 
         evaluate_regression_run(tmp_path / "run", prompts=1)
+
+
+# --------------------------------------------------------------------------- classification prompts (GPICL)
+
+def _digit_tasks(**kwargs):
+    from fewshot.data.sources import load_digits
+    from fewshot.data.tasks import ClassificationTasks, image_features, standardise
+
+    digits = load_digits(8)
+    inputs, _, _ = standardise(image_features(digits.images))
+    return ClassificationTasks(inputs, digits.labels, **{"ways": 5, "points": 12, **kwargs})
+
+
+def test_classification_prompts_project_and_relabel_each_task_consistently():
+    tasks = _digit_tasks(seed=4)
+    assert tasks.inputs.shape == (1797, 64)
+    torch.testing.assert_close(tasks.inputs.mean(0), torch.zeros(64), atol=1e-4, rtol=0)
+    batch = tasks.batch(torch.tensor([3, 8]))
+    assert batch["xs"].shape == (2, 12, 64) and batch["labels"].shape == (2, 12)
+    for row, i in enumerate((3, 8)):
+        samples, projection, order = tasks.prompt(i)
+        torch.testing.assert_close(batch["xs"][row].double(), tasks.inputs[samples].double() @ torch.from_numpy(projection).T)
+        source = tasks.labels[samples]
+        assert set(source.tolist()) <= set(order.tolist())
+        # one label per class within the prompt, and the label is the class's place in the task's order
+        assert all(batch["labels"][row, j] == order.tolist().index(int(c)) for j, c in enumerate(source))
+    same = _digit_tasks(seed=4).batch(torch.tensor([8, 3]))
+    assert torch.equal(same["xs"], batch["xs"][[1, 0]]) and torch.equal(same["labels"], batch["labels"][[1, 0]])
+
+
+def test_classification_projections_are_n_0_1_over_d_and_a_pool_repeats_its_tasks():
+    fresh = _digit_tasks(seed=0)
+    projections = np.stack([fresh.prompt(i)[1] for i in range(40)])
+    assert abs(projections.mean()) < 0.005 and abs(projections.var() * 64 - 1) < 0.03  # A_ij ~ N(0, 1/d)
+    assert len({p.tobytes() for p in projections}) == 40  # a fresh task per prompt
+    pooled = _digit_tasks(seed=0, pool=4)
+    tasks = {(pooled.prompt(i)[1].tobytes(), pooled.prompt(i)[2].tobytes()) for i in range(60)}
+    assert len(tasks) == 4  # 2^p tasks with p = 2, and their label orders go with them
+    with pytest.raises(DataError, match="11-way tasks need 11 classes; the set has 10"):
+        _digit_tasks(ways=11)

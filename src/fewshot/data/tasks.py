@@ -1,4 +1,5 @@
-"""Seeded in-context regression prompts (x₁, y₁, …, x_k, y_k) and the curriculum that grows them.
+"""Seeded in-context learning prompts (x₁, y₁, …, x_k, y_k): linear regression with its curriculum, and
+classification tasks made from a labeled image set.
 
 Linear regression as in Garg et al. 2022 ("What can transformers learn in-context?"): per prompt a
 task w ~ N(0, I_d), inputs x_i ~ N(0, I_d) and targets y_i = w·x_i + ε_i with ε_i ~ N(0, σ²). With a
@@ -10,6 +11,9 @@ The curriculum (Garg et al.'s reference: active dimensions 5 → 20 by 1 and poi
 every 2,000 steps) is applied by the method, which knows the step: the prompt keeps its first
 ``points`` pairs and the inactive input coordinates are zeroed, with y recomputed from the active
 ones (:func:`truncate_prompts`) as in Garg et al.'s code.
+
+Classification as in Kirsch et al. 2022 (GPICL, :class:`ClassificationTasks`): images brought to one
+size and standardised, a random projection and a random assignment of labels per task.
 """
 
 from __future__ import annotations
@@ -167,6 +171,107 @@ def regression_tasks(
     return LinearRegressionTasks(data.dim, points or data.points, data.noise, pool, data.split_seed, data.prompts, eval_seed)
 
 
+def image_features(images: torch.Tensor, size: int = 8) -> torch.Tensor:
+    """Images (N, C, H, W) → (N, C·size²): area-resized to size × size and flattened, as Kirsch et al.
+    2022 bring every data set to one input size (digits are 8 × 8 already; Omniglot is downsampled)."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    if images.shape[-2:] != (size, size):
+        images = torch.nn.functional.interpolate(images, size=(size, size), mode="area")
+    return images.flatten(1).float()
+
+
+def standardise(features: torch.Tensor, mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(features − mean) / std per feature, with the set's own mean and std unless given (held-out
+    images take the training set's); a constant feature keeps std 1. Returns (standardised, mean, std)."""
+    mean = features.mean(0) if mean is None else mean
+    std = features.std(0) if std is None else std
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    return (features - mean) / std, mean, std
+
+
+@dataclass(frozen=True)
+class ClassificationTasks:
+    """General-purpose in-context classification prompts (Kirsch et al. 2022, GPICL) from a labeled set.
+
+    A task is a random projection A (d × d, A_ij ~ N(0, 1/d)) and ``ways`` of the set's classes in a
+    random order, which gives them the labels 0 … ways − 1; a prompt is ``points`` samples of those
+    classes, x' = A x with y' the class's place in that order. With ``pool`` (2^p in the paper) each prompt
+    takes one of ``pool`` tasks fixed by the seed; without it each prompt draws a fresh task. The model
+    reads support tokens (x', one-hot y') and query tokens (x', 0); ``batch(idx)`` gives ``xs`` (B, points, d)
+    and ``labels`` (B, points). Seeded per (seed, idx) like :class:`LinearRegressionTasks`.
+
+    inputs: (M, d) standardised features (:func:`image_features`, :func:`standardise`); labels: (M,) in 0 … C − 1.
+    """
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    ways: int
+    points: int
+    pool: int | None = None
+    seed: int = 0
+    eval_seed: int | None = None
+    prompts: int = DEFAULT_PROMPTS
+
+    def __post_init__(self) -> None:
+        if self.inputs.ndim != 2 or self.labels.shape != (self.inputs.shape[0],):
+            raise ValueError(f"inputs must be (M, d) and labels (M,), got {tuple(self.inputs.shape)} and {tuple(self.labels.shape)}")
+        classes = int(self.labels.max()) + 1 if len(self.labels) else 0
+        if not 1 <= self.ways <= classes:
+            raise DataError(f"{self.ways}-way tasks need {self.ways} classes; the set has {classes}")
+        if self.pool is not None and self.pool < 1:
+            raise ValueError(f"pool must be ≥ 1 tasks (or None for a fresh task per prompt), got {self.pool}")
+
+    def __len__(self) -> int:
+        return self.prompts
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return frozenset({"xs", "labels"})
+
+    @cached_property
+    def _by_class(self) -> tuple[np.ndarray, np.ndarray]:
+        """(C, most images of a class) indices of each class's images, padded; (C,) how many each has."""
+        labels = self.labels.numpy()
+        members = [np.flatnonzero(labels == c) for c in range(int(labels.max()) + 1)]
+        counts = np.array([len(m) for m in members])
+        table = np.zeros((len(members), counts.max()), dtype=np.int64)
+        for c, m in enumerate(members):
+            table[c, : len(m)] = m
+        return table, counts
+
+    def task(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(A (d, d), the ``ways`` classes in label order) drawn from ``rng``."""
+        d = self.inputs.shape[1]
+        projection = rng.standard_normal((d, d)) / np.sqrt(d)
+        return projection, rng.permutation(len(self._by_class[1]))[: self.ways]
+
+    def prompt(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Prompt ``i`` as (sample indices into the set (points,), A (d, d), classes in label order (ways,))."""
+        if not 0 <= i < self.prompts:
+            raise IndexError(f"prompt {i} is outside 0..{self.prompts - 1}")
+        stream = [_TRAIN] if self.eval_seed is None else [_EVAL, self.eval_seed]
+        rng = np.random.default_rng([self.seed, *stream, i])
+        if self.pool is None:
+            projection, order = self.task(rng)
+        else:
+            projection, order = self.task(np.random.default_rng([self.seed, _POOL, int(rng.integers(self.pool))]))
+        table, counts = self._by_class
+        classes = order[rng.integers(self.ways, size=self.points)]  # each sample's class, then one of its images
+        samples = table[classes, (rng.random(self.points) * counts[classes]).astype(np.int64)]
+        return samples, projection, order
+
+    def batch(self, idx: torch.Tensor) -> Batch:
+        """The prompts ``idx`` (B,): ``{"xs": (B, points, d), "labels": (B, points)}``."""
+        xs, labels = [], []
+        for i in torch.as_tensor(idx).tolist():
+            samples, projection, order = self.prompt(i)
+            rank = {int(c): y for y, c in enumerate(order)}
+            xs.append(self.inputs[samples].double().numpy() @ projection.T)
+            labels.append([rank[int(c)] for c in self.labels[samples]])
+        return {"xs": torch.from_numpy(np.stack(xs)).float(), "labels": torch.tensor(labels, dtype=torch.long)}
+
+
 def load_regression_data(data: RegressionDataConfig, eval_path: str | None, tokenizer: object = None) -> RunData:
     """``data.source=linear-regression``: the training prompts; evaluation prompts are drawn by ``fewshot icl evaluate``."""
     if eval_path is not None:
@@ -177,6 +282,6 @@ def load_regression_data(data: RegressionDataConfig, eval_path: str | None, toke
 register_source("linear-regression", load_regression_data, RegressionDataConfig)
 
 __all__ = [
-    "Curriculum", "DEFAULT_PROMPTS", "LinearRegressionTasks", "RegressionDataConfig", "curriculum_for",
+    "ClassificationTasks", "Curriculum", "DEFAULT_PROMPTS", "LinearRegressionTasks", "image_features", "standardise", "RegressionDataConfig", "curriculum_for",
     "load_regression_data", "regression_tasks", "truncate_prompts",
 ]
