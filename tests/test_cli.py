@@ -184,11 +184,11 @@ def _snapshot(folder):
 
 
 def _disable_adapter_guard(monkeypatch):
-    from fewshot.adapt import files, task
+    from fewshot.adapt import bases, files
 
     unguarded = lambda path, overwrite=False: Path(path).with_suffix(".safetensors")  # noqa: E731
     monkeypatch.setattr(files, "adapter_target", unguarded)
-    monkeypatch.setattr(task, "adapter_target", unguarded)
+    monkeypatch.setattr(bases, "adapter_target", unguarded)
 
 
 def _adapt(capsys, run_dir, support, out, *extra, method="ia3"):
