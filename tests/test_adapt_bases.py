@@ -1,13 +1,18 @@
 """`fewshot adapt` on every kind of base: an image run, a gpt / mlm text run and MiniLM through PEFT,
-one JSON row shape; the text path checked against the evaluator's own prototypes."""
+one JSON row shape; the text path checked against the evaluator's own prototypes, over episodes and
+once on a labeled text file (--support)."""
 
+import csv
 import json
+from collections import Counter
 
+import numpy as np
 import pytest
 
 from fewshot import api
 from fewshot.cli import main
 from fewshot.data.text import load_text_splits, parse_speeches
+from fewshot.evaluate.classifiers import PrototypeClassifier
 from fewshot.evaluate.runner import run_episodes
 from fewshot.evaluate.speakers import embed_texts, speaker_pool
 from test_text import TINY as TEXT_TINY, play
@@ -107,3 +112,79 @@ def test_minilm_adapts_through_peft_from_the_cli_with_the_image_row(capsys, runs
                  "--ways", "2", f"data.path={runs[3]}", "--options", "target_modules=[q_proj]"])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fewshot: error:")]
     assert code == 2 and len(errors) == 1 and "q_proj" in errors[0]
+
+
+def _labeled_speeches(corpus, per_speaker):
+    """(support, queries): speeches of the corpus's two most frequent speakers, ``per_speaker`` each to
+    the support set, the next ``per_speaker`` to the queries."""
+    pairs = parse_speeches(corpus.read_text())
+    speakers = [s for s, _ in Counter(s for s, _ in pairs).most_common(2)]
+    by = {s: [t for who, t in pairs if who == s] for s in speakers}
+    support = [(t, s) for s in speakers for t in by[s][:per_speaker]]
+    queries = [(t, s) for s in speakers for t in by[s][per_speaker : 2 * per_speaker]]
+    return support, queries
+
+
+def test_text_support_file_adapts_once_and_the_adapter_predicts_like_the_evaluators_prototypes(capsys, runs, tmp_path):
+    """A gpt run adapted on a CSV of labeled speeches with the zero-step probe: the saved adapter,
+    reloaded on the base, classifies new speeches exactly as cosine prototypes of the evaluator's own
+    embeddings (embed_texts) do; the tower's other pooling ("last") classifies them otherwise."""
+    support, queries = _labeled_speeches(runs[3], 4)
+    with open(tmp_path / "support.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *support])
+    row = adapt_row(capsys, runs[1], "--method", "linear-probe", "--support", tmp_path / "support.csv", "--steps", "0",
+                    "--out", tmp_path / "task", "--json")
+    image = adapt_row(capsys, runs[0], "--method", "linear-probe", "--support", _image_support(tmp_path), "--steps", "0",
+                      "--out", tmp_path / "image-task", "--json")
+    assert set(row) - {"support_texts"} == set(image) - {"support_images"} and row["support_texts"] == len(support)
+    classes = sorted({s for _, s in support})
+    assert row["classes"] == classes and (tmp_path / "task.safetensors").is_file()
+
+    predicted = api.load_adapted(tmp_path / "task", runs[1]).predict([t for t, _ in queries]).numpy()
+    run = api.open_run(runs[1])
+    labels = np.array([classes.index(s) for _, s in support])
+
+    def prototypes(pool):
+        embed = lambda texts: embed_texts(run.encoder(), run.tokenizer(), texts, pool).numpy()  # noqa: E731
+        return PrototypeClassifier("cosine").fit(embed([t for t, _ in support]), labels).predict(embed([t for t, _ in queries]))
+
+    np.testing.assert_array_equal(predicted, prototypes("mean"))
+    assert not np.array_equal(predicted, prototypes("last"))  # negative control: the pooling matters
+
+
+def _image_support(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    for c in "ab":
+        (folder / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray((np.random.default_rng([i, ord(c)]).random((16, 16)) * 255).astype(np.uint8)).save(folder / c / f"{i}.png")
+    return folder
+
+
+def test_minilm_adapts_once_on_a_jsonl_support_file(capsys, runs, tmp_path):
+    support, _ = _labeled_speeches(runs[3], 3)
+    (tmp_path / "support.jsonl").write_text("".join(json.dumps({"text": t, "label": s}) + "\n" for t, s in support))
+    row = adapt_row(capsys, "all-minilm-l6-v2", "--method", "peft-lora", "--support", tmp_path / "support.jsonl", "--steps", "2",
+                    "--out", tmp_path / "task", "--json")
+    assert row["support_texts"] == len(support) and row["trainable_params"] > 0 and (tmp_path / "task.safetensors").is_file()
+    predicted = api.load_adapted(tmp_path / "task", "all-minilm-l6-v2").predict([t for t, _ in support])
+    assert float((predicted.numpy() == np.array([row["classes"].index(s) for _, s in support])).mean()) == row["support_accuracy"]
+
+
+@pytest.mark.parametrize("content, needle", [
+    (None, "does not exist"),
+    ("text,label\nhello,a\n ,b\n", "line 3 has an empty text"),
+    ("text,label\nhello,a\nworld,a\n", "at least two classes"),
+    ('{"text": "hello"}\n', "line 1 is not a JSON object"),
+    ("words,speaker\nhello,a\n", "'text' and 'label'"),
+])
+def test_bad_text_support_files_are_one_line_errors(capsys, runs, tmp_path, content, needle):
+    path = tmp_path / ("support.jsonl" if content and content.startswith("{") else "support.csv")
+    if content is not None:
+        path.write_text(content)
+    code = main(["adapt", str(runs[1]), "--method", "linear-probe", "--support", str(path), "--out", str(tmp_path / "t")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "t.safetensors").exists()

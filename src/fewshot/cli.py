@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value on the base's config, e.g. eval.queries=5 data.path=play.txt")
     p.add_argument("--method", default="lora", help="adaptation method: fewshot.adapt.adapt_method_names() (peft-lora … on a HF model)")
     p.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE", help="method options, e.g. r=4 alpha=8 targets=['*qkv']")
-    p.add_argument("--support", metavar="FOLDER", help="adapt once on this class-per-folder support set (needs --out)")
+    p.add_argument("--support", metavar="PATH", help="adapt once on this labeled set (needs --out): a class-per-folder image "
+                   "folder, or for a text base a CSV (text,label) or JSON Lines file")
     p.add_argument("--episodes", type=int, help="score the method on N episodes of the run's held-out classes (text: speakers)")
     p.add_argument("--ways", type=int, help="N of the N-way episodes (default eval.ways[0])")
     p.add_argument("--shots", type=int, help="K of the K-shot episodes (default the largest of eval.shots)")

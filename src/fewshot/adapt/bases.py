@@ -5,8 +5,8 @@ tokenizer) or a registered Hugging Face model (``all-minilm-l6-v2``): :func:`ope
 encoder (inputs → r), the SHA-256 adapter files bind to, and the config whose ``data.*`` and
 ``eval.*`` say where the episodes come from. Then one of two modes: score a method over seeded
 episodes (an image run's held-out classes; for text, speaker identification on the held-out
-speeches, as the text evaluator builds them), or adapt once on a labeled image folder and save
-the adapter. Every option is a field of :class:`AdaptConfig`, validated before anything loads.
+speeches, as the text evaluator builds them), or adapt once on a labeled support set (an image
+folder; a CSV or JSON Lines file of labeled texts for a text base) and save the adapter. Every option is a field of :class:`AdaptConfig`, validated before anything loads.
 """
 
 from __future__ import annotations
@@ -40,7 +40,10 @@ class AdaptConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: str = Field("lora", description="adaptation method: fewshot.adapt.adapt_method_names()")
     options: dict[str, Any] = Field(default_factory=dict, description="method options, e.g. {r: 4, alpha: 8}")
-    support: str | None = Field(None, description="adapt once on this class-per-folder image folder (needs out)")
+    support: str | None = Field(
+        None, description="adapt once on this labeled set (needs out): a class-per-folder image folder, or for a text base a "
+        "CSV with text,label columns or JSON Lines of {text, label}"
+    )
     episodes: int | None = Field(None, ge=1, description="score the method on N seeded episodes")
     way: int | None = Field(None, ge=2, description="N of the N-way episodes (default eval.ways[0])")
     shot: int | None = Field(None, ge=1, description="K of the K-shot episodes (default the largest of eval.shots)")
@@ -143,12 +146,14 @@ def adapt_base(path: str | Path, method: str = "lora", options: dict[str, Any] |
 
     ``episodes``: score it on that many seeded ``way``-way ``shot``-shot episodes (see
     :func:`episode_pool`); returns the row of :func:`run_adaptation`, the same keys for every base.
-    ``support``: adapt once on that labeled image folder; ``out`` (required) receives the adapter
+    ``support``: adapt once on that labeled set (an image folder; for a text base a CSV ``text,label``
+    or JSON Lines file, :func:`fewshot.data.text.load_labeled_texts`); ``out`` (required) receives the adapter
     file: an existing one is refused unless ``force`` (and then only an earlier adapter is
     replaced), and a run's checkpoints/ folder is refused always, all before anything is loaded.
     ``augment`` trains on views from the run's own augmentation recipe.
     """
     from fewshot.data.registry import load_eval_folder
+    from fewshot.data.text import load_labeled_texts
     from fewshot.data.views import make_views
 
     cfg = adapt_config(method=method, options=options or {}, **fields)
@@ -162,9 +167,13 @@ def adapt_base(path: str | Path, method: str = "lora", options: dict[str, Any] |
     device = _device(cfg.device)
     if cfg.out is not None:
         adapter_target(cfg.out, overwrite=cfg.force)  # refused before any work, not after it
+    if cfg.support is not None and not Path(cfg.support).exists():
+        raise DataError(f"support set '{cfg.support}' does not exist")
     base = open_base(path, cfg.overrides)
-    if base.text and (cfg.support is not None or cfg.augment):
-        raise ConfigError(f"'{path}' is a text base: adapt it over --episodes (no --support folder or --augment)")
+    if base.text and cfg.augment:
+        raise ConfigError(f"'{path}' is a text base: --augment makes image views, a text base has none")
+    if base.text and cfg.support is not None and Path(cfg.support).is_dir():
+        raise DataError(f"'{path}' is a text base: --support takes a CSV (text,label) or JSON Lines file of labeled texts, not a folder")
     config, ev = base.config, base.config.eval
     encoder = base.encoder.to(device).eval()
     options = method_options(cfg.method, cfg.options, config)
@@ -179,17 +188,22 @@ def adapt_base(path: str | Path, method: str = "lora", options: dict[str, Any] |
         log(f"adapting with {cfg.method} on {cfg.episodes} {way}-way {shot}-shot episodes, {settings.steps} steps each")
         row = run_adaptation(encoder, items, labels, cfg.method, options, way, shot, query, cfg.episodes, settings, seed, base.sha256)
         return {"checkpoint": str(path), **row}
-    data = load_eval_folder(str(cfg.support), config.data)
-    log(f"adapting with {cfg.method} on {len(data)} support images of {len(data.classes)} classes, {settings.steps} steps")
-    clf = fit_classifier(encoder, cfg.method, options, data.images, data.labels, settings, episode_generator(seed, 0), data.classes)
+    if base.text:
+        data = load_labeled_texts(cfg.support)
+        items, kind = data.texts, "texts"
+    else:
+        data = load_eval_folder(str(cfg.support), config.data)
+        items, kind = data.images, "images"
+    log(f"adapting with {cfg.method} on {len(data)} support {kind} of {len(data.classes)} classes, {settings.steps} steps")
+    clf = fit_classifier(encoder, cfg.method, options, items, data.labels, settings, episode_generator(seed, 0), data.classes)
     file = save_adapter(cfg.out, clf, cfg.method, options, base.sha256, extra={"base_checkpoint": str(path)}, overwrite=cfg.force)
-    accuracy = float((clf.predict(data.images) == data.labels).float().mean())
+    accuracy = float((clf.predict(items) == data.labels).float().mean())
     return {
         "checkpoint": str(path),
         "method": cfg.method,
         "options": options,
         "classes": data.classes,
-        "support_images": len(data),
+        f"support_{kind}": len(data),
         "steps": settings.steps,
         "support_accuracy": accuracy,
         "trainable_params": count_trainable(clf.encoder),

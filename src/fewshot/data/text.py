@@ -7,6 +7,9 @@ The cut moves forward to the next blank line so no speech is split between the t
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -24,8 +27,8 @@ from fewshot.errors import DataError
 TEXT_DEFAULT = "text/tinyshakespeare.txt"
 
 __all__ = [
-    "TEXT_DEFAULT", "TextDataConfig", "TextSplits", "TokenSet", "encode_text", "load_text_splits", "parse_speeches", "read_corpus", "speaker_lines",
-    "split_text",
+    "TEXT_DEFAULT", "LabeledTexts", "TextDataConfig", "TextSplits", "TokenSet", "encode_text", "load_labeled_texts", "load_text_splits",
+    "parse_speeches", "read_corpus", "speaker_lines", "split_text",
 ]
 
 
@@ -134,3 +137,64 @@ def parse_speeches(text: str) -> list[tuple[str, str]]:
 def speaker_lines(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
     """Every (speaker, speech) of the play-format corpus at ``path`` ("NAME:\\n lines...\\n\\n"), in order."""
     return parse_speeches(read_corpus(path))
+
+
+@dataclass
+class LabeledTexts:
+    """``texts[i]`` belongs to ``classes[labels[i]]``; labels (n,) int64, classes sorted."""
+
+    texts: list[str]
+    labels: torch.Tensor
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def _labeled_rows(p: Path, text: str) -> list[tuple[int, object, object]]:
+    """(line, text, label) of a JSON Lines file (a .jsonl / .ndjson name, or a first character '{') or a CSV with a header."""
+    if p.suffix.lower() in (".jsonl", ".ndjson") or text.lstrip().startswith("{"):
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:
+                item = None
+            if not isinstance(item, dict) or "text" not in item or "label" not in item:
+                raise DataError(f"{p}: line {n} is not a JSON object with 'text' and 'label'")
+            rows.append((n, item["text"], item["label"]))
+        return rows
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
+        raise DataError(f"{p}: a CSV needs a header with 'text' and 'label' columns, got {reader.fieldnames}")
+    return [(reader.line_num, row["text"], row["label"]) for row in reader]
+
+
+def load_labeled_texts(path: str | os.PathLike[str]) -> LabeledTexts:
+    """A small labeled text set for adapting a text base: a CSV with a ``text,label`` header (other
+    columns ignored; quote texts that hold commas or line breaks) or JSON Lines of
+    ``{"text": ..., "label": ...}``. Labels are read as strings; at least two classes."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"labeled text file '{p}' does not exist (a CSV with text,label columns or JSON Lines)")
+    try:
+        content = p.read_text(encoding="utf-8-sig").replace("\r\n", "\n")
+    except (UnicodeDecodeError, OSError) as exc:
+        raise DataError(f"cannot read labeled text file '{p}': {exc}") from None
+    texts, names = [], []
+    for n, text, label in _labeled_rows(p, content):
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{p}: line {n} has an empty text")
+        if label is None or not str(label).strip():
+            raise DataError(f"{p}: line {n} has no label")
+        texts.append(text)
+        names.append(str(label).strip())
+    if not texts:
+        raise DataError(f"{p} holds no labeled texts")
+    classes = sorted(set(names))
+    if len(classes) < 2:
+        raise DataError(f"{p}: every text has the label '{classes[0]}'; adaptation needs at least two classes")
+    index = {c: k for k, c in enumerate(classes)}
+    return LabeledTexts(texts, torch.tensor([index[c] for c in names], dtype=torch.long), classes)
