@@ -171,3 +171,23 @@ def test_pretrain_on_pairs_keeps_the_run_tokenizer_and_reads_the_scene_shapes(po
         api.load_config(overrides=["data.source=pairs", "data.seq_len=0"])
     with pytest.raises(DataError, match="needs data.path"):
         load_run_data(api.load_config(overrides=["data.source=pairs"]).data)
+
+
+def test_a_users_own_pairs_of_any_size_and_path(tmp_path: Path, tokenizer) -> None:
+    """Your own folder: JPEG and PNG of other sizes, relative and absolute paths, a comma-separated manifest; images
+    are decoded like every other image file (centred square, area average) and each file once."""
+    from PIL import Image
+
+    from fewshot.data.image_files import decode_image
+
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(tmp_path / "photos" / "a.jpg")
+    Image.fromarray(np.full((50, 50), 200, dtype=np.uint8)).save(tmp_path / "photos" / "b.png")
+    path = tmp_path / "mine.csv"
+    path.write_text(f"title,filepath\na dog on grass,photos/a.jpg\na grey square,{tmp_path / 'photos' / 'b.png'}\n"
+                    "\"a dog, again\",photos/a.jpg\n")
+    pairs = load_pairs(path, tokenizer, context=12, image_size=16, separator=",")
+    assert len(pairs) == 3 and pairs.images.shape == (2, 3, 16, 16) and pairs.image_index.tolist() == [0, 1, 0]
+    expected = decode_image((tmp_path / "photos" / "a.jpg").read_bytes(), 16, 3)
+    assert torch.equal(pairs.batch(torch.tensor([2]))["images"][0], torch.from_numpy(expected))
+    assert pairs.captions[2] == "a dog, again" and pairs.noise == ["", "", ""]
