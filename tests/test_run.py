@@ -80,3 +80,52 @@ def test_resume_reads_the_checkpoint_once(runs, tmp_path, monkeypatch):
     data = load_run_data(Run.open(config.run_dir).config.data).pretrain
     trainer.pretrain(config, data, resume=True, progress=False)
     assert len(reads) == 2
+
+
+def _as_before_the_trunk(run_dir, to):
+    """A copy of ``run_dir`` whose checkpoint names the tower's weights as fewshot did before the shared
+    token trunk (``encoder.blocks.0.…``, ``encoder.norm.…``, not ``encoder.trunk.…``)."""
+    import shutil
+
+    from fewshot.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+
+    shutil.copytree(run_dir, to)
+    path = to / "checkpoints" / "last.safetensors"
+    ckpt = load_checkpoint(path)
+    assert any(".trunk.blocks.0." in k for k in ckpt.tensors)
+    path.unlink(), path.with_suffix(".json").unlink()
+    save_checkpoint(path, Checkpoint(ckpt.config, ckpt.step, {k.replace("trunk.", ""): v for k, v in ckpt.tensors.items()},
+                                     {k: v for k, v in ckpt.meta.items() if k in ("history", "train_seconds", "optimizer")}))
+    return to
+
+
+def test_a_checkpoint_from_before_the_token_trunk_names_the_cause_in_one_line(runs, tmp_path):
+    from fewshot.errors import CheckpointError
+
+    old = _as_before_the_trunk(runs / "text", tmp_path / "text")
+    config = api.load_config(overrides=[f"out={tmp_path}", "name=text", *TEXT])
+    for load in (lambda: Run.open(old).encoder(), lambda: Run.open(old).method(), lambda: api.pretrain(config, resume=True, progress=False)):
+        with pytest.raises(CheckpointError, match=r"older fewshot version \('(encoder\.)?blocks\.0\.\S+' is now '(encoder\.)?trunk\.blocks\.0\.") as err:
+            load()
+        assert "\n" not in str(err.value) and "retrain" in str(err.value)
+
+
+def test_old_vit_names_and_other_mismatches_get_their_own_messages():
+    """A hand-made ViT state dict with one weight under its old name says "older fewshot version"; a
+    state dict with an unrelated unknown name (the negative control) gets the plain mismatch message."""
+    from fewshot.errors import CheckpointError
+    from fewshot.models.encoders import create_encoder
+    from fewshot.train.checkpoint import load_weights
+
+    vit = create_encoder("vit-tiny", image_size=16, patch_size=8, depth=1)
+    state = vit.state_dict()
+    load_weights(vit, state, "checkpoint 'x'", "encoder")  # the current names load
+    old = dict(state)
+    old["norm.weight"] = old.pop("trunk.norm.weight")
+    with pytest.raises(CheckpointError, match=r"older fewshot version \('norm\.weight' is now 'trunk\.norm\.weight'"):
+        load_weights(vit, old, "checkpoint 'x'", "encoder")
+    other = dict(state)
+    other["head.weight"] = other.pop("trunk.norm.weight")
+    with pytest.raises(CheckpointError, match="does not fit the encoder") as err:
+        load_weights(vit, other, "checkpoint 'x'", "encoder")
+    assert "older fewshot" not in str(err.value)

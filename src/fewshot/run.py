@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from fewshot.config import RunConfig, config_from_dict
-from fewshot.errors import CheckpointError
 from fewshot.methods import METHODS, Method, build_method
-from fewshot.train.checkpoint import Checkpoint, load_checkpoint
+from fewshot.train.checkpoint import Checkpoint, load_checkpoint, load_weights
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -85,12 +84,7 @@ class Run:
         return load_run_data(self.config.data, self.config.eval.data_path).evaluation
 
     def _load(self, module: nn.Module, state: dict, what: str) -> None:
-        missing, unexpected = module.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"checkpoint of '{self.path}' does not fit the {what} of method '{self.config.method.name}' "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
+        load_weights(module, state, f"checkpoint of '{self.path}'", f"{what} of method '{self.config.method.name}'")
 
 
 __all__ = ["Run"]

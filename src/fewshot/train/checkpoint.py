@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from fewshot.errors import CheckpointError
 from fewshot.io import atomic_write, sha256_file, versions
@@ -54,6 +55,25 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     }
     atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
     return path
+
+
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], where: str, what: str) -> None:
+    """Load ``state`` into ``module`` with every name matched, or raise a one-line :class:`CheckpointError`.
+
+    Names from before the shared token trunk (ViT, text tower: ``blocks.N.…`` and ``norm.…``, now
+    under ``trunk.``) get their own message: the weights are fine, the fewshot that reads them is newer.
+    """
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if not (missing or unexpected):
+        return
+    moved = {name.replace("trunk.", "", 1): name for name in missing if "trunk." in name}
+    old = next((name for name in unexpected if name in moved), None)
+    if old is not None:
+        raise CheckpointError(
+            f"{where} has parameter names from an older fewshot version ('{old}' is now '{moved[old]}', since the shared "
+            f"token trunk); retrain the run, or load it with the fewshot version that wrote it"
+        )
+    raise CheckpointError(f"{where} does not fit the {what} (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def read_file_pair(path: Path, fmt: str, version: int, what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -30,6 +30,7 @@ from fewshot.methods import build_method
 from fewshot.train.checkpoint import (
     Checkpoint,
     load_checkpoint,
+    load_weights,
     optimizer_from_flat,
     optimizer_to_flat,
     save_checkpoint,
@@ -189,7 +190,7 @@ def pretrain(
 
     start_step, history, train_seconds, saved_step = 0, [], 0.0, 0
     if restored is not None:
-        method.load_state_dict(restored.prefixed("model"))
+        load_weights(method, restored.prefixed("model"), f"checkpoint '{ckpt_path}'", f"method '{config.method.name}'")
         view_gen.set_state(restored.tensors["rng.views"])
         torch.set_rng_state(restored.tensors["rng.torch"])
         start_step = saved_step = restored.step
