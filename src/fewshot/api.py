@@ -201,7 +201,24 @@ def filter_pairs(manifest: str | Path, out: str | Path, options: list[str] | tup
     return filter_manifest(manifest, out, config, scores)
 
 
+def zeroshot(path: str | Path, classes: list[str] | None = None, templates: list[str] | None = None, images: str | Path | None = None,
+             per_class: int = 50, seed: int = 0, split_seed: int | None = None) -> dict[str, Any]:
+    """``fewshot zeroshot``: an image–text run's zero-shot top-1 and mean per-class recall ± 95% CI, by default 64-way on
+    the scenes' single-object test set, seen and held-out pairs apart; see :func:`fewshot.evaluate.image_text.zeroshot_run`."""
+    from fewshot.evaluate.image_text import zeroshot_run
+
+    return zeroshot_run(path, classes, templates, images, per_class, seed, split_seed)
+
+
+def retrieve(path: str | Path, manifest: str | Path) -> dict[str, Any]:
+    """``fewshot retrieve``: R@1/5/10 both ways and the median rank of an image–text run on a manifest, instance and (for
+    a ``fewshot data scenes`` folder) semantic relevance; see :func:`fewshot.evaluate.image_text.retrieve_run`."""
+    from fewshot.evaluate.image_text import retrieve_run
+
+    return retrieve_run(path, manifest)
+
+
 __all__ = [
     "load_config", "pretrain", "evaluate_run", "open_run", "load_pretrained", "quickstart", "generate", "adapt", "load_adapted",
-    "clip_scores", "filter_pairs",
+    "clip_scores", "filter_pairs", "zeroshot", "retrieve",
 ]
