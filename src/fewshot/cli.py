@@ -157,6 +157,22 @@ def cmd_data(args: argparse.Namespace) -> None:
     _emit(args, out, text)
 
 
+def cmd_zeroshot(args: argparse.Namespace) -> None:
+    from fewshot import api
+    from fewshot.evaluate.image_text import zeroshot_table
+
+    out = api.zeroshot(args.run, args.classes, args.templates, args.images, args.per_class, args.seed)
+    _emit(args, out, zeroshot_table(out))
+
+
+def cmd_retrieve(args: argparse.Namespace) -> None:
+    from fewshot import api
+    from fewshot.evaluate.image_text import retrieval_table
+
+    out = api.retrieve(args.run, args.manifest)
+    _emit(args, out, retrieval_table(out))
+
+
 def cmd_icl(args: argparse.Namespace) -> None:
     from fewshot.evaluate.regression import curve_table, evaluate_regression_run
 
@@ -269,6 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation prompts")
     p.add_argument("--points", type=int, help="pairs per prompt (default: the run's data.points; at most that)")
     p.add_argument("--fresh-tasks", action="store_true", help="a new w per prompt even if the run trained on a task pool")
+
+    p = add("zeroshot", cmd_zeroshot, "zero-shot accuracy of an image-text run from class names and prompt templates")
+    p.add_argument("run", help="an image-text run folder (method=clip) or checkpoint file")
+    p.add_argument("--classes", nargs="+", help="class names (default: the 64 '<colour> <shape>' scene pairs, or the folder names)")
+    p.add_argument("--templates", nargs="+", help="prompt templates with {} for the name (default: 'a {}' 'a picture of a {}' ...)")
+    p.add_argument("--images", metavar="FOLDER", help="class-per-folder images (default: the scenes' single-object test set)")
+    p.add_argument("--per-class", type=int, default=50, help="scenes test set: images per class")
+    p.add_argument("--seed", type=int, default=0, help="scenes test set: seed of the drawn scenes")
+
+    p = add("retrieve", cmd_retrieve, "image-text retrieval R@1/5/10 both ways of an image-text run on a manifest")
+    p.add_argument("run", help="an image-text run folder (method=clip) or checkpoint file")
+    p.add_argument("manifest", help="image-caption manifest (.tsv in open_clip's layout or .jsonl), e.g. from fewshot data scenes")
 
     add("info", cmd_info, "versions, devices and registered names")
     return parser
