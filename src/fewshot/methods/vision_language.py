@@ -12,7 +12,9 @@ training — and needs pretrained weights, ``method.image.init=RUN`` (a fewshot 
 encoder is this run's ``encoder``). The projections stay trainable (they are new). A locked
 tower's outputs depend only on its input, so they are cached by the input's bytes
 (``method.cache_locked``): a pair seen again skips the tower. ``method.text.lock`` needs a
-pretrained text tower, which the text-transformer trained from scratch is not.
+pretrained text tower: ``method.text.name=all-minilm-l6-v2`` (the real sentence-transformers model,
+loaded offline with its hash checked; captions are then its word pieces, ``text_tokenizer``, and it
+reads [CLS] caption [SEP] with its own mean pooling), locked (LiT's uL) or tuned (U).
 
 Departures from the paper, for small data and CPUs: ``embed_dim`` 128 (CLIP: 512 for ViT-B/32);
 the text tower is bidirectional and reads [CLS] (CLIP's is causal and reads [EOS]); no image
@@ -46,12 +48,14 @@ from fewshot.errors import CheckpointError, ConfigError, DataError
 from fewshot.io import sha256_file
 from fewshot.methods.base import Method
 from fewshot.models.encoders import create_encoder
+from fewshot.models.hf_text import PRETRAINED, load_pretrained
 from fewshot.models.language import TextTransformer, prepend
 from fewshot.objectives.clip import clip_loss
 
 __all__ = ["CLIP", "CLIPConfig", "pretrained_encoder"]
 
 TEXT_ENCODER = "text-transformer"
+TEXT_DEFAULTS = {"dim": 128, "depth": 4, "heads": 4}
 
 
 class _Tower(BaseModel):
@@ -65,9 +69,11 @@ class ImageTowerConfig(_Tower):
 
 
 class TextTowerConfig(_Tower):
-    dim: int = Field(128, ge=1, description="text-transformer width")
-    depth: int = Field(4, ge=1, description="text-transformer blocks")
-    heads: int = Field(4, ge=1, description="attention heads (dim must be divisible by heads)")
+    name: str = Field(TEXT_ENCODER, description="text-transformer (trained from scratch on the run's BPE tokens) or a "
+                      "pre-trained Hugging Face encoder: all-minilm-l6-v2 (LiT's L when locked, U when tuned)")
+    dim: int | None = Field(None, ge=1, description="text-transformer width (null = 128)")
+    depth: int | None = Field(None, ge=1, description="text-transformer blocks (null = 4)")
+    heads: int | None = Field(None, ge=1, description="text-transformer attention heads, dividing dim (null = 4)")
 
 
 class CLIPConfig(MethodConfig):
@@ -105,6 +111,17 @@ def pretrained_encoder(path: str | Path) -> tuple[dict[str, Any], dict[str, torc
     return meta["config"], state
 
 
+def with_cls_sep(tokens: torch.Tensor, cls_id: int, sep_id: int, max_length: int) -> torch.Tensor:
+    """BERT's input from plain caption ids (B, T) right-padded with PAD_ID: [CLS] caption [SEP] padding, (B, T + 2)."""
+    if tokens.shape[1] + 2 > max_length:
+        raise DataError(f"captions of {tokens.shape[1]} word pieces exceed the text tower's {max_length} with [CLS] and [SEP]: truncate them")
+    b, t = tokens.shape
+    out = torch.full((b, t + 2), PAD_ID, dtype=tokens.dtype, device=tokens.device)
+    out[:, 0], out[:, 1 : t + 1] = cls_id, tokens
+    out[torch.arange(b, device=tokens.device), 1 + (tokens != PAD_ID).sum(dim=1)] = sep_id
+    return out
+
+
 def _row_key(row: torch.Tensor) -> bytes:
     """A cache key for one input row (a CPU tensor): a hash of its bytes."""
     return hashlib.blake2b(row.contiguous().numpy().tobytes(), digest_size=16).digest()
@@ -122,24 +139,36 @@ class CLIP(Method):
         return super().build_encoder(config)
 
     @staticmethod
-    def build_text_encoder(config: RunConfig) -> TextTransformer:
+    def build_text_encoder(config: RunConfig) -> nn.Module:
+        """The text tower: a text-transformer sized by ``method.text`` and ``data``, or a pre-trained
+        Hugging Face encoder (:mod:`fewshot.models.hf_text`; its captions are its own word pieces)."""
         t, data = config.method.text, config.data
+        if t.name != TEXT_ENCODER:
+            if t.name not in PRETRAINED:
+                raise ConfigError(f"unknown method.text.name '{t.name}'; choose {TEXT_ENCODER} or one of: {', '.join(PRETRAINED)}")
+            sized = [k for k in TEXT_DEFAULTS if getattr(t, k) is not None]
+            if sized:
+                raise ConfigError(f"method.text.{sized[0]} sizes a {TEXT_ENCODER}; {t.name} has its own size")
+            tower = load_pretrained(t.name)
+            if tower.pad_id != PAD_ID:  # the pairs pad captions with fewshot's id
+                raise ConfigError(f"{t.name} pads with id {tower.pad_id}, the caption pairs with {PAD_ID}")
+            return tower
+        sizes = {k: getattr(t, k) or v for k, v in TEXT_DEFAULTS.items()}
         vocab_size, seq_len = getattr(data, "vocab_size", None), getattr(data, "seq_len", None)
         if vocab_size is None or seq_len is None:
             raise ConfigError(f"method 'clip' sizes its text tower by data.vocab_size and data.seq_len, which "
                               f"data.source={data.source} does not have: pre-train on image–caption pairs")
         try:  # +1: the [CLS] before the caption's tokens
-            return create_encoder(TEXT_ENCODER, vocab_size=vocab_size, max_len=seq_len + 1,
-                                  dim=t.dim, depth=t.depth, heads=t.heads, causal=False)
+            return create_encoder(TEXT_ENCODER, vocab_size=vocab_size, max_len=seq_len + 1, causal=False, **sizes)
         except (ConfigError, ValueError) as exc:  # dim % heads
-            raise ConfigError(f"method.text {{dim: {t.dim}, depth: {t.depth}, heads: {t.heads}}}: {exc}") from None
+            raise ConfigError(f"method.text {sizes}: {exc}") from None
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__()
         m = config.method
-        if m.text.lock:
-            raise ConfigError("method.text.lock=true: the text tower is trained from scratch here, so there are no "
-                              "pretrained weights to lock; leave it unlocked")
+        if m.text.lock and m.text.name == TEXT_ENCODER:
+            raise ConfigError(f"method.text.lock=true: the {TEXT_ENCODER} is trained from scratch, so there are no pretrained "
+                              f"weights to lock; lock a pre-trained one (method.text.name={', '.join(PRETRAINED)})")
         if m.image.lock and m.image.init is None:
             raise ConfigError("method.image.lock=true needs pretrained weights to lock: set method.image.init=RUN_DIR "
                               "(a locked tower from scratch would stay random)")
@@ -189,9 +218,19 @@ class CLIP(Method):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.encoder(images)
 
-    def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The text tower's r for PAD-padded captions (B, T): the [CLS] state, padding masked, (B, dim)."""
+    @property
+    def text_tokenizer(self) -> Any:
+        """A pre-trained text tower's own tokenizer (a ``tokenizers.Tokenizer``) for the captions'
+        ``tokens``; None for the text-transformer, which reads the run's BPE ids."""
         tower = self.text_encoder
+        return None if isinstance(tower, TextTransformer) else tower.tokenizer.backend_tokenizer
+
+    def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The text tower's r for PAD-padded captions (B, T), (B, dim): the text-transformer's [CLS] state
+        with padding masked, or a pre-trained tower's own pooling of [CLS] caption [SEP]."""
+        tower = self.text_encoder
+        if not isinstance(tower, TextTransformer):
+            return tower(with_cls_sep(tokens, tower.tokenizer.cls_token_id, tower.tokenizer.sep_token_id, tower.max_length))
         if tokens.shape[1] >= tower.max_len:
             raise DataError(f"captions of {tokens.shape[1]} tokens exceed the text tower's context of {tower.max_len - 1} "
                             "(data.seq_len): truncate them")
