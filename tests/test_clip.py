@@ -342,7 +342,8 @@ def test_minilm_reads_its_own_input_and_is_bit_identical_after_training_when_loc
 
     # [CLS] caption [SEP] from plain word pieces, as its own tokenizer makes them; its own pooling.
     captions = ["a red circle", "there is a small blue square left of a green star", "a photo of a large white ring"]
-    tokens, _ = tokenize_captions(tuned.text_tokenizer, captions, context=20)
+    tokens, truncated = tokenize_captions(tuned.text_tokenizer, captions, context=20)
+    assert truncated == 0 and (tokens[0] != PAD_ID).sum() == 3  # "a red circle": 3 word pieces, no fixed padding
     tuned.eval()
     with torch.no_grad():
         ours = tuned.text_features(tokens)

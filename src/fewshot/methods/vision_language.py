@@ -223,7 +223,16 @@ class CLIP(Method):
         """A pre-trained text tower's own tokenizer (a ``tokenizers.Tokenizer``) for the captions'
         ``tokens``; None for the text-transformer, which reads the run's BPE ids."""
         tower = self.text_encoder
-        return None if isinstance(tower, TextTransformer) else tower.tokenizer.backend_tokenizer
+        if isinstance(tower, TextTransformer):
+            return None
+        from tokenizers import Tokenizer
+
+        # A copy without the fixed padding to 128 and truncation the saved tokenizer carries: the pairs
+        # pad and cut (and count the cut captions) themselves.
+        tokenizer = Tokenizer.from_str(tower.tokenizer.backend_tokenizer.to_str())
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        return tokenizer
 
     def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """The text tower's r for PAD-padded captions (B, T), (B, dim): the text-transformer's [CLS] state
