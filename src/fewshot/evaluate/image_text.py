@@ -46,7 +46,9 @@ class ImageTextRun:
         if not (hasattr(method, "embed_images") and hasattr(method, "embed_texts")):
             raise ConfigError(f"'{path}' is a {run.config.method.name} run, which has no text tower; zero-shot and "
                               "retrieval need an image–text run (method=clip)")
-        self.run, self.method, self.tokenizer, self.batch_size = run, method, run.tokenizer(), batch_size
+        # a pre-trained text tower (MiniLM) reads its own word pieces; the text-transformer the run's BPE ids
+        tokenizer = getattr(method, "text_tokenizer", None) or run.tokenizer()
+        self.run, self.method, self.tokenizer, self.batch_size = run, method, tokenizer, batch_size
         self.truncated = 0  # texts cut at data.seq_len tokens, counted and reported
 
     @torch.no_grad()
