@@ -155,7 +155,8 @@ def main() -> None:
     config = clip_config(args, folder / "manifest.tsv")
     if checkpoint_path(config.run_dir).exists():
         run = Run.open(config.run_dir)
-        pairs_per_second = run.checkpoint.meta.get("views_per_second")
+        rates = [h["views_per_s"] for h in run.history if h.get("views_per_s")]  # as TrainResult.views_per_second
+        pairs_per_second = float(np.median(rates)) if rates else None
     else:
         result = api.pretrain(config, progress=False)
         pairs_per_second = result.views_per_second
