@@ -46,7 +46,7 @@ def pretrain_and_score(config):
 def background_purity(config, checkpoint) -> dict[str, dict[str, float]]:
     """1-NN and k-means purity of the pre-training images' features against their characters:
     the normalised pixels (where pixel neighbours start) and the trained encoder's r."""
-    from fewshot.data.datasets import load_source
+    from fewshot.data.registry import load_source
     from fewshot.data.normalize import normalize_characters
     from fewshot.evaluate.evaluator import embed_images
     from fewshot.evaluate.purity import cluster_purity, neighbour_purity

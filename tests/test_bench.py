@@ -67,3 +67,40 @@ def test_the_omniglot_ablation_is_the_full_grid_around_the_default_recipe():
         if cell == "norm+nn":  # the default cell is the recipe itself, only evaluated more narrowly
             assert c.model_dump() == recipe.model_dump()
     assert len(seen) == 8  # every combination of the three factors, once
+
+
+def _fewshot_imports(path: Path) -> list[tuple[str, str]]:
+    """(module, name) of every `from fewshot… import name` in a file, the ones inside functions too."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    return [(node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+            and node.module and node.module.startswith("fewshot") for alias in node.names]
+
+
+def _missing_imports(pairs: list[tuple[str, str]]) -> list[str]:
+    missing = []
+    for module, name in pairs:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+            continue
+        if not hasattr(mod, name):
+            try:
+                importlib.import_module(f"{module}.{name}")
+            except ImportError:
+                missing.append(f"{module}.{name}")
+    return missing
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py")))
+def test_every_import_of_a_bench_script_resolves(script):
+    # bench scripts run only by hand, and imports inside their functions fail only when reached:
+    # a renamed module once broke bench/omniglot.py's purity table after an hour of training
+    assert _missing_imports(_fewshot_imports(BENCH / script)) == []
+
+
+def test_a_stale_bench_import_is_caught():
+    assert _missing_imports([("fewshot.data.datasets", "load_source"), ("fewshot.data.registry", "no_such_name")]) == [
+        "fewshot.data.datasets", "fewshot.data.registry.no_such_name"]
