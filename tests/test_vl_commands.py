@@ -116,6 +116,8 @@ def test_one_line_errors(clip_run: Path, tmp_path: Path, capsys) -> None:
         api.zeroshot(clip_run, templates=["a photo"], per_class=1)
     with pytest.raises(ConfigError, match="repeated: red circle"):
         api.zeroshot(clip_run, classes=["red circle", "red circle"], per_class=1)
+    with pytest.raises(ConfigError, match="at least 1 test image per class"):
+        api.zeroshot(clip_run, per_class=0)
     with pytest.raises(ConfigError, match="unknown scene class"):
         api.zeroshot(clip_run, classes=["red dodecahedron"], per_class=1)
     plain = api.pretrain(api.load_config(overrides=["method=simclr", "data.source=digits", "data.holdout_classes=5", "train.steps=1",

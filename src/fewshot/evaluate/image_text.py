@@ -97,6 +97,8 @@ def zeroshot_run(
     a row is ``{"encoder": "pretrained", "classifier": "zero-shot", "pairs", "way", "shot": 0, "accuracy",
     "ci95", "mean_recall", "mean_recall_ci95", "images", "classes"}`` (fractions).
     """
+    if per_class < 1:
+        raise ConfigError(f"zero-shot needs at least 1 test image per class, got per_class={per_class}")
     model = ImageTextRun(path, batch_size)
     templates = list(templates or DEFAULT_TEMPLATES)
     data = model.run.config.data
