@@ -21,7 +21,7 @@ from fewshot.methods.mae import MAE
 from fewshot.methods.momentum import MOMENTUM_METHODS
 from fewshot.methods.neighbors import NNCLR
 from fewshot.methods.time_contrastive import TimeContrastive
-from fewshot.methods.vision_language import CLIP
+from fewshot.methods.vision_language import CLIP, CoCa
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -37,7 +37,7 @@ def register_method(name: str, method_class: type[Method]) -> type[Method]:
 
 for _name, _cls in {**CONTRASTIVE_METHODS, **MOMENTUM_METHODS, **EPISODIC_METHODS, "autoencoder": Autoencoder, "mae": MAE,
                     **LANGUAGE_METHODS, "time-contrastive": TimeContrastive, "nnclr": NNCLR,
-                    "clip": CLIP, "icl-regression": ICLRegression}.items():
+                    "clip": CLIP, "coca": CoCa, "icl-regression": ICLRegression}.items():
     register_method(_name, _cls)
 
 

@@ -41,7 +41,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fewshot.config import MethodConfig, RunConfig
-from fewshot.data.token_ids import PAD_ID
+from fewshot.data.token_ids import CLS_ID, IGNORE_INDEX, PAD_ID
 from fewshot.data.types import Batch
 from fewshot.distributed import gather_all, gather_others, world_size
 from fewshot.errors import CheckpointError, ConfigError, DataError
@@ -49,10 +49,13 @@ from fewshot.io import sha256_file
 from fewshot.methods.base import Method
 from fewshot.models.encoders import create_encoder
 from fewshot.models.hf_text import PRETRAINED, load_pretrained
-from fewshot.models.language import TextTransformer, prepend
+from fewshot.models.language import TextTransformer, gpt2_init, prepend
+from fewshot.models.pooling import AttentionalPooler
+from fewshot.models.transformer import TokenTrunk
 from fewshot.objectives.clip import clip_loss
+from fewshot.objectives.language import token_cross_entropy
 
-__all__ = ["CLIP", "CLIPConfig", "pretrained_encoder"]
+__all__ = ["CLIP", "CLIPConfig", "CoCa", "CoCaConfig", "pretrained_encoder"]
 
 TEXT_ENCODER = "text-transformer"
 TEXT_DEFAULTS = {"dim": 128, "depth": 4, "heads": 4}
@@ -138,8 +141,10 @@ class CLIP(Method):
         """The image tower alone (what the episode evaluator scores), without its ``image.init`` weights."""
         return super().build_encoder(config)
 
-    @staticmethod
-    def build_text_encoder(config: RunConfig) -> nn.Module:
+    text_causal, text_specials = False, 1  # the text-transformer's attention, and its positions beyond the caption ([CLS])
+
+    @classmethod
+    def build_text_encoder(cls, config: RunConfig) -> nn.Module:
         """The text tower: a text-transformer sized by ``method.text`` and ``data``, or a pre-trained
         Hugging Face encoder (:mod:`fewshot.models.hf_text`; its captions are its own word pieces)."""
         t, data = config.method.text, config.data
@@ -156,10 +161,10 @@ class CLIP(Method):
         sizes = {k: getattr(t, k) or v for k, v in TEXT_DEFAULTS.items()}
         vocab_size, seq_len = getattr(data, "vocab_size", None), getattr(data, "seq_len", None)
         if vocab_size is None or seq_len is None:
-            raise ConfigError(f"method 'clip' sizes its text tower by data.vocab_size and data.seq_len, which "
+            raise ConfigError(f"method '{config.method.name}' sizes its text tower by data.vocab_size and data.seq_len, which "
                               f"data.source={data.source} does not have: pre-train on image–caption pairs")
-        try:  # +1: the [CLS] before the caption's tokens
-            return create_encoder(TEXT_ENCODER, vocab_size=vocab_size, max_len=seq_len + 1, causal=False, **sizes)
+        try:  # + the [CLS] before the caption's tokens (CoCa: [BOS] before, [CLS] after)
+            return create_encoder(TEXT_ENCODER, vocab_size=vocab_size, max_len=seq_len + cls.text_specials, causal=cls.text_causal, **sizes)
         except (ConfigError, ValueError) as exc:  # dim % heads
             raise ConfigError(f"method.text {sizes}: {exc}") from None
 
@@ -296,3 +301,125 @@ class CLIP(Method):
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
         self.logit_scale.clamp_(0, self.max_logit_scale)  # as open_clip after each optimizer step
+
+
+# ---------------------------------------------------------------------------------------------- CoCa
+
+class CoCaConfig(CLIPConfig):
+    contrastive_loss_weight: float = Field(1.0, ge=0, description="λ_Con (Yu et al. 2022; open_clip's clip_loss_weight: 1)")
+    caption_loss_weight: float = Field(2.0, ge=0, description="λ_Cap (Yu et al. 2022; open_clip's caption_loss_weight: 2)")
+    caption_queries: int = Field(256, ge=1, description="attentional-pooler queries the multimodal layers attend to (paper: 256)")
+    pool_heads: int = Field(8, ge=1, description="attention heads of the attentional pooler, dividing method.text.dim (open_clip: 8)")
+    multimodal_depth: int | None = Field(None, ge=1, description="multimodal (cross-attending) decoder blocks; null = as many as the "
+                                         "unimodal text blocks (the paper splits its decoder in halves)")
+
+
+class CoCa(CLIP):
+    """CoCa (Yu et al. 2022, "CoCa: Contrastive Captioners are Image-Text Foundation Models"): CLIP's
+    towers, projections, lock flags and loss, plus a captioning decoder on the image tokens.
+
+    Image: the image tower's tokens (``forward_tokens``; conv4's grid cells, its map before flattening)
+    → an attentional pooler (:class:`fewshot.models.pooling.AttentionalPooler`, width ``method.text.dim``)
+    with 1 + ``caption_queries`` queries: the first is the contrastive image embedding (→ the image
+    projection), the rest are what the multimodal layers cross-attend. Text: unimodal causal layers
+    (the text-transformer, ``causal``) read [BOS] caption [CLS]; the [CLS] appended after the caption's
+    last token (before its padding) has seen the whole caption and is the text embedding (→ the text
+    projection). Multimodal layers (causal self-attention + cross-attention to the pooled image tokens,
+    the shared trunk built with ``context_dim``) continue the unimodal states of [BOS] caption and an LM
+    head predicts caption token t from position t − 1 (positions ≤ t − 1 and the image only):
+
+        L = λ_Con · clip_loss(image, text) + λ_Cap · (−(1/|M|) Σ_{(b,t) ∈ M} log p(y_bt | y_b,<t, image))
+
+    M = the caption's tokens, padding ignored (IGNORE_INDEX); λ_Con = 1, λ_Cap = 2 (open_clip's CoCa).
+    Departures: no [EOS] is predicted (the pairs carry none: a caption ends at its padding); the pooler
+    is one module for both uses as open_clip's (the paper draws two); conv4's 2×2 map at 32 px gives only
+    4 image tokens (a ViT gives 1 + patches).
+    """
+
+    config_class = CoCaConfig
+    text_causal, text_specials = True, 2  # [BOS] before the caption, [CLS] after it
+
+    def __init__(self, config: RunConfig) -> None:
+        m = config.method
+        if m.text.name != TEXT_ENCODER:
+            raise ConfigError(f"method 'coca' needs its text tower's states for the decoder: method.text.name={TEXT_ENCODER}, not {m.text.name}")
+        super().__init__(config)
+        if hasattr(self.encoder, "forward_tokens"):
+            token_dim = self.encoder.dim
+        elif hasattr(self.encoder, "grid") and hasattr(self.encoder, "features"):
+            token_dim = self.encoder.grid[0]
+        else:
+            raise ConfigError(f"method 'coca' pools the image tower's tokens: encoder '{config.encoder.name}' gives none; "
+                              "use vit-tiny or conv4")
+        dim = self.text_encoder.dim
+        if dim % m.pool_heads:
+            raise ConfigError(f"method.pool_heads={m.pool_heads} must divide method.text.dim={dim}")
+        self.pooler = AttentionalPooler(dim, token_dim, 1 + m.caption_queries, m.pool_heads)
+        self.image_projection = nn.Linear(dim, m.embed_dim, bias=False)
+        nn.init.normal_(self.image_projection.weight, std=dim**-0.5)
+        heads = self.text_encoder.trunk.blocks[0].attn.heads
+        self.decoder = TokenTrunk(dim, m.multimodal_depth or len(self.text_encoder.trunk.blocks), heads, causal=True, context_dim=dim)
+        self.lm_head = nn.Linear(dim, self.text_encoder.vocab_size)
+        self.decoder.apply(gpt2_init)
+        self.lm_head.apply(gpt2_init)
+        self.weights = (m.contrastive_loss_weight, m.caption_loss_weight)
+
+    # ------------------------------------------------------------------ the towers
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The image tower's tokens (B, L, width): a token tower's ``forward_tokens``, or conv4's grid cells."""
+        if self.channels_last and images.ndim == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if hasattr(self.encoder, "forward_tokens"):
+            return self.encoder.forward_tokens(images)
+        return self.encoder.features(images).flatten(2).transpose(1, 2)
+
+    def pooled_images(self, images: torch.Tensor) -> torch.Tensor:
+        """The attentional pooler's outputs (B, 1 + caption_queries, dim): the contrastive query first."""
+        return self.pooler(self._tower("image", self.image_tokens, images))
+
+    def unimodal(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Causal text states of [BOS] caption [CLS] padding for right-padded captions (B, T):
+        (states (B, T + 2, dim), the [CLS] position of each row (B,), the sequence's ids (B, T + 2))."""
+        tower = self.text_encoder
+        b, t = tokens.shape
+        if t + 2 > tower.max_len:
+            raise DataError(f"captions of {t} tokens exceed the text tower's context of {tower.max_len - 2} (data.seq_len): truncate them")
+        cls_at = 1 + (tokens != PAD_ID).sum(dim=1)
+        sequence = torch.full((b, t + 2), PAD_ID, dtype=tokens.dtype, device=tokens.device)
+        sequence[:, 0], sequence[:, 1 : t + 1] = tower.start_id, tokens
+        sequence[torch.arange(b, device=tokens.device), cls_at] = CLS_ID
+        padding = sequence == PAD_ID
+        return tower.hidden(sequence, padding_mask=padding if bool(padding.any()) else None), cls_at, sequence
+
+    def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The unimodal layers' [CLS] state (B, dim), appended after each caption."""
+        states, cls_at, _ = self.unimodal(tokens)
+        return states[torch.arange(len(tokens), device=tokens.device), cls_at]
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Projected contrastive image embeddings (B, embed_dim): the pooler's first query."""
+        return self.image_projection(self.pooled_images(images)[:, 0])
+
+    def caption_logits(self, states: torch.Tensor, sequence: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (B, T, vocab) at positions 0..T−1 ([BOS] caption) from the unimodal states
+        (B, T + 2, dim) of ``sequence``, the multimodal layers attending the pooled ``image_tokens``."""
+        t = states.shape[1] - 2
+        keys_off = (sequence[:, :t] == PAD_ID) | (sequence[:, :t] == CLS_ID)  # [CLS] only sits where no target is
+        hidden = self.decoder(states[:, :t], padding_mask=keys_off if bool(keys_off.any()) else None, context=image_tokens)
+        return self.lm_head(hidden)
+
+    # ------------------------------------------------------------------ the step
+
+    def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        tokens = batch["tokens"]
+        pooled = self.pooled_images(batch["images"])
+        states, cls_at, sequence = self.unimodal(tokens)
+        image = self.image_projection(pooled[:, 0]).float()
+        text = self.text_projection(states[torch.arange(len(tokens), device=tokens.device), cls_at]).float()
+        contrastive = self.loss(image, text, batch.get("caption_keys"))
+        logits = self.caption_logits(states, sequence, pooled[:, 1:])
+        caption = token_cross_entropy(logits, tokens.masked_fill(tokens == PAD_ID, IGNORE_INDEX))
+        scale = math.exp(min(self.logit_scale.item(), self.max_logit_scale))
+        loss = self.weights[0] * contrastive + self.weights[1] * caption
+        return loss, {"scale": scale, "contrastive": contrastive.item(), "caption": caption.item()}
