@@ -22,6 +22,9 @@ augmentation (CLIP's is a random square crop only; scene captions name positions
 and flips would falsify); the one trainer's AdamW decays the logit scale with the weights
 (open_clip exempts it), by lr·weight_decay·t per step, 5·10⁻⁷ at this project's defaults.
 
+CoCa (Yu et al. 2022, :class:`CoCa`, ``method=coca``) is CLIP's towers, projections, lock flags and
+loss plus an attentional pooler over the image tokens and a captioning decoder.
+
 Batch keys (the image–text pairs contract): ``images`` (B, C, H, W) in [0, 1], ``tokens`` (B, T)
 padded with PAD_ID, ``caption_keys`` (B,) equal exactly where two captions are identical, so an
 identical caption of another image is a positive (``method.caption_positives``).
@@ -379,7 +382,7 @@ class CoCa(CLIP):
         return self.pooler(self._tower("image", self.image_tokens, images))
 
     def unimodal(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Causal text states of [BOS] caption [CLS] padding for right-padded captions (B, T):
+        """Causal text states of [BOS] caption [CLS] padding for right-padded captions (B, T), as the pairs give them:
         (states (B, T + 2, dim), the [CLS] position of each row (B,), the sequence's ids (B, T + 2))."""
         tower = self.text_encoder
         b, t = tokens.shape
