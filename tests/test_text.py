@@ -364,3 +364,21 @@ def test_a_text_run_never_overwrites_the_tokenizer_of_a_run_without_checkpoint(t
     with pytest.raises(CheckpointError, match="tokenizer.json"):
         api.pretrain(_config(tmp_path, corpus, "t", "gpt", "train.steps=1"), progress=False)
     assert sorted(p.name for p in run_dir.iterdir()) == ["tokenizer.json"] and (run_dir / "tokenizer.json").read_bytes() == before
+
+
+def test_a_run_refused_before_it_begins_leaves_no_tokenizer_behind(tmp_path, corpus, monkeypatch):
+    from fewshot.errors import ConfigError
+    from fewshot.train import trainer
+
+    def refuse(config):
+        raise ConfigError("method refused its options")
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "build_method", refuse)  # fails after the tokenizer is trained, before config.json
+        with pytest.raises(ConfigError):
+            api.pretrain(_config(tmp_path, corpus, "again", "gpt", "train.steps=2"), progress=False)
+    assert not (tmp_path / "again" / "tokenizer.json").exists()
+    api.pretrain(_config(tmp_path, corpus, "again", "gpt", "train.steps=2"), progress=False)  # the corrected rerun takes the name
+    # a run that got as far as writing config.json keeps its files (and the name stays refused)
+    with pytest.raises(Exception, match="already holds"):
+        api.pretrain(_config(tmp_path, corpus, "again", "gpt", "train.steps=2"), progress=False)

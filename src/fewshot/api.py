@@ -19,7 +19,7 @@ from torch import nn
 
 from fewshot.config import DataConfig, RunConfig, find_recipe, load_config
 from fewshot.data.registry import load_run_data, source_tokenizer_text
-from fewshot.data.tokenizer import decode, encode, save_tokenizer, train_tokenizer
+from fewshot.data.tokenizer import TOKENIZER_FILE, decode, encode, save_tokenizer, train_tokenizer
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.evaluate.evaluator import EvalReport, evaluate
 from fewshot.evaluate.text import evaluate_text_run, perplexity_line
@@ -60,8 +60,15 @@ def pretrain(config: RunConfig, resume: bool = False, progress: bool = True) -> 
     run = Run.open(config.run_dir) if resume and checkpoint_path(config.run_dir).exists() else None
     data_config = run.config.data if run else config.data  # a resumed run trains on the data it started with
     tokenizer = run.tokenizer() if run else _new_tokenizer(config, data_config)
-    data = load_run_data(data_config, config.eval.data_path, tokenizer).pretrain
-    return _pretrain(config, data, resume=resume, progress=progress, checkpoint=run.checkpoint if run else None)
+    try:
+        data = load_run_data(data_config, config.eval.data_path, tokenizer).pretrain
+        return _pretrain(config, data, resume=resume, progress=progress, checkpoint=run.checkpoint if run else None)
+    except BaseException:
+        if run is None and tokenizer is not None and not (config.run_dir / "config.json").exists():
+            # the run failed before it began (e.g. its method refused its options): the tokenizer this
+            # call wrote is all it left, and keeping it would make the same name refuse a corrected rerun
+            (config.run_dir / TOKENIZER_FILE).unlink(missing_ok=True)
+        raise
 
 
 def _new_tokenizer(config: RunConfig, data: DataConfig) -> Tokenizer | None:
