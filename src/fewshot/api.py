@@ -190,7 +190,8 @@ def clip_scores(run_path: str | Path, manifest: str | Path, batch_size: int = 51
     if not (hasattr(method, "embed_images") and hasattr(method, "embed_texts")):
         raise ConfigError(f"'{run_path}' is a {run.config.method.name} run; CLIP scores need an image–text run (method=clip)")
     data = run.config.data
-    pairs = load_pairs(manifest, run.tokenizer(), data.seq_len, data.image_size, data.channels)
+    tokenizer = getattr(method, "text_tokenizer", None) or run.tokenizer()  # MiniLM reads its own word pieces
+    pairs = load_pairs(manifest, tokenizer, data.seq_len, data.image_size, data.channels)
     with torch.no_grad():
         images = torch.cat([method.embed_images(pairs.images[i : i + batch_size].float() / 255) for i in range(0, len(pairs.images), batch_size)])
         texts = torch.cat([method.embed_texts(pairs.tokens[i : i + batch_size]) for i in range(0, len(pairs), batch_size)])
