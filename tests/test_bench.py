@@ -10,18 +10,23 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-@pytest.fixture(scope="module")
-def study():
+def load_bench(name: str):
+    """bench/<name>.py as a module (bench scripts import their neighbour omniglot.py)."""
     import sys
 
-    sys.path.insert(0, str(BENCH))  # pretrain_study imports its neighbour omniglot.py
+    sys.path.insert(0, str(BENCH))
     try:
-        spec = importlib.util.spec_from_file_location("pretrain_study", BENCH / "pretrain_study.py")
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(BENCH))
     return module
+
+
+@pytest.fixture(scope="module")
+def study():
+    return load_bench("pretrain_study")
 
 
 @pytest.mark.parametrize("variant", ["config+code", "label only (the old cache)"])
@@ -48,17 +53,9 @@ def test_a_cached_row_is_reused_only_for_the_same_config_and_code(study, variant
 
 
 def test_the_omniglot_ablation_is_the_full_grid_around_the_default_recipe():
-    import sys
-
     from fewshot.config import find_recipe, load_config
 
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("omniglot_ablation", BENCH / "omniglot_ablation.py")
-        ablation = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(ablation)
-    finally:
-        sys.path.remove(str(BENCH))
+    ablation = load_bench("omniglot_ablation")
     recipe = load_config(find_recipe("nnclr-omniglot"))
     seen = set()
     for cell in ablation.CELLS:
