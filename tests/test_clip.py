@@ -307,7 +307,7 @@ def test_cached_and_recomputed_locked_embeddings_give_the_same_loss(tmp_path):
     (["method.text.lock=true"], r"method.text.lock=true: the text-transformer is trained from scratch.*all-minilm-l6-v2"),
     (["method.text={name: bert-huge}"], r"unknown method.text.name 'bert-huge'; choose text-transformer or one of: all-minilm"),
     (["method.text={name: all-minilm-l6-v2, dim: 64}"], r"method.text.dim sizes a text-transformer; all-minilm-l6-v2 has its own"),
-    (["method.image.init=/nonexistent/run"], r"is not a fewshot run"),
+    (["method.image.init=/nonexistent/run"], r"is not a fewshot checkpoint"),
 ])
 def test_bad_tower_options_are_one_line_errors(overrides, needle):
     with pytest.raises(FewshotError, match=needle) as err:

@@ -62,13 +62,13 @@ def test_adapt_builds_only_the_encoder(runs, monkeypatch):
 def test_resume_reads_the_checkpoint_once(runs, tmp_path, monkeypatch):
     import shutil
 
-    import fewshot.train.checkpoint
+    import fewshot.io
     from fewshot.data.registry import load_run_data
     from fewshot.train import trainer
 
     reads = []
-    real = fewshot.train.checkpoint.load_file
-    monkeypatch.setattr(fewshot.train.checkpoint, "load_file", lambda path, *a, **k: reads.append(path) or real(path, *a, **k))
+    real = fewshot.io.load_file
+    monkeypatch.setattr(fewshot.io, "load_file", lambda path, *a, **k: reads.append(path) or real(path, *a, **k))
     config = api.load_config(overrides=[f"out={tmp_path}", "name=image", *IMAGE])
     shutil.copytree(runs / "image", tmp_path / "image")
     assert api.pretrain(config, resume=True, progress=False).step == 3

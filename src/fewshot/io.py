@@ -1,4 +1,5 @@
-"""Files on the ground floor: atomic writes, content hashes and the versions a file records.
+"""Files on the ground floor: atomic writes, content hashes, the versions a file records, and the
+safetensors + JSON pairs (checkpoints, adapters) read back with their format and hash checked.
 
 Checkpoints, adapter files and downloads all go through these, so a crash mid-write never leaves
 a half-written file under the final name, and a file can be checked against the hash it was written with.
@@ -7,15 +8,21 @@ a half-written file under the final name, and a file can be checked against the 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+from fewshot.errors import CheckpointError
 from fewshot.version import __version__
+
+CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION = "fewshot-checkpoint", 1  # a run's safetensors + JSON pair
 
 
 def sha256_file(path: Path) -> str:
@@ -46,3 +53,27 @@ def versions() -> dict[str, str]:
 
 
 __all__ = ["atomic_write", "sha256_file", "versions"]
+
+
+def read_file_pair(path: Path, fmt: str, version: int, what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(JSON meta, tensors) of a ``NAME.safetensors`` + ``NAME.json`` pair tagged ``fmt``, checked for
+    format, version and integrity (the JSON records the tensor file's SHA-256). ``what`` names the
+    kind of file in errors ("checkpoint", "adapter")."""
+    tensors_path, meta_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    if not tensors_path.is_file() or not meta_path.is_file():
+        raise CheckpointError(f"'{path}' is not a fewshot {what}: need both {tensors_path.name} and {meta_path.name}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"'{meta_path}' is not a fewshot {what}: not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise CheckpointError(f"'{meta_path}' is not a fewshot {what}: no '\"format\": \"{fmt}\"' entry")
+    if meta.get("format_version", 0) > version:
+        raise CheckpointError(f"'{meta_path}' has {what} format version {meta['format_version']}; this fewshot reads ≤ {version}")
+    if sha256_file(tensors_path) != meta.get("tensors_sha256"):
+        raise CheckpointError(f"'{tensors_path}' does not match its JSON (SHA-256 differs): the pair is torn or was edited")
+    try:
+        tensors = load_file(str(tensors_path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"'{tensors_path}' is not a readable safetensors file: {exc}") from None
+    return meta, tensors

@@ -28,7 +28,7 @@ from fewshot.adapt.inject import trainable_parameters
 from fewshot.adapt.registry import adapt
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.io import atomic_write, sha256_file, versions
-from fewshot.train.checkpoint import read_file_pair
+from fewshot.io import read_file_pair
 
 __all__ = ["ADAPTER_FORMAT", "adapter_target", "adapter_tensors", "load_adapter", "read_adapter_meta", "save_adapter"]
 

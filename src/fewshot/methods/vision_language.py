@@ -33,14 +33,12 @@ identical caption of another image is a positive (``method.caption_positives``).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file
 from torch import nn
 
 from fewshot.config import MethodConfig, RunConfig
@@ -48,7 +46,7 @@ from fewshot.data.token_ids import CLS_ID, IGNORE_INDEX, PAD_ID
 from fewshot.data.types import Batch
 from fewshot.distributed import gather_all, gather_others, world_size
 from fewshot.errors import CheckpointError, ConfigError, DataError
-from fewshot.io import sha256_file
+from fewshot.io import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, read_file_pair
 from fewshot.methods.base import Method
 from fewshot.models.encoders import create_encoder
 from fewshot.models.hf_text import PRETRAINED, load_pretrained
@@ -100,20 +98,12 @@ def pretrained_encoder(path: str | Path) -> tuple[dict[str, Any], dict[str, torc
     What ``Run.open(path).encoder()`` reads, read here because a method sits below train/ and run.py
     in the layers (tests/test_layers.py) and so cannot import them."""
     path = Path(path)
-    tensors_path = path / "checkpoints" / "last.safetensors" if path.is_dir() else path.with_suffix(".safetensors")
-    meta_path = tensors_path.with_suffix(".json")
-    if not tensors_path.is_file() or not meta_path.is_file():
-        raise CheckpointError(f"'{path}' is not a fewshot run: no {tensors_path.name} with its {meta_path.name}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"'{meta_path}' is not a fewshot checkpoint: not valid JSON") from None
-    if not isinstance(meta, dict) or meta.get("format") != "fewshot-checkpoint" or "config" not in meta:
-        raise CheckpointError(f"'{meta_path}' is not a fewshot checkpoint")
-    if sha256_file(tensors_path) != meta.get("tensors_sha256"):
-        raise CheckpointError(f"'{tensors_path}' does not match its JSON (SHA-256 differs): the pair is torn or was edited")
+    meta, tensors = read_file_pair(path / "checkpoints" / "last.safetensors" if path.is_dir() else path,
+                                   CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, "checkpoint")
+    if "config" not in meta:
+        raise CheckpointError(f"'{path}' is not a fewshot run: its checkpoint has no config")
     prefix = "model.encoder."
-    state = {k[len(prefix):]: v for k, v in load_file(str(tensors_path)).items() if k.startswith(prefix)}
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     return meta["config"], state
 
 

@@ -14,15 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from fewshot.errors import CheckpointError
-from fewshot.io import atomic_write, sha256_file, versions
+from fewshot.io import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, atomic_write, read_file_pair, sha256_file, versions
 
-FORMAT = "fewshot-checkpoint"
-FORMAT_VERSION = 1
+FORMAT, FORMAT_VERSION = CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION
 
 
 @dataclass
@@ -74,30 +72,6 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], where: str, 
             f"token trunk); retrain the run, or load it with the fewshot version that wrote it"
         )
     raise CheckpointError(f"{where} does not fit the {what} (missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-
-def read_file_pair(path: Path, fmt: str, version: int, what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(JSON meta, tensors) of a ``NAME.safetensors`` + ``NAME.json`` pair tagged ``fmt``, checked for
-    format, version and integrity (the JSON records the tensor file's SHA-256). ``what`` names the
-    kind of file in errors ("checkpoint", "adapter")."""
-    tensors_path, meta_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
-    if not tensors_path.is_file() or not meta_path.is_file():
-        raise CheckpointError(f"'{path}' is not a fewshot {what}: need both {tensors_path.name} and {meta_path.name}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"'{meta_path}' is not a fewshot {what}: not valid JSON") from None
-    if not isinstance(meta, dict) or meta.get("format") != fmt:
-        raise CheckpointError(f"'{meta_path}' is not a fewshot {what}: no '\"format\": \"{fmt}\"' entry")
-    if meta.get("format_version", 0) > version:
-        raise CheckpointError(f"'{meta_path}' has {what} format version {meta['format_version']}; this fewshot reads ≤ {version}")
-    if sha256_file(tensors_path) != meta.get("tensors_sha256"):
-        raise CheckpointError(f"'{tensors_path}' does not match its JSON (SHA-256 differs): the pair is torn or was edited")
-    try:
-        tensors = load_file(str(tensors_path))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"'{tensors_path}' is not a readable safetensors file: {exc}") from None
-    return meta, tensors
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
