@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import yaml
@@ -94,28 +95,40 @@ def source_config_class(name: str) -> type[DataConfig]:
     return _SOURCE_CONFIGS[name]
 
 
-def _data_section(tree: Any) -> DataConfig:
-    """The ``data`` section as its own source's config class (``ConfigError`` naming ``data.KEY``)."""
-    if isinstance(tree, DataConfig):
+def _typed_section(tree: Any, section: str, key: str, default: str, base: type[BaseModel],
+                   lookup: Callable[[str], type[BaseModel]], hint: Callable[[str, type[BaseModel], str], str]) -> Any:
+    """A recipe section validated against the config class its ``key`` selects (``method.name``,
+    ``data.source``), as a one-line ``ConfigError`` naming ``section.KEY``; ``hint(name, class,
+    unknown key)`` adds to an unknown-key error where that key belongs."""
+    if isinstance(tree, base):
         return tree
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):
-        raise ConfigError(f"config section 'data' must be a mapping, got {tree!r}")
-    source = tree.get("source", DEFAULT_SOURCE)
-    if not isinstance(source, str):
-        raise ConfigError(f"bad config value for 'data.source': expected a source name (got {source!r})")
-    config_class = source_config_class(source)
+        raise ConfigError(f"config section '{section}' must be a mapping, got {tree!r}")
+    name = tree.get(key, default)
+    if not isinstance(name, str):
+        raise ConfigError(f"bad config value for '{section}.{key}': expected a name (got {name!r})")
+    config_class = lookup(name)
     try:
         return config_class.model_validate(tree)
     except ValidationError as err:
-        message = _format_error(err, "data")
+        message = _format_error(err, section)
         first = err.errors()[0]
         if first["type"] == "extra_forbidden":
-            owners = sorted(n for n, c in _SOURCE_CONFIGS.items() if first["loc"][0] in c.model_fields)
-            if owners:
-                message += f" (an option of data.source {', '.join(owners)})"
+            message += hint(name, config_class, first["loc"][0])
         raise ConfigError(message) from None
+
+
+def _data_section(tree: Any) -> DataConfig:
+    """The ``data`` section as its own source's config class."""
+
+    def owners(_: str, __: type[BaseModel], unknown: str) -> str:
+        names = sorted(n for n, c in _SOURCE_CONFIGS.items() if unknown in c.model_fields)
+        return f" (an option of data.source {', '.join(names)})" if names else ""
+
+    return _typed_section(tree, "data", "source", DEFAULT_SOURCE, DataConfig, source_config_class, owners)
+
 
 class ViewsConfig(_Strict):
     name: str = Field("characters", description="augmentation recipe: characters, simclr, none, viewmaker (learned, adversarial)")
@@ -158,24 +171,12 @@ def method_config_class(name: str) -> type[MethodConfig]:
 
 
 def _method_section(tree: Any) -> MethodConfig:
-    """The ``method`` section as its own method's config class (``ConfigError`` naming ``method.KEY``)."""
-    if isinstance(tree, MethodConfig):
-        return tree
-    if tree is None:
-        tree = {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"config section 'method' must be a mapping or a method name, got {tree!r}")
-    name = tree.get("name", DEFAULT_METHOD)
-    if not isinstance(name, str):
-        raise ConfigError(f"bad config value for 'method.name': expected a method name (got {name!r})")
-    config_class = method_config_class(name)
-    try:
-        return config_class.model_validate(tree)
-    except ValidationError as err:
-        message = _format_error(err, "method")
-        if err.errors()[0]["type"] == "extra_forbidden":
-            message += f"; method '{name}' takes: {', '.join(k for k in config_class.model_fields if k != 'name') or 'no options'}"
-        raise ConfigError(message) from None
+    """The ``method`` section as its own method's config class."""
+
+    def options(name: str, config_class: type[BaseModel], _: str) -> str:
+        return f"; method '{name}' takes: {', '.join(k for k in config_class.model_fields if k != 'name') or 'no options'}"
+
+    return _typed_section(tree, "method", "name", DEFAULT_METHOD, MethodConfig, method_config_class, options)
 
 
 class TrainConfig(_Strict):
