@@ -25,7 +25,7 @@ from fewshot.errors import ConfigError, DataError
 from fewshot.evaluate.episodes import Episode, EpisodeSampler, as_feature_matrix, as_label_vector
 from fewshot.evaluate.runner import fit_predict_episodes, mean_ci95
 
-__all__ = ["ZeroShotClassifier", "prompts", "text_prototypes", "zero_shot_episodes", "zero_shot_scores"]
+__all__ = ["ZeroShotClassifier", "prompts", "swap_scores", "text_prototypes", "zero_shot_episodes", "zero_shot_scores"]
 
 
 def prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[list[str]]:
@@ -123,3 +123,27 @@ def zero_shot_episodes(image_embeddings: Any, labels: Any, prototypes: Any, way:
     accuracies = fit_predict_episodes(lambda i: ZeroShotClassifier(prototypes, labels[drawn[i].support]), features, drawn)[0]
     accuracy, ci95 = mean_ci95(accuracies)
     return {"classifier": "zero-shot", "way": way, "shot": 0, "query": query, "episodes": len(drawn), "accuracy": accuracy, "ci95": ci95}
+
+
+def swap_scores(image_embeddings: Any, true_texts: Any, swapped_texts: Any) -> dict[str, Any]:
+    """A two-way test per image (binding or relation swaps, :func:`fewshot.data.scenes.swap_test`): image i is
+    right when its true caption is closer than the same words swapped,
+
+        correct_i = [ cos(x_i, t_i) > cos(x_i, s_i) ],
+
+    strictly, so a tie counts against the model (a constant encoder scores 0, not 100%); a model that cannot
+    tell the two apart is at chance, 50%. Returns ``{"accuracy", "ci95", "images"}`` (fractions; the CI by
+    :func:`fewshot.evaluate.runner.mean_ci95` over images)."""
+    x = as_feature_matrix(image_embeddings, "image embeddings")
+    t, s = as_feature_matrix(true_texts, "true caption embeddings"), as_feature_matrix(swapped_texts, "swapped caption embeddings")
+    if not (x.shape == t.shape == s.shape):
+        raise DataError(f"a swap test needs one true and one swapped caption embedding per image, of the images' size; got images "
+                        f"{x.shape}, true {t.shape}, swapped {s.shape}")
+
+    def unit(m: np.ndarray) -> np.ndarray:
+        return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+
+    x, t, s = unit(x), unit(t), unit(s)
+    correct = ((x * t).sum(axis=1) > (x * s).sum(axis=1)).astype(np.float64)
+    accuracy, ci95 = mean_ci95(correct)
+    return {"accuracy": accuracy, "ci95": ci95, "images": int(len(correct))}
