@@ -61,7 +61,7 @@ def pretrain(config: RunConfig, resume: bool = False, progress: bool = True) -> 
     data_config = run.config.data if run else config.data  # a resumed run trains on the data it started with
     tokenizer = run.tokenizer() if run else _new_tokenizer(config, data_config)
     try:
-        data = load_run_data(data_config, config.eval.data_path, tokenizer).pretrain
+        data = load_run_data(data_config, config.eval.data_path, _pretrained_text_tokenizer(config) or tokenizer).pretrain
         return _pretrain(config, data, resume=resume, progress=progress, checkpoint=run.checkpoint if run else None)
     except BaseException:
         if run is None and tokenizer is not None and not (config.run_dir / "config.json").exists():
@@ -69,6 +69,15 @@ def pretrain(config: RunConfig, resume: bool = False, progress: bool = True) -> 
             # call wrote is all it left, and keeping it would make the same name refuse a corrected rerun
             (config.run_dir / TOKENIZER_FILE).unlink(missing_ok=True)
         raise
+
+
+def _pretrained_text_tokenizer(config: RunConfig) -> Any:
+    """The word pieces of a pre-trained text tower (``method.text.name=all-minilm-l6-v2``): the captions it trains
+    on are its own tokens, as zero-shot, retrieval and CLIP scores read them; None for a tower of the run's BPE."""
+    from fewshot.models.hf_text import PRETRAINED, word_pieces
+
+    name = getattr(getattr(config.method, "text", None), "name", None)
+    return word_pieces(name) if name in PRETRAINED else None
 
 
 def _new_tokenizer(config: RunConfig, data: DataConfig) -> Tokenizer | None:

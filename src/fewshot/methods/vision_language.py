@@ -49,7 +49,7 @@ from fewshot.errors import CheckpointError, ConfigError, DataError
 from fewshot.io import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, read_file_pair
 from fewshot.methods.base import Method
 from fewshot.models.encoders import create_encoder
-from fewshot.models.hf_text import PRETRAINED, load_pretrained
+from fewshot.models.hf_text import PRETRAINED, load_pretrained, word_pieces
 from fewshot.models.language import TextTransformer, gpt2_init, prepend
 from fewshot.models.pooling import AttentionalPooler
 from fewshot.models.transformer import TokenTrunk
@@ -221,16 +221,7 @@ class CLIP(Method):
         """A pre-trained text tower's own tokenizer (a ``tokenizers.Tokenizer``) for the captions'
         ``tokens``; None for the text-transformer, which reads the run's BPE ids."""
         tower = self.text_encoder
-        if isinstance(tower, TextTransformer):
-            return None
-        from tokenizers import Tokenizer
-
-        # A copy without the fixed padding to 128 and truncation the saved tokenizer carries: the pairs
-        # pad and cut (and count the cut captions) themselves.
-        tokenizer = Tokenizer.from_str(tower.tokenizer.backend_tokenizer.to_str())
-        tokenizer.no_padding()
-        tokenizer.no_truncation()
-        return tokenizer
+        return None if isinstance(tower, TextTransformer) else word_pieces(tower.tokenizer)
 
     def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """The text tower's r for PAD-padded captions (B, T), (B, dim): the text-transformer's [CLS] state

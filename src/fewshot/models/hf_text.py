@@ -44,6 +44,7 @@ __all__ = [
     "model_dir",
     "require",
     "verify_weights",
+    "word_pieces",
 ]
 
 
@@ -235,6 +236,23 @@ def load_pretrained(
             f"{folder} holds a model of width {model.config.hidden_size}, {name} has {spec.dim}"
         )
     return TextEncoder(model, tokenizer, spec.dim, spec.max_length, spec.normalize).eval()
+
+
+def word_pieces(name_or_tokenizer: str | Any) -> Any:
+    """A pre-trained encoder's word-piece tokenizer as a ``tokenizers.Tokenizer`` without the fixed padding
+    and truncation its saved tokenizer carries (caption pairs pad and cut, and count the cut, themselves).
+
+    ``name_or_tokenizer``: a name in :data:`PRETRAINED` (its tokenizer files are read, not its weights) or a
+    loaded ``transformers`` tokenizer."""
+    tokenizer = name_or_tokenizer
+    if isinstance(tokenizer, str):
+        tokenizer = require("transformers").AutoTokenizer.from_pretrained(model_dir(tokenizer), local_files_only=True)
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    plain.no_padding()
+    plain.no_truncation()
+    return plain
 
 
 def load_minilm(path: str | Path | None = None, verify: bool = True) -> TextEncoder:
