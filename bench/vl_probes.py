@@ -5,7 +5,7 @@
    and the single template "a picture of a {}" that CoOp starts from) against, at K = 1, 2, 4, 8, 16 labelled
    images per class,
    * linear probes: the evaluator's logistic regression (L2-normalised features, C = 1) on the image tower's r,
-     and on the projected image embedding that zero-shot scores;
+     and on the projected image embedding that zero-shot scores; and the nearest cosine prototype on r;
    * CoOp (Zhou et al. 2022, :mod:`fewshot.adapt.coop`): 4 context vectors started at "a picture of a", unified
      and class-specific, only they train, cross-entropy on the support at CLIP's learned scale.
    Each K is measured on ``--draws`` seeded supports (draw d: fresh one-object scenes from seed 100 + d, the first
@@ -40,7 +40,7 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fewshot.adapt.coop import DEFAULT_LEAD, DEFAULT_LR, DEFAULT_STEPS, CoOp, CoOpClassifier  # noqa: E402
+from fewshot.adapt.coop import DEFAULT_LEAD, DEFAULT_LR, DEFAULT_STEPS, CoOp, CoOpClassifier, name_tokens  # noqa: E402
 from fewshot.data.scenes import single_object_test, fewshot_shape_images  # noqa: E402
 from fewshot.evaluate.classifiers import make_classifier  # noqa: E402
 from fewshot.evaluate.image_text import DEFAULT_TEMPLATES, ImageTextRun, _split_seed  # noqa: E402
@@ -134,11 +134,12 @@ def main() -> None:
     methods = {
         "logreg on r": lambda: make_classifier("logreg"),
         "logreg on embedding": lambda: make_classifier("logreg"),
+        "prototypes on r": lambda: make_classifier("proto-cosine"),
         "CoOp unified": lambda: CoOpClassifier(lambda: CoOp(model.method, model.tokenizer, names), args.coop_steps, args.coop_lr),
         "CoOp class-specific": lambda: CoOpClassifier(lambda: CoOp(model.method, model.tokenizer, names, class_specific=True),
                                                       args.coop_steps, args.coop_lr),
     }
-    space = {"logreg on r": "r", "logreg on embedding": "embedding", "CoOp unified": "embedding", "CoOp class-specific": "embedding"}
+    space = {"logreg on r": "r", "logreg on embedding": "embedding", "prototypes on r": "r", "CoOp unified": "embedding", "CoOp class-specific": "embedding"}
     found = {(m, k): [] for m in methods for k in args.shots}
     for d in range(args.draws):
         pool = single_object_test(max(args.shots), model.run.config.data.image_size, 100 + d, split)
@@ -191,7 +192,8 @@ def main() -> None:
     out = {
         "bench": "vl_probes", "quick": args.quick, "run": str(run_dir), "step": model.run.step, "split_seed": split,
         "test": {"per_class": args.per_class, "seed": args.seed + 1, "draws": args.draws, "shots": args.shots},
-        "coop": {"steps": args.coop_steps, "lr": args.coop_lr, "lead": DEFAULT_LEAD, "cpu_seconds_per_fit": float(np.mean(coop_seconds))},
+        "coop": {"steps": args.coop_steps, "lr": args.coop_lr, "lead": DEFAULT_LEAD,
+                 "n_context": len(name_tokens(model.tokenizer, names)[0]), "cpu_seconds_per_fit": float(np.mean(coop_seconds))},
         "sixty_four_way": [{k: v for k, v in r.items() if k != "draws"} | {"per_draw": r["draws"]} for r in rows],
         "reserved_shapes": episodes, "wall_seconds": time.time() - start, "cpu_seconds": time.process_time() - cpu,
         "load_average": os.getloadavg(),
