@@ -101,3 +101,29 @@ def test_every_import_of_a_bench_script_resolves(script):
 def test_a_stale_bench_import_is_caught():
     assert _missing_imports([("fewshot.data.datasets", "load_source"), ("fewshot.data.registry", "no_such_name")]) == [
         "fewshot.data.datasets", "fewshot.data.registry.no_such_name"]
+
+
+def test_the_lit_grid_cells_are_the_towers_they_are_named_after(tmp_path):
+    """u = from scratch, U = pre-trained and tuned, L = pre-trained and locked; Lu is the lit-scenes recipe itself;
+    the SimCLR tower keeps colour and is the encoder clip-scenes builds, so method.image.init accepts it."""
+    import argparse
+
+    from fewshot.config import find_recipe, load_config
+
+    lit = load_bench("vl_lit")
+    manifest, image_run = tmp_path / "manifest.tsv", tmp_path / "simclr"
+    clip = lit.clip_config(argparse.Namespace(out=str(tmp_path), n=100, steps=40, seed=0), manifest)
+    towers = {}
+    for cell in lit.CELLS:
+        m = lit.cell_config(cell, clip, image_run, seed=1).method
+        towers[cell] = (m.image.init is not None, m.image.lock, m.text.name != "text-transformer", m.text.lock)
+    assert towers == {"uu": (False, False, False, False), "Uu": (True, False, False, False),
+                      "Lu": (True, True, False, False), "uL": (False, False, True, True)}
+    ours = lit.cell_config("Lu", clip, image_run, seed=0)
+    recipe = load_config(find_recipe("lit-scenes"), [f"data.path={manifest}", f"out={tmp_path}", f"name={ours.name}", "train.steps=40",
+                                                     "train.warmup_steps=4", "train.checkpoint_every=40", f"method.image.init={image_run}"])
+    assert ours.model_dump() == recipe.model_dump()
+    simclr = lit.simclr_config(argparse.Namespace(out=str(tmp_path), simclr_steps=40, seed=0), clip, tmp_path / "images")
+    assert (simclr.encoder, simclr.data.channels, simclr.data.image_size) == (clip.encoder, 3, clip.data.image_size)
+    options = simclr.views.options
+    assert simclr.views.name == "simclr" and options["jitter_prob"] == options["grayscale_prob"] == 0
