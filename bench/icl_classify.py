@@ -1,0 +1,198 @@
+"""General-purpose in-context classification (Kirsch et al. 2022, GPICL) on a CPU: the transition from
+memorising a few tasks to learning-to-learn, and the state-size plot.
+
+Runs of ``configs/icl-classify.yaml`` (8×8 digits, 5-way tasks = a random projection + a random labelling,
+prompts of 26 samples), each trained for ``--steps`` steps through the one trainer:
+
+1. the transition: ``--pools`` task-pool sizes (2^p tasks, or ``fresh``: a new task every prompt), each scored
+   on its training tasks, on unseen tasks (fresh projections and labellings of the training images), on
+   fresh tasks of held-out digit images, and on Omniglot 5-way 5-shot episodes (8×8, never trained on)
+   through the episode runner, next to nearest prototype, 1-NN and logistic regression on the same
+   episodes and features;
+2. the state size: on fresh tasks, LSTMs of hidden size ``--lstm-sizes`` and the transformer, accuracy
+   against parameters.
+
+Accuracy is at the last sample of a prompt (25 labeled samples before it) ± 95% CI over ``--prompts``
+seeded evaluation prompts. Targets (issue 15): with ≤ 2^4 tasks, training tasks ≥ 80% and unseen tasks
+within 10 points of chance; with fresh tasks, held-out images within 5 points of the training tasks and
+Omniglot ≥ 80% of nearest prototype. Plots in ``--out``; one JSON line at the end. A run folder that
+already holds a checkpoint is evaluated, not retrained.
+
+    OMP_NUM_THREADS=1 python bench/icl_classify.py                 # the defaults
+    OMP_NUM_THREADS=1 python bench/icl_classify.py --quick         # a smoke run: checks the pipeline, measures nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fewshot import api
+from fewshot.data.classification_prompts import classification_tasks, prompt_images, standardised_features
+from fewshot.data.registry import OMNIGLOT_DEFAULT
+from fewshot.data.sources import load_omniglot, resolve_data_path
+from fewshot.evaluate.classifiers import make_classifier
+from fewshot.evaluate.episodes import EpisodeSampler
+from fewshot.evaluate.runner import fit_predict_episodes, mean_ci95
+from fewshot.io import atomic_write
+from fewshot.methods.icl_classify import InContextClassifier, prompt_accuracy
+from fewshot.run import Run
+from fewshot.train.trainer import checkpoint_path
+
+
+def train_run(args: argparse.Namespace, name: str, overrides: list[str]) -> tuple[Path, float]:
+    """(run folder, training CPU-seconds; 0 when reused)."""
+    config = api.load_config(api.find_recipe("icl-classify"), [
+        f"out={args.out}", f"name={name}", f"train.steps={args.steps}", f"train.seed={args.seed}",
+        f"train.warmup_steps={min(200, args.steps // 10)}", *overrides])
+    if checkpoint_path(config.run_dir).exists():
+        return config.run_dir, 0.0
+    start = time.process_time()
+    api.pretrain(config, progress=False)
+    return config.run_dir, time.process_time() - start
+
+
+def omniglot_features(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    images = load_omniglot(resolve_data_path(None, OMNIGLOT_DEFAULT), 28)
+    return standardised_features(images.images, 8), images.labels
+
+
+def episode_rows(model, features: torch.Tensor, labels: torch.Tensor, episodes: int) -> dict[str, dict]:
+    """5-way 5-shot episodes (15 queries per class) for the model and the simple classifiers, the same episodes."""
+    sampler = EpisodeSampler(labels, way=5, shot=5, query=15, seed=0)
+    drawn = [sampler.episode(i) for i in range(episodes)]
+    makers = {"icl model": lambda i: InContextClassifier(model, seed=i)} if model is not None else {}
+    makers.update({name: (lambda i, n=name: make_classifier(n)) for name in ("proto-euclidean", "proto-cosine", "knn", "logreg")})
+    rows = {}
+    for name, make in makers.items():
+        accuracies, _, _ = fit_predict_episodes(make, features.numpy(), drawn)
+        mean, ci = mean_ci95(accuracies)
+        rows[name] = {"accuracy": mean, "ci95": ci}
+    return rows
+
+
+def score_run(args, run_dir: Path, split, omniglot) -> dict:
+    run = Run.open(run_dir)
+    model, data = run.encoder().eval(), run.config.data
+    n = args.prompts
+    out = {
+        "training tasks": prompt_accuracy(model, classification_tasks(data, split.train, split.train_labels, eval_seed=1), n),
+        "unseen tasks": prompt_accuracy(model, classification_tasks(data, split.train, split.train_labels, eval_seed=2, fresh_tasks=True), n),
+        "held-out images": prompt_accuracy(model, classification_tasks(data, split.heldout, split.heldout_labels, eval_seed=3, fresh_tasks=True), n),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    out["omniglot"] = episode_rows(model, *omniglot, args.episodes)["icl model"]
+    return out
+
+
+def pct(row: dict) -> str:
+    return f"{100 * row['last']:.1f} ± {100 * row['ci95']:.1f}" if "last" in row else f"{100 * row['accuracy']:.1f} ± {100 * row['ci95']:.1f}"
+
+
+def plot(path: Path, xs: list, series: dict[str, list[dict]], xlabel: str, title: str, log_x: bool = True) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, rows in series.items():
+        mean = [100 * (r.get("last", r.get("accuracy"))) for r in rows]
+        ci = [100 * r["ci95"] for r in rows]
+        ax.errorbar(xs, mean, yerr=ci, marker="o", capsize=3, label=name)
+    ax.axhline(20, color="grey", ls=":", lw=1, label="chance (5-way)")
+    if log_x:
+        ax.set_xscale("log", base=2)
+    ax.set(xlabel=xlabel, ylabel="accuracy at the last sample (%)", ylim=(0, 100), title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    return str(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/bench-icl-classify")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--pools", default="16,1024,fresh", help="task-pool sizes for the transition (comma-separated; fresh = none)")
+    parser.add_argument("--lstm-sizes", default="16,64,256", help="LSTM hidden sizes for the state-size plot (empty: skip)")
+    parser.add_argument("--prompts", type=int, default=1000, help="evaluation prompts per row")
+    parser.add_argument("--episodes", type=int, default=300, help="Omniglot 5-way 5-shot episodes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a smoke run (few steps, prompts and episodes): measures nothing")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.prompts, args.episodes, args.pools, args.lstm_sizes = 5, 64, 5, "16,fresh", "16"
+        args.out = args.out + "-quick"
+    os.makedirs(args.out, exist_ok=True)
+    split = prompt_images(api.load_config(api.find_recipe("icl-classify")).data)
+    omniglot = omniglot_features(args)
+    report: dict = {"steps": args.steps, "seed": args.seed, "runs": {}, "cpu_seconds": {}}
+    baselines = episode_rows(None, *omniglot, args.episodes)
+    report["omniglot baselines"] = baselines
+
+    pools = [None if p == "fresh" else int(p) for p in args.pools.split(",") if p]
+    for pool in pools:
+        name = f"pool-{pool or 'fresh'}"
+        run_dir, cpu = train_run(args, name, [f"data.task_pool={'null' if pool is None else pool}"])
+        report["cpu_seconds"][name] = cpu
+        report["runs"][name] = score_run(args, run_dir, split, omniglot)
+    for size in [int(s) for s in args.lstm_sizes.split(",") if s]:
+        name = f"lstm-{size}"
+        run_dir, cpu = train_run(args, name, ["method.backbone=lstm", f"method.width={size}", "method.depth=1", "data.task_pool=null"])
+        report["cpu_seconds"][name] = cpu
+        report["runs"][name] = score_run(args, run_dir, split, omniglot)
+
+    proto = baselines["proto-euclidean"]["accuracy"]
+    print(f"\nTransition ({args.steps} steps each): accuracy % at the last sample, 5-way (chance 20)")
+    print("| tasks | training tasks | unseen tasks | held-out images | Omniglot 5-way 5-shot |")
+    print("|---|---|---|---|---|")
+    for pool in pools:
+        r = report["runs"][f"pool-{pool or 'fresh'}"]
+        print(f"| {pool or 'fresh'} | {pct(r['training tasks'])} | {pct(r['unseen tasks'])} | {pct(r['held-out images'])} | {pct(r['omniglot'])} |")
+    print("\nOmniglot 5-way 5-shot, the same episodes, 8×8 standardised pixels: " +
+          ", ".join(f"{k} {pct(v)}" for k, v in baselines.items()))
+    state = [name for name in report["runs"] if name.startswith("lstm")] + (["pool-fresh"] if None in pools else [])
+    if state:
+        print("\nState size (fresh tasks): | model | parameters | training tasks | held-out images | Omniglot |")
+        for name in state:
+            r = report["runs"][name]
+            print(f"| {name} | {r['parameters']:,} | {pct(r['training tasks'])} | {pct(r['held-out images'])} | {pct(r['omniglot'])} |")
+
+    checks = {}
+    small = [p for p in pools if p is not None and p <= 16]
+    if small:
+        r = report["runs"][f"pool-{small[0]}"]
+        checks["memorises: training tasks ≥ 80%"] = r["training tasks"]["last"] >= 0.80
+        checks["memorises: unseen tasks within 10 points of chance"] = abs(r["unseen tasks"]["last"] - 0.2) <= 0.10
+    if None in pools:
+        r = report["runs"]["pool-fresh"]
+        checks["generalises: held-out images within 5 points of training tasks"] = abs(r["held-out images"]["last"] - r["training tasks"]["last"]) <= 0.05
+        checks["generalises: Omniglot ≥ 80% of nearest prototype"] = r["omniglot"]["accuracy"] >= 0.8 * proto
+    report["checks"] = checks
+    for k, v in checks.items():
+        print(f"{'PASS' if v else 'MISS'}: {k}")
+
+    xs = [p or 2**22 for p in pools]
+    report["plots"] = {"transition": plot(Path(args.out) / "transition.png", xs, {
+        k: [report["runs"][f"pool-{p or 'fresh'}"][k] for p in pools] for k in ("training tasks", "unseen tasks", "held-out images", "omniglot")},
+        "tasks in training (fresh drawn as 2^22)", "GPICL: memorisation → generalisation")}
+    if state:
+        params = [report["runs"][n]["parameters"] for n in state]
+        report["plots"]["state"] = plot(Path(args.out) / "state-size.png", params, {
+            k: [report["runs"][n][k] for n in state] for k in ("training tasks", "omniglot")}, "parameters", "state size: LSTM hidden 16…256 and the transformer")
+    for r in report["runs"].values():
+        for k in ("training tasks", "unseen tasks", "held-out images"):
+            r[k] = {key: v for key, v in r[k].items() if key != "by_position"}
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
