@@ -18,7 +18,8 @@ from fewshot.errors import CheckpointError, ConfigError, DataError
 from fewshot.evaluate import prompting
 from fewshot.evaluate.prompting import (
     CATEGORIES, PromptTask, anagram_inner, build_prompt, continuation_logprobs, cycle_letters, evaluate_prompting,
-    flipped_labels, greedy_lines, load_task, nonce_clashes, open_prompt_model, prefill, score_draw, word_lists,
+    flipped_labels, greedy_lines, load_task, nonce_clashes, open_prompt_model, prefill, random_insertion, score_draw,
+    word_lists,
 )
 from fewshot.generate import generate
 from fewshot.models.causal_lm import SMOLLM2, GPTPromptLM, gguf_path, load_gguf
@@ -157,6 +158,8 @@ def test_scrambles_keep_the_letters_and_follow_their_rules():
         a1, a2 = anagram_inner(word, 1, rng), anagram_inner(word, 2, rng)
         assert a1 != word and a1[0] + a1[-1] == word[0] + word[-1] and sorted(a1) == sorted(word)
         assert a2[:2] + a2[-2:] == word[:2] + word[-2:] and sorted(a2) == sorted(word)
+        r = random_insertion(word, rng)
+        assert r[::2] == word and len(r) == 2 * len(word) - 1 and all(m in " .,;:!?-/" for m in r[1::2])
 
 
 @pytest.mark.parametrize("broken", [False, True])
@@ -199,7 +202,7 @@ def test_category_pools_are_disjoint_and_nonce_clashes_warn(gpt_lm):
 
 def test_scramble_tasks_read_tinyshakespeare_words(tmp_path):
     text = tmp_path / "play.txt"
-    text.write_text("ROMEO:\nBut soft, what light through yonder window breaks? Wherefore gentle kingdom thousand\n" * 2)
+    text.write_text("ROMEO:\nBut soft, what light through yonder window breaks? Wherefore gentle kingdom thousand\n" * 3 + "Seldom\n")
     task = load_task("reversed-words", text_path=text)
     assert task.kind == "generate"
     assert all(x == y[::-1] and 6 <= len(y) <= 9 for x, y in task.examples + task.queries)

@@ -20,10 +20,10 @@ Tasks (:data:`TASKS`), all offline:
     ``categories-flipped``  the real labels permuted with no fixed point (Wei et al. 2023): scored
                             against the flipped labels, so it measures following the examples over
                             the model's prior; ``prior`` is the accuracy against the real labels;
-    ``cycle-letters``, ``anagram1``, ``anagram2``, ``reversed-words``
+    ``cycle-letters``, ``anagram1``, ``anagram2``, ``reversed-words``, ``random-insertion``
                             GPT-3's word scrambling on the tinyshakespeare vocabulary (words of 6–9
-                            letters of ``$FEWSHOT_DATA/text/tinyshakespeare.txt``), the scrambled word
-                            → the word, by greedy generation.
+                            letters seen ≥ 3 times in ``$FEWSHOT_DATA/text/tinyshakespeare.txt``), the
+                            scrambled word → the word, by greedy generation.
 
 Each draw d of the seed takes its queries and a random order of the example pool (the first K
 are the examples, so K's examples contain the smaller K's); the accuracy over draws is given as
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -50,8 +51,8 @@ from fewshot.models.causal_lm import SMOLLM2, GPTPromptLM, Past, PromptLM, gguf_
 
 __all__ = [
     "CATEGORIES", "PromptTask", "TASKS", "anagram_inner", "build_prompt", "continuation_logprobs", "cycle_letters",
-    "evaluate_prompting", "flipped_labels", "greedy_lines", "load_task", "nonce_clashes", "open_prompt_model",
-    "prompt_table", "score_draw", "shakespeare_words", "word_lists",
+    "evaluate_prompting", "flipped_labels", "greedy_lines", "load_task", "nonce_clashes", "open_prompt_model", "prefill",
+    "prompt_table", "random_insertion", "score_draw", "shakespeare_words", "word_lists",
 ]
 
 CATEGORIES = ("animal", "fruit", "colour", "vehicle", "clothing", "country")
@@ -118,19 +119,27 @@ def anagram_inner(word: str, keep: int, rng: np.random.Generator) -> str:
     return out
 
 
+def random_insertion(word: str, rng: np.random.Generator, marks: str = " .,;:!?-/") -> str:
+    """GPT-3's random insertion: one random punctuation mark or space between each pair of letters."""
+    return "".join(letter + marks[int(rng.integers(len(marks)))] for letter in word[:-1]) + word[-1]
+
+
 SCRAMBLES: dict[str, tuple[Callable[[str, np.random.Generator], str], str]] = {
     "cycle-letters": (cycle_letters, "Each line gives a word with its letters cycled; write the word."),
     "anagram1": (lambda w, rng: anagram_inner(w, 1, rng), "Each line gives a word with all but its first and last letters scrambled; write the word."),
     "anagram2": (lambda w, rng: anagram_inner(w, 2, rng), "Each line gives a word with all but its first two and last two letters scrambled; write the word."),
     "reversed-words": (lambda w, rng: w[::-1], "Each line gives a word spelled backwards; write the word."),
+    "random-insertion": (random_insertion, "Each line gives a word with a mark between its letters; write the word."),
 }
 CATEGORY_TASKS = ("categories", "categories-nonce", "categories-flipped")
 TASKS = (*CATEGORY_TASKS, *SCRAMBLES)
 
 
-def shakespeare_words(text: str, min_len: int = 6, max_len: int = 9) -> list[str]:
-    """The distinct lower-case words of ``min_len``–``max_len`` letters in ``text``, sorted."""
-    return sorted({w for w in re.findall(r"[a-z]+", text.lower()) if min_len <= len(w) <= max_len})
+def shakespeare_words(text: str, min_len: int = 6, max_len: int = 9, min_count: int = 3) -> list[str]:
+    """The distinct lower-case words of ``min_len``–``max_len`` letters seen at least ``min_count`` times
+    in ``text``, sorted (GPT-3 took frequent words too: rare ones are mostly names and archaisms)."""
+    counts = Counter(w for w in re.findall(r"[a-z]+", text.lower()) if min_len <= len(w) <= max_len)
+    return sorted(w for w, n in counts.items() if n >= min_count)
 
 
 def _split(pairs: list[Any], rng: np.random.Generator, cap: int) -> tuple[list[Any], list[Any]]:
