@@ -22,6 +22,8 @@ serves every query.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -173,18 +175,19 @@ def load_gguf(path: Path, sha256: str, name: str) -> HFCausalLM:
     require("gguf")
     transformers = _offline_transformers()
     folder, file = str(path.parent), path.name
-    quiet = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # the de-quantisation's progress bar would fill a log line per tensor
+    # The de-quantisation shows a progress bar (tqdm, one update per tensor) that no option turns off.
+    readers = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    bar = getattr(readers, "tqdm", None)
+    if bar is not None:
+        readers.tqdm = functools.partial(bar, disable=True)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=file, local_files_only=True)
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{path} is not a readable GGUF causal LM: {str(error).splitlines()[0]}") from None
     finally:
-        if quiet is None:
-            os.environ.pop("TQDM_DISABLE")
-        else:
-            os.environ["TQDM_DISABLE"] = quiet
+        if bar is not None:
+            readers.tqdm = bar
     return HFCausalLM(model, tokenizer, name)
 
 
