@@ -8,14 +8,16 @@ against 1× clean). Every cell trains clip-scenes for the same ``--steps`` at ba
    some originals); noisy ×4, ``4 × --n`` scenes at the same rates.
 2. Filters on the noisy pool, each alone and all together: the text rules, shared alt-text, near-duplicates, and
    the CLIP-score rule (LAION) with ``--scorer``, a CLIP run trained on other scenes (seed 0), at the default
-   threshold; the kept rows' precision and recall per noise kind, and the CLIP rule over a threshold sweep.
+   threshold; the precision and recall per noise kind of each, and (no training) the CLIP rule over thresholds and
+   the shared alt-text rule over its image limit.
 3. Zero-shot, 64-way, seen and held-out pairs apart (the test set of bench/vision_language.py, seed 1) ± 95% CI.
    ``--equal-epochs`` adds the ×4 noisy pool at as many passes over its rows as the clean cell makes.
 
 One JSON line at the end. Pools, kept manifests, scores and trained cells under ``--out`` are reused, not remade.
 
-    OMP_NUM_THREADS=1 python bench/vl_noise.py                 # ≈ 40 CPU-minutes (8 cells × 300 steps)
-    OMP_NUM_THREADS=1 python bench/vl_noise.py --equal-epochs  # + the ×4 pool at equal epochs (≈ 18 more)
+    OMP_NUM_THREADS=1 python bench/vl_noise.py                 # 8 cells × 100 steps (see docs/benchmarks.md for the CPU time)
+    OMP_NUM_THREADS=1 python bench/vl_noise.py --cells clean,noisy   # only these cells, e.g. one process per cell; then rerun plain
+    OMP_NUM_THREADS=1 python bench/vl_noise.py --equal-epochs  # + the ×4 pool at equal epochs (4 × the steps)
     OMP_NUM_THREADS=1 python bench/vl_noise.py --quick         # a smoke run, not a measurement
 """
 
@@ -39,7 +41,7 @@ from vision_language import clip_config  # noqa: E402
 
 from fewshot import api  # noqa: E402
 from fewshot.data.filters import CLIP_RULE, RULES, FilterConfig, filter_manifest, filter_pairs, filter_report  # noqa: E402
-from fewshot.data.pairs import read_manifest  # noqa: E402
+from fewshot.data.pairs import Manifest, read_manifest  # noqa: E402
 from fewshot.data.scenes import NOISE_KINDS, NoiseConfig, make_pool, write_scenes  # noqa: E402
 from fewshot.errors import DataError  # noqa: E402
 from fewshot.run import Run  # noqa: E402
@@ -52,6 +54,8 @@ TEXT_RULES = ("filename", "length", "unique_words", "repetition")
 FILTERS = {"text rules": TEXT_RULES, "shared_alt": ("shared_alt",), "near_duplicate": ("near_duplicate",),
            "clip_score": (CLIP_RULE,), "all": (*RULES, CLIP_RULE)}
 CELLS = ("clean", "noisy", "text-rules", "shared_alt", "near_duplicate", "noisy-x4", "noisy-x4-epochs", "clip_score", "all")
+CLIP_THRESHOLDS = [0.1, 0.2, FilterConfig.clip_threshold, 0.35, 0.4, 0.5, 0.6]  # around LAION's 0.28; a threshold belongs to its model
+SHARED_LIMITS = [10, 100, 300, 1000]  # ALIGN's 10 images, then limits that grow with a pool of few distinct captions
 SPLIT_SEED = 0  # the held-out pairs of bench/vision_language.py and of the scorer's pool
 TEST_SEED = 1  # the zero-shot test scenes of bench/vision_language.py
 
@@ -113,21 +117,21 @@ def removal(noise: list[str], kept_noise: list[str]) -> dict:
             "recall": {k: (before[k] - after[k]) / before[k] for k in (*NOISE_KINDS, "") if before[k]}}
 
 
-def clip_sweep(manifest_path: Path, scores: np.ndarray, scorer: str, thresholds: list[float]) -> list[dict]:
-    """The CLIP-score rule alone at each threshold (no training): precision and recall per noise kind."""
-    manifest = read_manifest(manifest_path)
+def rule_sweep(manifest: Manifest, rule: str, option: str, values: list[float], scores: np.ndarray | None = None,
+               scorer: str | None = None) -> list[dict]:
+    """One rule alone at each value of one of its options (no training): rows dropped, precision and recall per noise kind."""
     index: dict[str, int] = {}
     row_image = [index.setdefault(f, len(index)) for f in manifest.filepaths]
     rows = []
-    for t in thresholds:
+    for value in values:
+        config = FilterConfig(rules=(rule,), clip_run=scorer, **{option: value})
         try:
-            result = filter_pairs(manifest.captions, row_image, None, FilterConfig(rules=(CLIP_RULE,), clip_run=scorer, clip_threshold=t), scores)
+            result = filter_pairs(manifest.captions, row_image, None, config, scores)
         except DataError:  # it keeps nothing
-            rows.append({"threshold": t, "keeps_nothing": True})
+            rows.append({option: value, "keeps_nothing": True})
             continue
         kept = set(result.kept)
-        rows.append({"threshold": t, **removal(manifest.noise, [k for r, k in enumerate(manifest.noise) if r in kept]),
-                     "report": filter_report(manifest.noise, result)[CLIP_RULE]})
+        rows.append({option: value, **removal(manifest.noise, [k for r, k in enumerate(manifest.noise) if r in kept])})
     return rows
 
 
@@ -164,7 +168,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/vl-noise", help="folder for the pools and runs (reused when present)")
     parser.add_argument("--n", type=int, default=10000, help="scenes in the clean and noisy pools (the ×4 pool has 4n)")
-    parser.add_argument("--steps", type=int, default=200, help="CLIP steps at batch 256, the same in every cell")
+    parser.add_argument("--steps", type=int, default=100, help="CLIP steps at batch 256, the same in every cell")
     parser.add_argument("--rate", type=float, default=0.5, help="fraction of noisy rows (exact)")
     parser.add_argument("--scorer", default="runs/bench-vl/clip-20000-1000", help="the CLIP run that scores pairs for the clip_score rule")
     parser.add_argument("--equal-epochs", action="store_true", help="also train the ×4 noisy pool for as many passes as the clean cell")
@@ -228,7 +232,7 @@ def main() -> None:
         scores = np.load(scores_path, allow_pickle=False)
         by_kind = {k or "clean": float(np.median(scores[[r for r, x in enumerate(manifest.noise) if x == k]])) for k in ("", *NOISE_KINDS)}
         print("CLIP score (cosine) median by row kind: " + ", ".join(f"{k} {v:.3f}" for k, v in by_kind.items()), flush=True)
-        sweep = clip_sweep(noisy / "manifest.tsv", scores, scorer, [0.1, 0.2, FilterConfig.clip_threshold, 0.35, 0.4, 0.5])
+        sweep = rule_sweep(manifest, CLIP_RULE, "clip_threshold", CLIP_THRESHOLDS, scores, scorer)
         for name in ("clip_score", "all"):
             filtered_cell(name, scorer, scores)
     if args.cells:
@@ -240,13 +244,15 @@ def main() -> None:
     for name, f in filters.items():
         prec = "  n/a" if f["precision"] is None else f"{100 * f['precision']:5.1f}"
         print(f"{name:<16}{f['dropped']:>8}{prec:>7}" + "".join(f"{100 * f['recall'].get(k, 0):16.1f}" for k in kinds))
-    print("\nCLIP-score rule alone by threshold:")
-    for row in sweep:
-        if row.get("keeps_nothing"):
-            print(f"  {row['threshold']:.2f}: keeps nothing")
-        else:
-            print(f"  {row['threshold']:.2f}: dropped {row['dropped']:>6}  precision {100 * row['precision'] if row['precision'] is not None else float('nan'):5.1f}  "
-                  + "  ".join(f"{k or 'clean'} {100 * row['recall'].get(k, 0):5.1f}" for k in kinds))
+    shared_sweep = rule_sweep(manifest, "shared_alt", "max_shared", SHARED_LIMITS)
+    for title, option, rows in [("CLIP-score rule alone by threshold", "clip_threshold", sweep), ("shared_alt alone by max_shared", "max_shared", shared_sweep)]:
+        print(f"\n{title} (dropped, precision %, recall % per kind):")
+        for row in rows:
+            if row.get("keeps_nothing"):
+                print(f"  {row[option]:>6g}: keeps nothing")
+            else:
+                prec = "  n/a" if row["precision"] is None else f"{100 * row['precision']:5.1f}"
+                print(f"  {row[option]:>6g}: {row['dropped']:>6} {prec}  " + "  ".join(f"{k or 'clean'} {100 * row['recall'].get(k, 0):5.1f}" for k in kinds))
     print(f"\nzero-shot, 64-way, top-1 % ± 95% CI (chance 1.6); every cell {args.steps} steps at batch 256 unless marked")
     print(f"{'cell':<24}{'rows':>8}{'passes':>8}{'seen':>16}{'held-out':>16}")
     for c in cells:
@@ -264,7 +270,7 @@ def main() -> None:
     result = {"bench": "vl_noise", "quick": args.quick, "pools": {"scenes": args.n, "x4_scenes": 4 * args.n, "objects": "1-2", "size": 32,
               "seed": args.pool_seed, "split_seed": SPLIT_SEED, "rate": args.rate, "shares": NOISE_SHARES},
               "steps": args.steps, "batch_size": 256, "train_seed": args.seed, "scorer": scorer, "clip_score_median_by_kind": by_kind,
-              "clip_threshold_sweep": sweep, "filters": filters, "cells": cells, "contrasts": contrasts,
+              "clip_threshold_sweep": sweep, "max_shared_sweep": shared_sweep, "filters": filters, "cells": cells, "contrasts": contrasts,
               "wall_seconds": time.time() - start, "cpu_seconds": time.process_time() - cpu, "load_average": os.getloadavg()}
     print(json.dumps(result))
 
