@@ -51,6 +51,7 @@ def recipe(args: argparse.Namespace, name: str, noise: float, steps: int | None 
     overrides = [
         f"out={args.out}", f"name={name}", f"data.noise={noise}", f"data.dim={args.dim}", f"data.points={args.points}",
         f"method.width={args.width}", f"method.depth={args.depth}", f"method.heads={args.heads}", f"train.batch_size={args.batch}",
+        f"method.slot_embedding={str(args.slot_embedding).lower()}",
         f"train.lr={args.lr}", f"train.seed={args.seed}", f"data.curriculum_dims={args.curriculum_dims}",
         f"data.curriculum_points={args.curriculum_points}", f"data.curriculum_every={args.curriculum_every}",
     ]
@@ -91,15 +92,16 @@ def main() -> None:
     parser.add_argument("--runs", choices=["clean", "noisy", "both"], default="both", help="train only this run (evaluate both)")
     parser.add_argument("--curriculum-dims", type=int, default=1)
     parser.add_argument("--curriculum-points", type=int, default=3)
-    parser.add_argument("--curriculum-every", type=int, default=400)
+    parser.add_argument("--curriculum-every", type=int, default=200)
     parser.add_argument("--out", default="runs/bench-icl", help="folder of the two run folders")
     parser.add_argument("--noise", type=float, default=0.5, help="σ of the noisy run")
     parser.add_argument("--prompts", type=int, default=2000, help="evaluation prompts (seed 0)")
     parser.add_argument("--dim", type=int, default=5)
     parser.add_argument("--points", type=int, default=11, help="pairs per prompt: k = 0 … points − 1")
     parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--slot-embedding", action=argparse.BooleanOptionalAction, default=True, help="x-slot / y-slot embedding (not in Garg et al.)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)

@@ -209,8 +209,9 @@ def _leaks(model: torch.nn.Module, i: int = 3) -> bool:
 
 @pytest.mark.parametrize("make", [
     lambda causal: InterleavedRegressor(4, 6, "transformer", width=16, depth=2, heads=2, causal=causal),
+    lambda causal: InterleavedRegressor(4, 6, "transformer", width=16, depth=2, heads=2, causal=causal, slot_embedding=True),
     lambda causal: LinearSelfAttention(4, causal=causal),
-], ids=["transformer", "linear-attention"])
+], ids=["transformer", "transformer-with-slots", "linear-attention"])
 def test_a_prediction_never_sees_its_own_target_and_a_leaking_variant_does(make):
     assert not _leaks(make(True))
     torch.manual_seed(1)
@@ -236,6 +237,8 @@ def test_the_method_refuses_other_data_foreign_sizes_and_an_empty_loss():
         build_method(load_config(overrides=[*REGRESSION, "method.backbone=lstm", "method.heads=2"]))
     with pytest.raises(ConfigError, match="leave encoder.* at its defaults"):
         build_method(load_config(overrides=[*REGRESSION, "encoder=vit-tiny"]))
+    with pytest.raises(ConfigError, match="slot_embedding is a transformer option"):
+        build_method(load_config(overrides=[*REGRESSION, "method.backbone=lstm", "method.slot_embedding=true"]))
     with pytest.raises(ConfigError, match="min_context=11 leaves no position"):
         build_method(load_config(overrides=[*REGRESSION, "method.min_context=11"]))
 

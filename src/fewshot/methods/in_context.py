@@ -7,7 +7,9 @@ it only. Three backbones, ``method.backbone``:
 
 * ``transformer`` — Garg et al.'s: one linear read-in of x_i and of y_i embedded as (y_i, 0, …, 0),
   tokens interleaved x₁, y₁, …, x_n, y_n, learned positions, the shared token trunk under a causal
-  mask, a linear read-out of the state at each x_i.
+  mask, a linear read-out of the state at each x_i. ``method.slot_embedding`` adds a learned x-slot /
+  y-slot embedding to each token (not in Garg et al.: with the shared read-in a y token (y, 0, …, 0)
+  differs from an x token only by its position; the CPU recipe needs it to leave the loss plateau).
 * ``lstm`` — the same read-in and read-out around an LSTM, whose hidden size is all the state it
   carries from one pair to the next (Kirsch et al. 2022); a learned x-slot / y-slot embedding tells
   the two kinds of token apart, since an LSTM has no positions.
@@ -64,13 +66,18 @@ class InterleavedRegressor(nn.Module):
     ``backbone``: transformer (learned positions for ``points`` pairs + the token trunk, causal unless
     ``causal=False``, which exists to show what a leak looks like) or lstm."""
 
-    def __init__(self, dim: int, points: int, backbone: str, width: int, depth: int, heads: int | None = None, causal: bool = True) -> None:
+    def __init__(
+        self, dim: int, points: int, backbone: str, width: int, depth: int, heads: int | None = None, causal: bool = True,
+        slot_embedding: bool = False,
+    ) -> None:
         super().__init__()
         self.dim, self.points, self.backbone = dim, points, backbone
         self.read_in = nn.Linear(dim, width)
         if backbone == "transformer":
             self.pos_emb = nn.Parameter(torch.zeros(1, 2 * points, width))
             self.trunk = TokenTrunk(width, depth, heads or 1, causal=causal)
+            if slot_embedding:
+                self.slot_emb = nn.Parameter(torch.zeros(2, width))
         elif backbone == "lstm":
             self.slot_emb = nn.Parameter(torch.zeros(2, width))
             self.lstm = nn.LSTM(width, width, num_layers=depth, batch_first=True)
@@ -80,7 +87,9 @@ class InterleavedRegressor(nn.Module):
         for module in (self.read_in, self.read_out, getattr(self, "trunk", None)):
             if module is not None:
                 module.apply(gpt2_init)
-        nn.init.normal_(self.pos_emb if backbone == "transformer" else self.slot_emb, std=0.02)
+        for embedding in (getattr(self, "pos_emb", None), getattr(self, "slot_emb", None)):
+            if embedding is not None:
+                nn.init.normal_(embedding, std=0.02)
 
     def forward(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         _check_prompt(xs, ys, self.dim)
@@ -88,10 +97,12 @@ class InterleavedRegressor(nn.Module):
         if n > self.points:
             raise ValueError(f"a prompt of {n} pairs is {n - self.points} longer than the model's {self.points}")
         h = self.read_in(interleave(xs, ys))  # (B, 2n, width)
+        if hasattr(self, "slot_emb"):
+            h = h + self.slot_emb.repeat(n, 1)  # x, y, x, y, …
         if self.backbone == "transformer":
             h = self.trunk(h + self.pos_emb[:, : 2 * n])
         else:
-            h, _ = self.lstm(h + self.slot_emb.repeat(n, 1))
+            h, _ = self.lstm(h)
         return self.read_out(h[:, 0::2]).squeeze(-1)  # the state at x_i, which has seen x_i and the pairs before
 
 
@@ -127,7 +138,7 @@ def prompt_model(method: ICLRegressionConfig, data: RegressionDataConfig, causal
     sizes = backbone_sizes(method)
     if method.backbone == "linear-attention":
         return LinearSelfAttention(data.dim, causal)
-    return InterleavedRegressor(data.dim, data.points, method.backbone, causal=causal, **sizes)
+    return InterleavedRegressor(data.dim, data.points, method.backbone, causal=causal, slot_embedding=method.slot_embedding, **sizes)
 
 
 def backbone_sizes(method: ICLRegressionConfig) -> dict[str, int]:
@@ -155,6 +166,10 @@ class ICLRegressionConfig(MethodConfig):
     width: int | None = Field(None, ge=1, description="transformer width or LSTM hidden size; null = 256 (Garg et al.)")
     depth: int | None = Field(None, ge=1, description="transformer blocks or LSTM layers; null = 12 (Garg et al.) or 1 (LSTM)")
     heads: int | None = Field(None, ge=1, description="transformer attention heads; null = 8 (Garg et al.)")
+    slot_embedding: bool = Field(
+        False, description="transformer: add a learned x-slot / y-slot embedding to each token (not in Garg et al., whose y token "
+        "(y, 0, …, 0) differs from an x token only by its position; the LSTM always has one)"
+    )
     min_context: int = Field(
         0, ge=0, description="positions with fewer in-context examples are left out of the loss: 0 = every position (Garg et al.); "
         "data.points − 1 = the last query only (von Oswald et al.)"
@@ -178,6 +193,8 @@ class ICLRegression(Method):
                 f"method '{config.method.name}' builds its prompt model from method.backbone / width / depth / heads; "
                 f"leave encoder.* at its defaults (got encoder.name={config.encoder.name}, options={config.encoder.options})"
             )
+        if config.method.slot_embedding and config.method.backbone != "transformer":
+            raise ConfigError(f"method.slot_embedding is a transformer option (method.backbone={config.method.backbone}); remove it")
         return prompt_model(config.method, config.data)
 
     def __init__(self, config: RunConfig) -> None:
