@@ -122,3 +122,21 @@ def test_a_run_trains_and_bad_configs_are_one_line_errors(tmp_path):
         build_method(api.load_config(overrides=["method=icl-classify"]))
     with pytest.raises(FewshotError, match="not divisible by method.heads"):
         build_method(api.load_config(api.find_recipe("icl-classify"), ["method.width=10", "method.heads=4"]))
+
+
+def test_prompt_accuracy_equals_a_loop_over_prompts_and_positions():
+    from fewshot.data.tasks import ClassificationTasks
+    from fewshot.evaluate.runner import mean_ci95
+    from fewshot.methods.icl_classify import prompt_accuracy
+
+    torch.manual_seed(3)
+    tasks = ClassificationTasks(torch.randn(60, 6), torch.arange(60) % 4, ways=3, points=8, seed=1, eval_seed=0)
+    model = _model(points=8)
+    out = prompt_accuracy(model, tasks, prompts=10, from_position=5, batch_size=3)
+    per_prompt = []
+    for i in range(10):
+        b = tasks.batch(torch.tensor([i]))
+        predicted = model(b["xs"], b["labels"])[0].argmax(-1)
+        per_prompt.append(float(np.mean([predicted[j] == b["labels"][0, j] for j in range(5, 8)])))
+    assert (out["accuracy"], out["ci95"]) == pytest.approx(mean_ci95(per_prompt))
+    assert len(out["by_position"]) == 8 and out["from_position"] == 5

@@ -177,10 +177,12 @@ class InContextClassifier:
 
 
 @torch.no_grad()
-def prompt_accuracy(model: nn.Module, tasks, prompts: int, batch_size: int = 256) -> dict[str, object]:
-    """Accuracy of a prompt model on the first ``prompts`` prompts of ``tasks`` (a ClassificationTasks):
-    ``last`` = accuracy at the last sample (``points − 1`` labeled samples before it) ± 95% CI over prompts,
-    and ``by_position`` = accuracy at each position i (i labeled samples before it)."""
+def prompt_accuracy(model: nn.Module, tasks, prompts: int, from_position: int | None = None, batch_size: int = 256) -> dict[str, object]:
+    """Accuracy of a prompt model on the first ``prompts`` prompts of ``tasks`` (a ClassificationTasks).
+
+    ``accuracy`` ± ``ci95``: per prompt, the mean accuracy over positions ≥ ``from_position`` (default the
+    last: ``points − 1`` labeled samples before it), then mean and 95% CI over prompts; ``by_position``:
+    the accuracy at each position i (i labeled samples before it)."""
     from fewshot.evaluate.runner import mean_ci95
 
     correct = []
@@ -189,5 +191,6 @@ def prompt_accuracy(model: nn.Module, tasks, prompts: int, batch_size: int = 256
         batch = tasks.batch(torch.arange(start, min(start + batch_size, prompts)))
         correct.append((model(batch["xs"], batch["labels"]).argmax(-1) == batch["labels"]).float())
     hits = torch.cat(correct).numpy()  # (prompts, points)
-    accuracy, ci95 = mean_ci95(hits[:, -1])
-    return {"last": accuracy, "ci95": ci95, "prompts": prompts, "by_position": hits.mean(0).tolist()}
+    first = hits.shape[1] - 1 if from_position is None else from_position
+    accuracy, ci95 = mean_ci95(hits[:, first:].mean(1))
+    return {"accuracy": accuracy, "ci95": ci95, "prompts": prompts, "from_position": first, "by_position": hits.mean(0).tolist()}
