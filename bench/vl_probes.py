@@ -23,9 +23,9 @@ on a validation draw (supports from seed 200, 20 queries per pair from seed 300)
 One JSON line at the end. ``--quick`` trains a tiny run of its own (bench/vision_language.py's pool and recipe) and
 measures nothing.
 
-    OMP_NUM_THREADS=1 python bench/vl_probes.py --run runs/bench-vl/clip-20000-1000   # ≈ 10 CPU-minutes
+    OMP_NUM_THREADS=1 python bench/vl_probes.py --run runs/bench-vl/clip-20000-1000   # ≈ 6 CPU-minutes
     OMP_NUM_THREADS=1 python bench/vl_probes.py --quick                               # ≈ 1 minute, a smoke run
-    OMP_NUM_THREADS=1 python bench/vl_probes.py --validate                            # CoOp's grid, ≈ 1.5 CPU-minutes
+    OMP_NUM_THREADS=1 python bench/vl_probes.py --validate                            # CoOp's grid, ≈ 1.3 CPU-minutes
 """
 
 from __future__ import annotations
