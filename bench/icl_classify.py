@@ -41,7 +41,8 @@ from fewshot.evaluate.classifiers import make_classifier
 from fewshot.evaluate.episodes import EpisodeSampler
 from fewshot.evaluate.runner import fit_predict_episodes, mean_ci95
 from fewshot.io import atomic_write
-from fewshot.methods.icl_classify import InContextClassifier, prompt_accuracy
+from fewshot.evaluate.icl_classify import prompt_accuracy
+from fewshot.methods.icl_classify import InContextClassifier
 from fewshot.run import Run
 from fewshot.train.trainer import checkpoint_path
 

@@ -127,7 +127,7 @@ def test_a_run_trains_and_bad_configs_are_one_line_errors(tmp_path):
 def test_prompt_accuracy_equals_a_loop_over_prompts_and_positions():
     from fewshot.data.tasks import ClassificationTasks
     from fewshot.evaluate.runner import mean_ci95
-    from fewshot.methods.icl_classify import prompt_accuracy
+    from fewshot.evaluate.icl_classify import prompt_accuracy
 
     torch.manual_seed(3)
     tasks = ClassificationTasks(torch.randn(60, 6), torch.arange(60) % 4, ways=3, points=8, seed=1, eval_seed=0)

@@ -34,7 +34,7 @@ from fewshot.methods.base import Method
 from fewshot.models.language import gpt2_init
 from fewshot.models.transformer import TokenTrunk
 
-__all__ = ["ICLClassify", "ICLClassifyConfig", "InContextClassifier", "prompt_accuracy", "SupportQueryClassifier", "support_query_tokens", "in_context_cross_entropy"]
+__all__ = ["ICLClassify", "ICLClassifyConfig", "InContextClassifier", "SupportQueryClassifier", "support_query_tokens", "in_context_cross_entropy"]
 
 
 def support_query_tokens(xs: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
@@ -175,22 +175,3 @@ class InContextClassifier:
     def predict(self, X) -> np.ndarray:
         return self.decision_function(X).argmax(1)
 
-
-@torch.no_grad()
-def prompt_accuracy(model: nn.Module, tasks, prompts: int, from_position: int | None = None, batch_size: int = 256) -> dict[str, object]:
-    """Accuracy of a prompt model on the first ``prompts`` prompts of ``tasks`` (a ClassificationTasks).
-
-    ``accuracy`` ± ``ci95``: per prompt, the mean accuracy over positions ≥ ``from_position`` (default the
-    last: ``points − 1`` labeled samples before it), then mean and 95% CI over prompts; ``by_position``:
-    the accuracy at each position i (i labeled samples before it)."""
-    from fewshot.evaluate.runner import mean_ci95
-
-    correct = []
-    model.eval()
-    for start in range(0, prompts, batch_size):
-        batch = tasks.batch(torch.arange(start, min(start + batch_size, prompts)))
-        correct.append((model(batch["xs"], batch["labels"]).argmax(-1) == batch["labels"]).float())
-    hits = torch.cat(correct).numpy()  # (prompts, points)
-    first = hits.shape[1] - 1 if from_position is None else from_position
-    accuracy, ci95 = mean_ci95(hits[:, first:].mean(1))
-    return {"accuracy": accuracy, "ci95": ci95, "prompts": prompts, "from_position": first, "by_position": hits.mean(0).tolist()}
