@@ -13,7 +13,8 @@ jitter, grayscale or blur: colour is half of every class here, and views that ch
 
 Every CLIP cell trains ``--steps`` steps at batch 256 from the same seed, then is measured on
 
-1. 64-way zero-shot on single-object test scenes, seen and held-out (shape, colour) pairs apart (chance 1.6%);
+1. 64-way zero-shot on single-object test scenes, seen and held-out (shape, colour) pairs apart (chance 1.6%), and
+   how often the predicted pair has the right shape and the right colour (chance 12.5% each);
 2. the binding and the relation swap tests (two-object scenes; the true caption against the same words swapped;
    chance 50%, ties against the model): :func:`fewshot.data.scenes.swap_test`, :func:`fewshot.evaluate.zeroshot.swap_scores`;
 3. words absent from training captions: 8-way zero-shot over the 8 reserved shapes by name, which no training
@@ -42,9 +43,10 @@ from vision_language import clip_config, make_pool  # noqa: E402  (the CLIP benc
 
 from fewshot import api  # noqa: E402
 from fewshot.config import RunConfig  # noqa: E402
-from fewshot.data.scenes import POOL_INFO, SWAP_KINDS, fewshot_shape_images, swap_test  # noqa: E402
+from fewshot.data.scenes import COLOURS, POOL_INFO, SWAP_KINDS, fewshot_shape_images, single_object_test, swap_test  # noqa: E402
 from fewshot.evaluate.image_text import DEFAULT_TEMPLATES, ImageTextRun  # noqa: E402
-from fewshot.evaluate.zeroshot import swap_scores, text_prototypes, zero_shot_scores  # noqa: E402
+from fewshot.evaluate.runner import mean_ci95  # noqa: E402
+from fewshot.evaluate.zeroshot import ZeroShotClassifier, swap_scores, text_prototypes, zero_shot_scores  # noqa: E402
 from fewshot.train.trainer import checkpoint_path  # noqa: E402
 
 CELLS = ("uu", "Uu", "Lu", "uL")
@@ -97,11 +99,18 @@ def measure(run_dir: Path, args: argparse.Namespace, split_seed: int) -> dict:
         test = swap_test(kind, args.swaps, 32, args.seed + 1, split_seed)
         swaps[kind] = swap_scores(model.images(test.images), model.texts([c[0] for c in test.captions]),
                                   model.texts([c[1] for c in test.captions]))
+    # Which half of the 64-way answer is right: the pair's shape, its colour (a tower that drops one shows here).
+    test = single_object_test(args.per_class, 32, args.seed + 1, split_seed)
+    predicted = ZeroShotClassifier(text_prototypes(model.texts, test.classes, DEFAULT_TEMPLATES)).predict(model.images(test.images))
+    parts = {}
+    for part, of in (("shape", lambda y: y // len(COLOURS)), ("colour", lambda y: y % len(COLOURS))):
+        accuracy, ci95 = mean_ci95(of(predicted) == of(test.labels))
+        parts[part] = {"accuracy": accuracy, "ci95": ci95, "images": len(predicted)}
     shapes = fewshot_shape_images(args.absent_per_shape, 32, args.seed + 1)
     prototypes = text_prototypes(model.texts, shapes.classes, DEFAULT_TEMPLATES)
     absent = zero_shot_scores(model.images(shapes.images), shapes.labels, prototypes)
     model.report_truncated("prompts or captions")
-    return {"zeroshot": rows, "swap": swaps, "absent_words": {k: absent[k] for k in ("accuracy", "ci95", "images")},
+    return {"zeroshot": rows, "zeroshot_parts": parts, "swap": swaps, "absent_words": {k: absent[k] for k in ("accuracy", "ci95", "images")},
             "truncated_texts": model.truncated}
 
 
@@ -154,7 +163,7 @@ def main() -> None:
             results[key] = measure(config.run_dir, args, info["split_seed"])
             r = results[key]
             print(f"{key}: CPU s {cpu_seconds[key]}  seen {pct(r['zeroshot']['seen'])}  held-out {pct(r['zeroshot']['held-out'])}  "
-                  f"binding {pct(r['swap']['binding'])}  relation {pct(r['swap']['relation'])}  absent {pct(r['absent_words'])}", flush=True)
+                  f"(shape {pct(r['zeroshot_parts']['shape'])}, colour {pct(r['zeroshot_parts']['colour'])})  binding {pct(r['swap']['binding'])}  relation {pct(r['swap']['relation'])}  absent {pct(r['absent_words'])}", flush=True)
 
     print(f"\nLiT grid at {args.steps} steps each, batch 256, on {info['images']} scenes (% ± 95% CI)")
     print("cell/seed   zero-shot seen   held-out        binding swap    relation swap   absent words    train CPU-min")
