@@ -202,7 +202,9 @@ def main() -> None:
     def cell(name: str, path: Path, steps: int = args.steps) -> None:
         if name in only:
             cells.append(train_cell(args, name, path, steps))
-            print(f"{name}: {steps} steps; zero-shot seen {cells[-1]['zeroshot']['seen']['accuracy']:.3f}", flush=True)
+            z = cells[-1]["zeroshot"]
+            print(f"{name}: {steps} steps, {cells[-1]['passes']:.2f} passes; zero-shot % seen {100 * z['seen']['accuracy']:.1f} ± {100 * z['seen']['ci95']:.1f}, "
+                  f"held-out {100 * z['held-out']['accuracy']:.1f} ± {100 * z['held-out']['ci95']:.1f}", flush=True)
 
     def filtered_cell(name: str, scorer: str | None = None, scores: np.ndarray | None = None) -> None:
         slug = name.replace(" ", "-")
