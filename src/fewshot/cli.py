@@ -193,6 +193,18 @@ def cmd_icl_prompt(args: argparse.Namespace) -> None:
     _emit(args, out, text)
 
 
+def cmd_icl_compare(args: argparse.Namespace) -> None:
+    from fewshot.evaluate.icl_compare import compare_icl, compare_table
+    from fewshot.evaluate.prompting import open_prompt_model
+
+    lm = open_prompt_model(args.model)
+    out = compare_icl(lm, args.task, args.shots, args.methods, args.draws, args.queries, args.steps, args.seed)
+    text = (f"{out['model']} on {out['task']}: in-context examples against LoRA, (IA)³ and probes trained on the same K examples "
+            f"(K in total; mean ± 95% CI over {out['draws']} draws × {out['queries']} queries, {out['steps']} steps):\n"
+            f"{compare_table(out)}\nfirst K where each overtakes ICL: {out['overtakes']}")
+    _emit(args, out, text)
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
@@ -290,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="with --out: replace an earlier adapter file (never other files)")
 
     icl = sub.add_parser("icl", help="in-context learning: a meta-trained regression run; few-shot prompts of a language model",
-                         description="in-context learning: `icl evaluate RUN` (a meta-trained regression run), `icl prompt MODEL` (few-shot prompting)")
+                         description="in-context learning: `icl evaluate RUN` (a meta-trained regression run), `icl prompt MODEL` (few-shot prompting), "
+                                     "`icl compare MODEL` (ICL against LoRA, (IA)³ and probes)")
     icl_sub = icl.add_subparsers(dest="action", required=True)
 
     def add_icl(name: str, func, help: str) -> argparse.ArgumentParser:
@@ -316,6 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the task split and the draws")
     p.add_argument("--no-description", action="store_true", help="leave out the task description line")
     p.add_argument("--text", metavar="PATH", help="scrambling tasks: the corpus (default $FEWSHOT_DATA/text/tinyshakespeare.txt)")
+
+    p = add_icl("compare", cmd_icl_compare, "ICL against LoRA, (IA)³ and linear probes on the same K examples: accuracy, FLOPs to adapt and per query, bytes per task")
+    p.add_argument("model", help="smollm2 or a Hugging Face causal LM folder (lora, ia3 and probe need one; icl also takes a gpt run)")
+    p.add_argument("--task", default="categories", help="categories, categories-nonce or categories-flipped")
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="K: examples per task, in total")
+    p.add_argument("--methods", nargs="+", default=["icl", "lora", "ia3", "probe", "minilm"], help="icl, lora, ia3, probe, minilm")
+    p.add_argument("--draws", type=int, default=3, help="seeded draws of the examples and the queries (the CI is over draws)")
+    p.add_argument("--queries", type=int, default=24, help="queries per draw")
+    p.add_argument("--steps", type=int, default=20, help="AdamW steps of LoRA and (IA)³")
+    p.add_argument("--seed", type=int, default=0, help="seed of the task split and the draws")
 
     p = add("zeroshot", cmd_zeroshot, "zero-shot accuracy of an image-text run from class names and prompt templates")
     p.add_argument("run", help="an image-text run folder (method=clip) or checkpoint file")
