@@ -23,7 +23,7 @@ Every CLIP cell trains ``--steps`` steps at batch 256 from the same seed, then i
 One JSON line at the end. A run folder that already holds a checkpoint is reused, not retrained (its training
 CPU time is then reported as null); the pool of ``bench/vision_language.py`` is reused when ``--pool`` names it.
 
-    OMP_NUM_THREADS=1 python bench/vl_lit.py --pool runs/bench-vl/scenes-20000   # ≈ 30 CPU-minutes
+    OMP_NUM_THREADS=1 python bench/vl_lit.py --pool runs/bench-vl/scenes-20000   # ≈ 25 CPU-minutes
     OMP_NUM_THREADS=1 python bench/vl_lit.py --quick                             # a smoke run, measures nothing
 """
 
