@@ -35,7 +35,8 @@ def beats(row: dict[str, Any], k: int, base: int = 0) -> bool:
 
 def verdicts(out: dict[str, Any], k_max: int) -> dict[str, Any]:
     rows = out["tasks"]
-    result = {"few_beats_zero": {name: beats(row, k_max) for name, row in rows.items()}}
+    result = {"few_beats_zero": {name: beats(row, k_max) for name, row in rows.items()},
+              "beats_zero_at": {name: [k for k in out["shots"] if k > 0 and beats(row, k)] for name, row in rows.items()}}
     result["every_task"] = all(result["few_beats_zero"].values())
     if "categories-nonce" in rows:
         means = [rows["categories-nonce"]["by_k"][str(k)]["accuracy"] for k in out["shots"]]
@@ -102,20 +103,21 @@ def main() -> None:
     t = time.process_time()
     classify = evaluate_prompting(lm, list(CATEGORY_TASKS), [*args.shots, *args.extra_shots], args.draws, args.queries, args.seed, log=print)
     cpu["smollm2_categories"] = time.process_time() - t
-    t = time.process_time()
-    generate = evaluate_prompting(lm, args.scrambles, args.shots, args.draws, args.queries, args.seed, log=print)
-    cpu["smollm2_scrambles"] = time.process_time() - t
-    del lm
     k_max = max(args.shots)
-    smol = {"categories": classify, "scrambles": generate,
-            "verdicts": {**verdicts(classify, k_max), "scrambles": verdicts(generate, k_max)}}
-    smol["verdicts"]["every_task"] = smol["verdicts"]["every_task"] and smol["verdicts"]["scrambles"]["every_task"]
+    smol: dict[str, Any] = {"categories": classify, "verdicts": verdicts(classify, k_max)}
     print(f"\nSmolLM2-135M-Instruct (GGUF Q4_1), accuracy % ± 95% CI over {args.draws} draws × {args.queries} queries:")
     print(prompt_table(classify))
-    print(prompt_table(generate))
-    print(f"few-shot (K={k_max}) beats zero-shot by more than the CIs: {smol['verdicts']['few_beats_zero']} "
-          f"{smol['verdicts']['scrambles']['few_beats_zero']}; nonce rises: {smol['verdicts'].get('nonce_rises')}, "
-          f"monotone: {smol['verdicts'].get('nonce_monotone')}")
+    if args.scrambles:  # --scrambles with no names: the word categories alone
+        t = time.process_time()
+        smol["scrambles"] = evaluate_prompting(lm, args.scrambles, args.shots, args.draws, args.queries, args.seed, log=print)
+        cpu["smollm2_scrambles"] = time.process_time() - t
+        smol["verdicts"]["scrambles"] = verdicts(smol["scrambles"], k_max)
+        smol["verdicts"]["every_task"] = smol["verdicts"]["every_task"] and smol["verdicts"]["scrambles"]["every_task"]
+        print(prompt_table(smol["scrambles"]))
+    del lm
+    v = smol["verdicts"]
+    print(f"few-shot (K={k_max}) beats zero-shot by more than the CIs: {v['few_beats_zero']} "
+          f"{v.get('scrambles', {}).get('few_beats_zero', '')}; nonce rises: {v.get('nonce_rises')}, monotone: {v.get('nonce_monotone')}")
 
     gpt: dict[str, Any] = {}
     if not args.skip_gpt:
