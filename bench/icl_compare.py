@@ -9,8 +9,8 @@ stored per task. Prints the tables, the first K at which each method overtakes I
 both 95% CIs), writes the plot (accuracy against K, log x, like the T-Few figure; FLOPs per query
 against K) and ends with one JSON line.
 
-    OMP_NUM_THREADS=1 FEWSHOT_DATA=/work/shared/data .venv/bin/python bench/icl_compare.py --plot docs/figures/icl-compare.png
-    OMP_NUM_THREADS=1 FEWSHOT_DATA=/work/shared/data .venv/bin/python bench/icl_compare.py --quick
+    OMP_NUM_THREADS=1 FEWSHOT_DATA=/work/shared/data .venv/bin/python bench/icl_compare.py --plot docs/figures/icl-compare.png  # 9.3 CPU-minutes
+    OMP_NUM_THREADS=1 FEWSHOT_DATA=/work/shared/data .venv/bin/python bench/icl_compare.py --quick  # 1.0 CPU-minute
 """
 
 from __future__ import annotations
