@@ -183,9 +183,11 @@ def main() -> None:
         print(f"{'PASS' if v else 'MISS'}: {k}")
 
     xs = [p or 2**22 for p in pools]
-    report["plots"] = {"transition": plot(Path(args.out) / "transition.png", xs, {
+    report["plots"] = {}
+    if pools:
+        report["plots"]["transition"] = plot(Path(args.out) / "transition.png", xs, {
         k: [report["runs"][f"pool-{p or 'fresh'}"][k] for p in pools] for k in ("training tasks", "unseen tasks", "held-out images", "omniglot")},
-        "tasks in training (fresh drawn as 2^22)", "GPICL: memorisation → generalisation")}
+            "tasks in training (fresh drawn as 2^22)", "GPICL: memorisation → generalisation")
     if state:
         params = [report["runs"][n]["parameters"] for n in state]
         report["plots"]["state"] = plot(Path(args.out) / "state-size.png", params, {

@@ -82,7 +82,8 @@ def test_every_method_default_equals_the_paper_value_readme_cites():
     from fewshot.methods import METHODS
 
     cited = _readme_defaults()
-    assert set(cited) == set(METHODS), "README's defaults table must list every registered method"
+    shipped = {name for name, cls in METHODS.items() if cls.__module__.startswith("fewshot.")}  # not a bench's own (attribute-heads)
+    assert set(cited) == shipped, "README's defaults table must list every method fewshot ships"
     for name, fields in cited.items():
         defaults = METHODS[name].config_class()
         for field, written in fields.items():

@@ -31,6 +31,21 @@ SOURCE_FOR = {"tokens": ["data.source=text", "data.seq_len=8", "data.vocab_size=
              # the prompt model is the method's own (encoder.* left at its defaults)
              "xs": ["data.source=linear-regression", "data.dim=4", "data.points=9", "data.curriculum_dims=null",
                     "data.curriculum_points=null", "encoder.options={}", "method.width=16", "method.depth=1", "method.heads=2"]}
+# Classification prompts (icl-classify) read xs with a label per sample: their own source and example.
+PROMPT_LABELS = ("xs", "labels")
+PROMPT_SOURCE = ["data.source=classification-prompts", "data.input_size=2", "encoder.options={}", "data.ways=3", "data.points=9", "method.width=16",
+                 "method.depth=1", "method.heads=2"]
+PROMPT_EXAMPLE = {"xs": torch.randn(12, 9, 4, generator=_g), "labels": torch.randint(0, 3, (12, 9), generator=_g)}
+
+
+def _source(inputs) -> list[str]:
+    if tuple(inputs) == PROMPT_LABELS:
+        return PROMPT_SOURCE
+    return [o for key in inputs for o in SOURCE_FOR.get(key, [])]
+
+
+def _example(inputs) -> dict[str, torch.Tensor]:
+    return dict(PROMPT_EXAMPLE) if tuple(inputs) == PROMPT_LABELS else {key: EXAMPLE[key] for key in inputs}
 
 
 def _batch(n=12):
@@ -41,9 +56,9 @@ def _batch(n=12):
 @pytest.mark.parametrize("name", method_names())
 def test_every_method_trains(name):
     inputs = METHODS[name].inputs  # the batch is made from what the method declares, with no per-method case
-    source = [o for key in inputs for o in SOURCE_FOR.get(key, [])]
+    source = _source(inputs)
     method = build_method(load_config(overrides=[f"method={name}", *owned(name, TINY), *ENCODER_FOR.get(name, []), *source]))
-    loss, logs = method({key: EXAMPLE[key] for key in inputs}, torch.Generator().manual_seed(1))
+    loss, logs = method(_example(inputs), torch.Generator().manual_seed(1))
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     grads = [p.grad for p in method.encoder.parameters()]
@@ -127,7 +142,7 @@ def test_a_label_free_method_never_receives_the_labels(tmp_path, monkeypatch):
 def test_every_method_starts_with_a_savable_state(name):
     # the trainer refuses to save a non-finite tensor, so an unfilled queue marked with NaN (as nnclr's
     # image keys once were) failed every run too short to fill it
-    source = [o for key in METHODS[name].inputs for o in SOURCE_FOR.get(key, [])]
+    source = _source(METHODS[name].inputs)
     method = build_method(load_config(overrides=[f"method={name}", *owned(name, TINY), *ENCODER_FOR.get(name, []), *source]))
     bad = [k for k, v in method.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     assert bad == []
