@@ -6,7 +6,8 @@ prompts of 26 samples), each trained for ``--steps`` steps through the one train
 
 1. the transition: ``--pools`` task-pool sizes (2^p tasks, or ``fresh``: a new task every prompt), each scored
    on its training tasks, on unseen tasks (fresh projections and labellings of the training images), on
-   fresh tasks of held-out digit images, and on Omniglot 5-way 5-shot episodes (8×8, never trained on)
+   fresh tasks of held-out digit images (next to nearest prototype, 1-NN and logistic regression fitted on
+   each prompt's samples before the query), and on Omniglot 5-way 5-shot episodes (8×8, never trained on)
    through the episode runner, next to nearest prototype, 1-NN and logistic regression on the same
    episodes and features;
 2. the state size: on fresh tasks, LSTMs of hidden size ``--lstm-sizes`` and the transformer, accuracy
@@ -40,22 +41,19 @@ from fewshot.data.sources import load_omniglot, resolve_data_path
 from fewshot.evaluate.classifiers import make_classifier
 from fewshot.evaluate.episodes import EpisodeSampler
 from fewshot.evaluate.runner import fit_predict_episodes, mean_ci95
-from fewshot.io import atomic_write
-from fewshot.evaluate.icl_classify import prompt_accuracy
+from fewshot.evaluate.icl_classify import prompt_accuracy, support_baseline_accuracy
 from fewshot.methods.icl_classify import InContextClassifier
+from fewshot.report import plt, save_figure
 from fewshot.run import Run
-from fewshot.train.trainer import checkpoint_path
 
 
 def train_run(args: argparse.Namespace, name: str, overrides: list[str]) -> tuple[Path, float]:
-    """(run folder, training CPU-seconds; 0 when reused)."""
+    """(run folder, training CPU-seconds of this call: about 0 when reused)."""
     config = api.load_config(api.find_recipe("icl-classify"), [
         f"out={args.out}", f"name={name}-{args.steps}-seed{args.seed}", f"train.steps={args.steps}", f"train.seed={args.seed}",
         f"train.warmup_steps={min(50, max(1, args.steps // 10))}", *overrides])
-    if checkpoint_path(config.run_dir).exists():
-        return config.run_dir, 0.0
     start = time.process_time()
-    api.pretrain(config, progress=False)
+    api.pretrain_to_completion(config, progress=False)  # a finished run is reused, a stopped one resumed
     return config.run_dir, time.process_time() - start
 
 
@@ -97,11 +95,6 @@ def pct(row: dict) -> str:
 
 
 def plot(path: Path, xs: list, series: dict[str, list[dict]], xlabel: str, title: str, log_x: bool = True) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, rows in series.items():
         mean = [100 * r["accuracy"] for r in rows]
@@ -113,8 +106,7 @@ def plot(path: Path, xs: list, series: dict[str, list[dict]], xlabel: str, title
     ax.set(xlabel=xlabel, ylabel="accuracy, samples 20-25 (%)", ylim=(0, 100), title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    save_figure(fig, path)
     return str(path)
 
 
@@ -139,6 +131,11 @@ def main() -> None:
     report: dict = {"steps": args.steps, "seed": args.seed, "runs": {}, "cpu_seconds": {}}
     baselines = episode_rows(None, *omniglot, args.episodes)
     report["omniglot baselines"] = baselines
+    recipe = api.load_config(api.find_recipe("icl-classify")).data
+    heldout_prompts = classification_tasks(recipe, split.heldout, split.heldout_labels, eval_seed=3, fresh_tasks=True)
+    first = recipe.points - 1 if args.from_position is None else args.from_position
+    report["prompt baselines"] = {name: support_baseline_accuracy(lambda n=name: make_classifier(n), heldout_prompts, args.prompts, first)
+                                  for name in ("proto-euclidean", "proto-cosine", "knn", "logreg")}
 
     pools = [None if p == "fresh" else int(p) for p in args.pools.split(",") if p]
     for pool in pools:
@@ -159,6 +156,8 @@ def main() -> None:
     for pool in pools:
         r = report["runs"][f"pool-{pool or 'fresh'}"]
         print(f"| {pool or 'fresh'} | {pct(r['training tasks'])} | {pct(r['unseen tasks'])} | {pct(r['held-out images'])} | {pct(r['omniglot'])} |")
+    print("\nHeld-out digit images, the same prompts, each classifier fitted on the samples before the query: " +
+          ", ".join(f"{k} {pct(v)}" for k, v in report["prompt baselines"].items()))
     print("\nOmniglot 5-way 5-shot, the same episodes, 8×8 standardised pixels: " +
           ", ".join(f"{k} {pct(v)}" for k, v in baselines.items()))
     state = [name for name in report["runs"] if name.startswith("lstm")] + (["pool-fresh"] if None in pools else [])

@@ -23,17 +23,12 @@ from typing import Any
 
 from fewshot.evaluate.icl_compare import METHODS, compare_icl, compare_table
 from fewshot.evaluate.prompting import open_prompt_model
-from fewshot.io import atomic_write
+from fewshot.report import plt, save_figure
 
 LABELS = {"icl": "ICL (K in the prompt)", "lora": "LoRA", "ia3": "(IA)³", "probe": "SmolLM2 hidden state + logreg", "minilm": "MiniLM + logreg"}
 
 
 def plot(out: dict[str, Any], path: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, (acc, cost) = plt.subplots(1, 2, figsize=(11, 4.2))
     for m, by_k in out["methods"].items():
         ks = [k for k in out["shots"] if "n/a" not in by_k[str(k)]]
@@ -47,8 +42,7 @@ def plot(out: dict[str, Any], path: Path) -> str:
         ax.set_xticks(out["shots"], [str(k) for k in out["shots"]])
     acc.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    save_figure(fig, path)
     return str(path)
 
 

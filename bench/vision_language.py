@@ -153,12 +153,12 @@ def main() -> None:
 
     folder = make_pool(args)
     config = clip_config(args, folder / "manifest.tsv")
-    if checkpoint_path(config.run_dir).exists():
+    result = api.pretrain_to_completion(config, progress=False)  # a finished run is reused, a stopped one resumed
+    if result is None:
         run = Run.open(config.run_dir)
         rates = [h["views_per_s"] for h in run.history if h.get("views_per_s")]  # as TrainResult.views_per_second
         pairs_per_second = float(np.median(rates)) if rates else None
     else:
-        result = api.pretrain(config, progress=False)
         pairs_per_second = result.views_per_second
     print(f"CLIP: {config.train.steps} steps at batch {config.train.batch_size} on {args.n} scenes; {pairs_per_second} pairs/s", flush=True)
 

@@ -148,7 +148,7 @@ def train_cell(args: Namespace, name: str, manifest: Path, steps: int) -> dict:
         if not done and config.run_dir.exists():  # stopped before its first checkpoint: nothing to resume
             shutil.rmtree(config.run_dir)
         start = time.process_time()
-        api.pretrain(config, resume=done > 0, progress=False)
+        api.pretrain_to_completion(config, progress=False)
         cpu = time.process_time() - start
     zeroshot = api.zeroshot(config.run_dir, per_class=args.per_class, seed=TEST_SEED)
     rows = len(read_manifest(manifest))

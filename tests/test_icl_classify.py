@@ -140,3 +140,21 @@ def test_prompt_accuracy_equals_a_loop_over_prompts_and_positions():
         per_prompt.append(float(np.mean([predicted[j] == b["labels"][0, j] for j in range(5, 8)])))
     assert (out["accuracy"], out["ci95"]) == pytest.approx(mean_ci95(per_prompt))
     assert len(out["by_position"]) == 8 and out["from_position"] == 5
+
+
+def test_support_baselines_fit_on_the_samples_before_each_query():
+    from fewshot.data.tasks import ClassificationTasks
+    from fewshot.evaluate.classifiers import make_classifier
+    from fewshot.evaluate.icl_classify import support_baseline_accuracy
+
+    centres = torch.eye(6)[:4] * 10  # four far-apart classes: 1-NN is right once a class has been seen
+    inputs, labels = centres.repeat(15, 1) + 0.01 * torch.randn(60, 6), torch.arange(60) % 4
+    tasks = ClassificationTasks(inputs, labels, ways=3, points=8, seed=1, eval_seed=0)
+    out = support_baseline_accuracy(lambda: make_classifier("knn"), tasks, prompts=12, from_position=4)
+    expected = []
+    for i in range(12):
+        b = tasks.batch(torch.tensor([i]))
+        ys = b["labels"][0].tolist()
+        expected.append(float(np.mean([ys[j] in ys[:j] for j in range(4, 8)])))  # right exactly when seen before
+    assert out["accuracy"] == pytest.approx(float(np.mean(expected)))
+    assert out["accuracy"] < 1.0  # some queries' classes are not in their support yet: those cannot be right

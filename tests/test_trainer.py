@@ -225,3 +225,25 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     assert len(lines) == 1, proc.stdout  # one result, from rank 0
     assert json.loads(lines[0])["step"] == 6
     assert load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.safetensors").step == 6
+
+
+def _reuse_when_any_checkpoint(config, progress=False):
+    """The broken rule pretrain_to_completion replaces: any checkpoint counts as a finished run."""
+    from fewshot.train.trainer import checkpoint_path
+
+    return None if checkpoint_path(config.run_dir).exists() else api.pretrain(config, progress=progress)
+
+
+@pytest.mark.parametrize("finish, completes", [(api.pretrain_to_completion, True), (_reuse_when_any_checkpoint, False)])
+def test_a_run_stopped_partway_is_resumed_not_reused(tmp_path, finish, completes):
+    from fewshot.run import Run
+
+    base = ["method=simclr", "data.source=digits", "data.holdout_classes=5", "train.batch_size=8", "train.warmup_steps=1",
+            f"out={tmp_path}", "name=r", "train.steps=4"]
+    api.pretrain(api.load_config(overrides=[*base, "train.max_minutes=0.00001"]), progress=False)  # stops after its first step
+    config = api.load_config(overrides=base)
+    assert Run.open(config.run_dir).step == 1
+    finish(config, progress=False)
+    assert (Run.open(config.run_dir).step == 4) is completes
+    if completes:
+        assert api.pretrain_to_completion(config, progress=False) is None  # finished: reused, not retrained

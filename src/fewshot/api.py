@@ -80,6 +80,17 @@ def _pretrained_text_tokenizer(config: RunConfig) -> Any:
     return word_pieces(name) if name in PRETRAINED else None
 
 
+def pretrain_to_completion(config: RunConfig, progress: bool = True) -> TrainResult | None:
+    """Bring ``config``'s run to ``train.steps``: None when its last checkpoint is already there (reused), a
+    resumed run when it stopped partway (a checkpoint short of the steps), else a new run. What a benchmark
+    that may be stopped and rerun calls, so a half-trained run is never scored as a finished one."""
+    if checkpoint_path(config.run_dir).exists():
+        if Run.open(config.run_dir).step >= config.train.steps:
+            return None
+        return pretrain(config, resume=True, progress=progress)
+    return pretrain(config, progress=progress)
+
+
 def _new_tokenizer(config: RunConfig, data: DataConfig) -> Tokenizer | None:
     """A new run's tokenizer when its source has text (text: the training split; pairs: the captions and a
     corpus), saved as run_dir/tokenizer.json before training (a resumed run reuses that file: :meth:`Run.tokenizer`)."""

@@ -10,6 +10,16 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a screen
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fewshot.io import atomic_write  # noqa: E402
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` atomically (a reader never sees half a file) and close it."""
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    return path
+
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
@@ -57,9 +67,7 @@ def plot_loss(history: list[dict[str, float]], path: Path) -> Path | None:
     ax.set_ylabel("training loss")
     ax.set_title("pre-training loss")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_accuracy_vs_shots(results: list[dict[str, Any]], path: Path, classifier: str = "proto-cosine") -> Path | None:
@@ -77,9 +85,7 @@ def plot_accuracy_vs_shots(results: list[dict[str, Any]], path: Path, classifier
     ax.set_title(f"few-shot accuracy, {classifier}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(run_dir: Path, report: Any, history: list[dict[str, float]], header: str = "") -> Path:

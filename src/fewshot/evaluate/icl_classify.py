@@ -7,7 +7,7 @@ from torch import nn
 
 from fewshot.evaluate.runner import mean_ci95
 
-__all__ = ["prompt_accuracy"]
+__all__ = ["prompt_accuracy", "support_baseline_accuracy"]
 
 
 @torch.no_grad()
@@ -26,3 +26,23 @@ def prompt_accuracy(model: nn.Module, tasks, prompts: int, from_position: int | 
     first = hits.shape[1] - 1 if from_position is None else from_position
     accuracy, ci95 = mean_ci95(hits[:, first:].mean(1))
     return {"accuracy": accuracy, "ci95": ci95, "prompts": prompts, "from_position": first, "by_position": hits.mean(0).tolist()}
+
+
+def support_baseline_accuracy(make_classifier, tasks, prompts: int, from_position: int) -> dict[str, object]:
+    """The same score for a classifier fitted on each prompt's support, the closed-form rows beside the
+    meta-trained model: for every position i ≥ ``from_position``, ``make_classifier()`` is fitted on samples
+    0 … i − 1 of the prompt (as the model sees them) and predicts sample i; per prompt the mean over those
+    positions, then mean ± 95% CI over prompts. A class absent from the support cannot be predicted."""
+    per_prompt = []
+    for start in range(0, prompts, 256):
+        batch = tasks.batch(torch.arange(start, min(start + 256, prompts)))
+        for xs, labels in zip(batch["xs"].numpy(), batch["labels"].numpy()):
+            hits = []
+            for i in range(from_position, len(labels)):
+                if len(set(labels[:i].tolist())) < 2:  # one class so far: it is the only answer
+                    hits.append(float(labels[i] == labels[0]))
+                    continue
+                hits.append(float(make_classifier().fit(xs[:i], labels[:i]).predict(xs[i : i + 1])[0] == labels[i]))
+            per_prompt.append(sum(hits) / len(hits))
+    accuracy, ci95 = mean_ci95(per_prompt)
+    return {"accuracy": accuracy, "ci95": ci95, "prompts": prompts, "from_position": from_position}

@@ -42,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from fewshot.data.token_ids import IGNORE_INDEX
 from fewshot.errors import ConfigError, DataError
-from fewshot.evaluate.prompting import ARROW, CATEGORY_TASKS, PromptTask, build_prompt, continuation_logprobs, load_task, prefill
+from fewshot.evaluate.prompting import ARROW, CATEGORY_TASKS, PromptTask, build_prompt, check_fits, continuation_logprobs, load_task, prefill
 from fewshot.evaluate.runner import mean_ci95
 from fewshot.models.causal_lm import HFCausalLM, Past, PromptLM
 from fewshot.models.hf_text import require
@@ -215,9 +215,7 @@ def _rank(lm: PromptLM, past: Past | None, prefix: list[int], task: PromptTask, 
 
 def _icl(lm: PromptLM, task: PromptTask, examples: Sequence[tuple[str, str]], queries: Sequence[tuple[str, str]]) -> dict[str, Any]:
     prompt = build_prompt(lm, examples, task.description)
-    longest = len(prompt) + max(len(lm.encode(f"{x}{ARROW}")) for x, _ in queries) + max(len(lm.encode(f" {c}")) for c in task.labels)
-    if longest > lm.context:
-        raise DataError(f"K={len(examples)}: the prompt needs {longest} positions but {lm.name} holds {lm.context}")
+    check_fits(lm, task, prompt, [lm.encode(f"{x}{ARROW}") for x, _ in queries], [lm.encode(f" {c}") for c in task.labels])
     past, adapt_flops = count_flops(prefill, lm, prompt)
     accuracy, flops = _rank(lm, past, [], task, queries)
     text = "".join(f"{x}{ARROW} {y}\n" for x, y in examples)

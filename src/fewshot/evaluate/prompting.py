@@ -50,7 +50,7 @@ from fewshot.evaluate.runner import mean_ci95
 from fewshot.models.causal_lm import SMOLLM2, GPTPromptLM, Past, PromptLM, gguf_path, load_gguf, load_hf_folder
 
 __all__ = [
-    "CATEGORIES", "PromptTask", "TASKS", "anagram_inner", "build_prompt", "continuation_logprobs", "cycle_letters",
+    "CATEGORIES", "PromptTask", "TASKS", "anagram_inner", "build_prompt", "check_fits", "continuation_logprobs", "cycle_letters",
     "evaluate_prompting", "flipped_labels", "greedy_lines", "load_task", "nonce_clashes", "open_prompt_model", "prefill",
     "prompt_table", "random_insertion", "score_draw", "shakespeare_words", "word_lists",
 ]
@@ -276,7 +276,9 @@ def greedy_lines(lm: PromptLM, past: Past | None, contexts: Sequence[list[int]],
     return out
 
 
-def _needed(lm: PromptLM, task: PromptTask, prompt: list[int], queries: list[list[int]], labels: list[list[int]], new_tokens: int) -> None:
+def check_fits(lm: PromptLM, task: PromptTask, prompt: list[int], queries: list[list[int]], labels: list[list[int]], new_tokens: int = 0) -> None:
+    """A one-line DataError, saying by how many positions, unless prompt + the longest query + the longest label
+    (or ``new_tokens`` generated) fits the model's context."""
     longest = len(prompt) + max(len(q) for q in queries) + (max(len(c) for c in labels) if task.kind == "classify" else new_tokens)
     if longest > lm.context:
         raise DataError(
@@ -295,7 +297,7 @@ def score_draw(
     query_ids = [lm.encode(f"{x}{ARROW}") for x, _ in queries]
     label_ids = [lm.encode(f" {c}") for c in task.labels]
     new_tokens = 2 + max(len(lm.encode(f" {y}")) for _, y in task.examples + task.queries) if task.kind == "generate" else 0
-    _needed(lm, task, prompt, query_ids, label_ids or [[]], new_tokens)
+    check_fits(lm, task, prompt, query_ids, label_ids or [[]], new_tokens)
     past = prefill(lm, prompt)
     if task.kind == "classify":
         contexts = [q for q in query_ids for _ in label_ids]

@@ -181,10 +181,7 @@ def error_curves(
 
 def plot_error_curves(error: dict[str, list[dict[str, float]]], dim: int, path: str, title: str = "") -> str:
     """Squared error ÷ d against k with 95% CI bands, one line per learner, written to ``path`` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fewshot.report import plt, save_figure  # matplotlib (Agg) only when a plot is drawn
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, rows in error.items():
@@ -197,8 +194,7 @@ def plot_error_curves(error: dict[str, list[dict[str, float]]], dim: int, path: 
     ax.set(xlabel="in-context examples k", ylabel="squared error / d", ylim=(0, 1.5), title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
