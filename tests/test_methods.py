@@ -48,20 +48,44 @@ def _example(inputs) -> dict[str, torch.Tensor]:
     return dict(PROMPT_EXAMPLE) if tuple(inputs) == PROMPT_LABELS else {key: EXAMPLE[key] for key in inputs}
 
 
+# ClipCap maps a frozen image tower's embedding into a frozen GPT: it needs both as runs, and its mapper is what trains.
+FROZEN_ENCODER = {"clipcap": "mapper"}
+
+
+@pytest.fixture(scope="module")
+def init_runs(tmp_path_factory):
+    """Run overrides for methods built from other runs: a tiny conv4 image run and a tiny gpt run (with its tokenizer)."""
+    from fewshot.data.tokenizer import save_tokenizer, train_tokenizer
+    from fewshot.train.checkpoint import Checkpoint, save_checkpoint
+
+    root = tmp_path_factory.mktemp("init-runs")
+    folders = {}
+    for name, overrides in (("image", ["method=simclr", *TINY]),
+                            ("gpt", ["method=gpt", *SOURCE_FOR["tokens"], "data.seq_len=16"])):
+        config = load_config(overrides=[*overrides, f"name={name}", f"out={root}"])
+        tensors = {f"model.{k}": v for k, v in build_method(config).state_dict().items()}
+        save_checkpoint(config.run_dir / "checkpoints" / "last", Checkpoint(config.model_dump(mode="json"), 1, tensors, {}))
+        save_tokenizer(train_tokenizer("a red circle left of a blue square\n" * 5, 300), config.run_dir)
+        folders[name] = config.run_dir
+    return {"clipcap": ["encoder=conv4", "encoder.options={width: 8}", f"method.image.init={folders['image']}",
+                        f"method.lm.init={folders['gpt']}", "method.prefix_length=2"]}
+
+
 def _batch(n=12):
     g = torch.Generator().manual_seed(0)
     return torch.rand(n, 1, 16, 16, generator=g), torch.arange(n) % 3
 
 
 @pytest.mark.parametrize("name", method_names())
-def test_every_method_trains(name):
+def test_every_method_trains(name, init_runs):
     inputs = METHODS[name].inputs  # the batch is made from what the method declares, with no per-method case
     source = _source(inputs)
-    method = build_method(load_config(overrides=[f"method={name}", *owned(name, TINY), *ENCODER_FOR.get(name, []), *source]))
+    method = build_method(load_config(overrides=[f"method={name}", *owned(name, TINY), *ENCODER_FOR.get(name, []), *source,
+                                                 *init_runs.get(name, [])]))
     loss, logs = method(_example(inputs), torch.Generator().manual_seed(1))
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
-    grads = [p.grad for p in method.encoder.parameters()]
+    grads = [p.grad for p in getattr(method, FROZEN_ENCODER.get(name, "encoder")).parameters()]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
@@ -139,10 +163,11 @@ def test_a_label_free_method_never_receives_the_labels(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", method_names())
-def test_every_method_starts_with_a_savable_state(name):
+def test_every_method_starts_with_a_savable_state(name, init_runs):
     # the trainer refuses to save a non-finite tensor, so an unfilled queue marked with NaN (as nnclr's
     # image keys once were) failed every run too short to fill it
     source = _source(METHODS[name].inputs)
-    method = build_method(load_config(overrides=[f"method={name}", *owned(name, TINY), *ENCODER_FOR.get(name, []), *source]))
+    method = build_method(load_config(overrides=[f"method={name}", *owned(name, TINY), *ENCODER_FOR.get(name, []), *source,
+                                                 *init_runs.get(name, [])]))
     bad = [k for k, v in method.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     assert bad == []

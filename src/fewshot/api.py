@@ -74,10 +74,14 @@ def pretrain(config: RunConfig, resume: bool = False, progress: bool = True) -> 
 def _pretrained_text_tokenizer(config: RunConfig) -> Any:
     """The word pieces of a pre-trained text tower (``method.text.name=all-minilm-l6-v2``): the captions it trains
     on are its own tokens, as zero-shot, retrieval and CLIP scores read them; None for a tower of the run's BPE."""
+    from fewshot.methods import METHODS
     from fewshot.models.hf_text import PRETRAINED, word_pieces
 
     name = getattr(getattr(config.method, "text", None), "name", None)
-    return word_pieces(name) if name in PRETRAINED else None
+    if name in PRETRAINED:
+        return word_pieces(name)
+    own = getattr(METHODS.get(config.method.name), "caption_tokenizer", None)  # ClipCap: its language model's tokenizer
+    return own(config) if own is not None else None
 
 
 def pretrain_to_completion(config: RunConfig, progress: bool = True) -> TrainResult | None:
@@ -246,7 +250,16 @@ def retrieve(path: str | Path, manifest: str | Path) -> dict[str, Any]:
     return retrieve_run(path, manifest)
 
 
+def caption(path: str | Path, n: int = 200, seed: int = 0, decoding: str = "greedy", beams: int = 5, top_p: float = 0.9,
+            heldout: bool = False) -> dict[str, Any]:
+    """``fewshot caption``: a captioning run's captions of ``n`` held-out scenes scored by BLEU-4, ROUGE-L, CIDEr-D, scene
+    F1 and the verifier; see :func:`fewshot.evaluate.captions.caption_run`."""
+    from fewshot.evaluate.captions import caption_run
+
+    return caption_run(path, n, seed, decoding, beams, top_p, heldout=heldout)
+
+
 __all__ = [
     "load_config", "pretrain", "evaluate_run", "open_run", "load_pretrained", "quickstart", "generate", "adapt", "load_adapted",
-    "clip_scores", "filter_pairs", "zeroshot", "retrieve",
+    "clip_scores", "filter_pairs", "zeroshot", "retrieve", "caption",
 ]

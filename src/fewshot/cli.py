@@ -173,6 +173,14 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
     _emit(args, out, retrieval_table(out))
 
 
+def cmd_caption(args: argparse.Namespace) -> None:
+    from fewshot import api
+    from fewshot.evaluate.captions import caption_table
+
+    out = api.caption(args.run, args.n, args.seed, args.decoding, args.beams, args.top_p, args.heldout_pairs)
+    _emit(args, out, caption_table(out))
+
+
 def cmd_icl(args: argparse.Namespace) -> None:
     from fewshot.evaluate.regression import curve_table, evaluate_regression_run
 
@@ -351,6 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("retrieve", cmd_retrieve, "image-text retrieval R@1/5/10 both ways of an image-text run on a manifest")
     p.add_argument("run", help="an image-text run folder (method=clip) or checkpoint file")
     p.add_argument("manifest", help="image-caption manifest (.tsv in open_clip's layout or .jsonl), e.g. from fewshot data scenes")
+
+    p = add("caption", cmd_caption, "caption held-out scenes with a captioning run: BLEU-4, ROUGE-L, CIDEr-D, scene F1, share true")
+    p.add_argument("run", help="a captioning run folder (method=clipcap) or checkpoint file")
+    p.add_argument("--n", type=int, default=200, help="held-out scenes drawn and captioned")
+    p.add_argument("--seed", type=int, default=0, help="seed of the drawn scenes (and of nucleus sampling)")
+    p.add_argument("--decoding", default="greedy", choices=["greedy", "beam", "nucleus"], help="how captions are decoded")
+    p.add_argument("--beams", type=int, default=5, help="beam decoding: the beam width")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus decoding: the probability mass kept")
+    p.add_argument("--heldout-pairs", action="store_true", help="scenes of the run's held-out (shape, colour) pairs (CoGenT)")
 
     add("info", cmd_info, "versions, devices and registered names")
     return parser

