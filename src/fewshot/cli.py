@@ -213,6 +213,18 @@ def cmd_icl_compare(args: argparse.Namespace) -> None:
     _emit(args, out, text)
 
 
+def cmd_icl_cot(args: argparse.Namespace) -> None:
+    from fewshot.evaluate.cot import cot_table, evaluate_cot
+    from fewshot.evaluate.prompting import open_prompt_model
+
+    lm = open_prompt_model(args.model)
+    out = evaluate_cot(lm, args.tasks, args.methods, args.items, args.seed, args.max_new_tokens, args.answer_tokens, args.samples,
+                       args.temperature, args.top_k, args.cot_shots)
+    text = (f"Accuracy (%, mean ± 95% CI over {out['items']} seeded items, seed {out['seed']}) of {out['model']}; "
+            f"[unextractable answers, counted wrong]:\n{cot_table(out)}")
+    _emit(args, out, text)
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
@@ -311,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     icl = sub.add_parser("icl", help="in-context learning: a meta-trained regression run; few-shot prompts of a language model",
                          description="in-context learning: `icl evaluate RUN` (a meta-trained regression run), `icl prompt MODEL` (few-shot prompting), "
-                                     "`icl compare MODEL` (ICL against LoRA, (IA)³ and probes)")
+                                     "`icl compare MODEL` (ICL against LoRA, (IA)³ and probes), `icl cot MODEL` (chain-of-thought prompting)")
     icl_sub = icl.add_subparsers(dest="action", required=True)
 
     def add_icl(name: str, func, help: str) -> argparse.ArgumentParser:
@@ -347,6 +359,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int, default=24, help="queries per draw")
     p.add_argument("--steps", type=int, default=20, help="AdamW steps of LoRA and (IA)³")
     p.add_argument("--seed", type=int, default=0, help="seed of the task split and the draws")
+
+    p = add_icl("cot", cmd_icl_cot, "chain-of-thought prompting on generated reasoning tasks: zero-shot, few-shot, zero-shot CoT, few-shot CoT, self-consistency")
+    p.add_argument("model", help="smollm2, a Hugging Face causal LM folder or a gpt run")
+    p.add_argument("--tasks", nargs="+", default=["word-problems", "last-letters", "coin-flip"], help="word-problems, last-letters, coin-flip, arithmetic")
+    p.add_argument("--methods", nargs="+", default=["zero-shot", "few-shot-2", "few-shot-8", "zero-shot-cot", "few-shot-cot", "self-consistency"],
+                   help="zero-shot, few-shot-K, zero-shot-cot, few-shot-cot, self-consistency")
+    p.add_argument("--items", type=int, default=40, help="seeded test items per task (the CI is over items)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the items, the worked examples and the samples")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="rationale budget (ids generated per rationale)")
+    p.add_argument("--answer-tokens", type=int, default=8, help="ids generated for a direct or extracted answer")
+    p.add_argument("--samples", type=int, default=5, help="self-consistency: k sampled rationales per question")
+    p.add_argument("--temperature", type=float, default=0.7, help="self-consistency: sampling temperature")
+    p.add_argument("--top-k", type=int, default=40, help="self-consistency: sample among the top-k ids")
+    p.add_argument("--cot-shots", type=int, default=8, help="worked examples with rationales (few-shot-cot, self-consistency)")
 
     p = add("zeroshot", cmd_zeroshot, "zero-shot accuracy of an image-text run from class names and prompt templates")
     p.add_argument("run", help="an image-text run folder (method=clip) or checkpoint file")

@@ -82,6 +82,10 @@ class PromptLM:
         prompt, shared by every row; None for none), and the cache extended by ``ids`` (B rows)."""
         raise NotImplementedError
 
+    # Whether ``step`` takes ``attention_mask`` and ``position_ids``, so rows of different lengths can share
+    # one left-padded batch (the padding masked and each row's positions its own, so nothing changes).
+    takes_padding = False
+
     def single_token(self, word: str) -> bool:
         """Whether `` word`` (as it follows a space in a prompt) is one token of the vocabulary."""
         return len(self.encode(" " + word)) == 1
@@ -113,12 +117,18 @@ class HFCausalLM(PromptLM):
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    takes_padding = True
+
     @torch.no_grad()
-    def step(self, ids: torch.Tensor, past: Past | None) -> tuple[torch.Tensor, Past]:
+    def step(
+        self, ids: torch.Tensor, past: Past | None, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Past]:
+        """As :meth:`PromptLM.step`; ``attention_mask`` (B, cached + T; 0 at padding) and ``position_ids`` (B, T)
+        let left-padded rows of different lengths share one batch."""
         from transformers import DynamicCache
 
         cache = DynamicCache(ddp_cache_data=_expand(past, ids.shape[0])) if past is not None else DynamicCache()
-        logits = self.model(input_ids=ids, cache=cache, use_cache=True).logits
+        logits = self.model(input_ids=ids, cache=cache, use_cache=True, attention_mask=attention_mask, position_ids=position_ids).logits
         # The DynamicCache grew in place; the caller's ``past`` tensors were only read.
         return logits.float(), [(layer.keys, layer.values) for layer in cache.layers]
 
