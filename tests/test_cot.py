@@ -85,6 +85,9 @@ TABLE = [
     ('The last letter of "Elon" is "n". Concatenating them is "nk". The answer is "nk".', "letters", "nk"),
     (" 42", "letters", None),
 ]
+# a CoT rationale needs its "answer is": one cut off before it has no answer
+NEEDS_TRIGGER = [("She has 4 + 3 = 7 apples. Then 7 - 2", "number", None), ('"Olivia" ends in "a", "Parker"', "letters", None),
+                 ("It ends heads up. The answer is yes.", "yes-no", "yes")]
 
 
 def _last_number(text, kind):
@@ -97,6 +100,9 @@ def test_the_extractor_on_hand_written_outputs(extractor):
     extract = extract_answer if extractor == "ours" else _last_number
     wrong = [(text, want, extract(text, kind)) for text, kind, want in TABLE if extract(text, kind) != want]
     assert (wrong == []) == (extractor == "ours"), wrong
+    strict = [extract_answer(text, kind, needs_trigger=True) for text, kind, _ in NEEDS_TRIGGER]
+    assert strict == [want for *_, want in NEEDS_TRIGGER]
+    assert extract_answer(NEEDS_TRIGGER[0][0], "number") == "4"  # without the rule: a number from inside the rationale
 
 
 VOTES = [

@@ -81,26 +81,26 @@ def word_problem(rng: np.random.Generator, operations: int | None = None) -> Rea
         if start == "has":
             value = int(rng.integers(3, 21))
             sentences.append(f"{name} has {value} {things}.")
-            steps.append(f"{name} starts with {value} {things}.")
+            steps.append(f"{name} starts with {value}.")
         else:
             bags, each = int(rng.integers(2, 7)), int(rng.integers(2, 10))
             value = bags * each
             sentences.append(f"{name} has {bags} bags with {each} {things} in each bag.")
-            steps.append(f"{name} has {bags} bags of {each}, so {bags} * {each} = {value} {things}.")
+            steps.append(f"{bags} bags of {each}: {bags} * {each} = {value}.")
         for _ in range(changes):
             if value < 3 or rng.random() < 0.5:
                 b = int(rng.integers(2, 16))
                 verb = int(rng.integers(3))
                 sentences.append((f"{name} buys {b} more {things}.", f"{friend} gives {name} {b} more {things}.",
                                   f"{name} finds {b} more {things}.")[verb])
-                steps.append(f"{name} gets {b} more, so {value} + {b} = {value + b}.")
+                steps.append(f"{b} more: {value} + {b} = {value + b}.")
                 value += b
             else:
                 b = int(rng.integers(1, value))
                 verb = int(rng.integers(3))
                 sentences.append((f"{name} gives {b} {things} to {friend}.", f"{name} loses {b} {things}.",
                                   f"{name} sells {b} {things}.")[verb])
-                steps.append(f"{name} has {b} fewer, so {value} - {b} = {value - b}.")
+                steps.append(f"{b} fewer: {value} - {b} = {value - b}.")
                 value -= b
         if end == "now":
             sentences.append(f"How many {things} does {name} have now?")
@@ -111,10 +111,10 @@ def word_problem(rng: np.random.Generator, operations: int | None = None) -> Rea
         c = int(rng.choice(divisors))
         if end == "share":
             sentences.append(f"{name} shares them equally among {c} friends. How many {things} does each friend get?")
-            steps.append(f"Shared among {c} friends, each gets {value} / {c} = {value // c}.")
+            steps.append(f"Shared by {c}: {value} / {c} = {value // c}.")
         else:
             sentences.append(f"{name} packs them into boxes of {c}. How many boxes does {name} fill?")
-            steps.append(f"In boxes of {c}, that is {value} / {c} = {value // c} boxes.")
+            steps.append(f"Boxes of {c}: {value} / {c} = {value // c}.")
         return ReasoningItem("word-problems", " ".join(sentences), " ".join(steps), str(value // c))
     raise RuntimeError("no whole division found in 100 draws")  # unreachable: "now" ends always succeed
 
@@ -153,8 +153,8 @@ def last_letters(rng: np.random.Generator, words: int = 4) -> ReasoningItem:
         raise ConfigError(f"last-letter concatenation needs ≥ 1 word, got {words}")
     names = [str(rng.choice(FIRST_NAMES if i % 2 == 0 else LAST_NAMES)) for i in range(words)]
     answer = "".join(n[-1] for n in names)
-    steps = [f'The last letter of "{n}" is "{n[-1]}".' for n in names]
-    steps.append(f'Concatenating them is "{answer}".')
+    ends = [f'"{names[0]}" ends in "{names[0][-1]}"'] + [f'"{n}" in "{n[-1]}"' for n in names[1:]]
+    steps = [", ".join(ends) + ".", f'Together: "{answer}".']
     question = f'Take the last letters of each word in "{" ".join(names)}" and concatenate them.'
     return ReasoningItem("last-letters", question, " ".join(steps), answer)
 
@@ -176,11 +176,11 @@ def coin_flip(rng: np.random.Generator, people: int = 4) -> ReasoningItem:
         if rng.random() < 0.5:
             heads = not heads
             sentences.append(f"{name} flips the coin.")
-            steps.append(f"{name} flips the coin, so it is {'heads' if heads else 'tails'} up.")
+            steps.append(f"{name} flips it: {'heads' if heads else 'tails'}.")
         else:
             sentences.append(f"{name} does not flip the coin.")
-            steps.append(f"{name} does not flip the coin, so it stays {'heads' if heads else 'tails'} up.")
-    steps.append(f"So the coin is {'still' if heads else 'no longer'} heads up.")
+            steps.append(f"{name} does not: {'heads' if heads else 'tails'}.")
+    steps.append(f"It ends {'heads' if heads else 'tails'} up.")
     sentences.append('Is the coin still heads up? Note that "flip" here means "reverse".')
     return ReasoningItem("coin-flip", " ".join(sentences), " ".join(steps), "yes" if heads else "no")
 

@@ -13,7 +13,8 @@ blank line:
                           answer (arabic numerals) is`` continued greedily (stage 2): the second prompt holds the
                           rationale the model generated, never the gold one;
     ``few-shot-cot``      Wei et al. 2022: the examples carry their gold rationales, ``A: <rationale> The answer
-                          is <a>.``; the query's continuation is a rationale that ends with the answer;
+                          is <a>.``; the query's continuation is a rationale that ends with the answer (one
+                          without "The answer is", e.g. cut off by the budget, has none);
     ``self-consistency``  Wang et al. 2023: the few-shot-CoT prompt, k rationales sampled at a temperature
                           (top-k), the answer extracted from each, then a majority vote (:func:`majority_vote`).
 
@@ -65,10 +66,11 @@ _LETTERS = re.compile(r"[A-Za-z]+")
 # ----------------------------------------------------------------------------- answers
 
 
-def extract_answer(text: str, kind: str) -> str | None:
+def extract_answer(text: str, kind: str, needs_trigger: bool = False) -> str | None:
     """The answer in a model's output, or None when there is none.
 
-    The text after the last "answer is" (if the output has one: a few-shot-CoT rationale ends that way),
+    The text after the last "answer is" (if the output has one: a few-shot-CoT rationale ends that way;
+    with ``needs_trigger`` an output without one has no answer, as a rationale cut off by its budget),
     else the whole text, is searched for the first: number (commas dropped, "7.0" → "7"), for ``number``;
     yes / no (case-folded), for ``yes-no``; quoted string (spaces removed), else word, lower-cased, for
     ``letters``. Kojima et al. take the first such match of the answer-extraction output the same way.
@@ -78,6 +80,8 @@ def extract_answer(text: str, kind: str) -> str | None:
     cut = text.lower().rfind("answer is")
     if cut >= 0:
         text = text[cut + len("answer is") :]
+    elif needs_trigger:
+        return None
     if kind == "number":
         m = _NUMBER.search(text)
         if m is None:
@@ -285,14 +289,14 @@ def run_method(
         queries = [lm.encode(question_text(it, "")) for it in items]
         _check_fits(lm, task, method, prefix, max(map(len, queries)), max_new_tokens)
         outputs = generate_continuations(lm, past, queries, max_new_tokens, RATIONALE_STOPS, **kw)
-        predictions = [extract_answer(o, kind) for o in outputs]
+        predictions = [extract_answer(o, kind, needs_trigger=True) for o in outputs]
         record = [{"output": o} for o in outputs]
     else:  # self-consistency: k samples per item, item-major
         queries = [lm.encode(question_text(it, "")) for it in items]
         _check_fits(lm, task, method, prefix, max(map(len, queries)), max_new_tokens)
         repeated = [q for q in queries for _ in range(samples)]
         outputs = generate_continuations(lm, past, repeated, max_new_tokens, RATIONALE_STOPS, temperature, top_k, generator, **kw)
-        votes = [[extract_answer(o, kind) for o in outputs[i * samples : (i + 1) * samples]] for i in range(len(items))]
+        votes = [[extract_answer(o, kind, needs_trigger=True) for o in outputs[i * samples : (i + 1) * samples]] for i in range(len(items))]
         predictions = [majority_vote(v) for v in votes]
         record = [{"samples": outputs[i * samples : (i + 1) * samples], "votes": v} for i, v in enumerate(votes)]
 
