@@ -127,3 +127,20 @@ def test_the_lit_grid_cells_are_the_towers_they_are_named_after(tmp_path):
     assert (simclr.encoder, simclr.data.channels, simclr.data.image_size) == (clip.encoder, 3, clip.data.image_size)
     options = simclr.views.options
     assert simclr.views.name == "simclr" and options["jitter_prob"] == options["grayscale_prob"] == 0
+
+
+def test_the_cot_bench_calls_a_row_better_only_beyond_both_cis():
+    cot = load_bench("cot")
+
+    def cell(acc, ci):
+        return {"accuracy": acc, "ci95": ci}
+
+    methods = {"zero-shot": cell(0.2, 0.1), "few-shot-2": cell(0.3, 0.1), "few-shot-8": cell(0.3, 0.1),
+               "zero-shot-cot": cell(0.45, 0.1), "few-shot-cot": cell(0.55, 0.1), "self-consistency": cell(0.5, 0.1)}
+    got = cot.verdicts({"tasks": {"t": {"methods": methods}}})["t"]
+    # 0.45 − 0.1 > 0.2 + 0.1; 0.55 − 0.1 = 0.45 > 0.3 + 0.1; the best CoT row (few-shot-cot) against the best direct one
+    assert got == {"zero_shot_cot_beats_zero_shot": True, "few_shot_cot_beats_few_shot_8": True, "cot_helps": True, "cot_hurts": False}
+    methods["few-shot-cot"] = cell(0.48, 0.1)  # 0.38 < 0.40: overlapping CIs are no verdict
+    methods["self-consistency"] = cell(0.48, 0.1)
+    got = cot.verdicts({"tasks": {"t": {"methods": methods}}})["t"]
+    assert got["few_shot_cot_beats_few_shot_8"] is False and got["cot_helps"] is False and got["cot_hurts"] is False
