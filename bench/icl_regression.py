@@ -51,7 +51,7 @@ def recipe(args: argparse.Namespace, name: str, noise: float, steps: int | None 
     overrides = [
         f"out={args.out}", f"name={name}", f"data.noise={noise}", f"data.dim={args.dim}", f"data.points={args.points}",
         f"method.width={args.width}", f"method.depth={args.depth}", f"method.heads={args.heads}", f"train.batch_size={args.batch}",
-        f"method.slot_embedding={str(args.slot_embedding).lower()}",
+        f"method.slot_embedding={str(args.slot_embedding).lower()}", f"method.tokens={args.tokens}",
         f"train.lr={args.lr}", f"train.seed={args.seed}", f"data.curriculum_dims={args.curriculum_dims}",
         f"data.curriculum_points={args.curriculum_points}", f"data.curriculum_every={args.curriculum_every}",
     ]
@@ -99,9 +99,12 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=5)
     parser.add_argument("--points", type=int, default=11, help="pairs per prompt: k = 0 … points − 1")
     parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--slot-embedding", action=argparse.BooleanOptionalAction, default=True, help="x-slot / y-slot embedding (not in Garg et al.)")
+    parser.add_argument("--tokens", choices=["paired", "interleaved"], default="paired",
+                        help="paired: one token (x_i, y_{i-1}) per pair; interleaved: Garg et al.'s x, y, x, y, … tokens")
+    parser.add_argument("--slot-embedding", action=argparse.BooleanOptionalAction, default=False,
+                        help="x-slot / y-slot embedding for interleaved tokens (not in Garg et al.)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)

@@ -28,7 +28,7 @@ from fewshot.evaluate.regression import (
     ridge,
 )
 from fewshot.methods import build_method
-from fewshot.methods.in_context import InterleavedRegressor, LinearSelfAttention
+from fewshot.methods.in_context import InterleavedRegressor, LinearSelfAttention, pair_tokens
 
 REGRESSION = ["data.source=linear-regression", "method=icl-regression"]
 
@@ -210,8 +210,9 @@ def _leaks(model: torch.nn.Module, i: int = 3) -> bool:
 @pytest.mark.parametrize("make", [
     lambda causal: InterleavedRegressor(4, 6, "transformer", width=16, depth=2, heads=2, causal=causal),
     lambda causal: InterleavedRegressor(4, 6, "transformer", width=16, depth=2, heads=2, causal=causal, slot_embedding=True),
+    lambda causal: InterleavedRegressor(4, 6, "transformer", width=16, depth=2, heads=2, causal=causal, tokens="paired"),
     lambda causal: LinearSelfAttention(4, causal=causal),
-], ids=["transformer", "transformer-with-slots", "linear-attention"])
+], ids=["transformer", "transformer-with-slots", "transformer-paired", "linear-attention"])
 def test_a_prediction_never_sees_its_own_target_and_a_leaking_variant_does(make):
     assert not _leaks(make(True))
     torch.manual_seed(1)
@@ -222,8 +223,17 @@ def test_a_prediction_never_sees_its_own_target_and_a_leaking_variant_does(make)
     assert not torch.equal(a[:, 3], b[:, 3])  # negative control: without the mask, y_i reaches ŷ_i
 
 
-def test_the_lstm_never_sees_its_own_target():
-    assert not _leaks(InterleavedRegressor(4, 6, "lstm", width=8, depth=1))
+@pytest.mark.parametrize("tokens", ["interleaved", "paired"])
+def test_the_lstm_never_sees_its_own_target(tokens):
+    assert not _leaks(InterleavedRegressor(4, 6, "lstm", width=8, depth=1, tokens=tokens))
+
+
+def test_paired_tokens_hold_each_input_beside_the_previous_label():
+    xs, ys = torch.randn(2, 3, 4), torch.randn(2, 3)
+    tokens = pair_tokens(xs, ys)
+    for i in range(3):  # loop transcription of (x_i, y_{i−1}, [i = 1])
+        previous = ys[:, i - 1] if i else torch.zeros(2)
+        torch.testing.assert_close(tokens[:, i], torch.cat([xs[:, i], previous[:, None], torch.full((2, 1), float(i == 0))], dim=1))
 
 
 # --------------------------------------------------------------------------- the method and its recipe
@@ -237,8 +247,12 @@ def test_the_method_refuses_other_data_foreign_sizes_and_an_empty_loss():
         build_method(load_config(overrides=[*REGRESSION, "method.backbone=lstm", "method.heads=2"]))
     with pytest.raises(ConfigError, match="leave encoder.* at its defaults"):
         build_method(load_config(overrides=[*REGRESSION, "encoder=vit-tiny"]))
-    with pytest.raises(ConfigError, match="slot_embedding is a transformer option"):
+    with pytest.raises(ConfigError, match="slot_embedding is an option of interleaved transformer tokens"):
         build_method(load_config(overrides=[*REGRESSION, "method.backbone=lstm", "method.slot_embedding=true"]))
+    with pytest.raises(ConfigError, match="slot_embedding is an option of interleaved transformer tokens"):
+        build_method(load_config(overrides=[*REGRESSION, "method.tokens=paired", "method.slot_embedding=true"]))
+    with pytest.raises(ConfigError, match="method.tokens is not an option of backbone=linear-attention"):
+        build_method(load_config(overrides=[*REGRESSION, "method.backbone=linear-attention", "method.tokens=paired"]))
     with pytest.raises(ConfigError, match="min_context=11 leaves no position"):
         build_method(load_config(overrides=[*REGRESSION, "method.min_context=11"]))
 

@@ -209,6 +209,32 @@ def test_scramble_tasks_read_tinyshakespeare_words(tmp_path):
     assert {y for _, y in task.examples + task.queries} == {"through", "yonder", "window", "breaks", "wherefore", "gentle", "kingdom", "thousand"}
 
 
+def test_scramble_multiple_choice_ranks_the_querys_own_candidates(tmp_path, gpt_lm):
+    text = tmp_path / "play.txt"
+    text.write_text("But soft, what light through yonder window breaks? Wherefore gentle kingdom thousand Seldom golden\n" * 3)
+    task = load_task("reversed-words", text_path=text, choices=3)
+    assert task.kind == "choice" and len(task.candidates) == len(task.queries)
+    for (_, word), row in zip(task.queries, task.candidates):
+        assert word in row and len(set(row)) == len(row) and {len(w) for w in row} == {len(word)}
+    # A loop transcription: each candidate's summed log-likelihood scored from scratch.
+    got = score_draw(gpt_lm, task, task.examples[:2], task.queries, candidates=task.candidates)
+    prompt = build_prompt(gpt_lm, task.examples[:2], task.description)
+    right = 0
+    for (x, y), row in zip(task.queries, task.candidates):
+        q = gpt_lm.encode(f"{x} ->")
+        scores = []
+        for c in row:
+            lab = gpt_lm.encode(f" {c}")
+            logp = torch.log_softmax(gpt_lm.model(torch.tensor([prompt + q + lab]))[0].double(), -1)
+            scores.append(sum(logp[len(prompt) + len(q) + t - 1, lab[t]].item() for t in range(len(lab))))
+        right += row[int(np.argmax(scores))] == y
+    assert got["accuracy"] == pytest.approx(right / len(task.queries))
+    out = evaluate_prompting(gpt_lm, ["reversed-words"], shots=[0, 1], draws=1, queries=2, text_path=text, choices=3)
+    assert out["tasks"]["reversed-words"]["chance"] == pytest.approx(np.mean([1 / len(row) for row in task.candidates]))
+    with pytest.raises(ConfigError, match="choices"):
+        load_task("reversed-words", text_path=text, choices=1)
+
+
 def test_evaluate_prompting_shapes_and_seeds(gpt_lm):
     a = evaluate_prompting(gpt_lm, ["categories", "categories-flipped"], shots=[0, 2], draws=2, queries=6, seed=1)
     b = evaluate_prompting(gpt_lm, ["categories", "categories-flipped"], shots=[0, 2], draws=2, queries=6, seed=1)

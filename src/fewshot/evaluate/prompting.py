@@ -9,7 +9,11 @@ Scoring:
     rank classification  ŷ = argmax_c Σ_t log p(c_t | prompt, query ->, c_<t) over every candidate
                          label c (the label's summed log-likelihood, :func:`continuation_logprobs`);
     generation           greedy decoding up to the first newline; correct iff the line, stripped,
-                         equals the target (exact match, :func:`greedy_lines`).
+                         equals the target (exact match, :func:`greedy_lines`);
+    multiple choice      (the scrambles with ``choices`` = m ≥ 2) rank classification among the query's
+                         own m candidates: the target and m − 1 other vocabulary words of its length
+                         (seeded per query), so that a model which cannot spell the word out can still
+                         show whether the examples taught it the relation; chance 1/m.
 The K examples' keys and values are computed once per draw and shared by every query.
 
 Tasks (:data:`TASKS`), all offline:
@@ -52,7 +56,7 @@ from fewshot.models.causal_lm import SMOLLM2, GPTPromptLM, Past, PromptLM, gguf_
 __all__ = [
     "CATEGORIES", "PromptTask", "TASKS", "anagram_inner", "build_prompt", "check_fits", "continuation_logprobs", "cycle_letters",
     "evaluate_prompting", "flipped_labels", "greedy_lines", "load_task", "nonce_clashes", "open_prompt_model", "prefill",
-    "prompt_table", "random_insertion", "score_draw", "shakespeare_words", "word_lists",
+    "prompt_table", "random_insertion", "score_draw", "shakespeare_words", "word_choices", "word_lists",
 ]
 
 CATEGORIES = ("animal", "fruit", "colour", "vehicle", "clothing", "country")
@@ -64,8 +68,9 @@ ARROW = " ->"
 class PromptTask:
     """A prompting task: the example pool, the disjoint query pool and how answers are scored.
 
-    ``kind`` is "classify" (rank the ``labels``) or "generate" (greedy, exact match). ``prior``
-    (flipped labels only) is each query's real label.
+    ``kind`` is "classify" (rank the ``labels``), "generate" (greedy, exact match) or "choice" (rank
+    each query's own ``candidates``, aligned with ``queries``). ``prior`` (flipped labels only) is each
+    query's real label.
     """
 
     name: str
@@ -76,6 +81,7 @@ class PromptTask:
     labels: list[str]
     prior: list[str] | None = None
     warnings: tuple[str, ...] = ()
+    candidates: list[list[str]] | None = None
 
 
 # ----------------------------------------------------------------------------- word lists and tasks
@@ -149,9 +155,21 @@ def _split(pairs: list[Any], rng: np.random.Generator, cap: int) -> tuple[list[A
     return [pairs[int(i)] for i in order[:half][:cap]], [pairs[int(i)] for i in order[half:][:cap]]
 
 
-def load_task(name: str, seed: int = 0, lm: PromptLM | None = None, text_path: str | Path | None = None, cap: int = 500) -> PromptTask:
+def word_choices(word: str, vocabulary: Sequence[str], m: int, rng: np.random.Generator) -> list[str]:
+    """``word`` and ``m`` − 1 other words of ``vocabulary`` of its length (fewer when there are fewer), in a random order."""
+    others = [w for w in vocabulary if len(w) == len(word) and w != word]
+    picked = [others[int(i)] for i in rng.choice(len(others), min(m - 1, len(others)), replace=False)] if others else []
+    return [str(w) for w in rng.permutation([word, *picked])]
+
+
+def load_task(
+    name: str, seed: int = 0, lm: PromptLM | None = None, text_path: str | Path | None = None, cap: int = 500, choices: int = 0,
+) -> PromptTask:
     """Task ``name`` (one of :data:`TASKS`), its pools split with ``seed``; ``lm`` is asked which nonce
-    labels are single tokens of its vocabulary (a warning)."""
+    labels are single tokens of its vocabulary (a warning). ``choices`` = m ≥ 2 scores a scramble as
+    multiple choice among m words (kind "choice"); 0 keeps greedy generation."""
+    if choices == 1 or choices < 0:
+        raise ConfigError(f"choices must be 0 (generate the word) or ≥ 2 (multiple choice), got {choices}")
     rng = np.random.default_rng([seed, TASKS.index(name) if name in TASKS else 0])
     if name in CATEGORY_TASKS:
         lists = word_lists()
@@ -182,7 +200,10 @@ def load_task(name: str, seed: int = 0, lm: PromptLM | None = None, text_path: s
         words = shakespeare_words(resolve_data_path(text_path, SHAKESPEARE).read_text(encoding="utf-8"))
         pairs = [(scramble(w, rng), w) for w in words]
         examples, queries = _split(pairs, rng, cap)
-        return PromptTask(name, "generate", description, examples, queries, [])
+        if not choices:
+            return PromptTask(name, "generate", description, examples, queries, [])
+        candidates = [word_choices(w, words, choices, rng) for _, w in queries]
+        return PromptTask(name, "choice", description, examples, queries, [], candidates=candidates)
     raise ConfigError(f"unknown prompting task {name!r}; choose from {', '.join(TASKS)}")
 
 
@@ -279,7 +300,7 @@ def greedy_lines(lm: PromptLM, past: Past | None, contexts: Sequence[list[int]],
 def check_fits(lm: PromptLM, task: PromptTask, prompt: list[int], queries: list[list[int]], labels: list[list[int]], new_tokens: int = 0) -> None:
     """A one-line DataError, saying by how many positions, unless prompt + the longest query + the longest label
     (or ``new_tokens`` generated) fits the model's context."""
-    longest = len(prompt) + max(len(q) for q in queries) + (max(len(c) for c in labels) if task.kind == "classify" else new_tokens)
+    longest = len(prompt) + max(len(q) for q in queries) + (new_tokens if task.kind == "generate" else max(len(c) for c in labels))
     if longest > lm.context:
         raise DataError(
             f"the {task.name} prompt needs {longest} positions but {lm.name} holds {lm.context}: "
@@ -289,13 +310,19 @@ def check_fits(lm: PromptLM, task: PromptTask, prompt: list[int], queries: list[
 
 def score_draw(
     lm: PromptLM, task: PromptTask, examples: Sequence[tuple[str, str]], queries: Sequence[tuple[str, str]],
-    describe: bool = True, prior: Sequence[str] | None = None,
+    describe: bool = True, prior: Sequence[str] | None = None, candidates: Sequence[Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Accuracy of ``lm`` on ``queries`` with ``examples`` in the prompt (and the prior accuracy
-    against ``prior`` labels, when given); the prompt's cache is computed once."""
+    against ``prior`` labels, when given); the prompt's cache is computed once. A "choice" task needs
+    each query's ``candidates``."""
     prompt = build_prompt(lm, examples, task.description if describe else None)
     query_ids = [lm.encode(f"{x}{ARROW}") for x, _ in queries]
-    label_ids = [lm.encode(f" {c}") for c in task.labels]
+    if task.kind == "choice":
+        if candidates is None or len(candidates) != len(queries):
+            raise ValueError("a multiple-choice task needs one candidate list per query")
+        label_ids = [lm.encode(f" {c}") for row in candidates for c in row]
+    else:
+        label_ids = [lm.encode(f" {c}") for c in task.labels]
     new_tokens = 2 + max(len(lm.encode(f" {y}")) for _, y in task.examples + task.queries) if task.kind == "generate" else 0
     check_fits(lm, task, prompt, query_ids, label_ids or [[]], new_tokens)
     past = prefill(lm, prompt)
@@ -303,6 +330,13 @@ def score_draw(
         contexts = [q for q in query_ids for _ in label_ids]
         scores = continuation_logprobs(lm, past, contexts, label_ids * len(query_ids)).view(len(queries), len(label_ids))
         answers = [task.labels[int(i)] for i in scores.argmax(dim=1)]
+    elif task.kind == "choice":
+        contexts = [q for q, row in zip(query_ids, candidates) for _ in row]
+        scores = continuation_logprobs(lm, past, contexts, label_ids)
+        answers, start = [], 0
+        for row in candidates:
+            answers.append(row[int(scores[start : start + len(row)].argmax())])
+            start += len(row)
     else:
         answers = [line.strip() for line in greedy_lines(lm, past, query_ids, new_tokens)]
     out = {"accuracy": float(np.mean([a == y for a, (_, y) in zip(answers, queries)])), "prompt_tokens": len(prompt)}
@@ -314,14 +348,15 @@ def score_draw(
 def evaluate_prompting(
     lm: PromptLM, tasks: Sequence[str], shots: Sequence[int] = (0, 1, 2, 4, 8), draws: int = 5, queries: int = 20,
     seed: int = 0, describe: bool = True, text_path: str | Path | None = None, log: Callable[[str], None] | None = None,
+    choices: int = 0,
 ) -> dict[str, Any]:
     """Accuracy ± 95% CI over ``draws`` seeded draws of the examples (and their order) and the queries,
-    for each task and each K in ``shots``."""
+    for each task and each K in ``shots``; ``choices`` ≥ 2 scores the scrambles as multiple choice."""
     if draws < 1 or queries < 1:
         raise ConfigError(f"draws and queries must be ≥ 1, got {draws} and {queries}")
     if any(k < 0 for k in shots):
         raise ConfigError(f"shots must be ≥ 0, got {list(shots)}")
-    loaded = [load_task(name, seed, lm, text_path) for name in tasks]  # unknown names fail before any scoring
+    loaded = [load_task(name, seed, lm, text_path, choices=choices) for name in tasks]  # unknown names fail before any scoring
     results: dict[str, Any] = {}
     for task in loaded:
         if max(shots) > len(task.examples):
@@ -335,13 +370,18 @@ def evaluate_prompting(
             order = np.random.default_rng([seed, d, 1]).permutation(len(task.examples))
             drawn = [task.queries[int(i)] for i in q_idx]
             prior = [task.prior[int(i)] for i in q_idx] if task.prior else None
+            options = [task.candidates[int(i)] for i in q_idx] if task.candidates else None
             for k in shots:
-                got = score_draw(lm, task, [task.examples[int(i)] for i in order[:k]], drawn, describe, prior)
+                got = score_draw(lm, task, [task.examples[int(i)] for i in order[:k]], drawn, describe, prior, options)
                 per_k[k]["accuracy"].append(got["accuracy"])
                 if "prior" in got:
                     per_k[k]["prior"].append(got["prior"])
                 tokens[k] = max(tokens.get(k, 0), got["prompt_tokens"])
-        row: dict[str, Any] = {"kind": task.kind, "chance": 1 / len(task.labels) if task.labels else 0.0, "warnings": list(task.warnings), "by_k": {}}
+        if task.candidates:  # a word with few others of its length has fewer candidates
+            chance = float(np.mean([1 / len(c) for c in task.candidates]))
+        else:
+            chance = 1 / len(task.labels) if task.labels else 0.0
+        row: dict[str, Any] = {"kind": task.kind, "chance": chance, "warnings": list(task.warnings), "by_k": {}}
         for k in shots:
             mean, ci = mean_ci95(per_k[k]["accuracy"])
             cell = {"accuracy": mean, "ci95": ci, "draws": per_k[k]["accuracy"], "prompt_tokens": tokens[k]}

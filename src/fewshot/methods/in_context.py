@@ -10,6 +10,10 @@ it only. Three backbones, ``method.backbone``:
   mask, a linear read-out of the state at each x_i. ``method.slot_embedding`` adds a learned x-slot /
   y-slot embedding to each token (not in Garg et al.: with the shared read-in a y token (y, 0, …, 0)
   differs from an x token only by its position; the CPU recipe needs it to leave the loss plateau).
+  ``method.tokens: paired`` writes one token per pair instead: token i = (x_i, y_{i−1}, [i = 1]) (the
+  label of the previous example beside the current input, as in Santoro et al. 2016 and Kirsch et
+  al.'s GPICL), so the prompt is half as long and the state at token i predicts y_i from x_i and the
+  pairs before it.
 * ``lstm`` — the same read-in and read-out around an LSTM, whose hidden size is all the state it
   carries from one pair to the next (Kirsch et al. 2022); a learned x-slot / y-slot embedding tells
   the two kinds of token apart, since an LSTM has no positions.
@@ -55,6 +59,15 @@ def interleave(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
     return torch.stack([xs, wide], dim=2).flatten(1, 2)
 
 
+def pair_tokens(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """(x_i, y_{i−1}, [i = 1]) for i = 1 … n: xs (B, n, d) and ys (B, n) → (B, n, d + 2); y₀ = 0 and the
+    flag marks the first token, whose "previous label" is no label."""
+    previous = torch.cat([torch.zeros_like(ys[:, :1]), ys[:, :-1]], dim=1)
+    first = torch.zeros_like(ys)
+    first[:, 0] = 1.0
+    return torch.cat([xs, previous.unsqueeze(-1), first.unsqueeze(-1)], dim=-1)
+
+
 def _check_prompt(xs: torch.Tensor, ys: torch.Tensor, dim: int) -> None:
     if xs.ndim != 3 or ys.shape != xs.shape[:2] or xs.shape[2] != dim:
         raise ValueError(f"expected xs (B, n, {dim}) and ys (B, n), got {tuple(xs.shape)} and {tuple(ys.shape)}")
@@ -64,22 +77,27 @@ class InterleavedRegressor(nn.Module):
     """Read-in → causal backbone over x₁, y₁, …, x_n, y_n → read-out at the x tokens: (B, n) predictions.
 
     ``backbone``: transformer (learned positions for ``points`` pairs + the token trunk, causal unless
-    ``causal=False``, which exists to show what a leak looks like) or lstm."""
+    ``causal=False``, which exists to show what a leak looks like) or lstm. ``tokens="paired"``: one
+    token (x_i, y_{i−1}, [i = 1]) per pair (:func:`pair_tokens`) and the read-out at every token."""
 
     def __init__(
         self, dim: int, points: int, backbone: str, width: int, depth: int, heads: int | None = None, causal: bool = True,
-        slot_embedding: bool = False,
+        slot_embedding: bool = False, tokens: str = "interleaved",
     ) -> None:
         super().__init__()
-        self.dim, self.points, self.backbone = dim, points, backbone
-        self.read_in = nn.Linear(dim, width)
+        if tokens not in ("interleaved", "paired"):
+            raise ValueError(f"unknown token layout '{tokens}'; choose interleaved or paired")
+        self.dim, self.points, self.backbone, self.tokens = dim, points, backbone, tokens
+        paired = tokens == "paired"
+        self.read_in = nn.Linear(dim + 2 if paired else dim, width)
         if backbone == "transformer":
-            self.pos_emb = nn.Parameter(torch.zeros(1, 2 * points, width))
+            self.pos_emb = nn.Parameter(torch.zeros(1, points if paired else 2 * points, width))
             self.trunk = TokenTrunk(width, depth, heads or 1, causal=causal)
             if slot_embedding:
                 self.slot_emb = nn.Parameter(torch.zeros(2, width))
         elif backbone == "lstm":
-            self.slot_emb = nn.Parameter(torch.zeros(2, width))
+            if not paired:  # an x token and a y token (y, 0, …, 0) differ by nothing else without positions
+                self.slot_emb = nn.Parameter(torch.zeros(2, width))
             self.lstm = nn.LSTM(width, width, num_layers=depth, batch_first=True)
         else:
             raise ValueError(f"unknown interleaved backbone '{backbone}'; choose transformer or lstm")
@@ -96,14 +114,16 @@ class InterleavedRegressor(nn.Module):
         n = xs.shape[1]
         if n > self.points:
             raise ValueError(f"a prompt of {n} pairs is {n - self.points} longer than the model's {self.points}")
-        h = self.read_in(interleave(xs, ys))  # (B, 2n, width)
+        paired = self.tokens == "paired"
+        h = self.read_in(pair_tokens(xs, ys) if paired else interleave(xs, ys))  # (B, n or 2n, width)
         if hasattr(self, "slot_emb"):
             h = h + self.slot_emb.repeat(n, 1)  # x, y, x, y, …
         if self.backbone == "transformer":
-            h = self.trunk(h + self.pos_emb[:, : 2 * n])
+            h = self.trunk(h + self.pos_emb[:, : h.shape[1]])
         else:
             h, _ = self.lstm(h)
-        return self.read_out(h[:, 0::2]).squeeze(-1)  # the state at x_i, which has seen x_i and the pairs before
+        # the state at x_i, which has seen x_i and the pairs before it
+        return self.read_out(h if paired else h[:, 0::2]).squeeze(-1)
 
 
 class LinearSelfAttention(nn.Module):
@@ -138,7 +158,9 @@ def prompt_model(method: ICLRegressionConfig, data: RegressionDataConfig, causal
     sizes = backbone_sizes(method)
     if method.backbone == "linear-attention":
         return LinearSelfAttention(data.dim, causal)
-    return InterleavedRegressor(data.dim, data.points, method.backbone, causal=causal, slot_embedding=method.slot_embedding, **sizes)
+    return InterleavedRegressor(
+        data.dim, data.points, method.backbone, causal=causal, slot_embedding=method.slot_embedding, tokens=method.tokens, **sizes
+    )
 
 
 def backbone_sizes(method: ICLRegressionConfig) -> dict[str, int]:
@@ -170,6 +192,10 @@ class ICLRegressionConfig(MethodConfig):
         False, description="transformer: add a learned x-slot / y-slot embedding to each token (not in Garg et al., whose y token "
         "(y, 0, …, 0) differs from an x token only by its position; the LSTM always has one)"
     )
+    tokens: Literal["interleaved", "paired"] = Field(
+        "interleaved", description="interleaved: x₁, (y₁, 0, …, 0), x₂, … (Garg et al.); paired: one token (x_i, y_{i−1}, [i = 1]) per pair "
+        "(Santoro et al. 2016, Kirsch et al. 2022), half as many positions"
+    )
     min_context: int = Field(
         0, ge=0, description="positions with fewer in-context examples are left out of the loss: 0 = every position (Garg et al.); "
         "data.points − 1 = the last query only (von Oswald et al.)"
@@ -193,8 +219,13 @@ class ICLRegression(Method):
                 f"method '{config.method.name}' builds its prompt model from method.backbone / width / depth / heads; "
                 f"leave encoder.* at its defaults (got encoder.name={config.encoder.name}, options={config.encoder.options})"
             )
-        if config.method.slot_embedding and config.method.backbone != "transformer":
-            raise ConfigError(f"method.slot_embedding is a transformer option (method.backbone={config.method.backbone}); remove it")
+        if config.method.slot_embedding and (config.method.backbone != "transformer" or config.method.tokens != "interleaved"):
+            raise ConfigError(
+                f"method.slot_embedding is an option of interleaved transformer tokens (method.backbone={config.method.backbone}, "
+                f"method.tokens={config.method.tokens}); remove it"
+            )
+        if config.method.tokens == "paired" and config.method.backbone == "linear-attention":
+            raise ConfigError("method.tokens is not an option of backbone=linear-attention (its tokens are (x_j, y_j) already); remove it")
         return prompt_model(config.method, config.data)
 
     def __init__(self, config: RunConfig) -> None:
@@ -220,4 +251,4 @@ class ICLRegression(Method):
         self.step.fill_(step + 1)
 
 
-__all__ = ["ICLRegression", "ICLRegressionConfig", "InterleavedRegressor", "LinearSelfAttention", "interleave", "prompt_model"]
+__all__ = ["ICLRegression", "ICLRegressionConfig", "InterleavedRegressor", "LinearSelfAttention", "interleave", "pair_tokens", "prompt_model"]
