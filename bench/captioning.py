@@ -1,0 +1,164 @@
+"""Captioning through a language model on captioned scenes (issue 16), first slice: ClipCap's grid.
+
+Cells: ClipCap (Mokady et al. 2021) with an ``mlp`` or a ``transformer`` mapper × fewshot's GPT (pre-trained on
+tinyshakespeare only, gpt-shakespeare) ``frozen`` or ``tuned``. Every cell maps the same frozen image embedding
+(a clip-scenes run's conv4 tower and image projection) to 10 prefix embeddings and trains ``--steps`` steps at
+batch 64 through the one trainer (configs/clipcap-scenes.yaml). Each is measured on ``--n`` fresh scenes of the
+seen (shape, colour) pairs and ``--n`` of the held-out pairs (greedy decoding):
+
+* BLEU-4, ROUGE-L and CIDEr-D against each scene's 3–5 reference captions (pycocoevalcap's scorers);
+* scene F1 of the caption's tuples against the scene graph and the share the verifier calls true (± 95% CI);
+* trainable parameters, training CPU-minutes, and the GPT's held-out tinyshakespeare perplexity before and after
+  (what a tuned LM forgets; a frozen one must not move).
+
+Not yet here (the issue's later slices): CoCa's captions, BLIP-2's stage 2, FROMAGe's retrieval, CapFilt.
+For scale (the paper, COCO): CIDEr 113.1 with the transformer mapper and a frozen GPT-2, 108.4 with the MLP and
+GPT-2 tuned; Conceptual Captions 71.8 and 87.3.
+
+A run folder that already holds a finished checkpoint is reused (its CPU time reported as null). One JSON line at the end.
+
+    OMP_NUM_THREADS=1 python bench/captioning.py --pool runs/bench-vl/scenes-20000 --clip-run runs/bench-vl/clip-20000-1000
+    OMP_NUM_THREADS=1 python bench/captioning.py --quick     # a smoke run, measures nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vision_language import clip_config, make_pool  # noqa: E402  (the CLIP bench's pool and recipe)
+
+from fewshot import api  # noqa: E402
+from fewshot.config import RunConfig  # noqa: E402
+from fewshot.data.scenes import POOL_INFO  # noqa: E402
+from fewshot.data.text import encode_text, load_text_splits  # noqa: E402
+from fewshot.data.tokenizer import load_tokenizer  # noqa: E402
+from fewshot.evaluate.captions import caption_run  # noqa: E402
+from fewshot.evaluate.text import perplexity  # noqa: E402
+from fewshot.models.prefix_lm import open_prefix_lm  # noqa: E402
+from fewshot.run import Run  # noqa: E402
+from fewshot.train.trainer import checkpoint_path  # noqa: E402
+
+CELLS = ("mlp-frozen", "mlp-tuned", "transformer-frozen", "transformer-tuned")
+PAPER_COCO_CIDER = {"transformer-frozen": 113.1, "mlp-tuned": 108.4}  # Mokady et al. 2021, Table 1 (×100 scale)
+
+
+def train(config: RunConfig) -> float | None:
+    """Bring the run to its steps (a finished one is reused); the CPU seconds this process spent, None when reused."""
+    if checkpoint_path(config.run_dir).exists() and Run.open(config.run_dir).step >= config.train.steps:
+        return None
+    cpu = time.process_time()
+    api.pretrain_to_completion(config, progress=False)
+    return time.process_time() - cpu
+
+
+def gpt_config(args: argparse.Namespace) -> RunConfig:
+    return api.load_config(api.find_recipe("gpt-shakespeare"), [f"out={args.out}", f"name=gpt-{args.gpt_steps}",
+                                                                 f"train.steps={args.gpt_steps}", f"train.checkpoint_every={args.gpt_steps}"])
+
+
+def cell_config(cell: str, args: argparse.Namespace, manifest: Path, clip_run: Path, gpt_run: Path) -> RunConfig:
+    mapper, lm = cell.split("-")
+    return api.load_config(api.find_recipe("clipcap-scenes"), [
+        f"data.path={manifest}", f"out={args.out}", f"name={cell}-{args.steps}", f"train.steps={args.steps}",
+        f"train.checkpoint_every={args.steps}", f"train.warmup_steps={min(50, args.steps // 10)}", f"train.seed={args.seed}",
+        f"method.mapper={mapper}", f"method.lm.tune={str(lm == 'tuned').lower()}",
+        f"method.image.init={clip_run}", f"method.lm.init={gpt_run}", *args.override])
+
+
+def heldout_perplexity(model, gpt_run: Path) -> float:
+    """A GPT's perplexity on tinyshakespeare's held-out tenth, with the windows and tokenizer of the run ``gpt_run``."""
+    data = Run.open(gpt_run).config.data
+    tokens = encode_text(load_tokenizer(gpt_run), load_text_splits(data).heldout)
+    return perplexity(model, tokens, data.seq_len)["perplexity"]
+
+
+def measure(run_dir: Path, args: argparse.Namespace, gpt_run: Path) -> dict:
+    scores = {}
+    for pairs in ("seen", "held-out"):
+        out = caption_run(run_dir, args.n, args.seed + 1, heldout=pairs == "held-out")
+        scores[pairs] = {k: out[k] for k in ("bleu4", "rouge_l", "rouge_l_ci95", "cider_d", "cider_d_ci95", "scene_f1", "scene_f1_ci95",
+                                             "share_true", "share_true_ci95", "images", "examples")}
+    method = Run.open(run_dir).method()
+    trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
+    return {"captions": scores, "trainable_parameters": trainable,
+            "perplexity_after": heldout_perplexity(method.language_model.model, gpt_run)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/bench-caption", help="folder for the runs (and the pool unless --pool)")
+    parser.add_argument("--pool", default=None, help="an existing scenes folder (e.g. runs/bench-vl/scenes-20000); default: make one in --out")
+    parser.add_argument("--clip-run", default=None, help="an existing clip-scenes run on that pool; default: train one (--clip-steps)")
+    parser.add_argument("--gpt-run", default=None, help="an existing gpt-shakespeare run; default: train one (--gpt-steps)")
+    parser.add_argument("--n", type=int, default=20000, help="scenes in a pool made here")
+    parser.add_argument("--clip-steps", type=int, default=1000, help="CLIP steps when the image tower is trained here")
+    parser.add_argument("--gpt-steps", type=int, default=400, help="GPT steps when the language model is trained here")
+    parser.add_argument("--steps", type=int, default=1000, help="ClipCap steps of every cell, batch 64")
+    parser.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated subset of {','.join(CELLS)}")
+    parser.add_argument("--test", type=int, default=300, dest="n_test", help="test scenes per pair group (seen, held-out)")
+    parser.add_argument("--seed", type=int, default=0, help="pool, training and test-set seed")
+    parser.add_argument("--override", nargs="*", default=[], help="key=value overrides for every ClipCap cell")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (tiny pool, few steps): checks the pipeline, measures nothing")
+    args = parser.parse_args()
+    cells = [c for c in args.cells.split(",") if c]
+    if unknown := [c for c in cells if c not in CELLS]:
+        parser.error(f"unknown cell(s) {', '.join(unknown)}; choose from {', '.join(CELLS)}")
+    if args.quick:
+        args.n, args.clip_steps, args.gpt_steps, args.steps, args.n_test = 600, 10, 10, 10, 20
+        args.out, args.pool, args.clip_run, args.gpt_run = os.path.join(args.out, "quick"), None, None, None
+    args.n_scenes, args.n = args.n, args.n_test
+    os.environ.setdefault("FEWSHOT_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    start, cpu = time.time(), time.process_time()
+
+    pool = Path(args.pool) if args.pool else make_pool(argparse.Namespace(out=args.out, n=args.n_scenes, seed=args.seed))
+    info = json.loads((pool / POOL_INFO).read_text())
+    cpu_seconds: dict[str, float | None] = {}
+    if args.clip_run:
+        clip_run = Path(args.clip_run)
+    else:
+        clip = clip_config(argparse.Namespace(out=args.out, n=info["images"], steps=args.clip_steps, seed=args.seed), pool / "manifest.tsv")
+        cpu_seconds["clip"], clip_run = train(clip), clip.run_dir
+    if args.gpt_run:
+        gpt_run = Path(args.gpt_run)
+    else:
+        gpt = gpt_config(args)
+        cpu_seconds["gpt"], gpt_run = train(gpt), gpt.run_dir
+    before = heldout_perplexity(open_prefix_lm(gpt_run).model, gpt_run)
+
+    results: dict[str, dict] = {}
+    for cell in cells:
+        config = cell_config(cell, args, pool / "manifest.tsv", clip_run, gpt_run)
+        cpu_seconds[cell] = train(config)
+        results[cell] = measure(config.run_dir, args, gpt_run)
+        r = results[cell]
+        print(f"{cell}: CPU s {cpu_seconds[cell]}  CIDEr-D seen {r['captions']['seen']['cider_d']:.3f}  held-out "
+              f"{r['captions']['held-out']['cider_d']:.3f}  scene F1 {r['captions']['seen']['scene_f1']:.3f}  "
+              f"true {100 * r['captions']['seen']['share_true']:.1f}%  perplexity {before:.2f} → {r['perplexity_after']:.2f}", flush=True)
+
+    print(f"\nClipCap on {info['images']} scenes, {args.steps} steps at batch 64; greedy captions of {args.n} test scenes per group")
+    print("cell                 pairs     BLEU-4  ROUGE-L        CIDEr-D          scene F1       true %        trainable  CPU-min  ppl before → after")
+    for cell, r in results.items():
+        minutes = "reused" if cpu_seconds[cell] is None else f"{cpu_seconds[cell] / 60:.1f}"
+        for pairs, s in r["captions"].items():
+            print(f"{cell:<20} {pairs:<9} {s['bleu4']:.3f}   {s['rouge_l']:.3f} ± {s['rouge_l_ci95']:.3f}  {s['cider_d']:.3f} ± {s['cider_d_ci95']:.3f}  "
+                  f"{s['scene_f1']:.3f} ± {s['scene_f1_ci95']:.3f}  {100 * s['share_true']:5.1f} ± {100 * s['share_true_ci95']:4.1f}  "
+                  f"{r['trainable_parameters']:>9,}  {minutes:>7}  {before:.2f} → {r['perplexity_after']:.2f}")
+    print(f"for scale, ClipCap's COCO CIDEr (×100): {PAPER_COCO_CIDER}")
+    out = {
+        "bench": "captioning", "quick": args.quick, "pool": {"folder": str(pool), "scenes": info["images"], "split_seed": info["split_seed"]},
+        "clip_run": str(clip_run), "gpt_run": str(gpt_run), "steps": args.steps, "test_scenes": args.n, "perplexity_before": before,
+        "results": results, "train_cpu_seconds": cpu_seconds, "paper_coco_cider": PAPER_COCO_CIDER,
+        "not_measured": ["coca", "blip2-stage2", "fromage", "capfilt"],
+        "wall_seconds": time.time() - start, "cpu_seconds": time.process_time() - cpu, "load_average": os.getloadavg(),
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
