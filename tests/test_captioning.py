@@ -253,6 +253,28 @@ def test_clipcap_captions_and_the_caption_command(runs, tmp_path, capsys):
     assert "CIDEr-D" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("variant", ["untied copies", "shared storage"])
+def test_a_hugging_face_lm_with_tied_embeddings_trains_saves_and_reopens(runs, hf_folder, tmp_path, monkeypatch, variant):
+    from fewshot.methods import clipcap
+    from fewshot.run import Run
+    from fewshot.train.trainer import pretrain
+
+    if variant == "shared storage":  # negative control: the state as torch gives it, both names on one tensor
+        monkeypatch.setattr(clipcap, "_untie", lambda *args: None)
+    config = _clipcap_config(runs, tmp_path, "hf", f"method.lm.init={hf_folder['with-eos']}", "method.lm.tune=true")
+    method = build_method(config)
+    lm = method.language_model.model
+    assert lm.lm_head.weight is lm.transformer.wte.weight  # GPT-2 ties its embeddings
+    if variant == "shared storage":
+        with pytest.raises(RuntimeError, match="share memory"):
+            pretrain(config, _pairs(method.text_tokenizer), progress=False)
+        return
+    pretrain(config, _pairs(method.text_tokenizer), progress=False)
+    reopened = Run.open(config.run_dir).method().language_model.model
+    assert reopened.lm_head.weight is reopened.transformer.wte.weight
+    assert not torch.equal(reopened.transformer.wte.weight, lm.transformer.wte.weight)  # tuned, saved and read back
+
+
 # ------------------------------------------------------------------ bad input
 
 

@@ -146,6 +146,7 @@ class ClipCap(Method):
             self.mapper = TransformerMapper(embed_dim, link.dim, m.prefix_length, m.mapped_tokens or m.prefix_length,
                                             m.mapper_depth, m.mapper_heads)
         self.prefix_length = m.prefix_length
+        self._register_state_dict_hook(_untie)
         self.train()
 
     def _load_image_tower(self, config: RunConfig, path: str) -> nn.Linear | None:
@@ -223,6 +224,17 @@ class ClipCap(Method):
     def text_tokenizer(self) -> Any:
         """The LM's tokenizer: the run's captions are its ids (as a pre-trained text tower's in CLIP)."""
         return self.language_model.tokenizer
+
+
+def _untie(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, local_metadata: Any) -> None:
+    """A tensor stored under two names (a Hugging Face LM's tied input and output embeddings) is saved as two copies:
+    safetensors refuses shared storage, and loading writes the same values into the one tied parameter."""
+    seen: set[int] = set()
+    for key, value in state.items():
+        if value.untyped_storage().data_ptr() in seen:
+            state[key] = value.clone()
+        else:
+            seen.add(value.untyped_storage().data_ptr())
 
 
 def _open_lm(config: RunConfig) -> PrefixLM:
