@@ -10,7 +10,7 @@ Verdicts per task, "beyond the CIs" meaning the lower end of one CI above the up
 zero-shot CoT against zero-shot (Kojima), few-shot CoT against few-shot 8 (Wei), and the best CoT row against
 the best direct row ("CoT helps"). One JSON line at the end.
 
-    OMP_NUM_THREADS=1 python bench/cot.py            # defaults sized for ≤ 25 CPU-minutes on one thread
+    OMP_NUM_THREADS=1 python bench/cot.py            # 50 items, k = 3: ≈ 22 CPU-minutes on one thread
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from typing import Any
 
 from fewshot.data.reasoning import generate_items
@@ -63,7 +64,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--tasks", nargs="+", default=["word-problems", "last-letters", "coin-flip"])
     parser.add_argument("--methods", nargs="+", default=[*DIRECT, *COT])
-    parser.add_argument("--items", type=int, default=30)
+    parser.add_argument("--items", type=int, default=50)
     parser.add_argument("--samples", type=int, default=3, help="self-consistency's k")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-k", type=int, default=40)
@@ -90,6 +91,12 @@ def main() -> None:
             out["tasks"].update(got["tasks"])
     print(f"\nAccuracy (%, ± 95% CI over {args.items} items; [unextractable answers, counted wrong]) of {lm.name}:")
     print(cot_table(out))
+    majority = {t: Counter(it.answer for it in generate_items(t, args.items, args.seed)).most_common(1)[0] for t in args.tasks}
+    print("always the commonest gold answer: " + ", ".join(f"{t} {100 * n / args.items:.1f} ({a!r})" for t, (a, n) in majority.items()))
+    print("\nThe most common prediction and its share of the items (one answer to everything scores its share of the golds):")
+    for method in out["methods"]:
+        print(f"{method:<18}" + "".join(f"{str(c['most_common_prediction'])[:8]:>14} {100 * c['most_common_share']:5.1f}"
+                                        for c in (out["tasks"][t]["methods"][method] for t in out["tasks"])))
     print("\nThe lecture's rows (Kojima et al. 2022, ~100B parameters; %):")
     print(f"{'method':<18}" + "".join(f"{name:>14}" for name in LECTURE))
     for method in DIRECT + ("zero-shot-cot",):
@@ -108,6 +115,9 @@ def main() -> None:
         "max_new_tokens": args.max_new_tokens, "cot_shots": args.cot_shots, "seed": args.seed, "gold_rationale_ids": lengths,
         "accuracy": {t: {m: [round(100 * c["accuracy"], 1), round(100 * c["ci95"], 1), c["unextractable"]] for m, c in row["methods"].items()}
                      for t, row in out["tasks"].items()},
+        "majority_baseline": {t: round(100 * n / args.items, 1) for t, (_, n) in majority.items()},
+        "most_common_prediction": {t: {m: [c["most_common_prediction"], round(100 * c["most_common_share"], 1)] for m, c in row["methods"].items()}
+                                   for t, row in out["tasks"].items()},
         "verdicts": verdict, "cpu_s": {"load": round(load_s, 1), **cpu}, "cpu_minutes": round(total / 60, 2),
     }
     print(json.dumps(summary))

@@ -79,6 +79,9 @@ TABLE = [
     (":\n No, it is tails up.", "yes-no", "no"),
     ("It flipped twice, so yes it was. The answer is no.", "yes-no", "no"),
     (" nothing", "yes-no", None),  # "no" inside a word is not an answer
+    (":\nA: The answer (Yes", "yes-no", None),  # the trigger's format hint echoed, cut short: no answer
+    (" The answer (Yes or No) is no.", "yes-no", "no"),
+    (": The answer (arabic numerals) is 12", "number", "12"),
     (' "nkye".', "letters", "nkye"),
     (' "n k y e"', "letters", "nkye"),
     (" NKYE.", "letters", "nkye"),

@@ -61,6 +61,8 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 _QUOTED = re.compile(r'"([^"]*)"')
 _LETTERS = re.compile(r"[A-Za-z]+")
+# The format hint of a trigger echoed by the model ("The answer (Yes or No) is", possibly cut short) is no answer.
+_ECHOED_FORMAT = re.compile(r"answer\s*\([^)]*\)?", re.IGNORECASE)
 
 
 # ----------------------------------------------------------------------------- answers
@@ -74,9 +76,12 @@ def extract_answer(text: str, kind: str, needs_trigger: bool = False) -> str | N
     else the whole text, is searched for the first: number (commas dropped, "7.0" → "7"), for ``number``;
     yes / no (case-folded), for ``yes-no``; quoted string (spaces removed), else word, lower-cased, for
     ``letters``. Kojima et al. take the first such match of the answer-extraction output the same way.
+    A format hint the model echoes, "answer (Yes or No)" or "answer (arabic numerals)", whole or cut
+    short, is read as "answer" (its "Yes" is not a vote for yes).
     """
     if kind not in _FORMAT:
         raise ConfigError(f"unknown answer kind {kind!r}; choose from {', '.join(_FORMAT)}")
+    text = _ECHOED_FORMAT.sub("answer", text)
     cut = text.lower().rfind("answer is")
     if cut >= 0:
         text = text[cut + len("answer is") :]
@@ -302,7 +307,10 @@ def run_method(
 
     correct = [float(p is not None and p == it.answer) for p, it in zip(predictions, items)]
     accuracy, ci = mean_ci95(correct)
+    # A model that gives one answer to every question scores that answer's share of the golds: say so.
+    mode, mode_count = Counter(predictions).most_common(1)[0]
     return {
+        "most_common_prediction": mode, "most_common_share": mode_count / len(items),
         "accuracy": accuracy, "ci95": ci, "correct": correct, "predictions": predictions,
         "unextractable": sum(p is None for p in predictions), "prompt_tokens": prefix, "shots": shots,
         "records": [{"question": it.question, "gold": it.answer, "prediction": p, **r} for it, p, r in zip(items, predictions, record)],
