@@ -243,6 +243,8 @@ def _open_lm(config: RunConfig) -> PrefixLM:
         raise ConfigError("method 'clipcap' needs a causal LM: set method.lm.init to a gpt run folder, a Hugging Face "
                           "causal LM folder or smollm2")
     link = open_prefix_lm(m.lm.init)
+    if link.eos_id == PAD_ID:
+        raise ConfigError(f"{link.name}'s EOS is id {PAD_ID}, the id caption pairs pad with: the end of a caption would read as padding")
     pad = link.tokenizer.get_added_tokens_decoder().get(PAD_ID)
     if pad is None or not pad.special:  # captions are padded with id 0: it must never be a word of a caption
         raise ConfigError(f"{link.name}'s tokenizer has a text token at id {PAD_ID}, the id caption pairs pad with; "
