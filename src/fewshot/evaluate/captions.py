@@ -163,8 +163,8 @@ def caption_run(path: str | Path, n: int = 200, seed: int = 0, decoding: str = "
     run = Run.open(path)
     method = run.method().eval()
     if not hasattr(method, "caption_images"):
-        raise ConfigError(f"'{path}' is a {run.config.method.name} run, which has no caption decoder; captioning needs a "
-                          "run that generates text from images (method=clipcap)")
+        raise ConfigError(f"'{path}' is a {run.config.method.name} run, which has no caption decoder to generate with; "
+                          "captioning needs a run that generates text from images (method=clipcap)")
     data = run.config.data
     if data.channels != 3:
         raise ConfigError(f"the scenes are RGB, but '{path}' reads {data.channels}-channel images")
