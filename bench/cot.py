@@ -10,7 +10,7 @@ Verdicts per task, "beyond the CIs" meaning the lower end of one CI above the up
 zero-shot CoT against zero-shot (Kojima), few-shot CoT against few-shot 8 (Wei), and the best CoT row against
 the best direct row ("CoT helps"). One JSON line at the end.
 
-    OMP_NUM_THREADS=1 python bench/cot.py            # 50 items, k = 3: ≈ 22 CPU-minutes on one thread
+    OMP_NUM_THREADS=1 python bench/cot.py            # 50 items, k = 3: 21 CPU-minutes measured on one thread (docs/benchmarks.md)
 """
 
 from __future__ import annotations
