@@ -94,12 +94,13 @@ def pct(row: dict) -> str:
     return f"{100 * row['accuracy']:.1f} ± {100 * row['ci95']:.1f}"
 
 
-def plot(path: Path, xs: list, series: dict[str, list[dict]], xlabel: str, title: str, log_x: bool = True) -> str:
+def plot(path: Path, series: dict[str, tuple[list, list[dict]]], xlabel: str, title: str, log_x: bool = True) -> str:
+    """One line per series name: (x values, result rows); a one-point series is a lone marker."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, rows in series.items():
+    for name, (xs, rows) in series.items():
         mean = [100 * r["accuracy"] for r in rows]
         ci = [100 * r["ci95"] for r in rows]
-        ax.errorbar(xs, mean, yerr=ci, marker="o", capsize=3, label=name)
+        ax.errorbar(xs, mean, yerr=ci, marker="o" if "transformer" not in name else "s", capsize=3, label=name)
     ax.axhline(20, color="grey", ls=":", lw=1, label="chance (5-way)")
     if log_x:
         ax.set_xscale("log", base=2)
@@ -184,13 +185,17 @@ def main() -> None:
     xs = [p or 2**22 for p in pools]
     report["plots"] = {}
     if pools:
-        report["plots"]["transition"] = plot(Path(args.out) / "transition.png", xs, {
-        k: [report["runs"][f"pool-{p or 'fresh'}"][k] for p in pools] for k in ("training tasks", "unseen tasks", "held-out images", "omniglot")},
+        report["plots"]["transition"] = plot(Path(args.out) / "transition.png", {
+        k: (xs, [report["runs"][f"pool-{p or 'fresh'}"][k] for p in pools]) for k in ("training tasks", "unseen tasks", "held-out images", "omniglot")},
             "tasks in training (fresh drawn as 2^22)", "GPICL: memorisation → generalisation")
     if state:
-        params = [report["runs"][n]["parameters"] for n in state]
-        report["plots"]["state"] = plot(Path(args.out) / "state-size.png", params, {
-            k: [report["runs"][n][k] for n in state] for k in ("training tasks", "omniglot")}, "parameters", "state size: LSTM hidden 16…256 and the transformer")
+        # LSTMs as lines over their hidden sizes, the transformer as separate markers (not one line through both)
+        series = {}
+        for model, names in (("LSTM", [n for n in state if n.startswith("lstm")]), ("transformer", [n for n in state if not n.startswith("lstm")])):
+            for k in ("training tasks", "omniglot"):
+                if names:
+                    series[f"{model}: {k}"] = ([report["runs"][n]["parameters"] for n in names], [report["runs"][n][k] for n in names])
+        report["plots"]["state"] = plot(Path(args.out) / "state-size.png", series, "parameters", "state size: LSTM hidden 16…256 and the transformer")
     for r in report["runs"].values():
         for k in ("training tasks", "unseen tasks", "held-out images"):
             r[k] = {key: v for key, v in r[k].items() if key != "by_position"}

@@ -5,7 +5,8 @@ No gradient step: K "input -> label" lines after the task description, then the 
 tinyshakespeare vocabulary (greedy generation, exact match); accuracy ± 95% CI over ``--draws`` seeded
 draws of the examples, their order and ``--queries`` queries (the same draws at every K). Then fewshot's
 own GPT (the gpt-shakespeare recipe cut to ``--gpt-steps`` steps, or the run already in ``--gpt-run``)
-on the same tasks, reported as it is (a prompt longer than its 129 positions is n/a).
+on the same tasks, reported as it is (a prompt longer than its 129 positions is n/a). ``--choices M`` also
+scores the scrambles as M-way multiple choice (rank the word among M vocabulary words of its length).
 
 Verdicts, at the largest K against K = 0: "beats" when the lower end of its CI is above the upper
 end of zero-shot's; the nonce labels "rise" when the largest K beats K = 0 that way, and "monotone"
@@ -93,6 +94,8 @@ def main() -> None:
     parser.add_argument("--gpt-run", default="runs/icl-prompt/gpt-shakespeare")
     parser.add_argument("--gpt-steps", type=int, default=100, help="training steps when the GPT run does not exist yet")
     parser.add_argument("--skip-gpt", action="store_true")
+    parser.add_argument("--skip-categories", action="store_true")
+    parser.add_argument("--choices", type=int, default=0, help="also score the scrambles as M-way multiple choice (0: no)")
     args = parser.parse_args()
     start_cpu, start_wall = time.process_time(), time.perf_counter()
     cpu: dict[str, float] = {}
@@ -100,13 +103,15 @@ def main() -> None:
     t = time.process_time()
     lm = open_prompt_model("smollm2")
     cpu["smollm2_load"] = time.process_time() - t
-    t = time.process_time()
-    classify = evaluate_prompting(lm, list(CATEGORY_TASKS), [*args.shots, *args.extra_shots], args.draws, args.queries, args.seed, log=print)
-    cpu["smollm2_categories"] = time.process_time() - t
     k_max = max(args.shots)
-    smol: dict[str, Any] = {"categories": classify, "verdicts": verdicts(classify, k_max)}
-    print(f"\nSmolLM2-135M-Instruct (GGUF Q4_1), accuracy % ± 95% CI over {args.draws} draws × {args.queries} queries:")
-    print(prompt_table(classify))
+    smol: dict[str, Any] = {"verdicts": {"few_beats_zero": {}, "every_task": True}}
+    if not args.skip_categories:
+        t = time.process_time()
+        classify = evaluate_prompting(lm, list(CATEGORY_TASKS), [*args.shots, *args.extra_shots], args.draws, args.queries, args.seed, log=print)
+        cpu["smollm2_categories"] = time.process_time() - t
+        smol.update(categories=classify, verdicts=verdicts(classify, k_max))
+        print(f"\nSmolLM2-135M-Instruct (GGUF Q4_1), accuracy % ± 95% CI over {args.draws} draws × {args.queries} queries:")
+        print(prompt_table(classify))
     if args.scrambles:  # --scrambles with no names: the word categories alone
         t = time.process_time()
         smol["scrambles"] = evaluate_prompting(lm, args.scrambles, args.shots, args.draws, args.queries, args.seed, log=print)
@@ -114,10 +119,18 @@ def main() -> None:
         smol["verdicts"]["scrambles"] = verdicts(smol["scrambles"], k_max)
         smol["verdicts"]["every_task"] = smol["verdicts"]["every_task"] and smol["verdicts"]["scrambles"]["every_task"]
         print(prompt_table(smol["scrambles"]))
+    if args.scrambles and args.choices:
+        t = time.process_time()
+        smol["scrambles_choice"] = evaluate_prompting(lm, args.scrambles, args.shots, args.draws, args.queries, args.seed, log=print,
+                                                      choices=args.choices)
+        cpu["smollm2_scrambles_choice"] = time.process_time() - t
+        smol["verdicts"]["scrambles_choice"] = verdicts(smol["scrambles_choice"], k_max)
+        print(f"the scrambles as {args.choices}-way multiple choice:\n" + prompt_table(smol["scrambles_choice"]))
     del lm
     v = smol["verdicts"]
     print(f"few-shot (K={k_max}) beats zero-shot by more than the CIs: {v['few_beats_zero']} "
-          f"{v.get('scrambles', {}).get('few_beats_zero', '')}; nonce rises: {v.get('nonce_rises')}, monotone: {v.get('nonce_monotone')}")
+          f"{v.get('scrambles', {}).get('few_beats_zero', '')} {v.get('scrambles_choice', {}).get('few_beats_zero', '')}; "
+          f"nonce rises: {v.get('nonce_rises')}, monotone: {v.get('nonce_monotone')}")
 
     gpt: dict[str, Any] = {}
     if not args.skip_gpt:
