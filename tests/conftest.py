@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,3 +120,22 @@ def owned(name: str, overrides: list[str]) -> list[str]:
 
     fields = METHODS[name].config_class.model_fields
     return [o for o in overrides if not o.startswith("method.") or o.split("=")[0].split(".")[1] in fields]
+
+
+def save_tiny_hf_gpt2(folder: Path, corpus: str, n_positions: int = 256) -> Path:
+    """A random 2-layer GPT-2 (32 wide) and a 400-id BPE tokenizer trained on ``corpus``, saved as a Hugging Face
+    folder. Weights are drawn at std 0.3 so that logits are well separated and greedy ties cannot hide a difference."""
+    import transformers
+
+    from fewshot.data.tokenizer import train_tokenizer
+
+    transformers.PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(corpus, 400)).save_pretrained(folder)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=400, n_positions=n_positions, n_embd=32, n_layer=2, n_head=4))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.normal_(0, 0.3)
+    model.save_pretrained(folder)
+    return folder
+

@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 
+from conftest import save_tiny_hf_gpt2
 from fewshot.cli import main
 from fewshot.data import reasoning
 from fewshot.data.reasoning import ANSWER_KINDS, REASONING_TASKS, ReasoningItem, generate_items, solve
@@ -235,17 +236,7 @@ CORPUS = " ".join(i.question + " " + i.rationale for t in REASONING_TASKS for i 
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(CORPUS, 400))
-    tok.save_pretrained(folder)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=400, n_positions=1024, n_embd=32, n_layer=2, n_head=4))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1:
-                p.normal_(0, 0.3)
-    model.save_pretrained(folder)
-    return folder
+    return save_tiny_hf_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), CORPUS, n_positions=1024)
 
 
 @pytest.fixture(scope="module")

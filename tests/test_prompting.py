@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import save_tiny_hf_gpt2
 from fewshot import api
 from fewshot.cli import main
 from fewshot.data.tokenizer import BOS_ID, train_tokenizer
@@ -34,18 +35,7 @@ CORPUS = (f"{WORDS} -> animal fruit colour vehicle clothing country\nThe quick b
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     """A random 2-layer GPT-2 and a BPE tokenizer, saved as a Hugging Face folder."""
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(CORPUS, 400))
-    tok.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=400, n_positions=256, n_embd=32, n_layer=2, n_head=4)
-    model = transformers.GPT2LMHeadModel(config)
-    with torch.no_grad():  # well-separated logits, so greedy ties cannot hide a difference
-        for p in model.parameters():
-            if p.ndim > 1:
-                p.normal_(0, 0.3)
-    model.save_pretrained(folder)
-    return folder
+    return save_tiny_hf_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), CORPUS)
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,7 @@ from fewshot.data.types import Batch
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.io import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, read_file_pair
 from fewshot.methods.base import Method
+from fewshot.methods.vision_language import check_same_image_tower
 from fewshot.models.prefix_lm import PrefixLM, beam_search, greedy, nucleus, open_prefix_lm
 from fewshot.models.transformer import TokenTrunk
 from fewshot.objectives.captioning import append_eos, caption_labels, caption_loss
@@ -151,14 +152,7 @@ class ClipCap(Method):
 
     def _load_image_tower(self, config: RunConfig, path: str) -> nn.Linear | None:
         theirs, state, projection = _image_tower_weights(path)
-        ours = config.model_dump(mode="json")
-        mine = (ours["encoder"]["name"], ours["encoder"]["options"], ours["data"]["channels"], ours["data"]["image_size"])
-        found = (theirs["encoder"]["name"], theirs["encoder"]["options"], theirs["data"]["channels"], theirs["data"]["image_size"])
-        if found != mine:
-            raise ConfigError(
-                f"method.image.init '{path}' has encoder {found[0]} {found[1]} on {found[2]}×{found[3]} px images; "
-                f"this run builds {mine[0]} {mine[1]} on {mine[2]}×{mine[3]} px: set encoder and data to match"
-            )
+        check_same_image_tower(config, theirs, path)
         self.encoder.load_state_dict(state)
         if projection is None:
             return None

@@ -107,6 +107,19 @@ def pretrained_encoder(path: str | Path) -> tuple[dict[str, Any], dict[str, torc
     return meta["config"], state
 
 
+def check_same_image_tower(config: RunConfig, theirs: dict[str, Any], path: str | Path) -> None:
+    """A one-line ConfigError unless the run config ``theirs`` (of the run at ``path``) builds the image encoder
+    ``config`` builds: the same encoder name and options on images of the same channels and size."""
+    ours = config.model_dump(mode="json")
+    mine = (ours["encoder"]["name"], ours["encoder"]["options"], ours["data"]["channels"], ours["data"]["image_size"])
+    found = (theirs["encoder"]["name"], theirs["encoder"]["options"], theirs["data"]["channels"], theirs["data"]["image_size"])
+    if found != mine:
+        raise ConfigError(
+            f"method.image.init '{path}' has encoder {found[0]} {found[1]} on {found[2]}×{found[3]} px images; "
+            f"this run builds {mine[0]} {mine[1]} on {mine[2]}×{mine[3]} px: set encoder and data to match"
+        )
+
+
 def with_cls_sep(tokens: torch.Tensor, cls_id: int, sep_id: int, max_length: int) -> torch.Tensor:
     """BERT's input from plain caption ids (B, T) right-padded with PAD_ID: [CLS] caption [SEP] padding, (B, T + 2)."""
     if tokens.shape[1] + 2 > max_length:
@@ -191,14 +204,7 @@ class CLIP(Method):
 
     def _load_image_tower(self, config: RunConfig, path: str) -> None:
         theirs, state = pretrained_encoder(path)
-        ours = config.model_dump(mode="json")
-        mine = (ours["encoder"]["name"], ours["encoder"]["options"], ours["data"]["channels"], ours["data"]["image_size"])
-        found = (theirs["encoder"]["name"], theirs["encoder"]["options"], theirs["data"]["channels"], theirs["data"]["image_size"])
-        if found != mine:
-            raise ConfigError(
-                f"method.image.init '{path}' has encoder {found[0]} {found[1]} on {found[2]}×{found[3]} px images; "
-                f"this run builds {mine[0]} {mine[1]} on {mine[2]}×{mine[3]} px: set encoder and data to match"
-            )
+        check_same_image_tower(config, theirs, path)
         self.encoder.load_state_dict(state)
 
     def train(self, mode: bool = True) -> "CLIP":
