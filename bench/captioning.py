@@ -11,6 +11,10 @@ seen (shape, colour) pairs and ``--n`` of the held-out pairs (greedy decoding):
 * trainable parameters, training CPU-minutes, and the GPT's held-out tinyshakespeare perplexity before and after
   (what a tuned LM forgets; a frozen one must not move).
 
+Beside the cells, the baseline a user tries first: captioning by retrieval (``nearest-caption``), each test scene
+given the first caption of the ``--retrieval-pool`` training scene nearest to it by cosine similarity of the same
+frozen CLIP image embedding (no language model, nothing trained).
+
 Not yet here (the issue's later slices): CoCa's captions, BLIP-2's stage 2, FROMAGe's retrieval, CapFilt.
 For scale (the paper, COCO): CIDEr 113.1 with the transformer mapper and a frozen GPT-2, 108.4 with the MLP and
 GPT-2 tuned; Conceptual Captions 71.8 and 87.3.
@@ -33,12 +37,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vision_language import clip_config, make_pool  # noqa: E402  (the CLIP bench's pool and recipe)
 
+import torch  # noqa: E402
+
 from fewshot import api  # noqa: E402
 from fewshot.config import RunConfig  # noqa: E402
+from fewshot.data.pairs import load_pairs  # noqa: E402
 from fewshot.data.scenes import POOL_INFO  # noqa: E402
 from fewshot.data.text import encode_text, load_text_splits  # noqa: E402
 from fewshot.data.tokenizer import load_tokenizer  # noqa: E402
-from fewshot.evaluate.captions import caption_run  # noqa: E402
+from fewshot.evaluate.captions import caption_metrics, caption_run, caption_test  # noqa: E402
+from fewshot.evaluate.image_text import ImageTextRun, _split_seed  # noqa: E402
 from fewshot.evaluate.text import perplexity  # noqa: E402
 from fewshot.models.prefix_lm import open_prefix_lm  # noqa: E402
 from fewshot.run import Run  # noqa: E402
@@ -78,6 +86,27 @@ def heldout_perplexity(model, gpt_run: Path) -> float:
     return perplexity(model, tokens, data.seq_len)["perplexity"]
 
 
+def nearest_caption(clip_run: Path, manifest: Path, args: argparse.Namespace) -> dict:
+    """Captioning by retrieval on the test scenes of :func:`measure`: the first caption of the nearest of the pool's first
+    ``--retrieval-pool`` images, by cosine similarity of the CLIP run's image embeddings."""
+    link = ImageTextRun(clip_run)
+    data = link.run.config.data
+    pairs = load_pairs(manifest, link.tokenizer, data.seq_len, data.image_size)
+    keep = min(args.retrieval_pool, len(pairs.images))
+    first_caption: dict[int, str] = {}
+    for image, caption in zip(pairs.image_index.tolist(), pairs.captions):
+        first_caption.setdefault(image, caption)
+    bank = torch.nn.functional.normalize(link.images(pairs.images[:keep]), dim=1)
+    scores = {}
+    for group in ("seen", "held-out"):
+        test = caption_test(args.n, data.image_size, args.seed + 1, _split_seed(link.run), heldout=group == "held-out")
+        nearest = (torch.nn.functional.normalize(link.images(test.images), dim=1) @ bank.T).argmax(dim=1)
+        out = caption_metrics([first_caption[int(i)] for i in nearest], test.scenes, test.references)
+        scores[group] = {k: out[k] for k in ("bleu4", "rouge_l", "rouge_l_ci95", "cider_d", "cider_d_ci95", "scene_f1", "scene_f1_ci95",
+                                             "share_true", "share_true_ci95", "images")}
+    return {"captions": scores, "trainable_parameters": 0, "retrieval_pool": keep}
+
+
 def measure(run_dir: Path, args: argparse.Namespace, gpt_run: Path) -> dict:
     scores = {}
     for pairs in ("seen", "held-out"):
@@ -103,6 +132,7 @@ def main() -> None:
     parser.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated subset of {','.join(CELLS)}")
     parser.add_argument("--test", type=int, default=300, dest="n_test", help="test scenes per pair group (seen, held-out)")
     parser.add_argument("--seed", type=int, default=0, help="pool, training and test-set seed")
+    parser.add_argument("--retrieval-pool", type=int, default=5000, help="pool images the nearest-caption baseline retrieves from")
     parser.add_argument("--override", nargs="*", default=[], help="key=value overrides for every ClipCap cell")
     parser.add_argument("--quick", action="store_true", help="a smoke run (tiny pool, few steps): checks the pipeline, measures nothing")
     args = parser.parse_args()
@@ -132,6 +162,9 @@ def main() -> None:
     before = heldout_perplexity(open_prefix_lm(gpt_run).model, gpt_run)
 
     results: dict[str, dict] = {}
+    t = time.process_time()
+    results["nearest-caption"] = nearest_caption(clip_run, pool / "manifest.tsv", args)
+    cpu_seconds["nearest-caption"] = time.process_time() - t
     for cell in cells:
         config = cell_config(cell, args, pool / "manifest.tsv", clip_run, gpt_run)
         cpu_seconds[cell] = train(config)
@@ -145,10 +178,11 @@ def main() -> None:
     print("cell                 pairs     BLEU-4  ROUGE-L        CIDEr-D          scene F1       true %        trainable  CPU-min  ppl before → after")
     for cell, r in results.items():
         minutes = "reused" if cpu_seconds[cell] is None else f"{cpu_seconds[cell] / 60:.1f}"
+        after = f"{before:.2f} → {r['perplexity_after']:.2f}" if "perplexity_after" in r else "no LM"
         for pairs, s in r["captions"].items():
             print(f"{cell:<20} {pairs:<9} {s['bleu4']:.3f}   {s['rouge_l']:.3f} ± {s['rouge_l_ci95']:.3f}  {s['cider_d']:.3f} ± {s['cider_d_ci95']:.3f}  "
                   f"{s['scene_f1']:.3f} ± {s['scene_f1_ci95']:.3f}  {100 * s['share_true']:5.1f} ± {100 * s['share_true_ci95']:4.1f}  "
-                  f"{r['trainable_parameters']:>9,}  {minutes:>7}  {before:.2f} → {r['perplexity_after']:.2f}")
+                  f"{r['trainable_parameters']:>9,}  {minutes:>7}  {after}")
     print(f"for scale, ClipCap's COCO CIDEr (×100): {PAPER_COCO_CIDER}")
     out = {
         "bench": "captioning", "quick": args.quick, "pool": {"folder": str(pool), "scenes": info["images"], "split_seed": info["split_seed"]},
