@@ -6,7 +6,8 @@ tinyshakespeare vocabulary (greedy generation, exact match); accuracy ± 95% CI 
 draws of the examples, their order and ``--queries`` queries (the same draws at every K). Then fewshot's
 own GPT (the gpt-shakespeare recipe cut to ``--gpt-steps`` steps, or the run already in ``--gpt-run``)
 on the same tasks, reported as it is (a prompt longer than its 129 positions is n/a). ``--choices M`` also
-scores the scrambles as M-way multiple choice (rank the word among M vocabulary words of its length).
+scores the scrambles as M-way multiple choice (rank the word among M vocabulary words of its length), beside the
+hand-made rule a user would try first: pick the candidate whose letters are the scrambled word's (letter counts).
 
 Verdicts, at the largest K against K = 0: "beats" when the lower end of its CI is above the upper
 end of zero-shot's; the nonce labels "rise" when the largest K beats K = 0 that way, and "monotone"
@@ -24,7 +25,10 @@ from typing import Any
 
 from fewshot import api
 from fewshot.errors import DataError
-from fewshot.evaluate.prompting import CATEGORY_TASKS, SCRAMBLES, evaluate_prompting, open_prompt_model, prompt_table
+import numpy as np
+
+from fewshot.evaluate.prompting import CATEGORY_TASKS, SCRAMBLES, evaluate_prompting, load_task, open_prompt_model, prompt_table
+from fewshot.evaluate.runner import mean_ci95
 from fewshot.train.trainer import checkpoint_path
 
 
@@ -44,6 +48,28 @@ def verdicts(out: dict[str, Any], k_max: int) -> dict[str, Any]:
         result["nonce_rises"] = beats(rows["categories-nonce"], k_max)
         result["nonce_monotone"] = all(b >= a for a, b in zip(means, means[1:]))
     return result
+
+
+def letter_match(scrambled: str, candidates: list[str]) -> str:
+    """The candidate whose letter counts are closest (L1) to the scrambled word's letters (marks and spaces dropped);
+    ties go to the first listed."""
+    letters = [c for c in scrambled if c.isalpha()]
+    distance = [sum(abs(letters.count(ch) - word.count(ch)) for ch in set(letters) | set(word)) for word in candidates]
+    return candidates[int(np.argmin(distance))]
+
+
+def letter_match_rows(tasks: list[str], choices: int, draws: int, queries: int, seed: int) -> dict[str, Any]:
+    """Accuracy ± 95% CI of :func:`letter_match` on the very draws and candidates ``evaluate_prompting`` scores."""
+    rows = {}
+    for name in tasks:
+        task = load_task(name, seed, choices=choices)
+        accuracy = []
+        for d in range(draws):
+            picked = np.random.default_rng([seed, d, 0]).choice(len(task.queries), queries, replace=False)
+            accuracy.append(np.mean([letter_match(task.queries[int(i)][0], task.candidates[int(i)]) == task.queries[int(i)][1] for i in picked]))
+        mean, ci = mean_ci95(accuracy)
+        rows[name] = {"accuracy": mean, "ci95": ci}
+    return rows
 
 
 def train_or_reuse_gpt(run_dir: str, steps: int) -> dict[str, Any]:
@@ -126,6 +152,9 @@ def main() -> None:
         cpu["smollm2_scrambles_choice"] = time.process_time() - t
         smol["verdicts"]["scrambles_choice"] = verdicts(smol["scrambles_choice"], k_max)
         print(f"the scrambles as {args.choices}-way multiple choice:\n" + prompt_table(smol["scrambles_choice"]))
+        smol["letter_match"] = letter_match_rows(args.scrambles, args.choices, args.draws, args.queries, args.seed)
+        print("hand-made rule (the candidate with the scrambled word's letters): "
+              + ", ".join(f"{k} {100 * v['accuracy']:.1f} ± {100 * v['ci95']:.1f}" for k, v in smol["letter_match"].items()))
     del lm
     v = smol["verdicts"]
     print(f"few-shot (K={k_max}) beats zero-shot by more than the CIs: {v['few_beats_zero']} "

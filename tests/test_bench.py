@@ -144,3 +144,11 @@ def test_the_cot_bench_calls_a_row_better_only_beyond_both_cis():
     methods["self-consistency"] = cell(0.48, 0.1)
     got = cot.verdicts({"tasks": {"t": {"methods": methods}}})["t"]
     assert got["few_shot_cot_beats_few_shot_8"] is False and got["cot_helps"] is False and got["cot_hurts"] is False
+
+
+def test_the_letter_match_rule_picks_the_candidate_with_the_scrambled_words_letters():
+    bench = load_bench("icl_prompt")
+    assert bench.letter_match("d.r,o w", ["wood", "word", "drew"]) == "word"  # marks and spaces dropped
+    assert bench.letter_match("rdow", ["wood", "drew", "word"]) == "word"
+    # no exact match: the fewest letters off wins, ties go to the first listed
+    assert bench.letter_match("abcd", ["abxy", "abcx", "abcy"]) == "abcx"
