@@ -99,6 +99,41 @@ def test_attention_with_past_matches_explicit_attention(causal):
     torch.testing.assert_close(attn(x, past), _explicit_attention(attn, x, past), atol=1e-5, rtol=1e-5)
 
 
+
+def test_attention_mask_of_any_pattern_matches_a_loop_transcription():
+    """attn_mask (B, T, T) gives, for each query, softmax over exactly its allowed keys; with causal it is
+    intersected with the causal mask; a row it empties stays finite; a wrong shape is refused."""
+    from fewshot.models.transformer import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(8, 2).double()
+    x = torch.randn(2, 4, 8, dtype=torch.float64)
+    allowed = torch.rand(2, 4, 4) > 0.5
+    allowed[:, :3, 0] = True  # every row but the last sees a key; row 3 of batch 1 none at all
+    allowed[0, 3, 2] = True
+    allowed[1, 3] = False
+    q, k, v = attn.qkv(x).view(2, 4, 3, 2, 4).permute(2, 0, 3, 1, 4)
+
+    def loop(rule):
+        out = torch.zeros(2, 2, 4, 4, dtype=torch.float64)
+        for b in range(2):
+            for h in range(2):
+                for i in range(4):
+                    keys = [j for j in range(4) if rule(b, i, j)] or list(range(4))
+                    w = torch.softmax(torch.stack([q[b, h, i] @ k[b, h, j] / 2.0 for j in keys]), 0)
+                    out[b, h, i] = sum(wj * v[b, h, j] for wj, j in zip(w, keys))
+        return attn.proj(out.transpose(1, 2).reshape(2, 4, 8))
+
+    got = attn(x, attn_mask=allowed)
+    torch.testing.assert_close(got, loop(lambda b, i, j: bool(allowed[b, i, j])), atol=1e-12, rtol=1e-12)
+    assert torch.isfinite(got).all()
+    assert not torch.allclose(got, attn(x))  # negative control: the mask matters
+    attn.causal = True
+    torch.testing.assert_close(attn(x, attn_mask=allowed), loop(lambda b, i, j: bool(allowed[b, i, j]) and j <= i),
+                               atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="attn_mask"):
+        attn(x, attn_mask=allowed[:, :3])
+
 def test_causal_attention_cache_equals_full_recompute():
     """Feeding tokens one at a time with the returned keys/values gives the full pass's outputs."""
     from fewshot.models.transformer import Block

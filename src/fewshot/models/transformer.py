@@ -28,6 +28,8 @@ class Attention(nn.Module):
     learned prefixes (prefix tuning); they are prepended to the keys and values. With ``causal``
     the new tokens see every past position and the new ones up to their own. ``padding_mask``
     (B, T_keys) bool is True at keys to ignore (padding), over past + new keys (or the context).
+    ``attn_mask`` (T, T_keys) or (B, T, T_keys) bool is True where query i may attend key j: any pattern
+    (BLIP-2's Q-Former masks, Flamingo's media mask), combined with the causal and padding masks.
     ``return_kv`` also returns the full (past + new) keys and values for the next call.
     """
 
@@ -56,6 +58,7 @@ class Attention(nn.Module):
         return_kv: bool = False,
         padding_mask: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, KeyValues]:
         b, t, d = x.shape
         if self.context_dim is None:
@@ -66,17 +69,24 @@ class Attention(nn.Module):
             q, (k, v) = self.split(self.q(x), 1)[0], self.split(self.kv(context), 2)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        mask, is_causal = None, self.causal and past is None and padding_mask is None
+        mask, is_causal = None, self.causal and past is None and padding_mask is None and attn_mask is None
         if self.causal and not is_causal and t > 1:
             # new query i sees the past and new keys ≤ i (SDPA's is_causal knows no past or padding)
             mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=k.shape[2] - t)
+        if attn_mask is not None:
+            if attn_mask.shape[-2:] != (t, k.shape[2]) or attn_mask.ndim not in (2, 3) or attn_mask.dtype != torch.bool:
+                raise ValueError(f"attn_mask must be bool (queries, keys) = {(t, k.shape[2])} or (batch, queries, keys), "
+                                 f"got {attn_mask.dtype} {tuple(attn_mask.shape)}")
+            given = attn_mask if attn_mask.ndim == 2 else attn_mask[:, None]  # (B, 1, T, T_k): every head alike
+            mask = given if mask is None else given & mask
         if padding_mask is not None:
             if padding_mask.shape != (b, k.shape[2]):
                 raise ValueError(f"padding_mask must be (batch, keys) = {(b, k.shape[2])}, got {tuple(padding_mask.shape)}")
             keep = ~padding_mask[:, None, None, :]  # (B, 1, 1, T_k), True = attend
             mask = keep if mask is None else keep & mask
-            # A query with no key to attend (a padded query under a causal mask) would give NaN;
-            # let it see every key instead: its output sits at a padded position and is ignored.
+        if attn_mask is not None or padding_mask is not None:
+            # A query with no key to attend (a padded query under a causal mask, a row the given mask
+            # empties) would give NaN; let it see every key instead: the caller ignores or zeroes its output.
             mask = mask | ~mask.any(dim=-1, keepdim=True)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         out = self.proj(y.transpose(1, 2).reshape(b, t, d))
