@@ -1,5 +1,7 @@
 """Methods wire views → encoder → projector → objective; checked against the objective called by hand."""
 
+import operator
+
 import pytest
 import torch
 from conftest import owned
@@ -49,7 +51,9 @@ def _example(inputs) -> dict[str, torch.Tensor]:
 
 
 # ClipCap maps a frozen image tower's embedding into a frozen GPT: it needs both as runs, and its mapper is what trains.
-FROZEN_ENCODER = {"clipcap": "mapper"}
+# Flamingo: a frozen tower and GPT too; at its first step only the gated blocks' tanh gates (and the new tokens) get a
+# non-zero gradient, the gates being 0.
+FROZEN_ENCODER = {"clipcap": "mapper", "flamingo": "flamingo.gated"}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +72,9 @@ def init_runs(tmp_path_factory):
         save_tokenizer(train_tokenizer("a red circle left of a blue square\n" * 5, 300), config.run_dir)
         folders[name] = config.run_dir
     return {"clipcap": ["encoder=conv4", "encoder.options={width: 8}", f"method.image.init={folders['image']}",
-                        f"method.lm.init={folders['gpt']}", "method.prefix_length=2"]}
+                        f"method.lm.init={folders['gpt']}", "method.prefix_length=2"],
+            "flamingo": ["encoder=conv4", "encoder.options={width: 8}", f"method.image.init={folders['image']}",
+                         f"method.lm.init={folders['gpt']}", "method.max_images=1", "method.latents=2", "method.resampler_depth=1"]}
 
 
 def _batch(n=12):
@@ -85,7 +91,7 @@ def test_every_method_trains(name, init_runs):
     loss, logs = method(_example(inputs), torch.Generator().manual_seed(1))
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
-    grads = [p.grad for p in getattr(method, FROZEN_ENCODER.get(name, "encoder")).parameters()]
+    grads = [p.grad for p in operator.attrgetter(FROZEN_ENCODER.get(name, "encoder"))(method).parameters()]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 

@@ -1,0 +1,270 @@
+"""Flamingo (Alayrac et al. 2022; open_flamingo's structure) over a frozen image tower and a frozen fewshot GPT.
+
+Image: the encoder of ``method.image.init`` (a fewshot run folder, e.g. a ``clip-scenes`` run's conv4 tower), frozen
+(no gradient, eval mode); its token features (:func:`~fewshot.models.flamingo.image_token_features`: a ViT's tokens,
+a conv net's last spatial grid) feed the Perceiver Resampler. LM: ``method.lm.init``, a fewshot ``gpt`` run, frozen and
+wrapped by :class:`~fewshot.models.flamingo.FlamingoLM` (gated cross-attention blocks before every
+``cross_every``-th layer, ``<image>`` and ``<|endofchunk|>`` as new ids V and V + 1). Trained: the resampler, the
+gated blocks and the two new embeddings; nothing else. A checkpoint is refused (one line) if the frozen LM or image
+tower moved.
+
+Training sequences (open_flamingo's format, no spaces around the markers): each step cuts the batch of captioned
+images into consecutive groups of 1 … ``max_images`` pairs (sizes drawn with the step's generator), one sequence per
+group:
+
+    [BOS] <image>caption₁<|endofchunk|><image>caption₂<|endofchunk|> … [EOS]
+
+so single-image captioning and interleaved multi-image sequences are both trained. Loss: next-token cross-entropy
+on the caption tokens, ``<|endofchunk|>`` and [EOS]; never on ``<image>`` or padding.
+
+The defaults are the paper's (64 latents, 6 resampler layers, 8 heads, a gated block before every LM layer as in
+Flamingo-3B); the CPU recipe ``flamingo-scenes`` uses 8 latents × 2 layers of 4 heads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from fewshot.config import MethodConfig, RunConfig
+from fewshot.data.token_ids import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID
+from fewshot.data.types import Batch
+from fewshot.errors import CheckpointError, ConfigError
+from fewshot.methods.base import Method
+from fewshot.methods.clipcap import _image_tower_weights
+from fewshot.methods.vision_language import check_same_image_tower
+from fewshot.models.causal_lm import GPTPromptLM, open_causal_lm
+from fewshot.models.flamingo import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, FlamingoLM, image_token_features, image_token_width
+from fewshot.objectives.captioning import caption_loss
+
+__all__ = ["Flamingo", "FlamingoConfig", "draw_group_sizes", "interleave_captions", "interleaved_labels"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class FlamingoImage(_Section):
+    init: str | None = Field(None, description="a fewshot run folder whose frozen image tower gives the token features")
+
+
+class FlamingoLMSection(_Section):
+    init: str | None = Field(None, description="the frozen causal LM: a fewshot gpt run folder")
+
+
+class FlamingoConfig(MethodConfig):
+    latents: int = Field(64, ge=1, description="Perceiver Resampler latents per image (Flamingo: 64; the recipe: 8)")
+    resampler_depth: int = Field(6, ge=1, description="Perceiver Resampler layers (Flamingo: 6; the recipe: 2)")
+    resampler_heads: int = Field(8, ge=1, description="resampler heads, dividing the image features' width (open_flamingo: 8)")
+    cross_every: int = Field(1, ge=1, description="a gated cross-attention block before every n-th frozen LM layer (Flamingo-3B: 1)")
+    cross_heads: int = Field(8, ge=1, description="gated cross-attention heads, dividing the LM's width (open_flamingo: 8)")
+    mlp_ratio: float = Field(4.0, gt=0, description="feed-forward width ÷ model width in the resampler and gated blocks")
+    max_images: int = Field(3, ge=1, description="each training sequence interleaves 1 … max_images captioned images")
+    image: FlamingoImage = Field(default_factory=FlamingoImage)
+    lm: FlamingoLMSection = Field(default_factory=FlamingoLMSection)
+
+
+# ----------------------------------------------------------------------------------------------- training sequences
+
+
+def draw_group_sizes(batch: int, max_images: int, generator: torch.Generator) -> list[int]:
+    """Consecutive group sizes covering ``batch`` pairs, each drawn uniformly from 1 … max_images (the last cut short)."""
+    sizes, left = [], batch
+    for size in torch.randint(1, max_images + 1, (batch,), generator=generator).tolist():
+        if not left:
+            break
+        sizes.append(min(size, left))
+        left -= sizes[-1]
+    return sizes
+
+
+def interleave_captions(captions: torch.Tensor, sizes: list[int], image_id: int, chunk_id: int,
+                        bos_id: int = BOS_ID, eos_id: int = EOS_ID, pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions (B, L) right-padded with ``pad_id``, cut into consecutive groups of ``sizes`` → sequences (G, T)
+
+        [BOS] (<image> caption_i <|endofchunk|>) for i in the group, then [EOS], right-padded,
+
+    and members (G, max size): the batch row of each sequence's i-th image, −1 past its last."""
+    if sum(sizes) != captions.shape[0]:
+        raise ValueError(f"group sizes {sizes} do not cover {captions.shape[0]} captions")
+    rows, members, first = [], [], 0
+    for size in sizes:
+        seq = [bos_id]
+        for r in range(first, first + size):
+            seq += [image_id, *captions[r][captions[r] != pad_id].tolist(), chunk_id]
+        rows.append(seq + [eos_id])
+        members.append(list(range(first, first + size)) + [-1] * (max(sizes) - size))
+        first += size
+    ids = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
+    for g, seq in enumerate(rows):
+        ids[g, : len(seq)] = torch.tensor(seq)
+    return ids.to(captions.device), torch.tensor(members, dtype=torch.long, device=captions.device)
+
+
+def interleaved_labels(ids: torch.Tensor, image_id: int, pad_id: int = PAD_ID) -> torch.Tensor:
+    """Targets of an interleaved sequence: the ids, IGNORE_INDEX at ``<image>`` markers and padding (text only)."""
+    return ids.masked_fill((ids == image_id) | (ids == pad_id), IGNORE_INDEX)
+
+
+# ----------------------------------------------------------------------------------------------- the method
+
+
+def _tensor_digests(module: nn.Module) -> dict[str, str]:
+    return {k: hashlib.sha256(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+            for k, v in module.state_dict().items()}
+
+
+def _open_gpt(config: RunConfig) -> GPTPromptLM:
+    spec = config.method.lm.init
+    if spec is None:
+        raise ConfigError("method 'flamingo' wraps a frozen causal LM: set method.lm.init to a gpt run folder")
+    lm = open_causal_lm(spec)
+    if not isinstance(lm, GPTPromptLM):
+        raise ConfigError(f"method 'flamingo' wraps fewshot's gpt runs only; {lm.name} (a Hugging Face causal LM) is not wired yet")
+    return lm
+
+
+class Flamingo(Method):
+    """Frozen image tower → Perceiver Resampler → gated cross-attention into a frozen GPT; loss on text tokens."""
+
+    config_class = FlamingoConfig
+    inputs = ("images", "tokens")
+
+    @classmethod
+    def caption_tokenizer(cls, config: RunConfig) -> Any:
+        """The LM's tokenizer: what the run's captions are tokenized with."""
+        return _open_gpt(config).tokenizer
+
+    def __init__(self, config: RunConfig) -> None:
+        super().__init__()
+        m = config.method
+        if m.image.init is None:
+            raise ConfigError("method 'flamingo' reads a frozen image tower: set method.image.init=RUN_DIR (e.g. a clip-scenes run)")
+        self.encoder = self.build_encoder(config)
+        theirs, state, _ = _image_tower_weights(m.image.init)
+        check_same_image_tower(config, theirs, m.image.init)
+        self.encoder.load_state_dict(state)
+        self.encoder.requires_grad_(False)
+        gpt = _open_gpt(config)
+        self.tokenizer, self.lm_name = gpt.tokenizer, gpt.name
+        self.flamingo = FlamingoLM(gpt.model, image_token_width(self.encoder), m.latents, m.resampler_depth, m.resampler_heads,
+                                   m.cross_every, m.cross_heads, m.mlp_ratio)
+        self.max_images = m.max_images
+        seq_len = getattr(config.data, "seq_len", None)
+        if seq_len is not None and 2 + m.max_images * (seq_len + 2) > self.flamingo.context:
+            need = 2 + m.max_images * (seq_len + 2)
+            raise ConfigError(f"a training sequence of {m.max_images} captioned images ([BOS], then <image> + {seq_len} caption tokens + "
+                              f"<|endofchunk|> each, [EOS]) needs up to {need} positions, {need - self.flamingo.context} more than "
+                              f"{gpt.name}'s context of {self.flamingo.context}: lower method.max_images")
+        self._frozen = {"encoder": _tensor_digests(self.encoder), "flamingo.lm": _tensor_digests(self.flamingo.lm)}
+        self._register_state_dict_hook(_refuse_moved_frozen_parts)
+        self.train()
+
+    def train(self, mode: bool = True) -> "Flamingo":
+        super().train(mode)
+        self.encoder.eval()  # frozen: BatchNorm statistics stay as loaded
+        return self
+
+    def frozen_changes(self) -> list[str]:
+        """Names of the frozen tensors (image tower, LM) that differ from what was loaded."""
+        parts = {"encoder": self.encoder, "flamingo.lm": self.flamingo.lm}
+        return [f"{part}.{name}" for part, module in parts.items()
+                for name, digest in _tensor_digests(module).items() if self._frozen[part].get(name) != digest]
+
+    # ------------------------------------------------------------------ the parts
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen tower's token features (B, S, D_v) of images (B, C, H, W)."""
+        with torch.no_grad():
+            return image_token_features(self.encoder, images)
+
+    def sequence_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The token features (1, N, S, D_v) of one sequence's images (N, C, H, W); N may be 0."""
+        if len(images):
+            return self.image_features(images)[None]
+        return images.new_zeros(1, 0, 1, self.flamingo.resampler.latents.shape[1])
+
+    def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        f = self.flamingo
+        sizes = draw_group_sizes(batch["images"].shape[0], self.max_images, generator)
+        ids, members = interleave_captions(batch["tokens"], sizes, f.image_id, f.chunk_id)
+        features = self.image_features(batch["images"])
+        grouped = features[members.clamp(min=0)] * (members >= 0)[:, :, None, None].to(features.dtype)
+        logits = f(ids, grouped, (members >= 0).sum(dim=1))
+        return caption_loss(logits, interleaved_labels(ids, f.image_id)), {"images_per_sequence": float((members >= 0).sum(1).float().mean())}
+
+    # ------------------------------------------------------------------ in-context use
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """[BOS] then the LM's ids of ``text``, with ``<image>`` and ``<|endofchunk|>`` as their new ids."""
+        ids = [BOS_ID]
+        for piece in re.split(f"({re.escape(IMAGE_TOKEN)}|{re.escape(END_OF_CHUNK_TOKEN)})", text):
+            if piece == IMAGE_TOKEN:
+                ids.append(self.flamingo.image_id)
+            elif piece == END_OF_CHUNK_TOKEN:
+                ids.append(self.flamingo.chunk_id)
+            elif piece:
+                ids += self.tokenizer.encode(piece, add_special_tokens=False).ids
+        return ids
+
+    @torch.no_grad()
+    def next_token_logits(self, images: torch.Tensor, prompt_ids: list[int]) -> torch.Tensor:
+        """Logits (V + 2,) of the token after an interleaved prompt whose ``<image>`` markers are ``images`` (N, C, H, W)."""
+        features = self.sequence_features(images)
+        return self.flamingo(torch.tensor([prompt_ids], device=images.device), features)[0, -1]
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, prompt_ids: list[int], max_tokens: int, use_cache: bool = True) -> list[int]:
+        """Greedy continuation (ids) of an interleaved prompt whose ``<image>`` markers are ``images`` (N, C, H, W), in
+        order; stops before [EOS] or ``<|endofchunk|>`` or after ``max_tokens``; ``<image>`` is never generated.
+        ``use_cache=False`` recomputes the whole sequence at each step instead (the same ids)."""
+        f = self.flamingo
+        if max_tokens < 1:
+            raise ConfigError(f"max_tokens must be ≥ 1, got {max_tokens}")
+        need = len(prompt_ids) + max_tokens - 1
+        if need > f.context:
+            raise ConfigError(f"an interleaved sequence of {need} positions (prompt and answer) is {need - f.context} longer "
+                              f"than {self.lm_name}'s context of {f.context}")
+        was = self.training
+        self.eval()
+        features = self.sequence_features(images)
+        ids = torch.tensor([prompt_ids], device=images.device)
+        f.check_markers(ids, torch.full((1,), len(images), dtype=torch.long, device=ids.device))
+        logits, state = f.step(ids, f.start(features))
+        out: list[int] = []
+        for t in range(max_tokens):
+            last = logits[0, -1].clone()
+            last[f.image_id] = float("-inf")
+            token = int(last.argmax())
+            if token in (EOS_ID, f.chunk_id):
+                break
+            out.append(token)
+            if t == max_tokens - 1:
+                break
+            if use_cache:
+                logits, state = f.step(torch.tensor([[token]], device=images.device), state)
+            else:
+                logits = f(torch.tensor([prompt_ids + out], device=images.device), features)
+        self.train(was)
+        return out
+
+    def generate_text(self, images: torch.Tensor, prompt: str, max_tokens: int) -> str:
+        """Greedy text after ``prompt`` (``<image>`` marks where each of ``images`` (N, C, H, W) goes)."""
+        return self.tokenizer.decode(self.generate(images, self.encode_prompt(prompt), max_tokens), skip_special_tokens=True).strip()
+
+    @property
+    def text_tokenizer(self) -> Any:
+        return self.tokenizer
+
+
+def _refuse_moved_frozen_parts(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, local_metadata: Any) -> None:
+    """Every checkpoint goes through ``state_dict``: refuse it when a frozen tensor moved (the weights are not Flamingo's)."""
+    changed = module.frozen_changes()
+    if changed:
+        raise CheckpointError(f"refusing to save: {len(changed)} frozen tensor(s) changed in training (first: {changed[0]}); "
+                              "Flamingo's image tower and language model must stay bit-identical")

@@ -1,0 +1,312 @@
+"""Flamingo over a frozen GPT: gated blocks at initialisation give exactly the frozen LM's logits; text before the first
+image is bit-identical whatever the images; the media mask against a hand-written one; the frozen LM and image tower
+bit-identical after training through the one trainer (a moved LM is refused at save); the KV cache equals
+recomputation; the bad-input errors; the Perceiver Resampler against a loop transcription of its attention. Each
+guarded property has a broken variant asserted to fail it."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fewshot.config import load_config
+from fewshot.data.scenes import captions_for, heldout_pairs, sample_scenes, seen_pairs
+from fewshot.data.token_ids import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID
+from fewshot.data.tokenizer import save_tokenizer, train_tokenizer
+from fewshot.errors import CheckpointError, ConfigError
+from fewshot.methods import build_method
+from fewshot.methods.flamingo import Flamingo, interleave_captions, interleaved_labels
+from fewshot.models import flamingo as flamingo_module
+from fewshot.models.flamingo import FlamingoLM, PerceiverResampler, media_mask
+from fewshot.models.language import GPT
+from fewshot.train.checkpoint import Checkpoint, save_checkpoint
+
+V, IMG, EOC = 50, 50, 51
+MEDIA = 8
+
+
+def _gpt(seed=0):
+    torch.manual_seed(seed)
+    gpt = GPT(V, max_len=24, dim=16, depth=2, heads=2)
+    with torch.no_grad():
+        for p in gpt.parameters():
+            if p.ndim > 1:
+                p.normal_(0, 0.3)
+    return gpt.eval()
+
+
+def _flamingo(gate_init=0.0, cross_every=1, seed=0):
+    gpt = _gpt(seed)
+    torch.manual_seed(seed + 1)
+    return FlamingoLM(gpt, MEDIA, latents=3, resampler_depth=2, resampler_heads=2, cross_every=cross_every, cross_heads=2,
+                      gate_init=gate_init).eval()
+
+
+def _features(images, seed):
+    return torch.randn(1, images, 4, MEDIA, generator=torch.Generator().manual_seed(seed))
+
+
+# before the first image: BOS 5 6 7; then two chunks
+IDS = torch.tensor([[BOS_ID, 5, 6, 7, IMG, 8, 9, EOC, IMG, 10, 11, EOC]])
+FIRST_IMAGE = 4
+
+
+# ------------------------------------------------------------------ (a) the frozen LM's logits at initialisation
+
+
+@pytest.mark.parametrize("cross_every", [1, 2])
+@pytest.mark.parametrize("variant", ["gates at 0", "a gate initialised at 0.5"])
+def test_at_initialisation_the_wrapped_model_gives_the_frozen_lms_logits(variant, cross_every):
+    f = _flamingo(gate_init=0.0 if variant == "gates at 0" else 0.5, cross_every=cross_every)
+    with torch.no_grad():
+        wrapped = f(IDS, _features(2, 0))
+        embeds = f.embed(IDS)  # the LM alone, fed the same input embeddings (the new tokens' included)
+        frozen = f.lm.logits(f.lm.encoder.hidden(torch.empty(1, 0, dtype=torch.long), prefix=embeds))
+    assert wrapped.shape == (1, IDS.shape[1], V + 2)
+    assert torch.equal(wrapped[..., :V], frozen) == (variant == "gates at 0")
+
+
+# ------------------------------------------------------------------ (b) text before the first image ignores every image
+
+
+def _trained_like(f):
+    """Gates open and the gated blocks' weights moved, as after training, so images do change later positions."""
+    with torch.no_grad():
+        for block in f.gated:
+            block.attn_gate.fill_(1.0)
+            block.ff_gate.fill_(1.0)
+            for p in block.parameters():
+                if p.ndim > 1:
+                    p.normal_(0, 0.5)
+    return f
+
+
+@pytest.mark.parametrize("variant", ["media mask", "every token sees every image"])
+def test_text_before_the_first_image_is_bit_identical_whatever_the_images(monkeypatch, variant):
+    if variant == "every token sees every image":  # negative control: no media mask
+        monkeypatch.setattr(flamingo_module, "media_mask", lambda ids, image_id, images, latents, before=None:
+                            torch.ones(ids.shape[0], ids.shape[1], images * latents, dtype=torch.bool))
+    f = _trained_like(_flamingo())
+    with torch.no_grad():
+        one, other = f(IDS, _features(2, 0)), f(IDS, _features(2, 1) * 3)
+    assert not torch.equal(one[:, FIRST_IMAGE:], other[:, FIRST_IMAGE:])  # the images are used after their markers
+    assert torch.equal(one[:, :FIRST_IMAGE], other[:, :FIRST_IMAGE]) == (variant == "media mask")
+
+
+# ------------------------------------------------------------------ (c) the media mask
+
+
+def test_the_media_mask_equals_a_hand_written_one():
+    ids = torch.tensor([[BOS_ID, 5, IMG, 6, EOC, IMG, 7, EOC]])
+    want = [[0, 0, 0, 0],  # BOS: before any image
+            [0, 0, 0, 0],  # 5
+            [1, 1, 0, 0],  # <image> 1 sees its own latents
+            [1, 1, 0, 0],
+            [1, 1, 0, 0],  # <|endofchunk|> still in chunk 1
+            [0, 0, 1, 1],  # <image> 2
+            [0, 0, 1, 1],
+            [0, 0, 1, 1]]
+    assert media_mask(ids, IMG, images=2, latents=2).int().tolist() == [want]
+    # a cached continuation after one marker: its text still belongs to image 1 until the next marker
+    later = torch.tensor([[6, IMG, 7]])
+    assert media_mask(later, IMG, 2, 2, images_before=torch.tensor([1])).int().tolist() == [[[1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]]
+
+
+@torch.no_grad()
+def test_the_masked_cross_attention_zeroes_text_without_an_image_and_matches_a_loop():
+    f = _trained_like(_flamingo())
+    block = f.gated[0]
+    torch.manual_seed(3)
+    x, media = torch.randn(1, 4, 16), torch.randn(1, 6, MEDIA)
+    mask = torch.tensor([[[0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1], [1, 1, 1, 0, 0, 0]]], dtype=torch.bool)
+    out = flamingo_module.masked_cross_attention(block.attn, x, media, mask)
+    a, heads = block.attn, 2
+    q, kv = a.q(x)[0].double(), a.kv(media)[0].double()
+    k, v = kv[:, :16], kv[:, 16:]
+    for t in range(4):
+        if not mask[0, t].any():
+            assert torch.equal(out[0, t], torch.zeros(16))
+            continue
+        cat = []
+        for h in range(heads):
+            sl = slice(8 * h, 8 * h + 8)
+            keys = [j for j in range(6) if mask[0, t, j]]
+            scores = torch.tensor([float(q[t, sl] @ k[j, sl]) / math.sqrt(8) for j in keys], dtype=torch.float64)
+            w = scores.softmax(0)
+            cat.append(sum(w[i] * v[j, sl] for i, j in enumerate(keys)))
+        want = torch.cat(cat) @ a.proj.weight.double().T + a.proj.bias.double()
+        assert torch.allclose(out[0, t].double(), want, atol=1e-5)
+
+
+# ------------------------------------------------------------------ (e) the KV cache
+
+
+@pytest.mark.parametrize("cuts", [[1], [3, 4, 5, 9], [4, 8]])
+def test_cached_incremental_decoding_equals_recomputation(cuts):
+    f = _trained_like(_flamingo())
+    features = _features(2, 0)
+    with torch.no_grad():
+        full = f(IDS, features)
+        state, pieces, edges = f.start(features), [], [0, *cuts, IDS.shape[1]]
+        for a, b in zip(edges[:-1], edges[1:]):
+            for t in range(a, b) if cuts == [1] else [a]:  # [1]: one token per step; else the chunks between the cuts
+                logits, state = f.step(IDS[:, t : t + 1] if cuts == [1] else IDS[:, a:b], state)
+                pieces.append(logits)
+    cached = torch.cat(pieces, dim=1)
+    assert cached.shape == full.shape and torch.allclose(cached, full, atol=1e-5)
+
+
+# ------------------------------------------------------------------ (f) bad input
+
+
+def test_bad_input_is_one_line():
+    f = _flamingo()
+    with pytest.raises(ConfigError, match=r"row 0 has 2 <image> marker\(s\) but 3 image\(s\)") as err:
+        f(IDS, _features(3, 0))
+    assert "\n" not in str(err.value)
+    long = torch.tensor([[BOS_ID, IMG] + [5] * 25])
+    with pytest.raises(ConfigError, match="an interleaved sequence of 27 positions is 3 longer than the language model's context of 24"):
+        f(long, _features(1, 0))
+    state = f.start(_features(1, 0))
+    _, state = f.step(IDS[:, :6], state)
+    with pytest.raises(ConfigError, match=r"more <image> markers \(2\) than images \(1\)"):
+        f.step(IDS[:, 6:], state)
+
+
+# ------------------------------------------------------------------ (g) the resampler
+
+
+@torch.no_grad()
+def test_the_resampler_latents_attend_to_the_features_and_themselves():
+    torch.manual_seed(0)
+    r = PerceiverResampler(MEDIA, latents=3, depth=2, heads=2)
+    features = torch.randn(2, 5, MEDIA)
+    assert r(features).shape == (2, 3, MEDIA)
+    layer, latents = r.layers[0], r.latents.expand(2, -1, -1)
+    out = layer(features, latents)
+    # a loop transcription of one layer: queries from LN_l(latents); keys/values from [LN_m(features); LN_l(latents)]
+    a = layer.attn
+    for b in range(2):
+        lat = layer.norm_latents(latents[b]).double()
+        kv_in = torch.cat([layer.norm_media(features[b]).double(), lat])  # 5 + 3 keys
+        q = lat @ a.q.weight.double().T + a.q.bias.double()
+        kv = kv_in @ a.kv.weight.double().T + a.kv.bias.double()
+        k, v = kv[:, :MEDIA], kv[:, MEDIA:]
+        for i in range(3):
+            heads = []
+            for h in range(2):
+                sl = slice(4 * h, 4 * h + 4)
+                w = torch.tensor([float(q[i, sl] @ k[j, sl]) / 2.0 for j in range(8)], dtype=torch.float64).softmax(0)
+                heads.append(sum(w[j] * v[j, sl] for j in range(8)))
+            attended = latents[b, i].double() + torch.cat(heads) @ a.proj.weight.double().T + a.proj.bias.double()
+            want = attended + layer.ff(attended.float()[None])[0].double()
+            assert torch.allclose(out[b, i].double(), want, atol=1e-5)
+    # and the latents' own keys matter: with the latents' part of the keys removed, the output differs
+    features_only = a(layer.norm_latents(latents), context=layer.norm_media(features))
+    assert not torch.allclose(out, latents + features_only + layer.ff(latents + features_only), atol=1e-4)
+
+
+# ------------------------------------------------------------------ training sequences
+
+
+def test_captions_interleave_into_sequences_with_text_only_labels():
+    captions = torch.tensor([[5, 6, PAD_ID], [7, PAD_ID, PAD_ID], [8, 9, 10]])
+    ids, members = interleave_captions(captions, [2, 1], IMG, EOC)
+    assert ids.tolist() == [[BOS_ID, IMG, 5, 6, EOC, IMG, 7, EOC, EOS_ID],
+                            [BOS_ID, IMG, 8, 9, 10, EOC, EOS_ID, PAD_ID, PAD_ID]]
+    assert members.tolist() == [[0, 1], [2, -1]]
+    I = IGNORE_INDEX
+    assert interleaved_labels(ids, IMG).tolist() == [[BOS_ID, I, 5, 6, EOC, I, 7, EOC, EOS_ID],
+                                                     [BOS_ID, I, 8, 9, 10, EOC, EOS_ID, I, I]]
+
+
+# ------------------------------------------------------------------ (d) the method through the one trainer
+
+CORPUS = "\n".join(c for s in sample_scenes(np.random.default_rng(0), 40, (1, 2), seen_pairs(heldout_pairs(0)))
+                   for c in captions_for(s, np.random.default_rng(1)))
+IMAGE = ["data.source=text", "data.image_size=16", "data.channels=3", "data.seq_len=8", "data.vocab_size=300",
+         "encoder.options={width: 8}", "train.channels_last=false"]
+
+
+def _save_run(config, method, tokenizer):
+    tensors = {f"model.{k}": v for k, v in method.state_dict().items()}
+    save_checkpoint(config.run_dir / "checkpoints" / "last", Checkpoint(config.model_dump(mode="json"), 1, tensors, {}))
+    save_tokenizer(tokenizer, config.run_dir)
+    return config.run_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    torch.manual_seed(0)
+    gpt_config = load_config(overrides=["method=gpt", "data.source=text", "data.seq_len=32", "data.vocab_size=300", "encoder=text-transformer",
+                                        "encoder.options={dim: 16, depth: 2, heads: 2}", "name=gpt", f"out={root}"])
+    clip_config = load_config(overrides=[*IMAGE, "method=clip", "method.embed_dim=8", "method.text={dim: 16, depth: 1, heads: 2}",
+                                         "name=clip", f"out={root}"])
+    return {"gpt": _save_run(gpt_config, build_method(gpt_config), train_tokenizer(CORPUS, 300)),
+            "clip": _save_run(clip_config, build_method(clip_config), train_tokenizer(CORPUS, 300))}
+
+
+def _config(runs, root, *overrides):
+    return load_config(overrides=[*IMAGE, "method=flamingo", f"method.image.init={runs['clip']}", f"method.lm.init={runs['gpt']}",
+                                  "method.latents=2", "method.resampler_depth=1", "method.resampler_heads=2", "method.cross_heads=2",
+                                  "method.max_images=2", f"out={root}", "name=flamingo", "train.steps=3", "train.batch_size=8",
+                                  "train.warmup_steps=1", "train.lr=0.01", "train.accelerator=cpu", "train.devices=1", *overrides])
+
+
+def _pairs(tokenizer):
+    from fewshot.data.pairs import pair_set
+    from fewshot.data.scenes import make_pool
+
+    pool = make_pool(10, size=16, objects=(1, 2), seed=0)
+    return pair_set(pool.images, pool.row_image, pool.row_caption, tokenizer, context=8)
+
+
+@pytest.mark.parametrize("variant", ["frozen", "lm left trainable"])
+def test_the_frozen_parts_are_bit_identical_after_training(runs, tmp_path, monkeypatch, variant):
+    from fewshot.run import Run
+    from fewshot.train.trainer import pretrain
+
+    if variant == "lm left trainable":  # negative control: the LM learns too, and the checkpoint is refused
+        init = Flamingo.__init__
+
+        def unfrozen(self, config):
+            init(self, config)
+            self.flamingo.lm.requires_grad_(True)
+
+        monkeypatch.setattr(Flamingo, "__init__", unfrozen)
+    config = _config(runs, tmp_path)
+    before = build_method(config).state_dict()
+    method = build_method(config)
+    if variant == "lm left trainable":
+        with pytest.raises(CheckpointError, match=r"refusing to save: \d+ frozen tensor\(s\) changed in training \(first: flamingo\.lm\.") as err:
+            pretrain(config, _pairs(method.text_tokenizer), progress=False)
+        assert "\n" not in str(err.value)
+        return
+    pretrain(config, _pairs(method.text_tokenizer), progress=False)
+    after = Run.open(config.run_dir).method().state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    frozen = {k for k in before if k.startswith(("encoder.", "flamingo.lm."))}
+    assert not changed & frozen
+    for part in ("flamingo.resampler.", "flamingo.gated.", "flamingo.new_tokens."):
+        assert any(k.startswith(part) for k in changed), part
+    assert {k for k in changed if k.endswith("_gate")}  # the tanh gates opened
+
+
+def test_generation_cached_equals_recomputed_and_the_prompt_is_checked(runs, tmp_path):
+    method = build_method(_config(runs, tmp_path)).eval()
+    _trained_like(method.flamingo)
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    prompt = "<image>a red circle.<|endofchunk|><image>"
+    ids = method.encode_prompt(prompt)
+    f = method.flamingo
+    assert ids[0] == BOS_ID and ids[1] == f.image_id and ids.count(f.image_id) == 2 and f.chunk_id in ids
+    cached = method.generate(images, ids, 6)
+    assert cached == method.generate(images, ids, 6, use_cache=False)
+    assert f.image_id not in cached and method.next_token_logits(images, ids).shape == (f.vocab_size + 2,)
+    assert isinstance(method.generate_text(images, prompt, 3), str)
+    with pytest.raises(ConfigError, match=r"1 <image> marker\(s\) but 2 image\(s\)"):
+        method.generate(images, method.encode_prompt("<image>a red circle."), 4)
+    with pytest.raises(ConfigError, match="longer than"):
+        method.generate(images, ids, f.context)
