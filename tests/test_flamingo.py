@@ -310,3 +310,22 @@ def test_generation_cached_equals_recomputed_and_the_prompt_is_checked(runs, tmp
         method.generate(images, method.encode_prompt("<image>a red circle."), 4)
     with pytest.raises(ConfigError, match="longer than"):
         method.generate(images, ids, f.context)
+
+
+def test_the_in_context_model_lays_out_pieces_as_in_training(runs, tmp_path):
+    from fewshot.methods.flamingo import FlamingoInContext
+
+    method = build_method(_config(runs, tmp_path))
+    _trained_like(method.flamingo)
+    model, f, tok = FlamingoInContext(method, "flamingo"), method.flamingo, method.tokenizer
+    pieces = ["<image>", "a dax.", "<image>", "what?", "a"]
+    enc = lambda text: tok.encode(text, add_special_tokens=False).ids  # noqa: E731
+    assert model.prompt_ids(pieces) == [BOS_ID, f.image_id, *enc("a dax."), f.chunk_id, f.image_id, *enc("what?"), *enc(" a")]
+    images = list(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+    model.image_size = 16
+    text = model.next_text(images, pieces, 5)
+    assert isinstance(text, str) and text == FlamingoInContext(method, "flamingo", use_cache=False).next_text(images, pieces, 5)
+    with pytest.raises(ConfigError, match=r"2 <image> marker\(s\) but 1 image\(s\)"):
+        model.next_text(images[:1], pieces, 5)
+    with pytest.raises(ConfigError, match="too many; use fewer shots"):
+        model.next_text(images, pieces, f.context)

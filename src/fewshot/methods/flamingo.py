@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -42,7 +43,7 @@ from fewshot.models.causal_lm import GPTPromptLM, open_causal_lm
 from fewshot.models.flamingo import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, FlamingoLM, image_token_features, image_token_width
 from fewshot.objectives.captioning import caption_loss
 
-__all__ = ["Flamingo", "FlamingoConfig", "draw_group_sizes", "interleave_captions", "interleaved_labels"]
+__all__ = ["Flamingo", "FlamingoConfig", "FlamingoInContext", "draw_group_sizes", "interleave_captions", "interleaved_labels"]
 
 
 class _Section(BaseModel):
@@ -219,10 +220,12 @@ class Flamingo(Method):
         return self.flamingo(torch.tensor([prompt_ids], device=images.device), features)[0, -1]
 
     @torch.no_grad()
-    def generate(self, images: torch.Tensor, prompt_ids: list[int], max_tokens: int, use_cache: bool = True) -> list[int]:
+    def generate(self, images: torch.Tensor, prompt_ids: list[int], max_tokens: int, use_cache: bool = True,
+                 stops: Sequence[str] = ()) -> list[int]:
         """Greedy continuation (ids) of an interleaved prompt whose ``<image>`` markers are ``images`` (N, C, H, W), in
-        order; stops before [EOS] or ``<|endofchunk|>`` or after ``max_tokens``; ``<image>`` is never generated.
-        ``use_cache=False`` recomputes the whole sequence at each step instead (the same ids)."""
+        order; stops before [EOS] or ``<|endofchunk|>``, after a token whose text completes one of ``stops``, or after
+        ``max_tokens``; ``<image>`` is never generated. ``use_cache=False`` recomputes the whole sequence at each step
+        instead (the same ids)."""
         f = self.flamingo
         if max_tokens < 1:
             raise ConfigError(f"max_tokens must be ≥ 1, got {max_tokens}")
@@ -244,7 +247,7 @@ class Flamingo(Method):
             if token in (EOS_ID, f.chunk_id):
                 break
             out.append(token)
-            if t == max_tokens - 1:
+            if t == max_tokens - 1 or stops and any(s in self.tokenizer.decode(out, skip_special_tokens=True) for s in stops):
                 break
             if use_cache:
                 logits, state = f.step(torch.tensor([[token]], device=images.device), state)
@@ -260,6 +263,53 @@ class Flamingo(Method):
     @property
     def text_tokenizer(self) -> Any:
         return self.tokenizer
+
+
+class FlamingoInContext:
+    """A Flamingo method as the in-context protocol's model (``fewshot icl vl-eval``): ``next_text(images, pieces,
+    max_tokens)`` continues a prompt of text pieces and ``<image>`` markers, one image (C, H, W) in [0, 1] per marker.
+
+    The prompt is laid out as in training: [BOS], each marker as ``<image>``, a text piece right after a marker with no
+    leading space (as a caption after ``<image>``), any other text piece after a space, and ``<|endofchunk|>`` closing
+    each text piece that a marker follows. Greedy decoding stops at [EOS], ``<|endofchunk|>`` or once the text holds a
+    ``.``, ``?`` or newline."""
+
+    stops = (".", "?", "\n")
+    image_size = 32  # what its tower reads; a run's own size when opened from a run
+
+    def __init__(self, method: Flamingo, name: str, use_cache: bool = True) -> None:
+        self.method, self.name, self.use_cache = method.eval(), name, use_cache
+        self.context = method.flamingo.context
+
+    def single_token(self, word: str) -> bool:
+        return len(self.method.tokenizer.encode(" " + word, add_special_tokens=False).ids) == 1
+
+    def check_fits(self, length: int, max_tokens: int) -> None:
+        need = length + max_tokens - 1  # the last generated token is never fed back
+        if need > self.context:
+            raise ConfigError(f"the interleaved prompt needs {need} positions ({length} prompt + {max_tokens - 1} generated) but "
+                              f"{self.method.lm_name} holds {self.context}: {need - self.context} too many; use fewer shots or repeats")
+
+    def prompt_ids(self, pieces: Sequence[str]) -> list[int]:
+        f, tok = self.method.flamingo, self.method.tokenizer
+        ids = [BOS_ID]
+        for j, piece in enumerate(pieces):
+            if piece == IMAGE_TOKEN:
+                if j and pieces[j - 1] != IMAGE_TOKEN:
+                    ids.append(f.chunk_id)
+                ids.append(f.image_id)
+            else:
+                text = piece if j == 0 or pieces[j - 1] == IMAGE_TOKEN else " " + piece
+                ids += tok.encode(text, add_special_tokens=False).ids
+        return ids
+
+    @torch.no_grad()
+    def next_text(self, images: Sequence[torch.Tensor], pieces: Sequence[str], max_tokens: int) -> str:
+        ids = self.prompt_ids(pieces)
+        self.check_fits(len(ids), max_tokens)
+        stacked = torch.stack(list(images)) if len(images) else torch.zeros(0, 3, self.image_size, self.image_size)
+        out = self.method.generate(stacked, ids, max_tokens, self.use_cache, self.stops)
+        return self.method.tokenizer.decode(out, skip_special_tokens=True)
 
 
 def _refuse_moved_frozen_parts(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, local_metadata: Any) -> None:
