@@ -18,6 +18,8 @@ from pydantic import Field
 from fewshot.data.types import Batch
 from fewshot.config import MethodConfig, RunConfig
 from fewshot.data.masking import bert_mask, causal_targets, span_mask
+from fewshot.data.scratchpad import SOURCE as ARITHMETIC, ScratchpadDataConfig
+from fewshot.data.token_ids import PAD_ID
 from fewshot.data.tokenizer import BOS_ID, CLS_ID, MASK_ID, SPECIAL_TOKENS
 from fewshot.errors import ConfigError
 from fewshot.methods.base import Method
@@ -32,7 +34,7 @@ SPECIAL_IDS = tuple(range(len(SPECIAL_TOKENS)))
 def build_text_tower(config: RunConfig, causal: bool) -> TextTransformer:
     """The registry's text tower sized by ``encoder.options`` {dim, depth, heads, mlp_ratio}; vocabulary and context from ``data``."""
     name = config.method.name
-    if config.data.source != "text":
+    if config.data.source != "text" and not (causal and config.data.source == ARITHMETIC):
         raise ConfigError(f"method '{name}' pre-trains on text; set data.source=text (got {config.data.source})")
     if config.encoder.name != TEXT_ENCODER:
         raise ConfigError(f"method '{name}' builds a {TEXT_ENCODER}; set encoder.name={TEXT_ENCODER} (got {config.encoder.name})")
@@ -54,11 +56,24 @@ class MLMConfig(MethodConfig):
     )
 
 
+def shift_right(tokens: torch.Tensor, targets: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row moved s_b places right, s_b uniform in 0..(its trailing [PAD] count): row'_t = row_{(t − s_b) mod T},
+    so the wrapped-around padding lands in front (tokens [PAD], targets ignored)."""
+    free = (tokens == PAD_ID).flip(1).long().cumprod(1).sum(1)  # trailing [PAD]s of each row
+    shift = (torch.rand(len(tokens), generator=generator) * (free + 1).float()).long().clamp(max=free).to(tokens.device)
+    source = (torch.arange(tokens.shape[1], device=tokens.device) - shift[:, None]) % tokens.shape[1]
+    return tokens.gather(1, source), targets.gather(1, source)
+
+
 class CausalLM(Method):
     """GPT (Radford et al. 2018): maximise Σ_t log p(x_t | x_<t). The window gets [BOS] first, so
-    inputs [BOS], x_1..x_{L−1} predict x_1..x_L (``causal_targets``) under causal attention."""
+    inputs [BOS], x_1..x_{L−1} predict x_1..x_L (``causal_targets``) under causal attention.
 
-    inputs = ("tokens",)
+    On ``data.source=arithmetic`` the batch brings its own [BOS]-led inputs and targets (the prompt's
+    positions ignored: :func:`fewshot.data.scratchpad.encode_example`), and with ``data.random_offsets``
+    each row starts at a random position (:func:`shift_right`), its left padding masked out of attention."""
+
+    inputs: tuple[str, ...] = ("tokens",)
 
     @classmethod
     def build_encoder(cls, config: RunConfig) -> TextTransformer:
@@ -68,12 +83,22 @@ class CausalLM(Method):
         super().__init__()
         self.encoder = self.build_encoder(config)
         self.head = torch.nn.Identity()  # GPT's head is the tied decoder alone
+        self.given_targets = isinstance(config.data, ScratchpadDataConfig)
+        self.random_offsets = self.given_targets and config.data.random_offsets
+        if self.given_targets:
+            self.inputs = ("tokens", "targets")
 
     def language_model(self) -> LanguageModel:
         return LanguageModel(self.encoder, self.head)
 
     def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         tokens = batch["tokens"]
+        if self.given_targets:
+            targets = batch["targets"]
+            if self.random_offsets:
+                tokens, targets = shift_right(tokens, targets, generator)
+                return token_cross_entropy(self.language_model()(tokens, padding_mask=tokens == PAD_ID), targets), {}
+            return token_cross_entropy(self.language_model()(tokens), targets), {}
         shifted = causal_targets(prepend(tokens, BOS_ID))
         return token_cross_entropy(self.language_model()(shifted.inputs), shifted.targets), {}
 
