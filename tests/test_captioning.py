@@ -255,12 +255,12 @@ def test_clipcap_captions_and_the_caption_command(runs, tmp_path, capsys):
 
 @pytest.mark.parametrize("variant", ["untied copies", "shared storage"])
 def test_a_hugging_face_lm_with_tied_embeddings_trains_saves_and_reopens(runs, hf_folder, tmp_path, monkeypatch, variant):
-    from fewshot.methods import clipcap
+    from fewshot.methods import prefix_captioning
     from fewshot.run import Run
     from fewshot.train.trainer import pretrain
 
     if variant == "shared storage":  # negative control: the state as torch gives it, both names on one tensor
-        monkeypatch.setattr(clipcap, "_untie", lambda *args: None)
+        monkeypatch.setattr(prefix_captioning, "untie", lambda *args: None)
     config = _clipcap_config(runs, tmp_path, "hf", f"method.lm.init={hf_folder['with-eos']}", "method.lm.tune=true")
     method = build_method(config)
     lm = method.language_model.model

@@ -73,6 +73,7 @@ def init_runs(tmp_path_factory):
         folders[name] = config.run_dir
     return {"clipcap": ["encoder=conv4", "encoder.options={width: 8}", f"method.image.init={folders['image']}",
                         f"method.lm.init={folders['gpt']}", "method.prefix_length=2"],
+            "frozen": ["encoder=conv4", "encoder.options={width: 8}", f"method.lm.init={folders['gpt']}"],
             "flamingo": ["encoder=conv4", "encoder.options={width: 8}", f"method.image.init={folders['image']}",
                          f"method.lm.init={folders['gpt']}", "method.max_images=1", "method.latents=2", "method.resampler_depth=1"]}
 

@@ -121,6 +121,14 @@ def cmd_data(args: argparse.Namespace) -> None:
         noisy = ", ".join(f"{k} {v}" for k, v in out["noise_rows"].items() if v) or "none"
         _emit(args, out, f"{out['images']} scenes, {out['rows']} captioned rows (noise: {noisy}) in {out['out']}; manifest: {out['manifest']}")
         return
+    if args.action == "scene-corpus":
+        from fewshot.data.vl_prompts import write_scene_corpus
+
+        if not args.out:
+            raise FewshotError("fewshot data scene-corpus needs --out FILE (a new file)")
+        out = write_scene_corpus(args.out, args.n, args.episodes, args.seed)
+        _emit(args, out, f"{out['captions']} captions and {out['episodes']} text episodes ({out['characters']} characters) in {out['out']}")
+        return
     if args.action == "filter":
         from fewshot import api
         from fewshot.data.filters import report_text
@@ -225,6 +233,15 @@ def cmd_icl_cot(args: argparse.Namespace) -> None:
     _emit(args, out, text)
 
 
+def cmd_icl_vl_eval(args: argparse.Namespace) -> None:
+    from fewshot.evaluate.vl_in_context import open_in_context_model, vl_eval, vl_table
+
+    model = open_in_context_model(args.run)
+    out = vl_eval(model, args.categories, args.ways, args.shots, args.repeats, [v == "on" for v in args.induction], args.names,
+                  args.episodes, args.seed, not args.no_test_blind, args.vqa_shots, size=model.image_size, grid=args.grid)
+    _emit(args, out, vl_table(out))
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
@@ -278,11 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides of configs/quickstart.yaml")
 
     p = add("data", cmd_data, "describe or download data; generate captioned scenes; filter image-caption pairs")
-    p.add_argument("action", choices=["info", "download", "scenes", "filter"])
+    p.add_argument("action", choices=["info", "download", "scenes", "scene-corpus", "filter"])
     p.add_argument("name", nargs="?", help="digits, omniglot or folder (info, download); the manifest (filter)")
     p.add_argument("--path", help="data path (zip or folder)")
     p.add_argument("--root", default="data", help="download folder (download only)")
-    p.add_argument("--n", type=int, default=50000, help="scenes: images to generate")
+    p.add_argument("--n", type=int, default=50000, help="scenes: images to generate; scene-corpus: captions")
+    p.add_argument("--episodes", type=int, default=20000, help="scene-corpus: text binding episodes (the caption LM's corpus)")
     p.add_argument("--size", type=int, default=32, help="scenes: image side in pixels")
     p.add_argument("--objects", default="1-3", help="scenes: objects per image, N or MIN-MAX")
     p.add_argument("--seed", type=int, default=0, help="scenes: seed of every draw")
@@ -323,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     icl = sub.add_parser("icl", help="in-context learning: a meta-trained regression run; few-shot prompts of a language model",
                          description="in-context learning: `icl evaluate RUN` (a meta-trained regression run), `icl prompt MODEL` (few-shot prompting), "
-                                     "`icl compare MODEL` (ICL against LoRA, (IA)³ and probes), `icl cot MODEL` (chain-of-thought prompting)")
+                                     "`icl compare MODEL` (ICL against LoRA, (IA)³ and probes), `icl cot MODEL` (chain-of-thought prompting), "
+                                     "`icl vl-eval RUN` (images in context: Frozen's open-ended protocol)")
     icl_sub = icl.add_subparsers(dest="action", required=True)
 
     def add_icl(name: str, func, help: str) -> argparse.ArgumentParser:
@@ -375,6 +394,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7, help="self-consistency: sampling temperature")
     p.add_argument("--top-k", type=int, default=40, help="self-consistency: sample among the top-k ids")
     p.add_argument("--cot-shots", type=int, default=8, help="worked examples with rationales (few-shot-cot, self-consistency)")
+
+    p = add_icl("vl-eval", cmd_icl_vl_eval, "images in context: Frozen's open-ended few-shot protocol and Fast-VQA on a frozen run, "
+                "with the test-blind baseline (exact match ± 95% CI)")
+    p.add_argument("run", help="a frozen (or clipcap) run folder")
+    p.add_argument("--categories", nargs="+", default=["shapes", "colours", "novel-shapes", "omniglot"], help="shapes, colours, novel-shapes, omniglot")
+    p.add_argument("--ways", type=int, nargs="+", default=[2, 5], help="N of N-way")
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 3, 5], help="inner shots: distinct support images per class")
+    p.add_argument("--repeats", type=int, nargs="+", default=[0, 1, 3, 5], help="extra presentations of the support block")
+    p.add_argument("--induction", nargs="+", choices=["on", "off"], default=["on", "off"], help="task induction ('answer with dax or blicket.')")
+    p.add_argument("--names", nargs="+", choices=["nonce", "real"], default=["nonce", "real"], help="nonce words or the classes' real names")
+    p.add_argument("--grid", choices=["frozen", "product"], default="frozen", help="frozen: Frozen's seven columns among the values; product: every combination")
+    p.add_argument("--vqa-shots", type=int, nargs="*", default=[0, 1, 3, 5], help="Fast-VQA: shots per named shape (none: skip)")
+    p.add_argument("--episodes", type=int, default=100, help="seeded episodes per cell (one query each; the CI is over episodes)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the episodes")
+    p.add_argument("--no-test-blind", action="store_true", help="leave out the test-blind rows (blank images)")
 
     p = add("zeroshot", cmd_zeroshot, "zero-shot accuracy of an image-text run from class names and prompt templates")
     p.add_argument("run", help="an image-text run folder (method=clip) or checkpoint file")

@@ -16,6 +16,7 @@ from fewshot.methods.base import Method
 from fewshot.methods.clipcap import ClipCap
 from fewshot.methods.contrastive import CONTRASTIVE_METHODS, TwoViewMethod
 from fewshot.methods.episodic import EPISODIC_METHODS
+from fewshot.methods.frozen import Frozen
 from fewshot.methods.flamingo import Flamingo
 from fewshot.methods.icl_classify import ICLClassify
 from fewshot.methods.in_context import ICLRegression
@@ -40,7 +41,7 @@ def register_method(name: str, method_class: type[Method]) -> type[Method]:
 
 for _name, _cls in {**CONTRASTIVE_METHODS, **MOMENTUM_METHODS, **EPISODIC_METHODS, "autoencoder": Autoencoder, "mae": MAE,
                     **LANGUAGE_METHODS, "time-contrastive": TimeContrastive, "nnclr": NNCLR,
-                    "clip": CLIP, "coca": CoCa, "clipcap": ClipCap, "flamingo": Flamingo, "icl-regression": ICLRegression, "icl-classify": ICLClassify}.items():
+                    "clip": CLIP, "coca": CoCa, "clipcap": ClipCap, "frozen": Frozen, "flamingo": Flamingo, "icl-regression": ICLRegression, "icl-classify": ICLClassify}.items():
     register_method(_name, _cls)
 
 

@@ -31,20 +31,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fewshot.config import MethodConfig, RunConfig
-from fewshot.data.token_ids import PAD_ID
-from fewshot.data.types import Batch
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.io import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, read_file_pair
-from fewshot.methods.base import Method
+from fewshot.methods.prefix_captioning import PrefixCaptioner, open_caption_lm
 from fewshot.methods.vision_language import check_same_image_tower
-from fewshot.models.prefix_lm import PrefixLM, beam_search, greedy, nucleus, open_prefix_lm
 from fewshot.models.transformer import TokenTrunk
-from fewshot.objectives.captioning import append_eos, caption_labels, caption_loss
 
 __all__ = ["ClipCap", "ClipCapConfig", "MLPMapper", "TransformerMapper"]
-
-DECODINGS = ("greedy", "beam", "nucleus")
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -110,16 +103,10 @@ def _image_tower_weights(path: str) -> tuple[dict[str, Any], dict[str, torch.Ten
     return meta["config"], encoder, tensors.get("model.image_projection.weight")
 
 
-class ClipCap(Method):
+class ClipCap(PrefixCaptioner):
     """Frozen image embedding → mapper → k prefix embeddings → the causal LM's caption cross-entropy."""
 
     config_class = ClipCapConfig
-    inputs = ("images", "tokens")
-
-    @classmethod
-    def caption_tokenizer(cls, config: RunConfig) -> Any:
-        """The LM's tokenizer (a ``tokenizers.Tokenizer``): what the run's captions are tokenized with."""
-        return _open_lm(config).tokenizer
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__()
@@ -129,15 +116,11 @@ class ClipCap(Method):
         self.encoder = self.build_encoder(config)
         self.image_projection = self._load_image_tower(config, m.image.init)
         self.encoder.requires_grad_(False)
-        self.language_model = _open_lm(config)
-        link = self.language_model
+        self.language_model = link = open_caption_lm(config)
         if not m.lm.tune:
-            link.model.requires_grad_(False)
-        self.tune_lm = m.lm.tune
-        seq_len = getattr(config.data, "seq_len", None)
-        if seq_len is not None:
-            link.check_fits(m.prefix_length, seq_len + 1)  # caption ⊕ EOS
-        self.max_tokens = (seq_len or link.context - len(link.start_ids) - m.prefix_length) + 1
+            self.freeze_lm()
+        self.prefix_length = m.prefix_length
+        self.set_max_tokens(config)
         embed_dim = self.encoder.dim if self.image_projection is None else self.image_projection.out_features
         if m.mapper == "mlp":
             self.mapper: nn.Module = MLPMapper(embed_dim, link.dim, m.prefix_length)
@@ -146,8 +129,6 @@ class ClipCap(Method):
                 raise ConfigError(f"method.mapper_heads={m.mapper_heads} must divide the LM's width {link.dim}")
             self.mapper = TransformerMapper(embed_dim, link.dim, m.prefix_length, m.mapped_tokens or m.prefix_length,
                                             m.mapper_depth, m.mapper_heads)
-        self.prefix_length = m.prefix_length
-        self._register_state_dict_hook(_untie)
         self.train()
 
     def _load_image_tower(self, config: RunConfig, path: str) -> nn.Linear | None:
@@ -163,8 +144,6 @@ class ClipCap(Method):
     def train(self, mode: bool = True) -> "ClipCap":
         super().train(mode)
         self.encoder.eval()  # frozen: BatchNorm statistics stay as loaded
-        if not getattr(self, "tune_lm", True):
-            self.language_model.eval()
         return self
 
     # ------------------------------------------------------------------ the parts
@@ -178,69 +157,3 @@ class ClipCap(Method):
     def prefix(self, images: torch.Tensor) -> torch.Tensor:
         """The k prefix embeddings (B, k, D) of images."""
         return self.mapper(self.image_embedding(images))
-
-    def caption_logits(self, prefix: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Logits (B, s + k + L, V) at every position of start ids ⊕ prefix ⊕ ``ids`` (B, L)."""
-        sequence = torch.cat([self.language_model.prefix_sequence(prefix), self.language_model.embed(ids).to(prefix.dtype)], dim=1)
-        return self.language_model.step(sequence)[0]
-
-    # ------------------------------------------------------------------ the step
-
-    def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        link = self.language_model
-        prefix = self.prefix(batch["images"])
-        ids = append_eos(batch["tokens"], link.eos_id, PAD_ID)
-        logits = self.caption_logits(prefix, ids)
-        return caption_loss(logits, caption_labels(len(link.start_ids) + self.prefix_length, ids, PAD_ID)), {}
-
-    # ------------------------------------------------------------------ captioning
-
-    @torch.no_grad()
-    def caption_images(self, images: torch.Tensor, decoding: str = "greedy", max_tokens: int | None = None, beams: int = 5,
-                       top_p: float = 0.9, temperature: float = 1.0, generator: torch.Generator | None = None) -> list[str]:
-        """Captions of images (B, C, H, W) in [0, 1]: ``greedy``, ``beam`` (``beams`` wide) or ``nucleus`` (``top_p``)."""
-        if decoding not in DECODINGS:
-            raise ConfigError(f"unknown decoding '{decoding}'; choose {', '.join(DECODINGS)}")
-        was = self.training
-        self.eval()
-        prefix, n = self.prefix(images), max_tokens or self.max_tokens
-        link = self.language_model
-        if decoding == "greedy":
-            ids = greedy(link, prefix, n)
-        elif decoding == "beam":
-            ids = beam_search(link, prefix, n, beams)
-        else:
-            ids = nucleus(link, prefix, n, top_p, temperature, generator)
-        self.train(was)
-        return [link.decode(row).strip() for row in ids]
-
-    @property
-    def text_tokenizer(self) -> Any:
-        """The LM's tokenizer: the run's captions are its ids (as a pre-trained text tower's in CLIP)."""
-        return self.language_model.tokenizer
-
-
-def _untie(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, local_metadata: Any) -> None:
-    """A tensor stored under two names (a Hugging Face LM's tied input and output embeddings) is saved as two copies:
-    safetensors refuses shared storage, and loading writes the same values into the one tied parameter."""
-    seen: set[int] = set()
-    for key, value in state.items():
-        if value.untyped_storage().data_ptr() in seen:
-            state[key] = value.clone()
-        else:
-            seen.add(value.untyped_storage().data_ptr())
-
-
-def _open_lm(config: RunConfig) -> PrefixLM:
-    m = config.method
-    if m.lm.init is None:
-        raise ConfigError("method 'clipcap' needs a causal LM: set method.lm.init to a gpt run folder, a Hugging Face "
-                          "causal LM folder or smollm2")
-    link = open_prefix_lm(m.lm.init)
-    if link.eos_id == PAD_ID:
-        raise ConfigError(f"{link.name}'s EOS is id {PAD_ID}, the id caption pairs pad with: the end of a caption would read as padding")
-    pad = link.tokenizer.get_added_tokens_decoder().get(PAD_ID)
-    if pad is None or not pad.special:  # captions are padded with id 0: it must never be a word of a caption
-        raise ConfigError(f"{link.name}'s tokenizer has a text token at id {PAD_ID}, the id caption pairs pad with; "
-                          "use an LM whose id 0 is a special token (fewshot's gpt runs, SmolLM2)")
-    return link

@@ -1,0 +1,304 @@
+"""Images in context: nonce names, the scene world's text corpus for a caption LM, and seeded image–text episodes.
+
+Frozen's open-ended few-shot protocol (Tsimpoukelli et al. 2021, §4.2) on this project's data. An episode is
+N classes ("ways"), ``shots`` distinct support images per class ("inner shots"), the support block shown
+``1 + repeats`` times (each time in a fresh seeded order), then one query image of one of the classes. Each
+support image is followed by ``this is a NAME.``; the query by ``q: what is this? a: this is a`` and the answer
+is the query class's NAME. Names are nonce words (:data:`NONCE_NAMES`, bound to classes afresh in each
+episode) or the classes' real names; task induction puts ``answer with dax or blicket.`` first. A prompt is a
+list of pieces, each a text or the marker :data:`IMAGE`, and the images that fill the markers in order.
+
+The Fast-VQA-style task: ``shots`` one-object images of each of 2 shapes named with nonce words, then a
+two-object query scene (one object of each shape, in two different colours) and ``q: what colour is the dax?
+a:``; the answer is the colour of the query's object of that shape. With 0 shots the name is unexplained and
+only the colours of the query image can be guessed (chance 1/2 among them).
+
+Texts are lowercase: the scene captions are, and a caption LM has never seen a capital letter.
+
+The corpus of the caption LM (:func:`scene_corpus`): the pool's captions plus text-only binding episodes in the
+very layout of the prompts, each image replaced by a description of its object ("a small red circle. this is a
+zobi. ... a large blue circle. q: what is this? a: this is a zobi."), Fast-VQA in text, and "a red circle is a
+dax ... what is the red circle? a dax" statements. Training episodes take their names from a generated glossary
+(:func:`glossary`) that excludes the evaluation names, so no evaluation name is learned as a word.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fewshot.data.scenes import COLOURS, FEWSHOT_SHAPES, PRETRAIN_SHAPES, SIZES, Obj, Scene, _article, _one_object, _place, make_pool, render
+from fewshot.errors import DataError
+from fewshot.io import atomic_write
+
+__all__ = [
+    "CATEGORIES", "IMAGE", "NONCE_NAMES", "VLEpisode", "VLImages", "category_images", "count_images", "fast_vqa_episode", "glossary",
+    "induction_text", "open_ended_episode", "scene_corpus", "write_scene_corpus",
+]
+
+IMAGE = "<image>"  # the marker a prompt piece uses for "one image goes here"
+SUPPORT = "this is a {name}."
+QUERY = "q: what is this? a: this is a"
+VQA_QUERY = "q: what colour is the {name}? a:"
+CATEGORIES = ("shapes", "colours", "novel-shapes", "omniglot")
+OMNIGLOT_DEFAULT = "omniglot/images_background_small1.zip"
+
+
+def _nonce_list() -> list[str]:
+    return resources.files("fewshot.data").joinpath("words", "nonce.txt").read_text().split()
+
+
+NONCE_NAMES: tuple[str, ...] = tuple(_nonce_list())  # dax, wug, blicket, zorp, toma, fep: the evaluation's made-up names
+
+
+def glossary(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct made-up words (CVC, CVCV, CVCVC and CCVCV patterns over 14 consonants and 5 vowels), none of
+    them an evaluation name or a word of the scene world: the names of the corpus's training episodes."""
+    consonants, vowels, clusters = "bdfgklmnprstvz", "aeiou", ("bl", "gr", "st", "tr", "fl", "sk")
+    taken = set(NONCE_NAMES) | set(PRETRAIN_SHAPES) | set(FEWSHOT_SHAPES) | set(COLOURS) | set(SIZES)
+    rng = np.random.default_rng([seed, 40])
+    words: list[str] = []
+    while len(words) < n:
+        pattern = ("cvc", "cvcv", "cvcvc", "kvcv")[int(rng.integers(4))]
+        word = "".join(str(rng.choice(list(vowels))) if p == "v" else str(rng.choice(clusters)) if p == "k" else str(rng.choice(list(consonants)))
+                       for p in pattern)
+        if word not in taken:
+            taken.add(word)
+            words.append(word)
+    return words
+
+
+def induction_text(names: list[str]) -> str:
+    """Frozen's task induction: ``answer with dax or blicket.`` (``a, b or c`` for more names)."""
+    return f"answer with {', '.join(names[:-1])} or {names[-1]}."
+
+
+def count_images(pieces: list[str]) -> int:
+    return sum(p == IMAGE for p in pieces)
+
+
+# ----------------------------------------------------------------------------- episodes
+
+
+@dataclass(frozen=True)
+class VLEpisode:
+    """One interleaved prompt: ``pieces`` (texts and :data:`IMAGE` markers), ``images`` (indices into the image
+    set, one per marker, in order), the ``answer`` and the episode's ``names`` (what induction lists)."""
+
+    pieces: tuple[str, ...]
+    images: tuple[int, ...]
+    answer: str
+    names: tuple[str, ...]
+
+
+def _support_pieces(order: list[tuple[int, str]]) -> tuple[list[str], list[int]]:
+    pieces, images = [], []
+    for index, name in order:
+        pieces += [IMAGE, SUPPORT.format(name=name)]
+        images.append(index)
+    return pieces, images
+
+
+def open_ended_episode(labels: np.ndarray, class_names: list[str], way: int, shots: int, repeats: int, induction: bool,
+                       nonce: bool, seed: int, i: int) -> VLEpisode:
+    """Episode ``i`` of the seed: ``way`` classes drawn without replacement, ``shots`` support images and one query
+    image per episode (support and query distinct), all from ``np.random.default_rng([seed, i, 41])``; so the
+    same (seed, i) draws the same classes, images and names whatever ``repeats``, ``induction`` and ``nonce``.
+    Nonce names are the first ``way`` of a seeded permutation of :data:`NONCE_NAMES`."""
+    if way > len(NONCE_NAMES):
+        raise DataError(f"{way}-way needs {way} nonce names, there are {len(NONCE_NAMES)}")
+    if repeats < 0 or shots < 1:
+        raise DataError(f"shots must be ≥ 1 and repeats ≥ 0, got {shots} and {repeats}")
+    rng = np.random.default_rng([seed, i, 41])
+    classes = np.unique(labels)
+    if way > len(classes):
+        raise DataError(f"{way}-way needs {way} classes, the image set has {len(classes)}")
+    chosen = rng.choice(classes, size=way, replace=False)
+    members = [np.flatnonzero(labels == c) for c in chosen]
+    if min(len(m) for m in members) < shots + 1:
+        raise DataError(f"{shots} shots and a query need {shots + 1} images per class, a class has {min(len(m) for m in members)}")
+    target = int(rng.integers(way))
+    picks = [rng.choice(m, size=shots + 1, replace=False) for m in members]
+    nonce_names = [NONCE_NAMES[j] for j in rng.permutation(len(NONCE_NAMES))[:way]]
+    names = nonce_names if nonce else [class_names[int(c)] for c in chosen]
+    support = [(int(picks[c][s]), names[c]) for c in range(way) for s in range(shots)]
+    pieces: list[str] = [induction_text(names)] if induction else []
+    images: list[int] = []
+    for block in range(1 + repeats):
+        order = [support[j] for j in np.random.default_rng([seed, i, 42, block]).permutation(len(support))]
+        p, im = _support_pieces(order)
+        pieces += p
+        images += im
+    pieces += [IMAGE, QUERY]
+    images.append(int(picks[target][shots]))
+    return VLEpisode(tuple(pieces), tuple(images), names[target], tuple(names))
+
+
+def _vqa_scene(rng: np.random.Generator, shapes: list[str], colours: list[str]) -> Scene | None:
+    sizes = [("small", "large")[int(rng.integers(2))] for _ in shapes]
+    centres = _place(rng, sizes)
+    return None if centres is None else Scene([Obj(s, c, z, x, y) for s, c, z, (x, y) in zip(shapes, colours, sizes, centres)])
+
+
+def fast_vqa_episode(shots: int, seed: int, i: int, size: int = 32, way: int = 2) -> tuple[VLEpisode, torch.Tensor]:
+    """Fast-VQA episode ``i``: ``way`` pre-training shapes named with nonce words by ``shots`` one-object images each
+    (random colours), then a ``way``-object query scene of those shapes in distinct random colours and the question
+    about one name. Returns the episode (image indices into the returned images) and the images (M, 3, S, S) in [0, 1]."""
+    rng = np.random.default_rng([seed, i, 43])
+    shapes = [PRETRAIN_SHAPES[j] for j in rng.choice(len(PRETRAIN_SHAPES), size=way, replace=False)]
+    names = [NONCE_NAMES[j] for j in rng.permutation(len(NONCE_NAMES))[:way]]
+    palette = list(COLOURS)
+    support = [(_one_object(rng, s, palette[int(rng.integers(len(palette)))]), names[c]) for c, s in enumerate(shapes) for _ in range(shots)]
+    support = [support[j] for j in rng.permutation(len(support))]
+    query = None
+    while query is None:
+        colours = [palette[j] for j in rng.choice(len(palette), size=way, replace=False)]
+        query = _vqa_scene(rng, shapes, colours)
+    target = int(rng.integers(way))
+    pieces, _ = _support_pieces([(k, name) for k, (_, name) in enumerate(support)])
+    pieces += [IMAGE, VQA_QUERY.format(name=names[target])]
+    scenes = [s for s, _ in support] + [query]
+    images = torch.from_numpy(render(scenes, size).astype(np.float32) / 255)
+    return VLEpisode(tuple(pieces), tuple(range(len(scenes))), colours[target], tuple(names)), images
+
+
+# ----------------------------------------------------------------------------- evaluation images
+
+
+@dataclass
+class VLImages:
+    """An image set for episodes: images (N, 3, S, S) float in [0, 1], labels (N,), each class's real name."""
+
+    images: torch.Tensor
+    labels: np.ndarray
+    class_names: list[str]
+
+
+def _one_object_set(pairs: list[tuple[str, str]], per_class: int, key: int, size: int, seed: int, by: str) -> VLImages:
+    rng = np.random.default_rng([seed, key])
+    scenes, labels = [], []
+    classes = sorted({s if by == "shape" else c for s, c in pairs}, key=[s if by == "shape" else c for s, c in pairs].index)
+    for k, name in enumerate(classes):
+        options = [p for p in pairs if (p[0] if by == "shape" else p[1]) == name]
+        for _ in range(per_class):
+            s, c = options[int(rng.integers(len(options)))]
+            scenes.append(_one_object(rng, s, c))
+            labels.append(k)
+    return VLImages(torch.from_numpy(render(scenes, size).astype(np.float32) / 255), np.array(labels), classes)
+
+
+def category_images(category: str, per_class: int, size: int = 32, seed: int = 0, omniglot: str | os.PathLike[str] | None = None,
+                    omniglot_classes: int = 20) -> VLImages:
+    """The classes of one evaluation category, ``per_class`` one-object images each: ``shapes`` (the 8 pre-training
+    shapes, any colour), ``colours`` (the 8 colours, any pre-training shape), ``novel-shapes`` (the 8 reserved shapes,
+    never drawn nor named in pre-training), ``omniglot`` (the first ``omniglot_classes`` characters of
+    ``$FEWSHOT_DATA/omniglot/images_background_small1.zip`` (or ``omniglot``), ink white on black, grey in all 3
+    channels; real names "character N"). Raises DataError when Omniglot is absent."""
+    if category == "shapes":
+        return _one_object_set([(s, c) for s in PRETRAIN_SHAPES for c in COLOURS], per_class, 44, size, seed, "shape")
+    if category == "colours":
+        return _one_object_set([(s, c) for s in PRETRAIN_SHAPES for c in COLOURS], per_class, 45, size, seed, "colour")
+    if category == "novel-shapes":
+        return _one_object_set([(s, c) for s in FEWSHOT_SHAPES for c in COLOURS], per_class, 46, size, seed, "shape")
+    if category == "omniglot":
+        from fewshot.data.sources import load_omniglot, resolve_data_path
+
+        chars = load_omniglot(resolve_data_path(omniglot, OMNIGLOT_DEFAULT), size)
+        keep = np.flatnonzero(chars.labels.numpy() < omniglot_classes)
+        rng = np.random.default_rng([seed, 47])
+        idx = np.concatenate([rng.permutation(keep[chars.labels.numpy()[keep] == c])[:per_class] for c in range(omniglot_classes)])
+        images = chars.images[torch.from_numpy(idx)].float()
+        images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+        return VLImages(images.contiguous(), chars.labels.numpy()[idx], [f"character {c + 1}" for c in range(omniglot_classes)])
+    raise DataError(f"unknown category '{category}'; known: {', '.join(CATEGORIES)}")
+
+
+# ----------------------------------------------------------------------------- the caption LM's corpus
+
+
+def _describe(o: Obj) -> str:
+    return f"{_article(o.size)} {o.size} {o.colour} {o.shape}."
+
+
+def _text_episode(rng: np.random.Generator, names_pool: list[str]) -> str:
+    """One open-ended episode in text: each image replaced by its object's description."""
+    by = ("shape", "colour")[int(rng.integers(2))]
+    way, shots, repeats = int(rng.integers(2, 6)), int(rng.choice([1, 1, 2, 3, 5])), int(rng.choice([0, 0, 0, 1, 2]))
+    values = PRETRAIN_SHAPES if by == "shape" else tuple(COLOURS)
+    classes = [values[j] for j in rng.choice(len(values), size=way, replace=False)]
+    real = rng.random() < 0.2
+    names = classes if real else [names_pool[j] for j in rng.choice(len(names_pool), size=way, replace=False)]
+
+    def obj(c: str) -> Obj:
+        other = PRETRAIN_SHAPES if by == "colour" else tuple(COLOURS)
+        o = str(other[int(rng.integers(len(other)))])
+        shape, colour = (c, o) if by == "shape" else (o, c)
+        return Obj(shape, colour, ("small", "large")[int(rng.integers(2))], 0.5, 0.5)
+
+    support = [(obj(c), names[k]) for k, c in enumerate(classes) for _ in range(shots)]
+    parts = [induction_text(names)] if rng.random() < 0.5 else []
+    for _ in range(1 + repeats):
+        for j in rng.permutation(len(support)):
+            parts += [_describe(support[j][0]), SUPPORT.format(name=support[j][1])]
+    target = int(rng.integers(way))
+    parts += [_describe(obj(classes[target])), f"{QUERY} {names[target]}."]
+    return " ".join(parts)
+
+
+def _text_vqa(rng: np.random.Generator, names_pool: list[str]) -> str:
+    """Fast-VQA in text: named shapes, then a two-object description and the colour question."""
+    shots = int(rng.integers(1, 4))
+    shapes = [PRETRAIN_SHAPES[j] for j in rng.choice(len(PRETRAIN_SHAPES), size=2, replace=False)]
+    names = [names_pool[j] for j in rng.choice(len(names_pool), size=2, replace=False)]
+    palette = list(COLOURS)
+    support = [(Obj(s, palette[int(rng.integers(8))], ("small", "large")[int(rng.integers(2))], 0.5, 0.5), names[k])
+               for k, s in enumerate(shapes) for _ in range(shots)]
+    parts = []
+    for j in rng.permutation(len(support)):
+        parts += [_describe(support[j][0]), SUPPORT.format(name=support[j][1])]
+    colours = [palette[j] for j in rng.choice(8, size=2, replace=False)]
+    order = rng.permutation(2)
+    parts.append(f"a {colours[order[0]]} {shapes[order[0]]} and a {colours[order[1]]} {shapes[order[1]]}.")
+    target = int(rng.integers(2))
+    parts.append(f"{VQA_QUERY.format(name=names[target])} {colours[target]}.")
+    return " ".join(parts)
+
+
+def _statement(rng: np.random.Generator, names_pool: list[str]) -> str:
+    """The glossary's binding statements: "a red circle is a dax. a blue star is a blicket. what is the red circle? a dax."."""
+    way = int(rng.integers(2, 5))
+    pairs = [(str(PRETRAIN_SHAPES[s]), palette) for s, palette in zip(rng.choice(8, size=way, replace=False),
+                                                                     [list(COLOURS)[j] for j in rng.choice(8, size=way)])]
+    names = [names_pool[j] for j in rng.choice(len(names_pool), size=way, replace=False)]
+    parts = [f"a {c} {s} is a {n}." for (s, c), n in zip(pairs, names)]
+    k = int(rng.integers(way))
+    parts.append(f"what is the {pairs[k][1]} {pairs[k][0]}? a {names[k]}.")
+    return " ".join(parts)
+
+
+def scene_corpus(captions: int, episodes: int, seed: int = 0, glossary_size: int = 300) -> str:
+    """The caption LM's corpus, one line each, shuffled: ``captions`` captions of a scene pool (1–2 objects, seen
+    pairs only, no images drawn) and ``episodes`` text episodes (half open-ended, a quarter Fast-VQA, a quarter
+    binding statements) named from :func:`glossary`."""
+    pool = make_pool(max(1, captions // 3), objects=(1, 2), seed=seed, draw=False)
+    lines = list(pool.row_caption[:captions])
+    names = glossary(glossary_size, seed)
+    rng = np.random.default_rng([seed, 48])
+    makers = (_text_episode, _text_episode, _text_vqa, _statement)
+    lines += [makers[int(rng.integers(4))](rng, names) for _ in range(episodes)]
+    return "\n".join(lines[j] for j in rng.permutation(len(lines))) + "\n"
+
+
+def write_scene_corpus(out: str | os.PathLike[str], captions: int = 30000, episodes: int = 20000, seed: int = 0) -> dict[str, object]:
+    """:func:`scene_corpus` written to ``out`` (a new file); what was written."""
+    path = Path(out)
+    if path.exists():
+        raise DataError(f"'{path}' exists; the corpus goes to a new file")
+    text = scene_corpus(captions, episodes, seed)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+    return {"out": str(path), "captions": captions, "episodes": episodes, "characters": len(text), "seed": seed}

@@ -1,0 +1,281 @@
+"""Images in context: Frozen's open-ended few-shot protocol and the Fast-VQA-style task (``fewshot icl vl-eval``).
+
+Any model that continues an interleaved image–text prompt plugs in through :class:`InterleavedModel`:
+
+    next_text(images, pieces, max_tokens) -> str
+
+``pieces`` are texts and :data:`~fewshot.data.vl_prompts.IMAGE` markers, ``images`` a list of (C, H, W) tensors in
+[0, 1], one per marker in order; the model continues the prompt greedily. :class:`PrefixInContext` is a prefix
+model's side (Frozen): each image's k prefix embeddings inline where its marker stands, each text piece's token
+embeddings (``PrefixLM.embed``; every piece after the first begins with a space, as the words of the caption LM's
+corpus do), all after the LM's start ids, as one embedding sequence; greedy decoding continues it over the KV cache
+(``use_cache=False`` recomputes the whole sequence at every step; the two agree).
+
+Scoring is exact match: the generated text up to its first ``.``, ``?`` or newline, its first words against the
+answer's words (``dax``; ``character 3``). Accuracy is the mean ± 95% CI (:func:`~fewshot.evaluate.runner.mean_ci95`)
+over seeded episodes, one query each (:func:`~fewshot.data.vl_prompts.open_ended_episode`: the same seed and
+episode draw the same classes and images in every setting). Baselines: test-blind (:class:`BlankImages`: every
+image of the prompt replaced by a blank one) and train-blind (a run pre-trained with ``method.blind=true``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+
+from fewshot.data.vl_prompts import CATEGORIES, IMAGE, NONCE_NAMES, VLImages, category_images, count_images, fast_vqa_episode, open_ended_episode
+from fewshot.errors import ConfigError, DataError
+from fewshot.evaluate.runner import mean_ci95
+from fewshot.models.prefix_lm import Past, PrefixLM
+
+__all__ = [
+    "BlankImages", "InterleavedModel", "PrefixInContext", "Setting", "answer_matches", "evaluate_fast_vqa", "evaluate_open_ended",
+    "frozen_columns", "interleaved_embeddings", "nonce_warnings", "open_in_context_model", "vl_eval", "vl_table",
+]
+
+
+class InterleavedModel(Protocol):
+    """What the protocol asks of a model: a name, and the greedy continuation of an interleaved prompt."""
+
+    name: str
+
+    def next_text(self, images: Sequence[torch.Tensor], pieces: Sequence[str], max_tokens: int) -> str: ...
+
+
+def check_image_count(images: Sequence[torch.Tensor], pieces: Sequence[str]) -> None:
+    """A one-line DataError unless there is one image per :data:`IMAGE` marker."""
+    slots = count_images(list(pieces))
+    if len(images) != slots:
+        raise DataError(f"the prompt has {slots} image slot(s) ({IMAGE}) but {len(images)} image(s) were given")
+
+
+def interleaved_embeddings(link: PrefixLM, prefix: Callable[[torch.Tensor], torch.Tensor], images: Sequence[torch.Tensor],
+                           pieces: Sequence[str]) -> torch.Tensor:
+    """The prompt as one embedding sequence (1, T, D): the start ids' embeddings, then per piece either the next
+    image's k prefix embeddings ``prefix(images)`` (k, D) or the piece's token embeddings (a space before every
+    piece but the first)."""
+    check_image_count(images, pieces)
+    prefixes = prefix(torch.stack(list(images))) if images else None
+    parts = [link.embed(torch.tensor([link.start_ids], dtype=torch.long))[0]] if link.start_ids else []
+    next_image = 0
+    for j, piece in enumerate(pieces):
+        if piece == IMAGE:
+            parts.append(prefixes[next_image].to(parts[0].dtype if parts else prefixes.dtype))
+            next_image += 1
+        else:
+            ids = link.tokenizer.encode(piece if j == 0 else " " + piece, add_special_tokens=False).ids
+            parts.append(link.embed(torch.tensor([ids], dtype=torch.long))[0])
+    return torch.cat(parts, dim=0)[None]
+
+
+_STOPS = (".", "?", "\n")
+
+
+class PrefixInContext:
+    """A prefix model (Frozen: ``prefix`` = the trained encoder and linear map) over its frozen LM, as an
+    :class:`InterleavedModel`; greedy decoding stops at EOS or once the text holds a ``.``, ``?`` or newline."""
+
+    image_size = 32  # what its encoder reads; a run's own size when opened from a run
+
+    def __init__(self, link: PrefixLM, prefix: Callable[[torch.Tensor], torch.Tensor], name: str, use_cache: bool = True) -> None:
+        self.link, self.prefix, self.name, self.use_cache = link, prefix, name, use_cache
+
+    @property
+    def context(self) -> int:
+        return self.link.context
+
+    def single_token(self, word: str) -> bool:
+        return len(self.link.tokenizer.encode(" " + word, add_special_tokens=False).ids) == 1
+
+    def check_fits(self, length: int, max_tokens: int) -> None:
+        need = length + max_tokens - 1  # the last generated token is never fed back
+        if need > self.link.context:
+            raise DataError(f"the interleaved prompt needs {need} positions ({length} prompt + {max_tokens - 1} generated) but "
+                            f"{self.link.name} holds {self.link.context}: {need - self.link.context} too many; use fewer shots or repeats")
+
+    @torch.no_grad()
+    def logits(self, images: Sequence[torch.Tensor], pieces: Sequence[str], past: Past | None = None) -> tuple[torch.Tensor, Past]:
+        """Next-token logits at every position of the prompt (1, T, V) and its cache."""
+        return self.link.step(interleaved_embeddings(self.link, self.prefix, images, pieces), past)
+
+    @torch.no_grad()
+    def next_text(self, images: Sequence[torch.Tensor], pieces: Sequence[str], max_tokens: int) -> str:
+        sequence = interleaved_embeddings(self.link, self.prefix, images, pieces)
+        self.check_fits(sequence.shape[1], max_tokens)
+        logits, past = self.link.step(sequence)
+        generated: list[int] = []
+        for step in range(max_tokens):
+            token = int(logits[0, -1].argmax())
+            if token == self.link.eos_id:
+                break
+            generated.append(token)
+            if any(s in self.link.decode(generated) for s in _STOPS) or step == max_tokens - 1:
+                break
+            embedded = self.link.embed(torch.tensor([[token]], dtype=torch.long)).to(sequence.dtype)
+            if self.use_cache:
+                logits, past = self.link.step(embedded, past)
+            else:
+                sequence = torch.cat([sequence, embedded], dim=1)
+                logits, _ = self.link.step(sequence)
+        return self.link.decode(generated)
+
+
+class BlankImages:
+    """The test-blind baseline: ``model`` given a blank (all-zero) image in place of every image of the prompt."""
+
+    def __init__(self, model: InterleavedModel) -> None:
+        self.model, self.name = model, f"{model.name} (test-blind)"
+
+    def next_text(self, images: Sequence[torch.Tensor], pieces: Sequence[str], max_tokens: int) -> str:
+        return self.model.next_text([torch.zeros_like(x) for x in images], pieces, max_tokens)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+
+def answer_matches(generated: str, answer: str) -> bool:
+    """Exact match: the generated text up to its first ``.``, ``?`` or newline, its first words equal to the answer's."""
+    cut = len(generated)
+    for s in _STOPS:
+        if s in generated:
+            cut = min(cut, generated.index(s))
+    words, target = generated[:cut].split(), answer.split()
+    return words[: len(target)] == target
+
+
+def nonce_warnings(model: InterleavedModel, names: Sequence[str] = NONCE_NAMES) -> list[str]:
+    """A warning per nonce name that is one token of the model's vocabulary: a known word, not a made-up one."""
+    single = getattr(model, "single_token", None)
+    known = [w for w in names if single is not None and single(w)]
+    notes = [f"nonce name '{w}' is a single token of {model.name}'s vocabulary: it may already be a known word" for w in known]
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    return notes
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One cell of Frozen's table: N-way, inner shots, repeats, task induction, nonce or real names."""
+
+    way: int
+    shots: int
+    repeats: int
+    induction: bool
+    nonce: bool = True
+
+    @property
+    def label(self) -> str:
+        return f"{self.way}-way {'nonce' if self.nonce else 'real'} {'induction' if self.induction else 'no induction'} {self.shots} shot(s) {self.repeats} repeat(s)"
+
+
+def frozen_columns(way: int, nonce: bool = True) -> list[Setting]:
+    """Frozen's seven columns: no induction 1 shot; induction 1/3/5 shots; induction 1 shot with 1/3/5 repeats."""
+    return [Setting(way, 1, 0, False, nonce), *(Setting(way, s, 0, True, nonce) for s in (1, 3, 5)),
+            *(Setting(way, 1, r, True, nonce) for r in (1, 3, 5))]
+
+
+def _score(model: InterleavedModel, prompts: Sequence[tuple[list[torch.Tensor], Sequence[str], str]], max_tokens: int) -> dict[str, Any]:
+    hits = [float(answer_matches(model.next_text(images, pieces, max_tokens), answer)) for images, pieces, answer in prompts]
+    mean, ci = mean_ci95(hits)
+    return {"accuracy": 100 * mean, "ci95": 100 * ci, "episodes": len(hits)}
+
+
+def evaluate_open_ended(model: InterleavedModel, data: VLImages, settings: Sequence[Setting], episodes: int, seed: int = 0,
+                        max_tokens: int = 6) -> dict[str, dict[str, Any]]:
+    """Accuracy (%, mean ± 95% CI over ``episodes`` seeded episodes) of ``model`` in each setting on ``data``."""
+    out = {}
+    for s in settings:
+        drawn = [open_ended_episode(data.labels, data.class_names, s.way, s.shots, s.repeats, s.induction, s.nonce, seed, i)
+                 for i in range(episodes)]
+        out[s.label] = {**_score(model, [([data.images[j] for j in e.images], e.pieces, e.answer) for e in drawn], max_tokens),
+                        "way": s.way, "shots": s.shots, "repeats": s.repeats, "induction": s.induction, "names": "nonce" if s.nonce else "real"}
+    return out
+
+
+def evaluate_fast_vqa(model: InterleavedModel, shots: Sequence[int], episodes: int, seed: int = 0, size: int = 32,
+                      max_tokens: int = 4) -> dict[str, dict[str, Any]]:
+    """Fast-VQA accuracy (%, ± 95% CI) at each number of shots per named shape."""
+    out = {}
+    for k in shots:
+        prompts = []
+        for i in range(episodes):
+            episode, images = fast_vqa_episode(k, seed, i, size)
+            prompts.append(([images[j] for j in episode.images], episode.pieces, episode.answer))
+        out[str(k)] = {**_score(model, prompts, max_tokens), "shots": k}
+    return out
+
+
+# ----------------------------------------------------------------------------- a run, the command
+
+
+def open_in_context_model(path: str | Path) -> PrefixInContext:
+    """A Frozen run folder as an :class:`InterleavedModel` (eval mode)."""
+    from fewshot.run import Run
+
+    from fewshot.methods.prefix_captioning import PrefixCaptioner
+
+    run = Run.open(path)
+    method = run.method().eval()
+    if not isinstance(method, PrefixCaptioner):
+        raise ConfigError(f"'{path}' is a {run.config.method.name} run; icl vl-eval reads a run with an image prefix into a causal LM (frozen, clipcap)")
+    model = PrefixInContext(method.language_model, method.prefix, f"{run.config.method.name} run {Path(path).name}")
+    model.image_size = run.config.data.image_size
+    return model
+
+
+def vl_eval(model: InterleavedModel, categories: Sequence[str] = CATEGORIES, ways: Sequence[int] = (2, 5), shots: Sequence[int] = (1, 3, 5),
+            repeats: Sequence[int] = (0, 1, 3, 5), induction: Sequence[bool] = (True, False), names: Sequence[str] = ("nonce", "real"),
+            episodes: int = 100, seed: int = 0, test_blind: bool = True, vqa_shots: Sequence[int] = (0, 1, 3, 5),
+            per_class: int = 12, size: int = 32, grid: str = "frozen") -> dict[str, Any]:
+    """The protocol on each category (Omniglot skipped, with the reason, when absent) and Fast-VQA, for ``model`` and,
+    with ``test_blind``, the same model on blank images. ``grid="frozen"`` keeps Frozen's seven columns among the
+    given shots / repeats / induction values; ``"product"`` runs every combination."""
+    if grid not in ("frozen", "product"):
+        raise ConfigError(f"unknown grid '{grid}'; choose frozen or product")
+    unknown = [n for n in names if n not in ("nonce", "real")]
+    if unknown:
+        raise ConfigError(f"unknown names '{unknown[0]}'; choose nonce or real")
+    settings = [Setting(w, s, r, i, n == "nonce") for w in ways for n in names for i in induction for s in shots for r in repeats]
+    if grid == "frozen":
+        keep = {c for w in ways for n in names for c in frozen_columns(w, n == "nonce")}
+        settings = [s for s in settings if s in keep]
+    models = {"model": model, **({"test-blind": BlankImages(model)} if test_blind else {})}
+    out: dict[str, Any] = {"model": model.name, "episodes": episodes, "seed": seed, "warnings": nonce_warnings(model),
+                           "categories": {}, "skipped": {}, "fast_vqa": {}}
+    for category in categories:
+        try:
+            data = category_images(category, per_class, size, seed)
+        except DataError as exc:
+            if category != "omniglot":
+                raise
+            out["skipped"][category] = str(exc)
+            continue
+        usable = [s for s in settings if s.nonce or category != "omniglot"]  # Omniglot characters have no real names
+        out["categories"][category] = {row: evaluate_open_ended(m, data, usable, episodes, seed) for row, m in models.items()}
+    if vqa_shots:
+        out["fast_vqa"] = {row: evaluate_fast_vqa(m, vqa_shots, episodes, seed, size) for row, m in models.items()}
+    return out
+
+
+def vl_table(out: dict[str, Any]) -> str:
+    """One line per (category, row, setting) and per Fast-VQA row: accuracy ± CI."""
+    lines = [f"{out['model']}: exact-match accuracy (%, mean ± 95% CI over {out['episodes']} episodes, seed {out['seed']})"]
+    for category, rows in out["categories"].items():
+        for row, cells in rows.items():
+            for label, cell in cells.items():
+                lines.append(f"  {category:12s} {row:10s} {label:55s} {cell['accuracy']:5.1f} ± {cell['ci95']:4.1f}")
+    for category, reason in out["skipped"].items():
+        lines.append(f"  {category:12s} skipped: {reason}")
+    for row, cells in out["fast_vqa"].items():
+        lines.append(f"  fast-vqa     {row:10s} " + "  ".join(f"{k} shot(s) {c['accuracy']:5.1f} ± {c['ci95']:4.1f}" for k, c in cells.items()))
+    lines += [f"warning: {w}" for w in out["warnings"]]
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""Frozen (Tsimpoukelli et al. 2021) through the one trainer: the encoder learns, the LM stays bit-identical (a variant
+that leaves the LM trainable is refused before saving: the negative control), the prefix is the linear map of the
+encoder's output, train-blind never sees the images, and the scene corpus for the caption LM."""
+
+import pytest
+import torch
+
+from fewshot.config import load_config
+from fewshot.data.scenes import COLOURS, PRETRAIN_SHAPES
+from fewshot.data.tokenizer import save_tokenizer, train_tokenizer
+from fewshot.data.vl_prompts import NONCE_NAMES, glossary, scene_corpus
+from fewshot.errors import CheckpointError
+from fewshot.methods import build_method
+from fewshot.train.checkpoint import Checkpoint, save_checkpoint
+
+CORPUS = scene_corpus(300, 120, seed=0)
+IMAGE = ["data.image_size=16", "data.channels=3", "data.seq_len=12", "data.vocab_size=300", "encoder.options={width: 8}",
+         "train.channels_last=false"]
+
+
+def save_tiny_gpt(root, seq_len=96):
+    """A random tiny gpt run (dim 16, 2 layers) with a BPE tokenizer learned on the scene corpus, as a run folder."""
+    torch.manual_seed(0)
+    config = load_config(overrides=["method=gpt", "data.source=text", f"data.seq_len={seq_len}", "data.vocab_size=300", "encoder=text-transformer",
+                                    "encoder.options={dim: 16, depth: 2, heads: 2}", "name=gpt", f"out={root}"])
+    gpt = build_method(config)
+    tensors = {f"model.{k}": v for k, v in gpt.state_dict().items()}
+    save_checkpoint(config.run_dir / "checkpoints" / "last", Checkpoint(config.model_dump(mode="json"), 1, tensors, {}))
+    save_tokenizer(train_tokenizer(CORPUS, 300), config.run_dir)
+    return config.run_dir
+
+
+@pytest.fixture(scope="module")
+def gpt_run(tmp_path_factory):
+    return save_tiny_gpt(tmp_path_factory.mktemp("gpt"))
+
+
+def frozen_config(gpt_run, root, *overrides):
+    return load_config(overrides=["data.source=pairs", *IMAGE, "method=frozen", f"method.lm.init={gpt_run}", "name=frozen", f"out={root}",
+                                  "train.steps=3", "train.batch_size=8", "train.warmup_steps=1", "train.lr=0.01", "train.accelerator=cpu",
+                                  "train.devices=1", *overrides])
+
+
+def scene_pairs(tokenizer):
+    from fewshot.data.pairs import pair_set
+    from fewshot.data.scenes import make_pool
+
+    pool = make_pool(10, size=16, objects=(1, 2), seed=0)
+    return pair_set(pool.images, pool.row_image, pool.row_caption, tokenizer, context=12)
+
+
+@pytest.mark.parametrize("variant", ["frozen lm", "lm left trainable"])
+def test_the_lm_is_bit_identical_and_the_encoder_learns(gpt_run, tmp_path, monkeypatch, variant):
+    from fewshot.methods.frozen import Frozen
+    from fewshot.run import Run
+    from fewshot.train.trainer import pretrain
+
+    if variant == "lm left trainable":  # negative control: fingerprinted, but its gradient left on
+        original = Frozen.freeze_lm
+
+        def leave_trainable(self):
+            original(self)
+            self.language_model.model.requires_grad_(True)
+
+        monkeypatch.setattr(Frozen, "freeze_lm", leave_trainable)
+    config = frozen_config(gpt_run, tmp_path)
+    method = build_method(config)
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    if variant == "lm left trainable":
+        with pytest.raises(CheckpointError, match="frozen language model changed during training .* refusing to save"):
+            pretrain(config, scene_pairs(method.text_tokenizer), progress=False)
+        assert not (config.run_dir / "checkpoints" / "last.safetensors").exists()
+        return
+    pretrain(config, scene_pairs(method.text_tokenizer), progress=False)
+    after = Run.open(config.run_dir).method().state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not any(k.startswith("language_model.") for k in changed)
+    assert any(k.startswith("encoder.") and "weight" in k for k in changed) and {"to_prefix.weight", "to_prefix.bias"} <= changed
+
+
+def test_the_prefix_is_the_linear_map_of_the_encoder_output(gpt_run, tmp_path):
+    method = build_method(frozen_config(gpt_run, tmp_path)).eval()
+    images = torch.rand(3, 3, 16, 16)
+    prefix = method.prefix(images)
+    f = method.encoder(images)
+    by_hand = torch.stack([(method.to_prefix.weight @ f[b] + method.to_prefix.bias).view(2, -1) for b in range(3)])
+    assert prefix.shape == (3, 2, method.language_model.dim)
+    torch.testing.assert_close(prefix, by_hand, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("blind", [True, False])
+def test_train_blind_never_sees_the_images(gpt_run, tmp_path, blind):
+    method = build_method(frozen_config(gpt_run, tmp_path, f"method.blind={str(blind).lower()}")).eval()
+    tokens = scene_pairs(method.text_tokenizer).batch(torch.arange(4))["tokens"]
+    g = torch.Generator()
+    losses = [method({"images": torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(s)), "tokens": tokens}, g)[0] for s in (0, 1)]
+    assert torch.equal(losses[0], losses[1]) == blind  # the negative control (blind=false) does read its images
+
+
+def test_the_scene_corpus_binds_glossary_names_and_leaves_out_the_evaluation_names():
+    lines = CORPUS.splitlines()
+    assert len(lines) == 420 and scene_corpus(300, 120, seed=0) == CORPUS
+    words = set(CORPUS.replace(".", " ").replace("?", " ").replace(",", " ").split())
+    assert not words & set(NONCE_NAMES)
+    names = glossary(300)
+    assert len(set(names)) == 300 and not set(names) & (set(NONCE_NAMES) | set(PRETRAIN_SHAPES) | set(COLOURS))
+    episodes = [line for line in lines if "q: what is this? a: this is a" in line]
+    assert episodes
+    for line in episodes:  # the answer is the name that the query's description was bound to by an earlier item
+        *items, query = line.split(". q: what is this? a: this is a ")
+        answer = query.rstrip(".")
+        support = line.split(" q: ")[0]
+        assert f"this is a {answer}." in support

@@ -1,0 +1,217 @@
+"""Images in context: the interleaved prompt's embedding sequence against a hand-assembled one, the cache against
+recomputation, the test-blind baseline feeding blank images (a scripted model that reads them shows it), the seeded
+episode sampler and its answers, Fast-VQA's answers, bad input, and ``fewshot icl vl-eval``."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fewshot.cli import main
+from fewshot.data.scenes import COLOURS
+from fewshot.data.tokenizer import train_tokenizer
+from fewshot.data.vl_prompts import IMAGE, NONCE_NAMES, QUERY, VLImages, category_images, fast_vqa_episode, open_ended_episode
+from fewshot.errors import DataError
+from fewshot.evaluate.vl_in_context import (
+    BlankImages, PrefixInContext, Setting, answer_matches, evaluate_fast_vqa, evaluate_open_ended, interleaved_embeddings, nonce_warnings,
+)
+from fewshot.models.prefix_lm import GPTPrefixLM, open_prefix_lm
+from test_frozen import CORPUS, frozen_config, save_tiny_gpt, scene_pairs
+
+PIECES = ["answer with dax or blicket.", IMAGE, "this is a dax.", IMAGE, "this is a blicket.", IMAGE, QUERY]
+
+
+@pytest.fixture(scope="module")
+def link(tmp_path_factory):
+    return open_prefix_lm(save_tiny_gpt(tmp_path_factory.mktemp("gpt")))
+
+
+def pixel_prefix(link):
+    """A prefix that is a fixed function of the pixels: the first 2·D values of each image as 2 embeddings."""
+    return lambda images: images.flatten(1)[:, : 2 * link.dim].reshape(len(images), 2, link.dim)
+
+
+def images(n, seed=0):
+    return list(torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed)))
+
+
+# ------------------------------------------------------------------ the prompt as embeddings
+
+
+@pytest.mark.parametrize("order", ["as given", "images swapped"])
+def test_the_interleaved_sequence_equals_a_hand_assembled_one(link, order):
+    shown = images(3)
+    got = interleaved_embeddings(link, pixel_prefix(link), shown, PIECES)
+
+    def text(s):
+        return link.embed(torch.tensor([link.tokenizer.encode(s, add_special_tokens=False).ids]))[0]
+
+    def image(x):
+        return x.flatten()[: 2 * link.dim].view(2, link.dim)
+
+    placed = shown if order == "as given" else [shown[1], shown[0], shown[2]]  # negative control: a wrong order differs
+    by_hand = torch.cat([link.embed(torch.tensor([link.start_ids]))[0], text("answer with dax or blicket."), image(placed[0]),
+                         text(" this is a dax."), image(placed[1]), text(" this is a blicket."), image(placed[2]), text(" " + QUERY)])[None]
+    assert got.shape == by_hand.shape
+    assert torch.equal(got, by_hand) == (order == "as given")
+
+
+@pytest.mark.parametrize("cache", ["kept", "dropped"])
+def test_cached_and_recomputed_prompts_give_the_same_logits(link, cache):
+    model = PrefixInContext(link, pixel_prefix(link), "tiny")
+    shown = images(3)
+    whole, _ = model.logits(shown, PIECES)
+    sequence = interleaved_embeddings(link, pixel_prefix(link), shown, PIECES)
+    chunks, past, start = [], None, 0
+    for size in (1, 5, 2, 7, sequence.shape[1]):  # arbitrary cuts, across image and text pieces
+        piece = sequence[:, start : start + size]
+        if piece.shape[1] == 0:
+            break
+        logits, kept = link.step(piece, past)
+        past = kept if cache == "kept" else None  # negative control: each chunk read without what came before
+        chunks.append(logits)
+        start += size
+    assert torch.allclose(torch.cat(chunks, dim=1), whole, atol=1e-5) == (cache == "kept")
+    uncached = PrefixInContext(link, pixel_prefix(link), "tiny", use_cache=False)
+    assert model.next_text(shown, PIECES, 6) == uncached.next_text(shown, PIECES, 6)
+
+
+# ------------------------------------------------------------------ blind baselines
+
+
+class NearestSupport:
+    """A scripted model that reads the images: the name after the support image whose colour (the mean of the lit
+    pixels) is nearest the query image's."""
+
+    name = "nearest support"
+
+    def __init__(self):
+        self.seen = []
+
+    def next_text(self, images, pieces, max_tokens):
+        self.seen.append([x.clone() for x in images])
+        names, j = [], 0
+        for k, piece in enumerate(pieces):
+            if piece == IMAGE:
+                if k + 1 < len(pieces) and pieces[k + 1].startswith("this is a "):
+                    names.append((j, pieces[k + 1][len("this is a "):].rstrip(".")))
+                j += 1
+        def colour(x):
+            lit = x.amax(dim=0) > 0.05
+            return x[:, lit].mean(dim=1) if lit.any() else torch.zeros(3)
+
+        best = min(names, key=lambda item: float((colour(images[item[0]]) - colour(images[-1])).pow(2).sum()))
+        return f" {best[1]}."
+
+
+def test_test_blind_feeds_blank_images():
+    data = category_images("colours", 8, size=16)
+    model = NearestSupport()
+    seeing = evaluate_open_ended(model, data, [Setting(2, 1, 0, True)], episodes=40)
+    blind = BlankImages(model)
+    blank = evaluate_open_ended(blind, data, [Setting(2, 1, 0, True)], episodes=40)
+    assert all(float(x.abs().sum()) == 0 for prompt in model.seen[40:] for x in prompt)
+    assert all(float(x.abs().sum()) > 0 for prompt in model.seen[:40] for x in prompt)
+    (seeing,), (blank,) = seeing.values(), blank.values()
+    # on blank images every support is equally near: the first is named, right only when the query's class came first
+    assert seeing["accuracy"] > 80 and blank["accuracy"] < 75 and blind.name == "nearest support (test-blind)"
+
+
+# ------------------------------------------------------------------ episodes
+
+
+def toy_images():
+    labels = np.repeat(np.arange(6), 7)
+    return VLImages(torch.rand(42, 3, 4, 4), labels, [f"class{c}" for c in range(6)])
+
+
+@pytest.mark.parametrize("nonce", [True, False])
+@pytest.mark.parametrize("way,shots,repeats", [(2, 1, 0), (5, 3, 1), (3, 5, 3)])
+def test_the_episode_sampler_is_seeded_and_its_answers_are_right(way, shots, repeats, nonce):
+    data = toy_images()
+    e = open_ended_episode(data.labels, data.class_names, way, shots, repeats, True, nonce, seed=3, i=7)
+    assert e == open_ended_episode(data.labels, data.class_names, way, shots, repeats, True, nonce, seed=3, i=7)
+    assert e != open_ended_episode(data.labels, data.class_names, way, shots, repeats, True, nonce, seed=3, i=8)
+    assert e.pieces[0] == f"answer with {', '.join(e.names[:-1])} or {e.names[-1]}." and e.pieces[-1] == QUERY
+    assert len(e.images) == sum(p == IMAGE for p in e.pieces) == way * shots * (1 + repeats) + 1
+    named = {}  # every support image's name is the name of its class, one name per class
+    for k, piece in enumerate(e.pieces[1:-2], start=1):
+        if piece == IMAGE:
+            index = e.images[sum(p == IMAGE for p in e.pieces[:k])]
+            name = e.pieces[k + 1][len("this is a "):-1]
+            assert named.setdefault(int(data.labels[index]), name) == name
+    assert len(named) == way and len(set(named.values())) == way
+    query = e.images[-1]
+    assert query not in e.images[:-1] and named[int(data.labels[query])] == e.answer
+    assert set(named.values()) <= (set(NONCE_NAMES) if nonce else set(data.class_names))
+    if not nonce:
+        assert e.answer == data.class_names[int(data.labels[query])]
+    support = [e.images[j] for j in range(way * shots)]
+    assert sorted(e.images[:-1]) == sorted(support * (1 + repeats))  # the support block repeated, nothing else
+
+
+def test_fast_vqa_answers_are_the_colour_of_an_object_in_the_query():
+    for i in range(10):
+        e, shown = fast_vqa_episode(2, seed=0, i=i, size=16)
+        assert e.pieces[-1] in {f"q: what colour is the {name}? a:" for name in e.names}
+        assert len(shown) == 5 and e.answer in COLOURS
+        colour = torch.tensor(COLOURS[e.answer])
+        lit = shown[-1].flatten(1).T[shown[-1].flatten(1).amax(dim=0) > 0.5]  # drawn pixels: coverage × colour on black
+        hue = lit / lit.amax(dim=1, keepdim=True)
+        assert ((hue - colour / colour.max()).abs().amax(dim=1) < 0.03).any()  # some pixel has the answer's colour
+    e0, _ = fast_vqa_episode(0, seed=0, i=0, size=16)
+    assert e0.pieces == (IMAGE, e0.pieces[-1]) and len(e0.images) == 1
+
+
+def test_answers_are_matched_exactly():
+    assert answer_matches(" dax.", "dax") and answer_matches(" character 3. more", "character 3")
+    assert not answer_matches(" daxo.", "dax") and not answer_matches(" blicket", "dax") and not answer_matches("", "dax")
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_input_is_one_line(link):
+    model = PrefixInContext(link, pixel_prefix(link), "tiny")
+    with pytest.raises(DataError, match=r"^the prompt has 3 image slot\(s\) \(<image>\) but 2 image\(s\) were given$"):
+        model.next_text(images(2), PIECES, 4)
+    long = ["answer with dax or blicket."] + [IMAGE, "this is a blicket."] * 12 + [IMAGE, QUERY]
+    with pytest.raises(DataError, match=r"holds 97: \d+ too many; use fewer shots or repeats$"):
+        model.next_text(images(13), long, 4)
+
+
+@pytest.mark.parametrize("vocabulary", ["dax is a word", "nonce only"])
+def test_a_nonce_name_in_the_vocabulary_is_a_warning(link, vocabulary, recwarn):
+    text = CORPUS + (" dax" * 3000 if vocabulary == "dax is a word" else "")
+    model = PrefixInContext(GPTPrefixLM(link.model, train_tokenizer(text, 300), "tiny"), pixel_prefix(link), "tiny")
+    notes = nonce_warnings(model)
+    if vocabulary == "dax is a word":
+        assert notes == ["nonce name 'dax' is a single token of tiny's vocabulary: it may already be a known word"]
+        assert any("nonce name 'dax'" in str(w.message) for w in recwarn.list)
+    else:
+        assert notes == []
+
+
+# ------------------------------------------------------------------ the command
+
+
+def test_vl_eval_command_on_a_frozen_run(tmp_path, monkeypatch, capsys):
+    from fewshot.train.trainer import pretrain
+    from fewshot.methods import build_method
+
+    monkeypatch.setenv("FEWSHOT_DATA", str(tmp_path / "no-data"))
+    gpt = save_tiny_gpt(tmp_path / "lm")
+    config = frozen_config(gpt, tmp_path)
+    pretrain(config, scene_pairs(build_method(config).text_tokenizer), progress=False)
+    args = ["icl", "vl-eval", str(config.run_dir), "--categories", "shapes", "omniglot", "--ways", "2", "--shots", "1", "--repeats", "0",
+            "--names", "nonce", "--episodes", "3", "--vqa-shots", "0", "1"]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "omniglot" in out["skipped"] and set(out["categories"]["shapes"]) == {"model", "test-blind"}
+    cells = out["categories"]["shapes"]["model"]
+    assert len(cells) == 2 and all(c["episodes"] == 3 and 0 <= c["accuracy"] <= 100 for c in cells.values())
+    assert set(out["fast_vqa"]["test-blind"]) == {"0", "1"}
+    assert main([*args[:6], "--ways", "5", "--repeats", "5", "--shots", "1", "--names", "nonce", "--episodes", "1", "--vqa-shots"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "too many" in err and len(err.splitlines()) == 1
