@@ -26,20 +26,41 @@ V, IMG, EOC = 50, 50, 51
 MEDIA = 8
 
 
-def _gpt(seed=0):
+KINDS = ["gpt", "hf-gpt2", "hf-llama"]
+
+
+def _lm(kind="gpt", seed=0):
+    """A tiny frozen LM of V ids, 24 positions, 16 wide, 2 layers: fewshot's GPT, or a Hugging Face GPT-2 or Llama
+    (SmolLM2's architecture); weights at std 0.3 so logits are well apart."""
     torch.manual_seed(seed)
-    gpt = GPT(V, max_len=24, dim=16, depth=2, heads=2)
+    if kind == "gpt":
+        lm = GPT(V, max_len=24, dim=16, depth=2, heads=2)
+    else:
+        transformers = pytest.importorskip("transformers")
+        if kind == "hf-gpt2":
+            lm = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_positions=24, n_embd=16, n_layer=2, n_head=2))
+        else:
+            lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=V, max_position_embeddings=24, hidden_size=16,
+                                                                        intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                                        num_key_value_heads=1))
     with torch.no_grad():
-        for p in gpt.parameters():
+        for p in lm.parameters():
             if p.ndim > 1:
                 p.normal_(0, 0.3)
-    return gpt.eval()
+    return lm.eval()
 
 
-def _flamingo(gate_init=0.0, cross_every=1, seed=0):
-    gpt = _gpt(seed)
+def _frozen_logits(f, embeds):
+    """The LM alone (no hook active) on input embeddings: logits over its V ids."""
+    if f.is_gpt:
+        return f.lm.logits(f.lm.encoder.hidden(torch.empty(1, 0, dtype=torch.long), prefix=embeds))
+    return f.lm(inputs_embeds=embeds).logits
+
+
+def _flamingo(gate_init=0.0, cross_every=1, seed=0, kind="gpt"):
+    lm = _lm(kind, seed)
     torch.manual_seed(seed + 1)
-    return FlamingoLM(gpt, MEDIA, latents=3, resampler_depth=2, resampler_heads=2, cross_every=cross_every, cross_heads=2,
+    return FlamingoLM(lm, MEDIA, latents=3, resampler_depth=2, resampler_heads=2, cross_every=cross_every, cross_heads=2,
                       gate_init=gate_init).eval()
 
 
@@ -55,14 +76,14 @@ FIRST_IMAGE = 4
 # ------------------------------------------------------------------ (a) the frozen LM's logits at initialisation
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("cross_every", [1, 2])
 @pytest.mark.parametrize("variant", ["gates at 0", "a gate initialised at 0.5"])
-def test_at_initialisation_the_wrapped_model_gives_the_frozen_lms_logits(variant, cross_every):
-    f = _flamingo(gate_init=0.0 if variant == "gates at 0" else 0.5, cross_every=cross_every)
+def test_at_initialisation_the_wrapped_model_gives_the_frozen_lms_logits(variant, cross_every, kind):
+    f = _flamingo(gate_init=0.0 if variant == "gates at 0" else 0.5, cross_every=cross_every, kind=kind)
     with torch.no_grad():
         wrapped = f(IDS, _features(2, 0))
-        embeds = f.embed(IDS)  # the LM alone, fed the same input embeddings (the new tokens' included)
-        frozen = f.lm.logits(f.lm.encoder.hidden(torch.empty(1, 0, dtype=torch.long), prefix=embeds))
+        frozen = _frozen_logits(f, f.embed(IDS))  # the LM alone, fed the same input embeddings (the new tokens' included)
     assert wrapped.shape == (1, IDS.shape[1], V + 2)
     assert torch.equal(wrapped[..., :V], frozen) == (variant == "gates at 0")
 
@@ -82,12 +103,13 @@ def _trained_like(f):
     return f
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("variant", ["media mask", "every token sees every image"])
-def test_text_before_the_first_image_is_bit_identical_whatever_the_images(monkeypatch, variant):
+def test_text_before_the_first_image_is_bit_identical_whatever_the_images(monkeypatch, variant, kind):
     if variant == "every token sees every image":  # negative control: no media mask
         monkeypatch.setattr(flamingo_module, "media_mask", lambda ids, image_id, images, latents, before=None:
                             torch.ones(ids.shape[0], ids.shape[1], images * latents, dtype=torch.bool))
-    f = _trained_like(_flamingo())
+    f = _trained_like(_flamingo(kind=kind))
     with torch.no_grad():
         one, other = f(IDS, _features(2, 0)), f(IDS, _features(2, 1) * 3)
     assert not torch.equal(one[:, FIRST_IMAGE:], other[:, FIRST_IMAGE:])  # the images are used after their markers
@@ -142,9 +164,10 @@ def test_the_masked_cross_attention_zeroes_text_without_an_image_and_matches_a_l
 # ------------------------------------------------------------------ (e) the KV cache
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("cuts", [[1], [3, 4, 5, 9], [4, 8]])
-def test_cached_incremental_decoding_equals_recomputation(cuts):
-    f = _trained_like(_flamingo())
+def test_cached_incremental_decoding_equals_recomputation(cuts, kind):
+    f = _trained_like(_flamingo(kind=kind))
     features = _features(2, 0)
     with torch.no_grad():
         full = f(IDS, features)
@@ -244,12 +267,19 @@ def runs(tmp_path_factory):
                                         "encoder.options={dim: 16, depth: 2, heads: 2}", "name=gpt", f"out={root}"])
     clip_config = load_config(overrides=[*IMAGE, "method=clip", "method.embed_dim=8", "method.text={dim: 16, depth: 1, heads: 2}",
                                          "name=clip", f"out={root}"])
-    return {"gpt": _save_run(gpt_config, build_method(gpt_config), train_tokenizer(CORPUS, 300)),
+    runs = {"gpt": _save_run(gpt_config, build_method(gpt_config), train_tokenizer(CORPUS, 300)),
             "clip": _save_run(clip_config, build_method(clip_config), train_tokenizer(CORPUS, 300))}
+    transformers = pytest.importorskip("transformers")
+    folder = root / "hf-gpt2"  # a Hugging Face causal LM with tied embeddings and an [EOS]
+    transformers.PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(CORPUS, 300), eos_token="[EOS]", pad_token="[PAD]").save_pretrained(folder)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=300, n_positions=40, n_embd=16, n_layer=2, n_head=2)).save_pretrained(folder)
+    runs["hf"] = folder
+    return runs
 
 
-def _config(runs, root, *overrides):
-    return load_config(overrides=[*IMAGE, "method=flamingo", f"method.image.init={runs['clip']}", f"method.lm.init={runs['gpt']}",
+def _config(runs, root, *overrides, lm="gpt"):
+    return load_config(overrides=[*IMAGE, "method=flamingo", f"method.image.init={runs['clip']}", f"method.lm.init={runs[lm]}",
                                   "method.latents=2", "method.resampler_depth=1", "method.resampler_heads=2", "method.cross_heads=2",
                                   "method.max_images=2", f"out={root}", "name=flamingo", "train.steps=3", "train.batch_size=8",
                                   "train.warmup_steps=1", "train.lr=0.01", "train.accelerator=cpu", "train.devices=1", *overrides])
@@ -263,8 +293,9 @@ def _pairs(tokenizer):
     return pair_set(pool.images, pool.row_image, pool.row_caption, tokenizer, context=8)
 
 
+@pytest.mark.parametrize("lm", ["gpt", "hf"])
 @pytest.mark.parametrize("variant", ["frozen", "lm left trainable"])
-def test_the_frozen_parts_are_bit_identical_after_training(runs, tmp_path, monkeypatch, variant):
+def test_the_frozen_parts_are_bit_identical_after_training(runs, tmp_path, monkeypatch, variant, lm):
     from fewshot.run import Run
     from fewshot.train.trainer import pretrain
 
@@ -276,7 +307,7 @@ def test_the_frozen_parts_are_bit_identical_after_training(runs, tmp_path, monke
             self.flamingo.lm.requires_grad_(True)
 
         monkeypatch.setattr(Flamingo, "__init__", unfrozen)
-    config = _config(runs, tmp_path)
+    config = _config(runs, tmp_path, lm=lm)
     before = build_method(config).state_dict()
     method = build_method(config)
     if variant == "lm left trainable":
@@ -294,14 +325,16 @@ def test_the_frozen_parts_are_bit_identical_after_training(runs, tmp_path, monke
     assert {k for k in changed if k.endswith("_gate")}  # the tanh gates opened
 
 
-def test_generation_cached_equals_recomputed_and_the_prompt_is_checked(runs, tmp_path):
-    method = build_method(_config(runs, tmp_path)).eval()
+@pytest.mark.parametrize("lm", ["gpt", "hf"])
+def test_generation_cached_equals_recomputed_and_the_prompt_is_checked(runs, tmp_path, lm):
+    method = build_method(_config(runs, tmp_path, lm=lm)).eval()
     _trained_like(method.flamingo)
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     prompt = "<image>a red circle.<|endofchunk|><image>"
     ids = method.encode_prompt(prompt)
     f = method.flamingo
-    assert ids[0] == BOS_ID and ids[1] == f.image_id and ids.count(f.image_id) == 2 and f.chunk_id in ids
+    assert ids[: len(method.start_ids) + 1] == [*method.start_ids, f.image_id] and ids.count(f.image_id) == 2 and f.chunk_id in ids
+    assert method.start_ids == ([BOS_ID] if lm == "gpt" else [])  # the HF tokenizer adds no start special
     cached = method.generate(images, ids, 6)
     assert cached == method.generate(images, ids, 6, use_cache=False)
     assert f.image_id not in cached and method.next_token_logits(images, ids).shape == (f.vocab_size + 2,)

@@ -1,9 +1,9 @@
-"""Flamingo (Alayrac et al. 2022; open_flamingo's structure) over a frozen image tower and a frozen fewshot GPT.
+"""Flamingo (Alayrac et al. 2022; open_flamingo's structure) over a frozen image tower and a frozen causal LM.
 
 Image: the encoder of ``method.image.init`` (a fewshot run folder, e.g. a ``clip-scenes`` run's conv4 tower), frozen
 (no gradient, eval mode); its token features (:func:`~fewshot.models.flamingo.image_token_features`: a ViT's tokens,
-a conv net's last spatial grid) feed the Perceiver Resampler. LM: ``method.lm.init``, a fewshot ``gpt`` run, frozen and
-wrapped by :class:`~fewshot.models.flamingo.FlamingoLM` (gated cross-attention blocks before every
+a conv net's last spatial grid) feed the Perceiver Resampler. LM: ``method.lm.init``, a fewshot ``gpt`` run, a Hugging Face causal
+LM folder or ``smollm2`` (:func:`~fewshot.models.causal_lm.open_causal_lm`), frozen and wrapped by :class:`~fewshot.models.flamingo.FlamingoLM` (gated cross-attention blocks before every
 ``cross_every``-th layer, ``<image>`` and ``<|endofchunk|>`` as new ids V and V + 1). Trained: the resampler, the
 gated blocks and the two new embeddings; nothing else. A checkpoint is refused (one line) if the frozen LM or image
 tower moved.
@@ -13,6 +13,8 @@ images into consecutive groups of 1 … ``max_images`` pairs (sizes drawn with t
 group:
 
     [BOS] <image>caption₁<|endofchunk|><image>caption₂<|endofchunk|> … [EOS]
+
+([BOS] is the LM's start ids, none for GPT-2's and SmolLM2's tokenizers; [EOS] its EOS).
 
 so single-image captioning and interleaved multi-image sequences are both trained. Loss: next-token cross-entropy
 on the caption tokens, ``<|endofchunk|>`` and [EOS]; never on ``<image>`` or padding.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,7 +58,7 @@ class FlamingoImage(_Section):
 
 
 class FlamingoLMSection(_Section):
-    init: str | None = Field(None, description="the frozen causal LM: a fewshot gpt run folder")
+    init: str | None = Field(None, description="the frozen causal LM: a fewshot gpt run folder, a Hugging Face causal LM folder or smollm2")
 
 
 class FlamingoConfig(MethodConfig):
@@ -84,18 +87,18 @@ def draw_group_sizes(batch: int, max_images: int, generator: torch.Generator) ->
     return sizes
 
 
-def interleave_captions(captions: torch.Tensor, sizes: list[int], image_id: int, chunk_id: int,
-                        bos_id: int = BOS_ID, eos_id: int = EOS_ID, pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+def interleave_captions(captions: torch.Tensor, sizes: list[int], image_id: int, chunk_id: int, start_ids: Sequence[int] = (BOS_ID,),
+                        eos_id: int = EOS_ID, pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
     """Captions (B, L) right-padded with ``pad_id``, cut into consecutive groups of ``sizes`` → sequences (G, T)
 
-        [BOS] (<image> caption_i <|endofchunk|>) for i in the group, then [EOS], right-padded,
+        start ids ([BOS]) (<image> caption_i <|endofchunk|>) for i in the group, then EOS, right-padded,
 
     and members (G, max size): the batch row of each sequence's i-th image, −1 past its last."""
     if sum(sizes) != captions.shape[0]:
         raise ValueError(f"group sizes {sizes} do not cover {captions.shape[0]} captions")
     rows, members, first = [], [], 0
     for size in sizes:
-        seq = [bos_id]
+        seq = list(start_ids)
         for r in range(first, first + size):
             seq += [image_id, *captions[r][captions[r] != pad_id].tolist(), chunk_id]
         rows.append(seq + [eos_id])
@@ -120,18 +123,43 @@ def _tensor_digests(module: nn.Module) -> dict[str, str]:
             for k, v in module.state_dict().items()}
 
 
-def _open_gpt(config: RunConfig) -> GPTPromptLM:
+@dataclass
+class _LM:
+    model: nn.Module
+    tokenizer: Any  # a tokenizers.Tokenizer of the LM's ids
+    name: str
+    start_ids: list[int]
+    eos_id: int
+
+
+def _open_lm(config: RunConfig) -> _LM:
+    """The frozen LM of ``method.lm.init`` (a gpt run, a Hugging Face causal LM folder, smollm2), with what begins and ends
+    a sequence; refused when its EOS or a text token sits at the padding id 0."""
     spec = config.method.lm.init
     if spec is None:
-        raise ConfigError("method 'flamingo' wraps a frozen causal LM: set method.lm.init to a gpt run folder")
+        raise ConfigError("method 'flamingo' wraps a frozen causal LM: set method.lm.init to a gpt run folder, a Hugging Face "
+                          "causal LM folder or smollm2")
     lm = open_causal_lm(spec)
-    if not isinstance(lm, GPTPromptLM):
-        raise ConfigError(f"method 'flamingo' wraps fewshot's gpt runs only; {lm.name} (a Hugging Face causal LM) is not wired yet")
-    return lm
+    if isinstance(lm, GPTPromptLM):
+        out = _LM(lm.model, lm.tokenizer, lm.name, [BOS_ID], EOS_ID)
+    else:
+        from fewshot.models.hf_text import word_pieces
+
+        eos = getattr(lm.tokenizer, "eos_token_id", None)
+        if eos is None:
+            raise ConfigError(f"{lm.name}'s tokenizer has no EOS token: a caption sequence needs an end token")
+        out = _LM(lm.model, word_pieces(lm.tokenizer), lm.name, list(lm.start_ids), int(eos))
+    if out.eos_id == PAD_ID:
+        raise ConfigError(f"{out.name}'s EOS is id {PAD_ID}, the id caption pairs pad with: the end of a sequence would read as padding")
+    pad = out.tokenizer.get_added_tokens_decoder().get(PAD_ID)
+    if pad is None or not pad.special:  # captions are padded with id 0: it must never be a word of a caption
+        raise ConfigError(f"{out.name}'s tokenizer has a text token at id {PAD_ID}, the id caption pairs pad with; "
+                          "use an LM whose id 0 is a special token (fewshot's gpt runs, SmolLM2)")
+    return out
 
 
 class Flamingo(Method):
-    """Frozen image tower → Perceiver Resampler → gated cross-attention into a frozen GPT; loss on text tokens."""
+    """Frozen image tower → Perceiver Resampler → gated cross-attention into a frozen causal LM; loss on text tokens."""
 
     config_class = FlamingoConfig
     inputs = ("images", "tokens")
@@ -139,7 +167,7 @@ class Flamingo(Method):
     @classmethod
     def caption_tokenizer(cls, config: RunConfig) -> Any:
         """The LM's tokenizer: what the run's captions are tokenized with."""
-        return _open_gpt(config).tokenizer
+        return _open_lm(config).tokenizer
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__()
@@ -151,19 +179,20 @@ class Flamingo(Method):
         check_same_image_tower(config, theirs, m.image.init)
         self.encoder.load_state_dict(state)
         self.encoder.requires_grad_(False)
-        gpt = _open_gpt(config)
-        self.tokenizer, self.lm_name = gpt.tokenizer, gpt.name
-        self.flamingo = FlamingoLM(gpt.model, image_token_width(self.encoder), m.latents, m.resampler_depth, m.resampler_heads,
+        lm = _open_lm(config)
+        self.tokenizer, self.lm_name, self.start_ids, self.eos_id = lm.tokenizer, lm.name, lm.start_ids, lm.eos_id
+        self.flamingo = FlamingoLM(lm.model, image_token_width(self.encoder), m.latents, m.resampler_depth, m.resampler_heads,
                                    m.cross_every, m.cross_heads, m.mlp_ratio)
         self.max_images = m.max_images
         seq_len = getattr(config.data, "seq_len", None)
-        if seq_len is not None and 2 + m.max_images * (seq_len + 2) > self.flamingo.context:
-            need = 2 + m.max_images * (seq_len + 2)
-            raise ConfigError(f"a training sequence of {m.max_images} captioned images ([BOS], then <image> + {seq_len} caption tokens + "
-                              f"<|endofchunk|> each, [EOS]) needs up to {need} positions, {need - self.flamingo.context} more than "
-                              f"{gpt.name}'s context of {self.flamingo.context}: lower method.max_images")
+        need = None if seq_len is None else len(lm.start_ids) + m.max_images * (seq_len + 2) + 1
+        if need is not None and need > self.flamingo.context:
+            raise ConfigError(f"a training sequence of {m.max_images} captioned images (start ids, then <image> + {seq_len} caption "
+                              f"tokens + <|endofchunk|> each, EOS) needs up to {need} positions, {need - self.flamingo.context} more "
+                              f"than {lm.name}'s context of {self.flamingo.context}: lower method.max_images")
         self._frozen = {"encoder": _tensor_digests(self.encoder), "flamingo.lm": _tensor_digests(self.flamingo.lm)}
         self._register_state_dict_hook(_refuse_moved_frozen_parts)
+        self._register_state_dict_hook(_untie)
         self.train()
 
     def train(self, mode: bool = True) -> "Flamingo":
@@ -193,7 +222,7 @@ class Flamingo(Method):
     def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         f = self.flamingo
         sizes = draw_group_sizes(batch["images"].shape[0], self.max_images, generator)
-        ids, members = interleave_captions(batch["tokens"], sizes, f.image_id, f.chunk_id)
+        ids, members = interleave_captions(batch["tokens"], sizes, f.image_id, f.chunk_id, self.start_ids, self.eos_id)
         features = self.image_features(batch["images"])
         grouped = features[members.clamp(min=0)] * (members >= 0)[:, :, None, None].to(features.dtype)
         logits = f(ids, grouped, (members >= 0).sum(dim=1))
@@ -202,8 +231,8 @@ class Flamingo(Method):
     # ------------------------------------------------------------------ in-context use
 
     def encode_prompt(self, text: str) -> list[int]:
-        """[BOS] then the LM's ids of ``text``, with ``<image>`` and ``<|endofchunk|>`` as their new ids."""
-        ids = [BOS_ID]
+        """The LM's start ids ([BOS]) then its ids of ``text``, with ``<image>`` and ``<|endofchunk|>`` as their new ids."""
+        ids = list(self.start_ids)
         for piece in re.split(f"({re.escape(IMAGE_TOKEN)}|{re.escape(END_OF_CHUNK_TOKEN)})", text):
             if piece == IMAGE_TOKEN:
                 ids.append(self.flamingo.image_id)
@@ -244,7 +273,7 @@ class Flamingo(Method):
             last = logits[0, -1].clone()
             last[f.image_id] = float("-inf")
             token = int(last.argmax())
-            if token in (EOS_ID, f.chunk_id):
+            if token in (self.eos_id, f.chunk_id):
                 break
             out.append(token)
             if t == max_tokens - 1 or stops and any(s in self.tokenizer.decode(out, skip_special_tokens=True) for s in stops):
@@ -292,7 +321,7 @@ class FlamingoInContext:
 
     def prompt_ids(self, pieces: Sequence[str]) -> list[int]:
         f, tok = self.method.flamingo, self.method.tokenizer
-        ids = [BOS_ID]
+        ids = list(self.method.start_ids)
         for j, piece in enumerate(pieces):
             if piece == IMAGE_TOKEN:
                 if j and pieces[j - 1] != IMAGE_TOKEN:
@@ -318,3 +347,14 @@ def _refuse_moved_frozen_parts(module: nn.Module, state: dict[str, torch.Tensor]
     if changed:
         raise CheckpointError(f"refusing to save: {len(changed)} frozen tensor(s) changed in training (first: {changed[0]}); "
                               "Flamingo's image tower and language model must stay bit-identical")
+
+
+def _untie(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, local_metadata: Any) -> None:
+    """A tensor stored under two names (a Hugging Face LM's tied input and output embeddings) is saved as two copies:
+    safetensors refuses shared storage, and loading writes the same values into the one tied parameter."""
+    seen: set[int] = set()
+    for key, value in state.items():
+        if value.untyped_storage().data_ptr() in seen:
+            state[key] = value.clone()
+        else:
+            seen.add(value.untyped_storage().data_ptr())

@@ -11,12 +11,12 @@ gated cross-attention.
 * :func:`media_mask`: each token attends only to the latents of the last ``<image>`` marker at or before it
   (open_flamingo: the marker itself sees its own image); a token before the first marker attends to none and its
   cross-attention output is exactly zero, so it does not depend on any image.
-* :class:`FlamingoLM`: fewshot's GPT wrapped, not edited: its embedding, positions, frozen blocks, final norm and
-  tied decoder are run in this module's own loop, with a gated block inserted before every ``cross_every``-th
-  frozen block (before block i when (i + 1) % cross_every == 0, as open_flamingo). Two new tokens, ``<image>``
+* :class:`FlamingoLM`: a frozen causal LM (fewshot's GPT or a Hugging Face one) wrapped, not edited: a gated block
+  runs before every ``cross_every``-th frozen layer (before layer i when (i + 1) % cross_every == 0, as open_flamingo),
+  as a forward pre-hook of that layer, on its input. Two new tokens, ``<image>``
   (id V) and ``<|endofchunk|>`` (id V + 1) for an LM of V ids, have their own small trainable embedding; the
-  frozen table is never resized, and the new tokens' logits come from the same new embedding (tied, as the GPT's
-  decoder). The KV cache covers the whole wrapped model: :class:`FlamingoState` holds the frozen blocks' keys and
+  frozen table is never resized, and the new tokens' logits come from the same new embedding applied to what the LM's
+  head reads (tied, as the GPT's decoder). The KV cache covers the whole wrapped model: :class:`FlamingoState` holds the frozen blocks' keys and
   values, the resampled media and how many markers each row has passed.
 """
 
@@ -168,7 +168,13 @@ class FlamingoState:
 
 
 class FlamingoLM(nn.Module):
-    """A frozen fewshot GPT (``lm``) with a Perceiver Resampler, gated cross-attention blocks and the two new tokens.
+    """A frozen causal LM (``lm``) with a Perceiver Resampler, gated cross-attention blocks and the two new tokens.
+
+    ``lm`` is fewshot's GPT (:class:`~fewshot.models.language.LanguageModel`, causal) or a Hugging Face causal LM (GPT-2,
+    Llama / SmolLM2: anything whose base model keeps its decoder layers in ``layers`` or ``h`` and takes
+    ``inputs_embeds``). Neither is edited: each gated block runs in a forward pre-hook of the frozen layer it precedes,
+    on that layer's input, and only while :meth:`step` conditions the call on media; the LM's own call does the rest
+    (positions, its blocks and their KV cache, the final norm and head).
 
     ``start(features, image_counts)`` resamples token features (B, N, S, D_v) of N images per row (rows with fewer
     images pad the rest; ``image_counts`` (B,) says how many are real) into a :class:`FlamingoState`;
@@ -176,13 +182,23 @@ class FlamingoLM(nn.Module):
     extended state; ``forward(ids, features, image_counts)`` is both at once after checking that each row has as
     many ``<image>`` markers as images."""
 
-    def __init__(self, lm: LanguageModel, media_dim: int, latents: int = 64, resampler_depth: int = 6, resampler_heads: int = 8,
+    def __init__(self, lm: nn.Module, media_dim: int, latents: int = 64, resampler_depth: int = 6, resampler_heads: int = 8,
                  cross_every: int = 1, cross_heads: int = 8, mlp_ratio: float = 4.0, gate_init: float = 0.0) -> None:
         super().__init__()
-        if not getattr(lm, "causal", False):
-            raise ConfigError("Flamingo wraps a causal language model (a gpt run)")
-        tower = lm.encoder
-        self.dim, self.vocab_size, self.context = int(tower.dim), int(tower.vocab_size), int(lm.max_len)
+        self.is_gpt = isinstance(lm, LanguageModel)
+        if self.is_gpt:
+            if not lm.causal:
+                raise ConfigError("Flamingo wraps a causal language model (a gpt run)")
+            table, layers = lm.encoder.tok_emb, list(lm.encoder.trunk.blocks)
+            self.context = int(lm.max_len)
+        else:
+            base = lm.base_model
+            table, layers = lm.get_input_embeddings(), list(getattr(base, "layers", None) or getattr(base, "h", None) or [])
+            config = lm.config
+            self.context = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions"))
+            if not layers:
+                raise ConfigError(f"{type(lm).__name__}: no decoder layers found (base model's layers or h) to insert gated blocks before")
+        self.dim, self.vocab_size = int(table.weight.shape[1]), int(table.weight.shape[0])
         if self.dim % cross_heads:
             raise ConfigError(f"the gated blocks' {cross_heads} heads must divide the LM's width {self.dim}")
         if cross_every < 1:
@@ -190,25 +206,40 @@ class FlamingoLM(nn.Module):
         self.image_id, self.chunk_id = self.vocab_size, self.vocab_size + 1
         self.lm = lm.requires_grad_(False)
         self.resampler = PerceiverResampler(media_dim, latents, resampler_depth, resampler_heads, mlp_ratio)
-        depth = len(tower.trunk.blocks)
-        self.cross_layers = [i for i in range(depth) if (i + 1) % cross_every == 0]
+        self.cross_layers = [i for i in range(len(layers)) if (i + 1) % cross_every == 0]
         if not self.cross_layers:
-            raise ConfigError(f"cross_every={cross_every} exceeds the LM's {depth} layers: no gated block would be inserted")
+            raise ConfigError(f"cross_every={cross_every} exceeds the LM's {len(layers)} layers: no gated block would be inserted")
         self.gated = nn.ModuleList(GatedCrossAttentionBlock(self.dim, media_dim, cross_heads, mlp_ratio, gate_init) for _ in self.cross_layers)
         self.new_tokens = nn.Embedding(2, self.dim)
         nn.init.normal_(self.new_tokens.weight, std=0.02)
         self.latents = latents
+        self._condition: tuple[torch.Tensor, torch.Tensor] | None = None  # (media, mask) during a step only
+        for block, i in zip(self.gated, self.cross_layers):
+            layers[i].register_forward_pre_hook(self._gate_before(block), with_kwargs=True)
+
+    def _gate_before(self, block: GatedCrossAttentionBlock):
+        def hook(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if self._condition is None:  # the LM called on its own: untouched
+                return None
+            x = args[0] if args else kwargs["hidden_states"]
+            x = block(x, *self._condition)
+            return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+        return hook
 
     def train(self, mode: bool = True) -> "FlamingoLM":
         super().train(mode)
         self.lm.eval()  # frozen
         return self
 
+    @property
+    def table(self) -> nn.Embedding:
+        """The frozen LM's input embedding table (V, D)."""
+        return self.lm.encoder.tok_emb if self.is_gpt else self.lm.get_input_embeddings()
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Embeddings (B, T, D): the frozen table for ids < V, the new trainable one for <image> and <|endofchunk|>."""
-        table = self.lm.encoder.tok_emb
         new = ids >= self.vocab_size
-        old = table(ids.masked_fill(new, 0))
+        old = self.table(ids.masked_fill(new, 0))
         return torch.where(new[..., None], self.new_tokens((ids - self.vocab_size).clamp(min=0)).to(old.dtype), old)
 
     def start(self, features: torch.Tensor, image_counts: torch.Tensor | None = None) -> FlamingoState:
@@ -223,9 +254,27 @@ class FlamingoLM(nn.Module):
         counts = torch.full((b,), n, dtype=torch.long, device=features.device) if image_counts is None else image_counts.long()
         return FlamingoState(media, counts, torch.zeros(b, dtype=torch.long, device=features.device))
 
+    def _run_lm(self, embeds: torch.Tensor, past: list[KeyValues] | None) -> tuple[torch.Tensor, torch.Tensor, list[KeyValues]]:
+        """The frozen LM on input embeddings after its cache: (logits over its V ids, the hidden states its head reads,
+        the extended cache)."""
+        if self.is_gpt:
+            no_tokens = torch.empty(embeds.shape[0], 0, dtype=torch.long, device=embeds.device)
+            hidden, kv = self.lm.encoder.hidden(no_tokens, prefix=embeds, past=past, return_kv=True)
+            h = self.lm.head(hidden)
+            return F.linear(h, self.lm.encoder.tok_emb.weight), h, list(kv)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=past) if past is not None else DynamicCache()
+        read: list[torch.Tensor] = []
+        handle = self.lm.get_output_embeddings().register_forward_pre_hook(lambda head, args: read.append(args[0]))
+        try:
+            logits = self.lm(inputs_embeds=embeds, cache=cache, use_cache=True).logits
+        finally:
+            handle.remove()
+        return logits, read[0], [(layer.keys, layer.values) for layer in cache.layers]
+
     def step(self, ids: torch.Tensor, state: FlamingoState) -> tuple[torch.Tensor, FlamingoState]:
         """Logits (B, T, V + 2) of ``ids`` (B, T) after the state's cached positions, and the state extended by them."""
-        tower = self.lm.encoder
         start, t = state.length, ids.shape[1]
         if start + t > self.context:
             raise ConfigError(f"an interleaved sequence of {start + t} positions is {start + t - self.context} longer than "
@@ -237,16 +286,12 @@ class FlamingoLM(nn.Module):
             raise ConfigError(f"row {row} has more {IMAGE_TOKEN} markers ({int(state.seen[row] + markers[row])}) than images "
                               f"({int(state.images[row])})")
         n_images = state.media.shape[1] // self.latents
-        mask = media_mask(ids, self.image_id, n_images, self.latents, state.seen)
-        x = self.embed(ids) + tower.pos_emb[:, start : start + t]
-        present, gated = [], dict(zip(self.cross_layers, self.gated))
-        for i, block in enumerate(tower.trunk.blocks):
-            if i in gated:
-                x = gated[i](x, state.media, mask)
-            x, kv = block(x, None if state.past is None else state.past[i], return_kv=True)
-            present.append(kv)
-        h = self.lm.head(tower.trunk.norm(x))
-        logits = torch.cat([F.linear(h, tower.tok_emb.weight), F.linear(h, self.new_tokens.weight.to(h.dtype))], dim=-1)
+        self._condition = (state.media, media_mask(ids, self.image_id, n_images, self.latents, state.seen))
+        try:
+            logits, h, present = self._run_lm(self.embed(ids), state.past)
+        finally:
+            self._condition = None
+        logits = torch.cat([logits, F.linear(h, self.new_tokens.weight.to(h.dtype)).to(logits.dtype)], dim=-1)
         return logits, FlamingoState(state.media, state.images, state.seen + markers, present)
 
     def forward(self, ids: torch.Tensor, features: torch.Tensor, image_counts: torch.Tensor | None = None) -> torch.Tensor:
