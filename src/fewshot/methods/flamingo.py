@@ -25,9 +25,7 @@ Flamingo-3B); the CPU recipe ``flamingo-scenes`` uses 8 latents × 2 layers of 4
 
 from __future__ import annotations
 
-import hashlib
 import re
-from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,8 +39,8 @@ from fewshot.data.types import Batch
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.methods.base import Method
 from fewshot.methods.clipcap import _image_tower_weights
+from fewshot.methods.prefix_captioning import open_caption_lm, untie, weight_digests
 from fewshot.methods.vision_language import check_same_image_tower
-from fewshot.models.causal_lm import GPTPromptLM, open_causal_lm
 from fewshot.models.flamingo import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, FlamingoLM, image_token_features, image_token_width
 from fewshot.objectives.captioning import caption_loss
 
@@ -118,46 +116,6 @@ def interleaved_labels(ids: torch.Tensor, image_id: int, pad_id: int = PAD_ID) -
 # ----------------------------------------------------------------------------------------------- the method
 
 
-def _tensor_digests(module: nn.Module) -> dict[str, str]:
-    return {k: hashlib.sha256(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
-            for k, v in module.state_dict().items()}
-
-
-@dataclass
-class _LM:
-    model: nn.Module
-    tokenizer: Any  # a tokenizers.Tokenizer of the LM's ids
-    name: str
-    start_ids: list[int]
-    eos_id: int
-
-
-def _open_lm(config: RunConfig) -> _LM:
-    """The frozen LM of ``method.lm.init`` (a gpt run, a Hugging Face causal LM folder, smollm2), with what begins and ends
-    a sequence; refused when its EOS or a text token sits at the padding id 0."""
-    spec = config.method.lm.init
-    if spec is None:
-        raise ConfigError("method 'flamingo' wraps a frozen causal LM: set method.lm.init to a gpt run folder, a Hugging Face "
-                          "causal LM folder or smollm2")
-    lm = open_causal_lm(spec)
-    if isinstance(lm, GPTPromptLM):
-        out = _LM(lm.model, lm.tokenizer, lm.name, [BOS_ID], EOS_ID)
-    else:
-        from fewshot.models.hf_text import word_pieces
-
-        eos = getattr(lm.tokenizer, "eos_token_id", None)
-        if eos is None:
-            raise ConfigError(f"{lm.name}'s tokenizer has no EOS token: a caption sequence needs an end token")
-        out = _LM(lm.model, word_pieces(lm.tokenizer), lm.name, list(lm.start_ids), int(eos))
-    if out.eos_id == PAD_ID:
-        raise ConfigError(f"{out.name}'s EOS is id {PAD_ID}, the id caption pairs pad with: the end of a sequence would read as padding")
-    pad = out.tokenizer.get_added_tokens_decoder().get(PAD_ID)
-    if pad is None or not pad.special:  # captions are padded with id 0: it must never be a word of a caption
-        raise ConfigError(f"{out.name}'s tokenizer has a text token at id {PAD_ID}, the id caption pairs pad with; "
-                          "use an LM whose id 0 is a special token (fewshot's gpt runs, SmolLM2)")
-    return out
-
-
 class Flamingo(Method):
     """Frozen image tower → Perceiver Resampler → gated cross-attention into a frozen causal LM; loss on text tokens."""
 
@@ -167,7 +125,7 @@ class Flamingo(Method):
     @classmethod
     def caption_tokenizer(cls, config: RunConfig) -> Any:
         """The LM's tokenizer: what the run's captions are tokenized with."""
-        return _open_lm(config).tokenizer
+        return open_caption_lm(config).tokenizer
 
     def __init__(self, config: RunConfig) -> None:
         super().__init__()
@@ -179,7 +137,7 @@ class Flamingo(Method):
         check_same_image_tower(config, theirs, m.image.init)
         self.encoder.load_state_dict(state)
         self.encoder.requires_grad_(False)
-        lm = _open_lm(config)
+        lm = open_caption_lm(config)  # the link's model is the LM itself (fewshot's GPT or a Hugging Face one)
         self.tokenizer, self.lm_name, self.start_ids, self.eos_id = lm.tokenizer, lm.name, lm.start_ids, lm.eos_id
         self.flamingo = FlamingoLM(lm.model, image_token_width(self.encoder), m.latents, m.resampler_depth, m.resampler_heads,
                                    m.cross_every, m.cross_heads, m.mlp_ratio)
@@ -190,9 +148,9 @@ class Flamingo(Method):
             raise ConfigError(f"a training sequence of {m.max_images} captioned images (start ids, then <image> + {seq_len} caption "
                               f"tokens + <|endofchunk|> each, EOS) needs up to {need} positions, {need - self.flamingo.context} more "
                               f"than {lm.name}'s context of {self.flamingo.context}: lower method.max_images")
-        self._frozen = {"encoder": _tensor_digests(self.encoder), "flamingo.lm": _tensor_digests(self.flamingo.lm)}
+        self._frozen = {"encoder": weight_digests(self.encoder), "flamingo.lm": weight_digests(self.flamingo.lm)}
         self._register_state_dict_hook(_refuse_moved_frozen_parts)
-        self._register_state_dict_hook(_untie)
+        self._register_state_dict_hook(untie)
         self.train()
 
     def train(self, mode: bool = True) -> "Flamingo":
@@ -204,7 +162,7 @@ class Flamingo(Method):
         """Names of the frozen tensors (image tower, LM) that differ from what was loaded."""
         parts = {"encoder": self.encoder, "flamingo.lm": self.flamingo.lm}
         return [f"{part}.{name}" for part, module in parts.items()
-                for name, digest in _tensor_digests(module).items() if self._frozen[part].get(name) != digest]
+                for name, digest in weight_digests(module).items() if self._frozen[part].get(name) != digest]
 
     # ------------------------------------------------------------------ the parts
 
@@ -348,13 +306,3 @@ def _refuse_moved_frozen_parts(module: nn.Module, state: dict[str, torch.Tensor]
         raise CheckpointError(f"refusing to save: {len(changed)} frozen tensor(s) changed in training (first: {changed[0]}); "
                               "Flamingo's image tower and language model must stay bit-identical")
 
-
-def _untie(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, local_metadata: Any) -> None:
-    """A tensor stored under two names (a Hugging Face LM's tied input and output embeddings) is saved as two copies:
-    safetensors refuses shared storage, and loading writes the same values into the one tied parameter."""
-    seen: set[int] = set()
-    for key, value in state.items():
-        if value.untyped_storage().data_ptr() in seen:
-            state[key] = value.clone()
-        else:
-            seen.add(value.untyped_storage().data_ptr())
