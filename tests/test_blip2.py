@@ -1,6 +1,8 @@
 """BLIP-2's Q-Former: its three masks against hand-written ones, what each mask lets through (with the broken
 mask as the negative control), and the stage-1 objectives against loop transcriptions."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -138,3 +140,70 @@ def test_hard_negatives_follow_the_similarity_and_skip_positives():
     assert valid.all() and set(text[:2].tolist()) <= {2, 3} and set(text[2:].tolist()) <= {0, 1}
     _, valid, _, valid_t = hard_negatives(s, g, torch.zeros(4, dtype=torch.long))
     assert not valid.any() and not valid_t.any()
+
+
+# ------------------------------------------------------------------ both stages through the one trainer
+
+from test_captioning import IMAGE, _pairs, runs  # noqa: E402,F401  (the tiny clip and gpt runs)
+
+
+def _stage1_config(runs, root, name="qformer", *overrides):
+    from fewshot.config import load_config
+
+    return load_config(overrides=[*IMAGE, "method=blip2-qformer", f"method.image.init={runs['clip']}", "method.queries=3",
+                                  "method.dim=16", "method.depth=2", "method.heads=2", "method.embed_dim=8", f"name={name}",
+                                  f"out={root}", "train.steps=3", "train.batch_size=8", "train.warmup_steps=1", "train.lr=0.01",
+                                  "train.accelerator=cpu", "train.devices=1", *overrides])
+
+
+@pytest.mark.parametrize("setting", ["frozen", "frozen without eval mode"])
+def test_stage1_trains_its_three_losses_with_the_image_tower_frozen(runs, tmp_path, monkeypatch, setting):
+    from fewshot.data.tokenizer import load_tokenizer
+    from fewshot.methods.blip2 import BLIP2QFormer
+    from fewshot.methods import build_method
+    from fewshot.run import Run
+    from fewshot.train.trainer import pretrain
+
+    if setting == "frozen without eval mode":  # negative control: no gradient, but BatchNorm keeps updating its statistics
+        monkeypatch.setattr(BLIP2QFormer, "train", torch.nn.Module.train)
+    config = _stage1_config(runs, tmp_path)
+    before = build_method(config).state_dict()
+    result = pretrain(config, _pairs(load_tokenizer(runs["clip"])), progress=False)
+    row = result.history[-1] if hasattr(result, "history") else Run.open(config.run_dir).history[-1]
+    assert {"itc", "itm", "itg"} <= row.keys() and all(math.isfinite(row[k]) for k in ("itc", "itm", "itg"))
+    after = Run.open(config.run_dir).method().state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("encoder.") for k in changed) == (setting != "frozen")  # BatchNorm statistics included
+    for part in ("qformer.query_tokens", "qformer.token_embed.weight", "itm_head.weight", "lm_head.weight", "image_projection.weight"):
+        assert part in changed, part
+
+
+def test_stage2_reads_stage1_and_keeps_the_lm_and_tower_frozen(runs, tmp_path):
+    from fewshot.config import load_config
+    from fewshot.data.tokenizer import load_tokenizer
+    from fewshot.errors import CheckpointError, ConfigError
+    from fewshot.methods import build_method
+    from fewshot.run import Run
+    from fewshot.train.trainer import pretrain
+
+    stage1 = _stage1_config(runs, tmp_path)
+    pretrain(stage1, _pairs(load_tokenizer(runs["clip"])), progress=False)
+    base = [*IMAGE, "method=blip2", f"method.lm.init={runs['gpt']}", f"out={tmp_path}", "train.steps=3", "train.batch_size=8",
+            "train.warmup_steps=1", "train.lr=0.01", "train.accelerator=cpu", "train.devices=1"]
+    config = load_config(overrides=[*base, f"method.qformer.init={stage1.run_dir}", "name=lm"])
+    method = build_method(config)
+    torch.testing.assert_close(method.qformer.query_tokens, Run.open(stage1.run_dir).method().qformer.query_tokens)
+    assert method.prefix(torch.rand(2, 3, 16, 16)).shape == (2, 3, 16)  # Q = 3 soft-prompt embeddings of the LM's width
+    before = method.state_dict()
+    pretrain(config, _pairs(method.text_tokenizer), progress=False)
+    after = Run.open(config.run_dir).method().state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not any(k.startswith(("encoder.", "language_model.")) for k in changed)
+    assert any(k.startswith("qformer.") for k in changed) and any(k.startswith("query_projection.") for k in changed)
+    assert len(method.caption_images(torch.rand(2, 3, 16, 16), max_tokens=4)) == 2
+    with pytest.raises(ConfigError, match="qformer.init"):
+        build_method(load_config(overrides=[*base, "name=x"]))
+    with pytest.raises(CheckpointError, match="not a blip2-qformer run"):
+        build_method(load_config(overrides=[*base, f"method.qformer.init={runs['clip']}", "name=y"]))
+    with pytest.raises(ConfigError, match="frozen"):
+        build_method(load_config(overrides=[*base, f"method.qformer.init={stage1.run_dir}", "method.lm.tune=true", "name=z"]))

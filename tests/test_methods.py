@@ -53,7 +53,8 @@ def _example(inputs) -> dict[str, torch.Tensor]:
 # ClipCap maps a frozen image tower's embedding into a frozen GPT: it needs both as runs, and its mapper is what trains.
 # Flamingo: a frozen tower and GPT too; at its first step only the gated blocks' tanh gates (and the new tokens) get a
 # non-zero gradient, the gates being 0.
-FROZEN_ENCODER = {"clipcap": "mapper", "flamingo": "flamingo.gated"}
+# BLIP-2: stage 1's Q-Former reads a frozen tower; stage 2 reads stage 1's run, and its Q-Former trains on.
+FROZEN_ENCODER = {"clipcap": "mapper", "flamingo": "flamingo.gated", "blip2-qformer": "qformer", "blip2": "query_projection"}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,15 @@ def init_runs(tmp_path_factory):
         save_checkpoint(config.run_dir / "checkpoints" / "last", Checkpoint(config.model_dump(mode="json"), 1, tensors, {}))
         save_tokenizer(train_tokenizer("a red circle left of a blue square\n" * 5, 300), config.run_dir)
         folders[name] = config.run_dir
-    return {"clipcap": ["encoder=conv4", "encoder.options={width: 8}", f"method.image.init={folders['image']}",
+    qformer = ["encoder=conv4", "encoder.options={width: 8}", f"method.image.init={folders['image']}", "method.queries=2",
+               "method.dim=16", "method.depth=2", "method.heads=2", "method.embed_dim=8"]
+    config = load_config(overrides=["method=blip2-qformer", *owned("blip2-qformer", [*TINY, *_source(METHODS["blip2-qformer"].inputs)]), *qformer,
+                                    "name=qformer", f"out={root}"])
+    tensors = {f"model.{k}": v for k, v in build_method(config).state_dict().items()}
+    save_checkpoint(config.run_dir / "checkpoints" / "last", Checkpoint(config.model_dump(mode="json"), 1, tensors, {}))
+    return {"blip2-qformer": qformer,
+            "blip2": ["encoder=conv4", "encoder.options={width: 8}", f"method.qformer.init={config.run_dir}", f"method.lm.init={folders['gpt']}"],
+            "clipcap": ["encoder=conv4", "encoder.options={width: 8}", f"method.image.init={folders['image']}",
                         f"method.lm.init={folders['gpt']}", "method.prefix_length=2"],
             "frozen": ["encoder=conv4", "encoder.options={width: 8}", f"method.lm.init={folders['gpt']}"],
             "flamingo": ["encoder=conv4", "encoder.options={width: 8}", f"method.image.init={folders['image']}",
@@ -87,7 +96,7 @@ def _batch(n=12):
 def test_every_method_trains(name, init_runs):
     inputs = METHODS[name].inputs  # the batch is made from what the method declares, with no per-method case
     source = _source(inputs)
-    method = build_method(load_config(overrides=[f"method={name}", *owned(name, TINY), *ENCODER_FOR.get(name, []), *source,
+    method = build_method(load_config(overrides=[f"method={name}", *owned(name, [*TINY, *source]), *ENCODER_FOR.get(name, []),
                                                  *init_runs.get(name, [])]))
     loss, logs = method(_example(inputs), torch.Generator().manual_seed(1))
     assert loss.ndim == 0 and torch.isfinite(loss)
@@ -174,7 +183,7 @@ def test_every_method_starts_with_a_savable_state(name, init_runs):
     # the trainer refuses to save a non-finite tensor, so an unfilled queue marked with NaN (as nnclr's
     # image keys once were) failed every run too short to fill it
     source = _source(METHODS[name].inputs)
-    method = build_method(load_config(overrides=[f"method={name}", *owned(name, TINY), *ENCODER_FOR.get(name, []), *source,
+    method = build_method(load_config(overrides=[f"method={name}", *owned(name, [*TINY, *source]), *ENCODER_FOR.get(name, []),
                                                  *init_runs.get(name, [])]))
     bad = [k for k, v in method.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     assert bad == []

@@ -99,6 +99,11 @@ class QFormer(nn.Module):
         self.apply(gpt2_init)
         nn.init.normal_(self.pos_embed, std=0.02)
 
+    def text_parameters(self) -> list[nn.Parameter]:
+        """What only the text passes through (its embeddings, its norms and FFNs): unused by queries alone."""
+        modules = [self.token_embed, *(m for layer in self.layers for m in (layer.norm_text, layer.mlp_text))]
+        return [self.pos_embed, *(p for m in modules for p in m.parameters())]
+
     def forward(self, image: torch.Tensor | None, ids: torch.Tensor | None, mask: str = "unimodal"
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if image is None and ids is None:
