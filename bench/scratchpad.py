@@ -10,7 +10,7 @@ of the question) of 1 … ``--eval-steps`` steps: exact accuracy % ± 95% CI ove
 at each length beyond training, is the scratchpad run above the answer-only run by more than both CIs? Prints the
 table, saves the plot (``--plot``), ends with one JSON line.
 
-    OMP_NUM_THREADS=1 python bench/scratchpad.py --steps 1500 --seed 0 --plot docs/figures/scratchpad.png
+    OMP_NUM_THREADS=1 python bench/scratchpad.py --steps 3600 --seed 0 --plot docs/figures/scratchpad.png
 """
 
 from __future__ import annotations
@@ -76,10 +76,10 @@ def beyond(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1500, help="training steps of each run")
+    parser.add_argument("--steps", type=int, default=3600, help="training steps of each run")
     parser.add_argument("--seed", type=int, default=0, help="training seed, data split seed and held-out draw")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=160, help="the window both variants are padded to")
