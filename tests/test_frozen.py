@@ -2,6 +2,8 @@
 that leaves the LM trainable is refused before saving: the negative control), the prefix is the linear map of the
 encoder's output, train-blind never sees the images, and the scene corpus for the caption LM."""
 
+import re
+
 import pytest
 import torch
 
@@ -97,17 +99,23 @@ def test_train_blind_never_sees_the_images(gpt_run, tmp_path, blind):
     assert torch.equal(losses[0], losses[1]) == blind  # the negative control (blind=false) does read its images
 
 
-def test_the_scene_corpus_binds_glossary_names_and_leaves_out_the_evaluation_names():
-    lines = CORPUS.splitlines()
-    assert len(lines) == 420 and scene_corpus(300, 120, seed=0) == CORPUS
-    words = set(CORPUS.replace(".", " ").replace("?", " ").replace(",", " ").split())
-    assert not words & set(NONCE_NAMES)
+def words_of(text):
+    return set(text.replace(".", " ").replace("?", " ").replace(",", " ").split())
+
+
+@pytest.mark.parametrize("evaluation_names", [True, False])
+def test_the_scene_corpus_binds_names_in_context(evaluation_names):
+    corpus = scene_corpus(300, 120, seed=0, evaluation_names=evaluation_names)
+    lines = corpus.splitlines()
+    assert len(lines) == 420 and scene_corpus(300, 120, seed=0, evaluation_names=evaluation_names) == corpus
+    assert bool(words_of(corpus) & set(NONCE_NAMES)) == evaluation_names
     names = glossary(300)
     assert len(set(names)) == 300 and not set(names) & (set(NONCE_NAMES) | set(PRETRAIN_SHAPES) | set(COLOURS))
     episodes = [line for line in lines if "q: what is this? a: this is a" in line]
     assert episodes
-    for line in episodes:  # the answer is the name that the query's description was bound to by an earlier item
-        *items, query = line.split(". q: what is this? a: this is a ")
-        answer = query.rstrip(".")
-        support = line.split(" q: ")[0]
-        assert f"this is a {answer}." in support
+    item = re.compile(r"an? (small|large) (\w+) ([\w-]+)\. this is a ([\w-]+)\.")
+    for line in episodes:  # the query shares with every item of the answer's name the attribute that names it
+        body, answer = line.rsplit(" q: what is this? a: this is a ", 1)
+        _, colour, shape = re.search(r"an? (small|large) (\w+) ([\w-]+)\.$", body).groups()  # the query's description
+        named = [(c, s) for _, c, s, n in item.findall(body) if n == answer.rstrip(".")]
+        assert named and ({c for c, _ in named} == {colour} or {s for _, s in named} == {shape})

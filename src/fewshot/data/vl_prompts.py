@@ -19,7 +19,8 @@ The corpus of the caption LM (:func:`scene_corpus`): the pool's captions plus te
 very layout of the prompts, each image replaced by a description of its object ("a small red circle. this is a
 zobi. ... a large blue circle. q: what is this? a: this is a zobi."), Fast-VQA in text, and "a red circle is a
 dax ... what is the red circle? a dax" statements. Training episodes take their names from a generated glossary
-(:func:`glossary`) that excludes the evaluation names, so no evaluation name is learned as a word.
+(:func:`glossary`) and the evaluation's nonce names, each bound afresh in every episode (``evaluation_names=False``
+leaves the latter out; then they are split into pieces the LM must copy one by one).
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ def _describe(o: Obj) -> str:
 def _text_episode(rng: np.random.Generator, names_pool: list[str]) -> str:
     """One open-ended episode in text: each image replaced by its object's description."""
     by = ("shape", "colour")[int(rng.integers(2))]
-    way, shots, repeats = int(rng.integers(2, 6)), int(rng.choice([1, 1, 2, 3, 5])), int(rng.choice([0, 0, 0, 1, 2]))
+    way, shots, repeats = int(rng.choice([2, 2, 3, 5])), int(rng.choice([1, 1, 2, 3, 5])), int(rng.choice([0, 0, 0, 1, 3]))
     values = PRETRAIN_SHAPES if by == "shape" else tuple(COLOURS)
     classes = [values[j] for j in rng.choice(len(values), size=way, replace=False)]
     real = rng.random() < 0.2
@@ -246,7 +247,11 @@ def _text_episode(rng: np.random.Generator, names_pool: list[str]) -> str:
         for j in rng.permutation(len(support)):
             parts += [_describe(support[j][0]), SUPPORT.format(name=support[j][1])]
     target = int(rng.integers(way))
-    parts += [_describe(obj(classes[target])), f"{QUERY} {names[target]}."]
+    # a third of the queries repeat a support item's very description: plain induction (match, then copy the name)
+    # is learned first, and the rest ask for the match on the naming attribute alone
+    exact = [o for o, n in support if n == names[target]]
+    query = exact[int(rng.integers(len(exact)))] if rng.random() < 1 / 3 else obj(classes[target])
+    parts += [_describe(query), f"{QUERY} {names[target]}."]
     return " ".join(parts)
 
 
@@ -281,13 +286,15 @@ def _statement(rng: np.random.Generator, names_pool: list[str]) -> str:
     return " ".join(parts)
 
 
-def scene_corpus(captions: int, episodes: int, seed: int = 0, glossary_size: int = 300) -> str:
+def scene_corpus(captions: int, episodes: int, seed: int = 0, glossary_size: int = 100, evaluation_names: bool = True) -> str:
     """The caption LM's corpus, one line each, shuffled: ``captions`` captions of a scene pool (1–2 objects, seen
     pairs only, no images drawn) and ``episodes`` text episodes (half open-ended, a quarter Fast-VQA, a quarter
-    binding statements) named from :func:`glossary`."""
+    binding statements) named from :func:`glossary` and, with ``evaluation_names``, :data:`NONCE_NAMES` too (as the
+    issue's own "a red circle is a dax" does): a name is bound afresh in every episode, so the LM learns that names
+    are copied from the context, never what a dax is; and its tokenizer then keeps each name one token."""
     pool = make_pool(max(1, captions // 3), objects=(1, 2), seed=seed, draw=False)
     lines = list(pool.row_caption[:captions])
-    names = glossary(glossary_size, seed)
+    names = glossary(glossary_size, seed) + (list(NONCE_NAMES) if evaluation_names else [])
     rng = np.random.default_rng([seed, 48])
     makers = (_text_episode, _text_episode, _text_vqa, _statement)
     lines += [makers[int(rng.integers(4))](rng, names) for _ in range(episodes)]

@@ -1,0 +1,193 @@
+"""Images in context (issue 17): Frozen's open-ended few-shot protocol and Fast-VQA, beside both blind baselines.
+
+The pipeline, every run through the one trainer (a finished run folder is reused, its CPU time reported as null):
+
+1. the caption LM: ``fewshot data scene-corpus`` (captions + text binding episodes named from a generated glossary)
+   and the gpt-scenes recipe (a 4-layer GPT, text only);
+2. Frozen (configs/frozen-scenes.yaml): a conv4 encoder from scratch, through that frozen GPT, into 2 prefix
+   embeddings, on a captioned scene pool (1–2 objects);
+3. train-blind: the same recipe with ``method.blind=true`` (the encoder sees only blank images).
+
+Evaluation (:mod:`fewshot.evaluate.vl_in_context`, greedy decoding, exact match, mean ± 95% CI over seeded
+episodes, one query each; the same episodes for every row): per category (scene shapes, colours, the reserved
+novel shapes, held-out Omniglot characters when ``$FEWSHOT_DATA`` has them), Frozen's columns — no induction 1
+shot; induction 1/3/5 inner shots; induction 1 shot with 1/3/5 repeats — in rows 2-way and 5-way: Frozen (nonce
+names), real names, test-blind (the Frozen run on blank images), train-blind (nonce names). Fast-VQA at 0/1/3/5
+shots: Frozen, test-blind, train-blind.
+
+Verdicts (a row beats another only when the intervals do not overlap, i.e. the difference exceeds both CIs):
+2-way nonce with induction at 1 and 5 shots above test-blind and train-blind; Fast-VQA above train-blind.
+
+    OMP_NUM_THREADS=1 FEWSHOT_DATA=/work/shared/data python bench/vl_in_context.py --pool runs/bench-vl/scenes-20000 --out runs/frozen/bench
+    OMP_NUM_THREADS=1 python bench/vl_in_context.py --quick     # a smoke run, measures nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from fewshot import api
+from fewshot.config import RunConfig
+from fewshot.data.scenes import write_scenes
+from fewshot.data.vl_prompts import CATEGORIES, category_images, write_scene_corpus
+from fewshot.errors import DataError
+from fewshot.evaluate.vl_in_context import BlankImages, evaluate_fast_vqa, evaluate_open_ended, frozen_columns, nonce_warnings, open_in_context_model
+from fewshot.run import Run
+from fewshot.train.trainer import checkpoint_path
+
+COLUMNS = ("no ind. 1", "ind. 1", "ind. 3", "ind. 5", "1 rep. 1", "1 rep. 3", "1 rep. 5")
+# The lecture's rows (Tsimpoukelli et al. 2021, Table 1, Open-Ended miniImageNet; Table 3, Fast-VQA), in COLUMNS' order.
+LECTURE = {
+    "2-way Frozen": [29.0, 53.4, 57.9, 58.9, 51.1, 57.7, 58.5],
+    "2-way Real-Name": [1.7, 33.7, 66, 66, 63, 65, 63.7],
+    "5-way Frozen": [18.0, 20.2, 22.3, 21.3, 21.4, 21.6, 20.9],
+    "Fast-VQA Frozen": [1.6, 2.8, 7.0, 7.9],
+    "Fast-VQA train-blind": [0.7, 0.3, 1.3, 0.4],
+}
+VQA_SHOTS = (0, 1, 3, 5)
+
+
+def train(config: RunConfig) -> float | None:
+    """Bring the run to its steps (a finished one is reused); the CPU seconds this process spent, None when reused."""
+    if checkpoint_path(config.run_dir).exists() and Run.open(config.run_dir).step >= config.train.steps:
+        return None
+    cpu = time.process_time()
+    api.pretrain_to_completion(config, progress=False)
+    return time.process_time() - cpu
+
+
+def configs(args: argparse.Namespace, corpus: Path, manifest: Path) -> dict[str, RunConfig]:
+    out = args.out
+    gpt = api.load_config(api.find_recipe("gpt-scenes"), [f"data.path={corpus}", f"out={out}", f"name=gpt-scenes-{args.gpt_steps}",
+                                                          f"train.steps={args.gpt_steps}", f"train.checkpoint_every={args.gpt_steps}",
+                                                          f"train.warmup_steps={min(25, args.gpt_steps // 10)}", *args.gpt_override])
+    runs = {"gpt": gpt}
+    for name, blind in (("frozen", False), ("train-blind", True)):
+        runs[name] = api.load_config(api.find_recipe("frozen-scenes"), [
+            f"data.path={manifest}", f"out={out}", f"name={name}-{args.steps}", f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}",
+            f"train.warmup_steps={min(50, args.steps // 10)}", f"method.lm.init={gpt.run_dir}", f"method.blind={str(blind).lower()}",
+            *args.override])
+    return runs
+
+
+def cell_text(cell: dict | None) -> str:
+    return "      —     " if cell is None else f"{cell['accuracy']:5.1f} ± {cell['ci95']:4.1f}"
+
+
+def beats(a: dict, b: dict) -> bool:
+    """a above b beyond both 95% intervals."""
+    return a["accuracy"] - a["ci95"] > b["accuracy"] + b["ci95"]
+
+
+def one_cell(model, data, setting, args: argparse.Namespace, misfits: list[str]) -> dict | None:
+    """One setting's accuracy ± CI, or None (and the reason kept) when its prompts do not fit the LM's context."""
+    try:
+        return next(iter(evaluate_open_ended(model, data, [setting], args.episodes, args.seed).values()))
+    except DataError as exc:
+        misfits.append(f"{setting.label}: {exc}")
+        return None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/frozen/bench")
+    p.add_argument("--pool", help="a scene pool folder (fewshot data scenes, 32 px); default: OUT/scenes-N, written if absent")
+    p.add_argument("--n", type=int, default=20000, help="scenes of a new pool")
+    p.add_argument("--captions", type=int, default=20000, help="captions in the caption LM's corpus")
+    p.add_argument("--text-episodes", type=int, default=8000, help="text binding episodes in the caption LM's corpus")
+    p.add_argument("--gpt-steps", type=int, default=500)
+    p.add_argument("--steps", type=int, default=600, help="Frozen's (and train-blind's) steps at batch 64")
+    p.add_argument("--episodes", type=int, default=100, help="seeded episodes per cell")
+    p.add_argument("--per-class", type=int, default=12, help="evaluation images per class")
+    p.add_argument("--categories", nargs="+", default=list(CATEGORIES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--override", nargs="*", default=[], help="key=value overrides of the Frozen runs")
+    p.add_argument("--gpt-override", nargs="*", default=[], help="key=value overrides of the caption LM")
+    p.add_argument("--quick", action="store_true", help="a smoke run: tiny pool, few steps and episodes; measures nothing")
+    args = p.parse_args()
+    if args.quick:
+        args.out, args.n, args.captions, args.text_episodes = "runs/frozen/bench-quick", 200, 400, 200
+        args.gpt_steps, args.steps, args.episodes, args.per_class = 4, 4, 3, 6
+        args.gpt_override += ["encoder.options={dim: 32, depth: 1, heads: 2}", "train.batch_size=2"]
+        args.override += ["train.batch_size=8"]
+    out = Path(args.out)
+    pool = Path(args.pool) if args.pool else out / f"scenes-{args.n}"
+    if not (pool / "scenes.json").is_file():
+        write_scenes(pool, args.n, 32, (1, 2), args.seed)
+    corpus = out / f"scene-corpus-{args.captions}-{args.text_episodes}.txt"
+    if not corpus.is_file():
+        write_scene_corpus(corpus, args.captions, args.text_episodes, args.seed)
+    runs = configs(args, corpus, pool / "manifest.tsv")
+    cpu = {name: train(config) for name, config in runs.items()}
+
+    eval_cpu = time.process_time()
+    frozen, blind = (open_in_context_model(runs[name].run_dir) for name in ("frozen", "train-blind"))
+    rows = {  # row → (model, names)
+        "Frozen": (frozen, True), "Real-Name": (frozen, False), "test-blind": (BlankImages(frozen), True), "train-blind": (blind, True),
+    }
+    results: dict = {"categories": {}, "skipped": {}, "misfits": [], "warnings": nonce_warnings(frozen)}
+    for category in args.categories:
+        try:
+            data = category_images(category, args.per_class, 32, args.seed)
+        except DataError as exc:
+            results["skipped"][category] = str(exc)
+            continue
+        table = {}
+        for way in (2, 5):
+            for row, (model, nonce) in rows.items():
+                if not nonce and category == "omniglot":
+                    continue  # Omniglot characters have no real names
+                table[f"{way}-way {row}"] = [one_cell(model, data, setting, args, results["misfits"]) for setting in frozen_columns(way, nonce)]
+        results["categories"][category] = table
+    vqa = {row: list(evaluate_fast_vqa(m, VQA_SHOTS, args.episodes, args.seed).values())
+           for row, m in (("Frozen", frozen), ("test-blind", BlankImages(frozen)), ("train-blind", blind))}
+    eval_minutes = (time.process_time() - eval_cpu) / 60
+
+    print(f"\nImages in context: exact-match accuracy (%, mean ± 95% CI over {args.episodes} seeded episodes, one query each); "
+          f"Frozen = conv4 from scratch → 2 prefix embeddings → frozen gpt-scenes ({args.gpt_steps} steps), {args.steps} steps at batch 64")
+    header = f"{'':28s}" + "".join(f"{c:>14s}" for c in COLUMNS)
+    for category, table in results["categories"].items():
+        print(f"\n{category}\n{header}")
+        for row, cells in table.items():
+            print(f"{row:28s}" + "".join(f"{cell_text(c):>14s}" for c in cells))
+    for category, reason in results["skipped"].items():
+        print(f"\n{category}: skipped ({reason})")
+    print(f"\nlecture (Open-Ended miniImageNet)\n{header}")
+    for row, values in LECTURE.items():
+        if not row.startswith("Fast-VQA"):
+            print(f"{row:28s}" + "".join(f"{v:>14.1f}" for v in values))
+    print(f"\nFast-VQA (shots per named shape){'':4s}" + "".join(f"{k:>14d}" for k in VQA_SHOTS))
+    for row, cells in vqa.items():
+        print(f"{row:36s}" + "".join(f"{cell_text(c):>14s}" for c in cells))
+    for row in ("Fast-VQA Frozen", "Fast-VQA train-blind"):
+        print(f"lecture {row[9:]:28s}" + "".join(f"{v:>14.1f}" for v in LECTURE[row]))
+
+    verdicts = {}
+    for category, table in results["categories"].items():
+        for col, name in ((1, "induction 1 shot"), (3, "induction 5 shots")):
+            f, tb, rb = table["2-way Frozen"][col], table["2-way test-blind"][col], table["2-way train-blind"][col]
+            verdicts[f"{category}: 2-way nonce {name} above test-blind"] = None if f is None or tb is None else beats(f, tb)
+            verdicts[f"{category}: 2-way nonce {name} above train-blind"] = None if f is None or rb is None else beats(f, rb)
+    for k, shots in enumerate(VQA_SHOTS):
+        verdicts[f"Fast-VQA {shots} shots above train-blind"] = beats(vqa["Frozen"][k], vqa["train-blind"][k])
+    print("\nverdicts (beyond both CIs):")
+    for claim, ok in verdicts.items():
+        print(f"  {'n/a' if ok is None else 'yes' if ok else 'NO '}  {claim}")
+    for w in results["warnings"]:
+        print(f"warning: {w}")
+    for m in dict.fromkeys(results["misfits"]):
+        print(f"not run: {m}")
+    cpu_minutes = {k: None if v is None else round(v / 60, 2) for k, v in cpu.items()}
+    print(f"CPU-minutes: training {cpu_minutes} (null: reused), evaluation {eval_minutes:.2f}")
+    print(json.dumps({"bench": "vl_in_context", "episodes": args.episodes, "seed": args.seed, "gpt_steps": args.gpt_steps, "steps": args.steps,
+                      "categories": results["categories"], "skipped": results["skipped"], "misfits": sorted(set(results["misfits"])), "fast_vqa": vqa, "verdicts": verdicts,
+                      "train_cpu_minutes": cpu_minutes, "eval_cpu_minutes": round(eval_minutes, 2), "warnings": results["warnings"],
+                      "lecture": LECTURE, "quick": args.quick}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
