@@ -362,3 +362,29 @@ def test_the_in_context_model_lays_out_pieces_as_in_training(runs, tmp_path):
         model.next_text(images[:1], pieces, 5)
     with pytest.raises(ConfigError, match="too many; use fewer shots"):
         model.next_text(images, pieces, f.context)
+
+
+@pytest.mark.parametrize("variant", ["text only", "<image> targets counted"])
+def test_the_training_loss_is_the_mean_nll_of_the_text_tokens(runs, tmp_path, variant):
+    from fewshot.methods.flamingo import draw_group_sizes
+
+    method = build_method(_config(runs, tmp_path))
+    _trained_like(method.flamingo)
+    f, pairs = method.flamingo, _pairs(method.text_tokenizer)
+    batch = {k: v for k, v in pairs.batch(torch.arange(6)).items() if k in method.inputs}
+    with torch.no_grad():
+        loss, _ = method(batch, torch.Generator().manual_seed(4))
+        sizes = draw_group_sizes(6, method.max_images, torch.Generator().manual_seed(4))
+        terms, first = [], 0
+        for size in sizes:  # each sequence alone, unpadded: −log p(next) at every text target
+            seq = [*method.start_ids]
+            for r in range(first, first + size):
+                caption = [t for t in batch["tokens"][r].tolist() if t != PAD_ID]
+                seq += [f.image_id, *caption, f.chunk_id]
+            seq.append(method.eos_id)
+            features = method.image_features(batch["images"][first : first + size])[None]
+            logp = f(torch.tensor([seq]), features)[0].double().log_softmax(-1)
+            terms += [-logp[j - 1, seq[j]] for j in range(1, len(seq)) if seq[j] != f.image_id or variant != "text only"]
+            first += size
+    assert len(sizes) > 1 and max(sizes) > 1  # both captions alone and interleaved sequences
+    assert math.isclose(float(loss), float(torch.stack(terms).mean()), rel_tol=1e-5) == (variant == "text only")
