@@ -118,21 +118,15 @@ def media_mask(ids: torch.Tensor, image_id: int, images: int, latents: int, imag
 
 
 def masked_cross_attention(attn: Attention, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Cross-attention with a per-query mask through ``attn``'s projections (q, kv, proj):
+    """Cross-attention ``attn`` under a per-query mask:
 
         out_t = W_o concat_h softmax_{j : mask[t, j]}(q_t^h · k_j^h / √d_h) v_j^h + b_o,   and out_t = 0 exactly
         when mask[t] has no True (a token with no image before it).
 
     x (B, T, D), context (B, S, D_c), mask (B, T, S) bool (True = attend)."""
-    b, t, d = x.shape
-    sees = mask.any(dim=-1)  # (B, T)
     if context.shape[1] == 0:
         return torch.zeros_like(x)
-    q, (k, v) = attn.split(attn.q(x), 1)[0], attn.split(attn.kv(context), 2)
-    # a query with no key would be NaN in SDPA: let it see every key, then zero its output
-    allowed = (mask | ~sees[:, :, None])[:, None]
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-    return attn.proj(y.transpose(1, 2).reshape(b, t, d)).masked_fill(~sees[:, :, None], 0.0)
+    return attn(x, context=context, attn_mask=mask).masked_fill(~mask.any(dim=-1)[:, :, None], 0.0)
 
 
 class GatedCrossAttentionBlock(nn.Module):
