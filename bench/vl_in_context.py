@@ -12,8 +12,10 @@ Evaluation (:mod:`fewshot.evaluate.vl_in_context`, greedy decoding, exact match,
 episodes, one query each; the same episodes for every row): per category (scene shapes, colours, the reserved
 novel shapes, held-out Omniglot characters when ``$FEWSHOT_DATA`` has them), Frozen's columns — no induction 1
 shot; induction 1/3/5 inner shots; induction 1 shot with 1/3/5 repeats — in rows 2-way and 5-way: Frozen (nonce
-names), real names, test-blind (the Frozen run on blank images), train-blind (nonce names). Fast-VQA at 0/1/3/5
-shots: Frozen, test-blind, train-blind.
+names), real names, test-blind (the Frozen run on blank images), train-blind (nonce names), and for the scene
+categories "text only": the same episodes with every image replaced by its description in the corpus's words
+("a small red circle.") through the same LM — what the LM does when told what each image shows, the ceiling a
+perfect image prefix could reach. Fast-VQA at 0/1/3/5 shots: Frozen, test-blind, train-blind.
 
 Verdicts (a row beats another only when the intervals do not overlap, i.e. the difference exceeds both CIs):
 2-way nonce with induction at 1 and 5 shots above test-blind and train-blind; Fast-VQA above train-blind.
@@ -83,10 +85,10 @@ def beats(a: dict, b: dict) -> bool:
     return a["accuracy"] - a["ci95"] > b["accuracy"] + b["ci95"]
 
 
-def one_cell(model, data, setting, args: argparse.Namespace, misfits: list[str]) -> dict | None:
+def one_cell(model, data, setting, args: argparse.Namespace, misfits: list[str], text_only: bool = False) -> dict | None:
     """One setting's accuracy ± CI, or None (and the reason kept) when its prompts do not fit the LM's context."""
     try:
-        return next(iter(evaluate_open_ended(model, data, [setting], args.episodes, args.seed).values()))
+        return next(iter(evaluate_open_ended(model, data, [setting], args.episodes, args.seed, text_only=text_only).values()))
     except DataError as exc:
         misfits.append(f"{setting.label}: {exc}")
         return None
@@ -142,6 +144,9 @@ def main() -> None:
                 if not nonce and category == "omniglot":
                     continue  # Omniglot characters have no real names
                 table[f"{way}-way {row}"] = [one_cell(model, data, setting, args, results["misfits"]) for setting in frozen_columns(way, nonce)]
+            if data.descriptions is not None:  # the LM told in words what each image shows: the ceiling the images aim at
+                table[f"{way}-way text only"] = [one_cell(frozen, data, setting, args, results["misfits"], text_only=True)
+                                                 for setting in frozen_columns(way, True)]
         results["categories"][category] = table
     vqa = {row: list(evaluate_fast_vqa(m, VQA_SHOTS, args.episodes, args.seed).values())
            for row, m in (("Frozen", frozen), ("test-blind", BlankImages(frozen)), ("train-blind", blind))}

@@ -118,6 +118,35 @@ def test_test_blind_feeds_blank_images():
     assert seeing["accuracy"] > 80 and blank["accuracy"] < 75 and blind.name == "nearest support (test-blind)"
 
 
+class Recorder:
+    name = "recorder"
+
+    def __init__(self):
+        self.calls = []
+
+    def next_text(self, images, pieces, max_tokens):
+        self.calls.append((list(images), list(pieces)))
+        return " dax."
+
+
+def test_the_text_only_row_puts_each_images_description_where_its_marker_was():
+    data = category_images("shapes", 8, size=16)
+    model = Recorder()
+    evaluate_open_ended(model, data, [Setting(2, 3, 1, True)], episodes=5, text_only=True)
+    for i, (shown, pieces) in enumerate(model.calls):
+        e = open_ended_episode(data.labels, data.class_names, 2, 3, 1, True, True, 0, i)
+        assert shown == [] and IMAGE not in pieces and len(pieces) == len(e.pieces)
+        images = iter(e.images)
+        for p, q in zip(e.pieces, pieces):
+            if p == IMAGE:
+                obj = next(images)
+                assert q == data.descriptions[obj] and data.class_names[data.labels[obj]] in q  # a shape's description names it
+            else:
+                assert q == p
+    with pytest.raises(DataError, match="needs the images' descriptions"):
+        evaluate_open_ended(model, toy_images(), [Setting(2, 1, 0, True)], episodes=1, text_only=True)
+
+
 # ------------------------------------------------------------------ episodes
 
 

@@ -173,11 +173,13 @@ def fast_vqa_episode(shots: int, seed: int, i: int, size: int = 32, way: int = 2
 
 @dataclass
 class VLImages:
-    """An image set for episodes: images (N, 3, S, S) float in [0, 1], labels (N,), each class's real name."""
+    """An image set for episodes: images (N, 3, S, S) float in [0, 1], labels (N,), each class's real name, and for
+    scenes each image's description in the corpus's words ("a small red circle.": the text-only upper bound)."""
 
     images: torch.Tensor
     labels: np.ndarray
     class_names: list[str]
+    descriptions: list[str] | None = None
 
 
 def _one_object_set(pairs: list[tuple[str, str]], per_class: int, key: int, size: int, seed: int, by: str) -> VLImages:
@@ -190,7 +192,8 @@ def _one_object_set(pairs: list[tuple[str, str]], per_class: int, key: int, size
             s, c = options[int(rng.integers(len(options)))]
             scenes.append(_one_object(rng, s, c))
             labels.append(k)
-    return VLImages(torch.from_numpy(render(scenes, size).astype(np.float32) / 255), np.array(labels), classes)
+    return VLImages(torch.from_numpy(render(scenes, size).astype(np.float32) / 255), np.array(labels), classes,
+                    [_describe(scene.objects[0]) for scene in scenes])
 
 
 def category_images(category: str, per_class: int, size: int = 32, seed: int = 0, omniglot: str | os.PathLike[str] | None = None,

@@ -35,7 +35,7 @@ from fewshot.evaluate.runner import mean_ci95
 from fewshot.models.prefix_lm import Past, PrefixLM
 
 __all__ = [
-    "BlankImages", "InterleavedModel", "PrefixInContext", "Setting", "answer_matches", "evaluate_fast_vqa", "evaluate_open_ended",
+    "BlankImages", "InterleavedModel", "PrefixInContext", "Setting", "answer_matches", "described", "evaluate_fast_vqa", "evaluate_open_ended",
     "frozen_columns", "interleaved_embeddings", "nonce_warnings", "open_in_context_model", "vl_eval", "vl_table",
 ]
 
@@ -189,14 +189,26 @@ def _score(model: InterleavedModel, prompts: Sequence[tuple[list[torch.Tensor], 
     return {"accuracy": 100 * mean, "ci95": 100 * ci, "episodes": len(hits)}
 
 
+def described(pieces: Sequence[str], images: Sequence[int], descriptions: Sequence[str]) -> list[str]:
+    """The text-only prompt: each image marker replaced by its image's description, in order."""
+    shown = iter(images)
+    return [descriptions[next(shown)] if p == IMAGE else p for p in pieces]
+
+
 def evaluate_open_ended(model: InterleavedModel, data: VLImages, settings: Sequence[Setting], episodes: int, seed: int = 0,
-                        max_tokens: int = 6) -> dict[str, dict[str, Any]]:
-    """Accuracy (%, mean ± 95% CI over ``episodes`` seeded episodes) of ``model`` in each setting on ``data``."""
+                        max_tokens: int = 6, text_only: bool = False) -> dict[str, dict[str, Any]]:
+    """Accuracy (%, mean ± 95% CI over ``episodes`` seeded episodes) of ``model`` in each setting on ``data``.
+    ``text_only``: the same episodes with every image replaced by its description (:func:`described`), no image
+    given: what the LM does when it is told, in its own words, what each image shows."""
+    if text_only and data.descriptions is None:
+        raise DataError("a text-only row needs the images' descriptions; this image set has none")
     out = {}
     for s in settings:
         drawn = [open_ended_episode(data.labels, data.class_names, s.way, s.shots, s.repeats, s.induction, s.nonce, seed, i)
                  for i in range(episodes)]
-        out[s.label] = {**_score(model, [([data.images[j] for j in e.images], e.pieces, e.answer) for e in drawn], max_tokens),
+        prompts = [([], described(e.pieces, e.images, data.descriptions), e.answer) if text_only else
+                   ([data.images[j] for j in e.images], e.pieces, e.answer) for e in drawn]
+        out[s.label] = {**_score(model, prompts, max_tokens),
                         "way": s.way, "shots": s.shots, "repeats": s.repeats, "induction": s.induction, "names": "nonce" if s.nonce else "real"}
     return out
 
