@@ -113,6 +113,9 @@ def main() -> None:
     for variant, info in runs.items():
         print(f"{variant:<12} {info['step']:5d}  {info['parameters']:7,}  {info['window_tokens']:13,}  {info['real_tokens']:12,}  "
               f"{info['target_tokens']:13,}  {info['final_loss']:10.4f}  {info.get('train_cpu_minutes', float('nan')):6.2f}")
+    print("\nthe scratchpad run's first error per held-out problem (walking the gold steps in order):")
+    for row in curves["scratchpad"]:
+        print(f"{row['steps']:4d}  " + ", ".join(f"{k} {v}" for k, v in sorted(row["first_errors"].items(), key=lambda kv: -kv[1])))
     pad, direct = curves["scratchpad"], curves["answer-only"]
     verdict = {str(a["steps"]): beyond(a, b) for a, b in zip(pad, direct) if a["steps"] > args.max_train_steps}
     pooled = {}

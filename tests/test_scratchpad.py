@@ -201,3 +201,19 @@ def test_the_bench_calls_a_win_only_beyond_both_cis():
     spec.loader.exec_module(bench)
     assert bench.beyond({"accuracy": 50, "ci95": 5}, {"accuracy": 30, "ci95": 10})
     assert not bench.beyond({"accuracy": 50, "ci95": 11}, {"accuracy": 30, "ci95": 10})
+
+
+@pytest.mark.parametrize("output, error", [
+    (" 2 + 3 = 5. 5 * 2 = 10. The answer is 10.", "none"),
+    (" 2 + 3 = 5. 5 * 3 = 15. The answer is 15.", "operand"),
+    (" 2 + 3 = 5. 6 * 2 = 12. The answer is 12.", "copy"),
+    (" 2 + 3 = 6. 6 * 2 = 12. The answer is 12.", "arithmetic"),
+    (" 2 + 3 = 5. The answer is 5.", "too few steps"),
+    (" 2 + 3 = 5. 5 * 2 = 10. 10 + 1 = 11. The answer is 11.", "too many steps"),
+    (" 2 + 3 = 5. 5 * 2 = 10. The answer is 100.", "answer"),
+    (" 2 + 3 = 5. 5 * = 10. The answer is 10.", "malformed"),
+    (" The answer is 10.", "too few steps"),
+])
+def test_the_first_error_of_a_hand_written_scratchpad(output, error):
+    from fewshot.evaluate.scratchpad import first_error
+    assert first_error(HAND, output) == error

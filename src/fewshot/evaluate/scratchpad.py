@@ -9,6 +9,8 @@ and the number of such outputs is reported per length).
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +23,7 @@ from fewshot.evaluate.cot import extract_answer
 from fewshot.evaluate.runner import mean_ci95
 from fewshot.models.language import LanguageModel
 
-__all__ = ["greedy_continuations", "plot_accuracy_by_steps", "score_items", "steps_table", "accuracy_by_steps"]
+__all__ = ["ERRORS", "first_error", "greedy_continuations", "plot_accuracy_by_steps", "score_items", "steps_table", "accuracy_by_steps"]
 
 
 @torch.no_grad()
@@ -63,6 +65,38 @@ def score_items(model: LanguageModel, items: Sequence[ReasoningItem], batch_size
     return [r for r in results if r is not None]
 
 
+ERRORS = ("none", "malformed", "operand", "copy", "arithmetic", "too few steps", "too many steps", "answer")
+_LINE = re.compile(r"(\d+) ([+*]) (\d+) = (\d+)\.?")
+
+
+def first_error(item: ReasoningItem, output: str) -> str:
+    """The first thing a scratchpad output gets wrong, walking the gold steps in order (one of :data:`ERRORS`):
+    ``malformed`` (a line that is not ``a op b = c.``), ``operand`` (op or b not the question's next operation),
+    ``copy`` (a not the line's own previous result, or not the start), ``arithmetic`` (a op b ≠ c),
+    ``too few steps`` / ``too many steps``, ``answer`` (the answer is not the last result), else ``none``."""
+    gold = [_LINE.fullmatch(line).groups() for line in re.split(r"(?<=\.) ", item.rationale)]
+    steps_text = output.split(" The answer is")[0].strip()
+    lines = re.split(r"(?<=\.) ", steps_text) if steps_text else []
+    previous = gold[0][0]
+    for k, line in enumerate(lines):
+        m = _LINE.fullmatch(line)
+        if m is None:
+            return "malformed"
+        if k >= len(gold):
+            return "too many steps"
+        a, op, b, c = m.groups()
+        if (op, b) != (gold[k][1], gold[k][2]):
+            return "operand"
+        if a != previous:
+            return "copy"
+        if int(c) != (int(a) + int(b) if op == "+" else int(a) * int(b)):
+            return "arithmetic"
+        previous = c
+    if len(lines) < len(gold):
+        return "too few steps"
+    return "none" if extract_answer(output, "number", needs_trigger=True) == previous else "answer"
+
+
 def accuracy_by_steps(model: LanguageModel, steps: Sequence[int], n: int, seed: int, heldout_fraction: float) -> list[dict[str, Any]]:
     """One row per number of steps: held-out items (:func:`~fewshot.data.scratchpad.heldout_items`), accuracy % ± 95% CI
     over items (each right or wrong), outputs without an answer, and the first item's output as an example."""
@@ -72,7 +106,8 @@ def accuracy_by_steps(model: LanguageModel, steps: Sequence[int], n: int, seed: 
         scored = score_items(model, items)
         accuracy, ci = mean_ci95([100.0 * r["correct"] for r in scored])
         rows.append({"steps": s, "items": len(items), "correct": sum(r["correct"] for r in scored), "accuracy": accuracy, "ci95": ci,
-                     "no_answer": sum(r["answer"] is None for r in scored), "example": scored[0]["output"]})
+                     "no_answer": sum(r["answer"] is None for r in scored), "example": scored[0]["output"],
+                     "first_errors": dict(Counter(first_error(item, r["output"]) for item, r in zip(items, scored)))})
     return rows
 
 
