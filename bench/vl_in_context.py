@@ -21,6 +21,7 @@ Verdicts (a row beats another only when the intervals do not overlap, i.e. the d
 2-way nonce with induction at 1 and 5 shots above test-blind and train-blind; Fast-VQA above train-blind.
 
     OMP_NUM_THREADS=1 FEWSHOT_DATA=/work/shared/data python bench/vl_in_context.py --pool runs/bench-vl/scenes-20000 --out runs/frozen/bench
+        # 14.1 CPU-minutes on a shared 2-core CPU (training 10.2, evaluation 3.9; docs/benchmarks.md)
     OMP_NUM_THREADS=1 python bench/vl_in_context.py --quick     # a smoke run, measures nothing
 """
 
@@ -101,8 +102,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=20000, help="scenes of a new pool")
     p.add_argument("--captions", type=int, default=20000, help="captions in the caption LM's corpus")
     p.add_argument("--text-episodes", type=int, default=8000, help="text binding episodes in the caption LM's corpus")
-    p.add_argument("--gpt-steps", type=int, default=500)
-    p.add_argument("--steps", type=int, default=600, help="Frozen's (and train-blind's) steps at batch 64")
+    p.add_argument("--gpt-steps", type=int, default=1800)
+    p.add_argument("--steps", type=int, default=1000, help="Frozen's (and train-blind's) steps at batch 64")
     p.add_argument("--episodes", type=int, default=100, help="seeded episodes per cell")
     p.add_argument("--per-class", type=int, default=12, help="evaluation images per class")
     p.add_argument("--categories", nargs="+", default=list(CATEGORIES))
