@@ -323,6 +323,12 @@ def test_the_frozen_parts_are_bit_identical_after_training(runs, tmp_path, monke
     for part in ("flamingo.resampler.", "flamingo.gated.", "flamingo.new_tokens."):
         assert any(k.startswith(part) for k in changed), part
     assert {k for k in changed if k.endswith("_gate")}  # the tanh gates opened
+    if lm == "gpt":  # the run opens as the in-context protocol's model (fewshot icl vl-eval)
+        from fewshot.evaluate.vl_in_context import open_in_context_model
+        from fewshot.methods.flamingo import FlamingoInContext
+
+        model = open_in_context_model(config.run_dir)
+        assert isinstance(model, FlamingoInContext) and model.image_size == config.data.image_size
 
 
 @pytest.mark.parametrize("lm", ["gpt", "hf"])

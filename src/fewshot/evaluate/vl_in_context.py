@@ -229,17 +229,23 @@ def evaluate_fast_vqa(model: InterleavedModel, shots: Sequence[int], episodes: i
 # ----------------------------------------------------------------------------- a run, the command
 
 
-def open_in_context_model(path: str | Path) -> PrefixInContext:
-    """A Frozen run folder as an :class:`InterleavedModel` (eval mode)."""
+def open_in_context_model(path: str | Path) -> Any:
+    """A Frozen / ClipCap / BLIP-2 run (an image prefix) or a Flamingo run folder as an :class:`InterleavedModel` (eval mode)."""
     from fewshot.run import Run
 
+    from fewshot.methods.flamingo import Flamingo, FlamingoInContext
     from fewshot.methods.prefix_captioning import PrefixCaptioner
 
     run = Run.open(path)
     method = run.method().eval()
-    if not isinstance(method, PrefixCaptioner):
-        raise ConfigError(f"'{path}' is a {run.config.method.name} run; icl vl-eval reads a run with an image prefix into a causal LM (frozen, clipcap)")
-    model = PrefixInContext(method.language_model, method.prefix, f"{run.config.method.name} run {Path(path).name}")
+    name = f"{run.config.method.name} run {Path(path).name}"
+    if isinstance(method, Flamingo):
+        model: Any = FlamingoInContext(method, name)
+    elif isinstance(method, PrefixCaptioner):
+        model = PrefixInContext(method.language_model, method.prefix, name)
+    else:
+        raise ConfigError(f"'{path}' is a {run.config.method.name} run; icl vl-eval reads a run with an image prefix into a causal LM "
+                          "(frozen, clipcap, blip2) or a flamingo run")
     model.image_size = run.config.data.image_size
     return model
 
