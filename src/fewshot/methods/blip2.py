@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from fewshot.config import MethodConfig, RunConfig
@@ -46,7 +46,7 @@ from fewshot.data.types import Batch
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.io import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, read_file_pair
 from fewshot.methods.base import Method
-from fewshot.methods.clipcap import _image_tower_weights
+from fewshot.methods.clipcap import ClipCapImage, ClipCapLM, _image_tower_weights
 from fewshot.methods.prefix_captioning import PrefixCaptioner, open_caption_lm
 from fewshot.methods.vision_language import check_same_image_tower
 from fewshot.models.flamingo import image_token_features, image_token_width
@@ -57,19 +57,6 @@ from fewshot.objectives.captioning import append_eos, caption_labels, caption_lo
 __all__ = ["BLIP2Captioner", "BLIP2CaptionerConfig", "BLIP2QFormer", "BLIP2QFormerConfig"]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class _Init(_Section):
-    init: str | None = Field(None, description="a fewshot run folder to read from")
-
-
-class _LM(_Section):
-    init: str | None = Field(None, description="the frozen causal LM: a fewshot gpt run folder, a Hugging Face causal LM folder, or smollm2")
-    tune: bool = Field(False, description="must stay false: BLIP-2 keeps the LM frozen")
-
-
 class BLIP2QFormerConfig(MethodConfig):
     queries: int = Field(32, ge=1, description="learned queries (BLIP-2: 32)")
     dim: int = Field(768, ge=8, description="Q-Former width (BLIP-2: 768, BERT-base)")
@@ -77,12 +64,12 @@ class BLIP2QFormerConfig(MethodConfig):
     heads: int = Field(12, ge=1, description="attention heads, dividing dim (BLIP-2: 12)")
     cross_every: int = Field(2, ge=1, description="queries cross-attend the image in every n-th layer (BLIP-2: 2)")
     embed_dim: int = Field(256, ge=1, description="ITC embedding width (BLIP-2: 256)")
-    image: _Init = Field(default_factory=_Init)
+    image: ClipCapImage = Field(default_factory=ClipCapImage)
 
 
 class BLIP2CaptionerConfig(MethodConfig):
-    qformer: _Init = Field(default_factory=_Init)
-    lm: _LM = Field(default_factory=_LM)
+    qformer: ClipCapImage = Field(default_factory=ClipCapImage)  # its init: the stage-1 run folder
+    lm: ClipCapLM = Field(default_factory=ClipCapLM)  # tune refused: BLIP-2 keeps the LM frozen
 
 
 def _frozen_image_tower(method: Method, config: RunConfig, path: str | None, name: str) -> nn.Module:
