@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reused_runs import train  # noqa: E402  (shared by the benches)
 from vision_language import clip_config, make_pool  # noqa: E402  (the CLIP bench's pool and recipe)
 
 import torch  # noqa: E402
@@ -54,19 +55,9 @@ from fewshot.evaluate.image_text import ImageTextRun, _split_seed  # noqa: E402
 from fewshot.evaluate.text import perplexity  # noqa: E402
 from fewshot.models.prefix_lm import open_prefix_lm  # noqa: E402
 from fewshot.run import Run  # noqa: E402
-from fewshot.train.trainer import checkpoint_path  # noqa: E402
 
 CELLS = ("mlp-frozen", "mlp-tuned", "transformer-frozen", "transformer-tuned", "blip2-frozen")
 PAPER_COCO_CIDER = {"transformer-frozen": 113.1, "mlp-tuned": 108.4}  # Mokady et al. 2021, Table 1 (×100 scale)
-
-
-def train(config: RunConfig) -> float | None:
-    """Bring the run to its steps (a finished one is reused); the CPU seconds this process spent, None when reused."""
-    if checkpoint_path(config.run_dir).exists() and Run.open(config.run_dir).step >= config.train.steps:
-        return None
-    cpu = time.process_time()
-    api.pretrain_to_completion(config, progress=False)
-    return time.process_time() - cpu
 
 
 def gpt_config(args: argparse.Namespace) -> RunConfig:

@@ -33,14 +33,15 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reused_runs import train  # noqa: E402  (shared by the benches)
+
 from fewshot import api
 from fewshot.config import RunConfig
 from fewshot.data.scenes import write_scenes
 from fewshot.data.vl_prompts import CATEGORIES, category_images, write_scene_corpus
 from fewshot.errors import DataError
 from fewshot.evaluate.vl_in_context import BlankImages, evaluate_fast_vqa, evaluate_open_ended, frozen_columns, nonce_warnings, open_in_context_model
-from fewshot.run import Run
-from fewshot.train.trainer import checkpoint_path
 
 COLUMNS = ("no ind. 1", "ind. 1", "ind. 3", "ind. 5", "1 rep. 1", "1 rep. 3", "1 rep. 5")
 # The lecture's rows (Tsimpoukelli et al. 2021, Table 1, Open-Ended miniImageNet; Table 3, Fast-VQA), in COLUMNS' order.
@@ -52,15 +53,6 @@ LECTURE = {
     "Fast-VQA train-blind": [0.7, 0.3, 1.3, 0.4],
 }
 VQA_SHOTS = (0, 1, 3, 5)
-
-
-def train(config: RunConfig) -> float | None:
-    """Bring the run to its steps (a finished one is reused); the CPU seconds this process spent, None when reused."""
-    if checkpoint_path(config.run_dir).exists() and Run.open(config.run_dir).step >= config.train.steps:
-        return None
-    cpu = time.process_time()
-    api.pretrain_to_completion(config, progress=False)
-    return time.process_time() - cpu
 
 
 def configs(args: argparse.Namespace, corpus: Path, manifest: Path) -> dict[str, RunConfig]:

@@ -6,21 +6,18 @@ guarded property has a broken variant asserted to fail it."""
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from fewshot.config import load_config
-from fewshot.data.scenes import captions_for, heldout_pairs, sample_scenes, seen_pairs
 from fewshot.data.token_ids import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID
-from fewshot.data.tokenizer import save_tokenizer, train_tokenizer
+from fewshot.data.tokenizer import train_tokenizer
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.methods import build_method
 from fewshot.methods.flamingo import Flamingo, interleave_captions, interleaved_labels
 from fewshot.models import flamingo as flamingo_module
 from fewshot.models.flamingo import FlamingoLM, PerceiverResampler, media_mask
 from fewshot.models.language import GPT
-from fewshot.train.checkpoint import Checkpoint, save_checkpoint
 
 V, IMG, EOC = 50, 50, 51
 MEDIA = 8
@@ -246,17 +243,7 @@ def test_captions_interleave_into_sequences_with_text_only_labels():
 
 # ------------------------------------------------------------------ (d) the method through the one trainer
 
-CORPUS = "\n".join(c for s in sample_scenes(np.random.default_rng(0), 40, (1, 2), seen_pairs(heldout_pairs(0)))
-                   for c in captions_for(s, np.random.default_rng(1)))
-IMAGE = ["data.source=text", "data.image_size=16", "data.channels=3", "data.seq_len=8", "data.vocab_size=300",
-         "encoder.options={width: 8}", "train.channels_last=false"]
-
-
-def _save_run(config, method, tokenizer):
-    tensors = {f"model.{k}": v for k, v in method.state_dict().items()}
-    save_checkpoint(config.run_dir / "checkpoints" / "last", Checkpoint(config.model_dump(mode="json"), 1, tensors, {}))
-    save_tokenizer(tokenizer, config.run_dir)
-    return config.run_dir
+from test_captioning import CORPUS, IMAGE, _pairs, _save_run  # noqa: E402  (the captioning tests' tiny runs)
 
 
 @pytest.fixture(scope="module")
@@ -283,14 +270,6 @@ def _config(runs, root, *overrides, lm="gpt"):
                                   "method.latents=2", "method.resampler_depth=1", "method.resampler_heads=2", "method.cross_heads=2",
                                   "method.max_images=2", f"out={root}", "name=flamingo", "train.steps=3", "train.batch_size=8",
                                   "train.warmup_steps=1", "train.lr=0.01", "train.accelerator=cpu", "train.devices=1", *overrides])
-
-
-def _pairs(tokenizer):
-    from fewshot.data.pairs import pair_set
-    from fewshot.data.scenes import make_pool
-
-    pool = make_pool(10, size=16, objects=(1, 2), seed=0)
-    return pair_set(pool.images, pool.row_image, pool.row_caption, tokenizer, context=8)
 
 
 @pytest.mark.parametrize("lm", ["gpt", "hf"])
