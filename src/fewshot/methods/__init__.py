@@ -17,12 +17,14 @@ from fewshot.methods.blip2 import BLIP2Captioner, BLIP2QFormer
 from fewshot.methods.clipcap import ClipCap
 from fewshot.methods.contrastive import CONTRASTIVE_METHODS, TwoViewMethod
 from fewshot.methods.episodic import EPISODIC_METHODS
+from fewshot.methods.fromage import Fromage
 from fewshot.methods.frozen import Frozen
 from fewshot.methods.flamingo import Flamingo
 from fewshot.methods.icl_classify import ICLClassify
 from fewshot.methods.in_context import ICLRegression
 from fewshot.methods.language import LANGUAGE_METHODS
 from fewshot.methods.mae import MAE
+from fewshot.methods.mm_cot import MultimodalCoT
 from fewshot.methods.momentum import MOMENTUM_METHODS
 from fewshot.methods.neighbors import NNCLR
 from fewshot.methods.time_contrastive import TimeContrastive
@@ -42,7 +44,7 @@ def register_method(name: str, method_class: type[Method]) -> type[Method]:
 
 for _name, _cls in {**CONTRASTIVE_METHODS, **MOMENTUM_METHODS, **EPISODIC_METHODS, "autoencoder": Autoencoder, "mae": MAE,
                     **LANGUAGE_METHODS, "time-contrastive": TimeContrastive, "nnclr": NNCLR,
-                    "clip": CLIP, "coca": CoCa, "clipcap": ClipCap, "blip2-qformer": BLIP2QFormer, "blip2": BLIP2Captioner, "frozen": Frozen, "flamingo": Flamingo, "icl-regression": ICLRegression, "icl-classify": ICLClassify}.items():
+                    "clip": CLIP, "coca": CoCa, "clipcap": ClipCap, "blip2-qformer": BLIP2QFormer, "blip2": BLIP2Captioner, "frozen": Frozen, "fromage": Fromage, "flamingo": Flamingo, "mm-cot": MultimodalCoT, "icl-regression": ICLRegression, "icl-classify": ICLClassify}.items():
     register_method(_name, _cls)
 
 
