@@ -15,7 +15,8 @@ fed to the LM as input embeddings. :class:`PrefixLM` is the one interface, two k
     :mod:`fewshot.models.causal_lm`), fed through ``inputs_embeds``; its tokenizer's own start specials
     begin the sequence and its ``eos_token_id`` ends a caption (a tokenizer without one is refused).
 
-``step(embeds, past) -> (logits, past)`` continues the cache ``past`` (a list over layers of (keys,
+``hidden(embeds)`` gives the last layer's states (after the final norm) instead of logits: what FROMAGe's [RET]
+token is read from. ``step(embeds, past) -> (logits, past)`` continues the cache ``past`` (a list over layers of (keys,
 values), each (B, heads, T, head_dim)) by the embeddings ``embeds`` (B, T, D); decoding feeds one
 token's embedding per step. Decoders (all stop a row at EOS, which is not returned):
 :func:`greedy`, :func:`beam_search` and :func:`nucleus` (top-p sampling, Holtzman et al. 2020);
@@ -44,11 +45,12 @@ Past = list[tuple[torch.Tensor, torch.Tensor]]
 
 class PrefixLM(nn.Module):
     """Input embeddings → logits over a causal LM. ``model`` is the LM (what a frozen link freezes);
-    ``dim`` its embedding width D, ``context`` the positions it holds, ``start_ids`` what begins every
-    sequence, ``eos_id`` what ends a caption, ``tokenizer`` a ``tokenizers.Tokenizer`` for its ids."""
+    ``dim`` its embedding width D, ``vocab_size`` its embedding rows, ``context`` the positions it holds, ``start_ids``
+    what begins every sequence, ``eos_id`` what ends a caption, ``tokenizer`` a ``tokenizers.Tokenizer`` for its ids."""
 
     model: nn.Module
     dim: int
+    vocab_size: int
     context: int
     start_ids: list[int]
     eos_id: int
@@ -96,6 +98,7 @@ class GPTPrefixLM(PrefixLM):
             raise ConfigError(f"{name}'s tokenizer has no {SPECIAL_TOKENS[EOS_ID]} at id {EOS_ID}: a caption needs an end token")
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.dim, self.context = model.encoder.dim, int(model.max_len)
+        self.vocab_size = model.encoder.tok_emb.num_embeddings
         self.start_ids, self.eos_id = [BOS_ID], EOS_ID
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -108,6 +111,12 @@ class GPTPrefixLM(PrefixLM):
         no_tokens = torch.empty(embeds.shape[0], 0, dtype=torch.long, device=embeds.device)
         hidden, kv = self.model.encoder.hidden(no_tokens, prefix=embeds, past=past, return_kv=True)
         return self.model.logits(hidden), list(kv)
+
+    def hidden(self, embeds: torch.Tensor) -> torch.Tensor:
+        if embeds.shape[1] > self.context:
+            raise ConfigError(f"{embeds.shape[1]} positions exceed {self.name}'s context of {self.context}")
+        no_tokens = torch.empty(embeds.shape[0], 0, dtype=torch.long, device=embeds.device)
+        return self.model.encoder.hidden(no_tokens, prefix=embeds)
 
 
 class HFPrefixLM(PrefixLM):
@@ -123,6 +132,7 @@ class HFPrefixLM(PrefixLM):
         self.model, self.name = lm.model, lm.name
         self.tokenizer = word_pieces(lm.tokenizer)
         self.dim = int(lm.model.get_input_embeddings().weight.shape[1])
+        self.vocab_size = int(lm.model.get_input_embeddings().weight.shape[0])
         self.context, self.start_ids, self.eos_id = lm.context, list(lm.start_ids), int(eos)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -137,6 +147,11 @@ class HFPrefixLM(PrefixLM):
         cache = DynamicCache(ddp_cache_data=past) if past is not None else DynamicCache()
         logits = self.model(inputs_embeds=embeds, cache=cache, use_cache=True).logits
         return logits.float(), [(layer.keys, layer.values) for layer in cache.layers]
+
+    def hidden(self, embeds: torch.Tensor) -> torch.Tensor:
+        if embeds.shape[1] > self.context:
+            raise ConfigError(f"{embeds.shape[1]} positions exceed {self.name}'s context of {self.context}")
+        return self.model(inputs_embeds=embeds, output_hidden_states=True).hidden_states[-1].float()
 
 
 def open_prefix_lm(spec: str | Path) -> PrefixLM:
