@@ -19,7 +19,8 @@ frozen CLIP image embedding (no language model, nothing trained).
 the same CLIP run's frozen conv4 tokens, ITC + ITM + ITG for ``--qformer-steps``) then stage 2 (configs/blip2-scenes.yaml:
 the 8 query outputs as a soft prompt into the same frozen GPT, ``--steps``); its CPU time is the two stages'.
 
-Not yet here (the issue's later slices): CoCa's captions, FROMAGe's retrieval, CapFilt.
+Not yet here (the issue's later slices): CoCa's captions, CapFilt. FROMAGe's [RET] retrieval against CLIP's text
+tower and its captions: bench/fromage.py.
 For scale (the paper, COCO): CIDEr 113.1 with the transformer mapper and a frozen GPT-2, 108.4 with the MLP and
 GPT-2 tuned; Conceptual Captions 71.8 and 87.3.
 

@@ -1,0 +1,136 @@
+"""FROMAGe on captioned scenes (issue 16 item 5): retrieval through a frozen LM's [RET] token against CLIP's own text tower.
+
+One run of configs/fromage-scenes.yaml (Koh et al. 2023): the frozen image embedding of a clip-scenes run (conv4 + its
+image projection) mapped linearly to 1 visual embedding of a frozen GPT trained on scene text only (gpt-scenes), a
+learned [RET] row after each caption, W_t / W_i into a 256-d space, captioning + InfoNCE both ways, half of each batch
+captioned in concatenated pairs; ``--steps`` at batch 64. Then, on ``--test`` fresh scenes of the seen (shape, colour)
+pairs and as many of the held-out CoGenT pairs (the captioning bench's test streams):
+
+* text → image retrieval, each scene's first reference caption against the test images: R@1 and R@5 ± 95% CI, by the
+  caption's [RET] state (FROMAGe) and by CLIP's text tower (the same CLIP run whose image tower FROMAGe reads), on the
+  same candidates; relevance instance (the caption's own image) and semantic (every image the caption is true of);
+* FROMAGe's greedy captions through the frozen LM: BLEU-4, ROUGE-L, CIDEr-D, scene F1, share true (± CI);
+* trainable parameters and training CPU-minutes.
+
+A run folder that already holds a finished checkpoint is reused (its CPU time reported as null). One JSON line at the end.
+
+    OMP_NUM_THREADS=1 python bench/fromage.py --pool runs/bench-vl/scenes-20000 --clip-run runs/bench-vl/clip-20000-1000 \\
+        --gpt-run runs/frozen/bench/gpt-scenes-1800 --out runs/fromage/bench
+    OMP_NUM_THREADS=1 python bench/fromage.py --quick     # a smoke run, measures nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reused_runs import train  # noqa: E402  (shared by the benches)
+from vision_language import clip_config, make_pool  # noqa: E402  (the CLIP bench's pool and recipe)
+
+from fewshot import api  # noqa: E402
+from fewshot.data.scenes import POOL_INFO  # noqa: E402
+from fewshot.data.vl_prompts import write_scene_corpus  # noqa: E402
+from fewshot.evaluate.captions import caption_run  # noqa: E402
+from fewshot.evaluate.scene_retrieval import scene_retrieval  # noqa: E402
+from fewshot.run import Run  # noqa: E402
+
+CAPTION_KEYS = ("bleu4", "rouge_l", "rouge_l_ci95", "cider_d", "cider_d_ci95", "scene_f1", "scene_f1_ci95", "share_true",
+                "share_true_ci95", "images", "examples")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/bench-fromage", help="folder for the runs (and the pool unless --pool)")
+    parser.add_argument("--pool", default=None, help="an existing scenes folder (e.g. runs/bench-vl/scenes-20000); default: make one in --out")
+    parser.add_argument("--clip-run", default=None, help="an existing clip-scenes run on that pool; default: train one (--clip-steps)")
+    parser.add_argument("--gpt-run", default=None, help="an existing gpt-scenes run; default: write a scene corpus and train one (--gpt-steps)")
+    parser.add_argument("--n", type=int, default=20000, help="scenes in a pool made here")
+    parser.add_argument("--clip-steps", type=int, default=1000, help="CLIP steps when the image tower is trained here")
+    parser.add_argument("--gpt-steps", type=int, default=1800, help="gpt-scenes steps when the LM is trained here")
+    parser.add_argument("--steps", type=int, default=2000, help="FROMAGe steps at batch 64")
+    parser.add_argument("--test", type=int, default=300, help="test scenes per pair group (seen, held-out)")
+    parser.add_argument("--seed", type=int, default=0, help="pool, training and test-set seed")
+    parser.add_argument("--override", nargs="*", default=[], help="key=value overrides for the FROMAGe run")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (tiny pool, few steps): checks the pipeline, measures nothing")
+    args = parser.parse_args()
+    if args.quick:
+        args.n, args.clip_steps, args.gpt_steps, args.steps, args.test = 600, 10, 10, 10, 20
+        args.out, args.pool, args.clip_run, args.gpt_run = os.path.join(args.out, "quick"), None, None, None
+    os.environ.setdefault("FEWSHOT_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    start, cpu = time.time(), time.process_time()
+    out = Path(args.out)
+
+    pool = Path(args.pool) if args.pool else make_pool(argparse.Namespace(out=args.out, n=args.n, seed=args.seed))
+    info = json.loads((pool / POOL_INFO).read_text())
+    manifest = pool / "manifest.tsv"
+    cpu_seconds: dict[str, float | None] = {}
+    if args.clip_run:
+        clip_run = Path(args.clip_run)
+    else:
+        clip = clip_config(argparse.Namespace(out=args.out, n=info["images"], steps=args.clip_steps, seed=args.seed), manifest)
+        cpu_seconds["clip"], clip_run = train(clip), clip.run_dir
+    if args.gpt_run:
+        gpt_run = Path(args.gpt_run)
+    else:
+        corpus = out / ("scene-corpus-quick.txt" if args.quick else "scene-corpus-20000-8000.txt")
+        if not corpus.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            write_scene_corpus(corpus, 300 if args.quick else 20000, 100 if args.quick else 8000, args.seed)
+        gpt = api.load_config(api.find_recipe("gpt-scenes"), [f"data.path={corpus}", f"out={out}", f"name=gpt-scenes-{args.gpt_steps}",
+                                                             f"train.steps={args.gpt_steps}", f"train.checkpoint_every={args.gpt_steps}"])
+        cpu_seconds["gpt"], gpt_run = train(gpt), gpt.run_dir
+
+    config = api.load_config(api.find_recipe("fromage-scenes"), [
+        f"data.path={manifest}", f"out={out}", f"name=fromage-{args.steps}", f"train.steps={args.steps}",
+        f"train.checkpoint_every={args.steps}", f"train.warmup_steps={min(50, max(1, args.steps // 10))}", f"train.seed={args.seed}",
+        f"method.image.init={clip_run}", f"method.lm.init={gpt_run}", *args.override])
+    cpu_seconds["fromage"] = train(config)
+    run = Run.open(config.run_dir)
+    method = run.method()
+    trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
+    history = run.history
+
+    t = time.process_time()
+    retrieval: dict[str, dict] = {}
+    captions: dict[str, dict] = {}
+    for pairs in ("seen", "held-out"):
+        held = pairs == "held-out"
+        retrieval[pairs] = {name: scene_retrieval(path, args.test, args.seed + 1, heldout=held)
+                            for name, path in (("fromage [RET]", config.run_dir), ("clip text tower", clip_run))}
+        result = caption_run(config.run_dir, args.test, args.seed + 1, heldout=held)
+        captions[pairs] = {k: result[k] for k in CAPTION_KEYS}
+    cpu_seconds["evaluation"] = time.process_time() - t
+
+    minutes = "reused" if cpu_seconds["fromage"] is None else f"{cpu_seconds['fromage'] / 60:.1f}"
+    print(f"\nFROMAGe on {info['images']} scenes, {args.steps} steps at batch 64 ({trainable:,} trainable parameters, "
+          f"{minutes} CPU-min); text → image on {args.test} fresh scenes per group, first reference caption as the query")
+    print("pairs     relevance  model             R@1             R@5             median rank")
+    for pairs, rows in retrieval.items():
+        for relevance in ("instance", "semantic"):
+            for name, r in rows.items():
+                s = r[relevance]
+                print(f"{pairs:<9} {relevance:<10} {name:<17} {100 * s['R@1']:5.1f} ± {100 * s['R@1_ci95']:4.1f}    "
+                      f"{100 * s['R@5']:5.1f} ± {100 * s['R@5_ci95']:4.1f}    {s['median_rank']:.1f}")
+    print("\nFROMAGe's greedy captions through the frozen LM")
+    print("pairs     BLEU-4  ROUGE-L        CIDEr-D          scene F1       true %")
+    for pairs, s in captions.items():
+        print(f"{pairs:<9} {s['bleu4']:.3f}   {s['rouge_l']:.3f} ± {s['rouge_l_ci95']:.3f}  {s['cider_d']:.3f} ± {s['cider_d_ci95']:.3f}  "
+              f"{s['scene_f1']:.3f} ± {s['scene_f1_ci95']:.3f}  {100 * s['share_true']:5.1f} ± {100 * s['share_true_ci95']:4.1f}")
+        print(f"          e.g. {s['examples'][0]['caption']!r}")
+    result = {
+        "bench": "fromage", "quick": args.quick, "pool": {"folder": str(pool), "scenes": info["images"], "split_seed": info["split_seed"]},
+        "clip_run": str(clip_run), "gpt_run": str(gpt_run), "run": str(config.run_dir), "steps": args.steps, "test_scenes": args.test,
+        "trainable_parameters": trainable, "retrieval": retrieval, "captions": captions, "train_cpu_seconds": cpu_seconds,
+        "final_losses": history[-1] if history else None,
+        "wall_seconds": time.time() - start, "cpu_seconds": time.process_time() - cpu, "load_average": os.getloadavg(),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
