@@ -259,7 +259,18 @@ def caption(path: str | Path, n: int = 200, seed: int = 0, decoding: str = "gree
     return caption_run(path, n, seed, decoding, beams, top_p, heldout=heldout)
 
 
+def describe(path: str | Path, descriptors: Any = "smollm2", classes: list[str] | None = None, way: int = 5, episodes: int = 600,
+             query: int = 15, per_class: int = 30, seed: int = 0, with_name: bool = True) -> dict[str, Any]:
+    """``fewshot describe``: classification by description on nonce class names (name alone, the descriptors of
+    ``descriptors``: smollm2, a gpt run or HF folder, a JSON table, a mapping or a callable; None for the rows without
+    them; true descriptors, derangements, the real name) ± 95% CI; see :func:`fewshot.evaluate.descriptors.describe_run`."""
+    from fewshot.evaluate.descriptors import describe_run
+
+    return describe_run(path, descriptors, classes, way=way, episodes=episodes, query=query, per_class=per_class, seed=seed,
+                        with_name=with_name)
+
+
 __all__ = [
     "load_config", "pretrain", "evaluate_run", "open_run", "load_pretrained", "quickstart", "generate", "adapt", "load_adapted",
-    "clip_scores", "filter_pairs", "zeroshot", "retrieve", "caption",
+    "clip_scores", "filter_pairs", "zeroshot", "retrieve", "caption", "describe",
 ]

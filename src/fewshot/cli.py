@@ -189,6 +189,15 @@ def cmd_caption(args: argparse.Namespace) -> None:
     _emit(args, out, caption_table(out))
 
 
+def cmd_describe(args: argparse.Namespace) -> None:
+    from fewshot import api
+    from fewshot.evaluate.descriptors import describe_table
+
+    source = None if args.descriptors.lower() == "none" else args.descriptors
+    out = api.describe(args.run, source, args.classes, args.way, args.episodes, args.query, args.per_class, args.seed, not args.no_name)
+    _emit(args, out, describe_table(out))
+
+
 def cmd_icl(args: argparse.Namespace) -> None:
     from fewshot.evaluate.regression import curve_table, evaluate_regression_run
 
@@ -430,6 +439,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beams", type=int, default=5, help="beam decoding: the beam width")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus decoding: the probability mass kept")
     p.add_argument("--heldout-pairs", action="store_true", help="scenes of the run's held-out (shape, colour) pairs (CoGenT)")
+
+    p = add("describe", cmd_describe, "classification by description on nonce class names: name alone, LM descriptors, true "
+            "descriptors, another class's descriptors (± 95%% CI)")
+    p.add_argument("run", help="an image-text run folder (method=clip) or checkpoint file")
+    p.add_argument("--descriptors", default="smollm2", help="smollm2, a gpt run or Hugging Face causal LM folder (asked about each "
+                   "class's look-alike concept), a JSON table {class: [descriptors]}, or none")
+    p.add_argument("--classes", nargs="+", help="'<colour> <shape>' classes (default: the 25 of the concept table)")
+    p.add_argument("--way", type=int, default=5, help="N of the N-way zero-shot episodes")
+    p.add_argument("--episodes", type=int, default=600, help="seeded episodes")
+    p.add_argument("--query", type=int, default=15, help="query images per class and episode")
+    p.add_argument("--per-class", type=int, default=30, help="single-object test images per class")
+    p.add_argument("--seed", type=int, default=0, help="seed of the test images, the episodes and the derangement")
+    p.add_argument("--no-name", action="store_true", help="descriptor sentences without the nonce name ('it is red')")
 
     add("info", cmd_info, "versions, devices and registered names")
     return parser

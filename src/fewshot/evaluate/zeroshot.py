@@ -63,10 +63,13 @@ class ZeroShotClassifier:
     ``prototypes``: (C, D) class prototypes; ``classes``: which of them the labels 0..k−1 name (an
     episode's classes, in its order), all C by default. ``fit`` learns nothing from the support (that
     is what zero-shot means): it only checks the feature size. ``predict`` gives labels in 0..k−1.
+    ``normalize_prototypes=False`` scores x̂ · w_c with the prototypes as given: with w_c the mean of
+    unit text embeddings that is the mean cosine over the class's texts (classification by description).
     """
 
-    def __init__(self, prototypes: torch.Tensor | np.ndarray, classes: Sequence[int] | None = None) -> None:
-        self.prototypes, self.classes = prototypes, classes
+    def __init__(self, prototypes: torch.Tensor | np.ndarray, classes: Sequence[int] | None = None,
+                 normalize_prototypes: bool = True) -> None:
+        self.prototypes, self.classes, self.normalize_prototypes = prototypes, classes, normalize_prototypes
 
     def fit(self, X: Any = None, y: Any = None) -> "ZeroShotClassifier":
         prototypes = as_feature_matrix(self.prototypes, "prototypes")
@@ -74,7 +77,7 @@ class ZeroShotClassifier:
         if chosen.ndim != 1 or chosen.size == 0 or chosen.min() < 0 or chosen.max() >= len(prototypes):
             raise DataError(f"classes must index the {len(prototypes)} prototypes, got {self.classes!r}")
         weights = prototypes[chosen]
-        self.prototypes_ = weights / np.maximum(np.linalg.norm(weights, axis=1, keepdims=True), 1e-12)
+        self.prototypes_ = weights / np.maximum(np.linalg.norm(weights, axis=1, keepdims=True), 1e-12) if self.normalize_prototypes else weights
         self.n_features_in_ = weights.shape[1]
         if X is not None and as_feature_matrix(X, "X").shape[1] != self.n_features_in_:
             raise DataError(f"X has {np.asarray(X).shape[1]} features, the prototypes {self.n_features_in_}")
@@ -93,13 +96,13 @@ class ZeroShotClassifier:
         return np.argmax(self.decision_function(X), axis=1)
 
 
-def zero_shot_scores(image_embeddings: Any, labels: Any, prototypes: Any) -> dict[str, Any]:
+def zero_shot_scores(image_embeddings: Any, labels: Any, prototypes: Any, normalize_prototypes: bool = True) -> dict[str, Any]:
     """``{"accuracy", "ci95", "mean_recall", "mean_recall_ci95", "images", "classes"}`` of
     :class:`ZeroShotClassifier` on every image; labels index the prototypes. The recall is averaged
     over the classes present in ``labels``; fractions, not percentages."""
     features = as_feature_matrix(image_embeddings, "image embeddings")
     labels = as_label_vector(labels, features.shape[0])
-    classifier = ZeroShotClassifier(prototypes).fit(features)
+    classifier = ZeroShotClassifier(prototypes, normalize_prototypes=normalize_prototypes).fit(features)
     if labels.max() >= len(classifier.prototypes_):
         raise DataError(f"labels reach {labels.max()}, but there are {len(classifier.prototypes_)} prototypes")
     predicted = classifier.predict(features)
@@ -112,7 +115,7 @@ def zero_shot_scores(image_embeddings: Any, labels: Any, prototypes: Any) -> dic
 
 
 def zero_shot_episodes(image_embeddings: Any, labels: Any, prototypes: Any, way: int, query: int = 15,
-                       episodes: int = 600, seed: int = 0) -> dict[str, Any]:
+                       episodes: int = 600, seed: int = 0, normalize_prototypes: bool = True) -> dict[str, Any]:
     """Zero-shot as a row of the episode runner: the same seeded episodes as the 1-shot rows (the
     support is drawn and ignored), each query classified among its episode's ``way`` prototypes.
     Returns ``{"classifier": "zero-shot", "way", "shot": 0, "query", "episodes", "accuracy", "ci95"}``."""
@@ -120,7 +123,8 @@ def zero_shot_episodes(image_embeddings: Any, labels: Any, prototypes: Any, way:
     labels = as_label_vector(labels, features.shape[0])
     drawn: list[Episode] = list(EpisodeSampler(labels, way, 1, query, seed).episodes(episodes))
     # The episode's class j is labels[support[j]] (1 shot: support row j is class j's).
-    accuracies = fit_predict_episodes(lambda i: ZeroShotClassifier(prototypes, labels[drawn[i].support]), features, drawn)[0]
+    accuracies = fit_predict_episodes(lambda i: ZeroShotClassifier(prototypes, labels[drawn[i].support], normalize_prototypes),
+                                      features, drawn)[0]
     accuracy, ci95 = mean_ci95(accuracies)
     return {"classifier": "zero-shot", "way": way, "shot": 0, "query": query, "episodes": len(drawn), "accuracy": accuracy, "ci95": ci95}
 
