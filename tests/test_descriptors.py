@@ -22,9 +22,9 @@ from fewshot import api, cli
 from fewshot.data.scenes import COLOURS, PRETRAIN_SHAPES, SHAPES, write_scenes
 from fewshot.errors import ConfigError, DataError
 from fewshot.evaluate.descriptors import (
-    CONCEPTS, DESCRIPTOR_PROMPT, clean_caption, derangement, descriptor_prototypes, descriptor_scores, descriptor_sentence,
-    lm_descriptors, nonce_names, parse_descriptors, rank_scene_words, read_descriptor_table, resolve_descriptors, socratic_captions,
-    true_descriptors,
+    CONCEPTS, DESCRIPTOR_PROMPT, SOCRATIC_EXAMPLE, clean_caption, derangement, descriptor_prototypes, descriptor_scores,
+    descriptor_sentence, lm_descriptors, nonce_names, parse_descriptors, rank_scene_words, read_descriptor_table, resolve_descriptors,
+    socratic_captions, socratic_prompt, true_descriptors,
 )
 from fewshot.evaluate.zeroshot import ZeroShotClassifier, zero_shot_scores
 from fewshot.models.causal_lm import PromptLM
@@ -235,6 +235,11 @@ def test_socratic_words_drafts_and_pick() -> None:
     assert out["template"] == ["a red circle"] and out["greedy"] == ["a red circle"] and out["socratic"] == ["a red circle"]
     assert out["candidates"] == [["a red circle"]]  # the samples repeat the greedy draft and are merged
     assert clean_caption(" 'There is a blue star!'\nmore") == "there is a blue star"
+    words = {"count": 1, "colours": ["red"], "shapes": ["circle"]}
+    shown, alone = socratic_prompt(words), socratic_prompt(words, example=False)
+    assert shown.count(SOCRATIC_EXAMPLE["caption"]) == 1 and SOCRATIC_EXAMPLE["caption"] not in alone
+    assert shown.endswith(alone.split("\n", 1)[1]) and alone.endswith("there is one object. Colours I see: red. Shapes I see: circle.\n"
+                                                                         "A short caption of this picture is:")
 
 
 @pytest.fixture(scope="module")

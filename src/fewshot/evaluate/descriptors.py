@@ -30,8 +30,8 @@ episodes (± 95% CI):
 
 **Socratic captioning** (Zeng et al. 2022), :func:`socratic_captions`: the run ranks the scene words for an
 image (colours by "a {colour} shape", shapes by "a photo of a {shape}", counts by "there are {n} objects");
-the LM drafts candidate captions from a prompt that names the top words; the run picks the candidate with the
-highest cosine. Scored with :func:`fewshot.evaluate.captions.caption_metrics` against the CLIP words alone
+the LM drafts candidate captions from a prompt that names the top words (after one worked picture,
+:data:`SOCRATIC_EXAMPLE`, by default); the run picks the candidate with the highest cosine. Scored with :func:`fewshot.evaluate.captions.caption_metrics` against the CLIP words alone
 filled into the grammar and the LM's greedy draft without the pick.
 """
 
@@ -56,7 +56,7 @@ from fewshot.models.causal_lm import PromptLM
 __all__ = [
     "CONCEPTS", "DESCRIPTOR_PROMPT", "DESCRIPTOR_QUESTION", "DescriptorSource", "clean_caption", "derangement", "describe_run", "describe_table",
     "descriptor_prototypes", "descriptor_scores", "descriptor_sentence", "lm_descriptors", "nonce_names", "parse_descriptors",
-    "rank_scene_words", "read_descriptor_table", "resolve_descriptors", "socratic_captions", "socratic_prompt", "true_descriptors",
+    "SOCRATIC_EXAMPLE", "rank_scene_words", "read_descriptor_table", "resolve_descriptors", "socratic_captions", "socratic_prompt", "true_descriptors",
 ]
 
 # Menon & Vondrick's question after one worked answer (their prompt has one too; this example is ours, about
@@ -368,12 +368,21 @@ def rank_scene_words(image_embeddings: torch.Tensor, embed_texts: Callable[[list
     return out
 
 
-def socratic_prompt(words: Mapping[str, Any]) -> str:
-    """The LM's prompt from the run's words (Zeng et al.'s shape: what the vision model saw, then the request)."""
-    n = words["count"]
-    return ("I am a bot that writes short captions of simple pictures of shapes on a black background.\n"
-            f"In this picture {_count_text(n)}. Colours I see: {', '.join(words['colours'])}. Shapes I see: {', '.join(words['shapes'])}.\n"
-            "A short caption of this picture is:")
+SOCRATIC_LEAD = "I am a bot that writes short captions of simple pictures of shapes on a black background.\n"
+# One worked picture before the query, so a small LM answers in a caption's form; its words are fixed, not the image's.
+SOCRATIC_EXAMPLE = {"count": 2, "colours": ["blue", "white"], "shapes": ["star", "square"], "caption": "a blue star and a white square"}
+
+
+def _seen(words: Mapping[str, Any]) -> str:
+    return (f"In this picture {_count_text(words['count'])}. Colours I see: {', '.join(words['colours'])}. "
+            f"Shapes I see: {', '.join(words['shapes'])}.\nA short caption of this picture is:")
+
+
+def socratic_prompt(words: Mapping[str, Any], example: bool = True) -> str:
+    """The LM's prompt from the run's words (Zeng et al.'s shape: what the vision model saw, then the request), after
+    :data:`SOCRATIC_EXAMPLE` answered (``example=False``: the request alone, as Zeng et al. prompt GPT-3)."""
+    shown = f"{_seen(SOCRATIC_EXAMPLE)} {SOCRATIC_EXAMPLE['caption']}\n\n" if example else ""
+    return SOCRATIC_LEAD + shown + _seen(words)
 
 
 def clean_caption(text: str) -> str:
@@ -389,7 +398,7 @@ def _template_caption(words: Mapping[str, Any]) -> str:
 
 def socratic_captions(image_embeddings: torch.Tensor, embed_texts: Callable[[list[str]], torch.Tensor], lm: PromptLM,
                       samples: int = 4, max_new_tokens: int = 16, temperature: float = 0.7, top_k: int | None = 40, seed: int = 0,
-                      max_objects: int = 2) -> dict[str, Any]:
+                      max_objects: int = 2, example: bool = True) -> dict[str, Any]:
     """Zeng et al.'s loop: words by the run (:func:`rank_scene_words`), ``1 + samples`` drafts by the LM (greedy, then
     sampled at ``temperature`` / ``top_k`` with ``seed``), the run picks the draft of highest cosine with the image.
     Returns ``{"words", "template", "greedy", "socratic", "candidates"}``, one entry per image."""
@@ -398,7 +407,7 @@ def socratic_captions(image_embeddings: torch.Tensor, embed_texts: Callable[[lis
     if samples < 0:
         raise ConfigError(f"samples must be ≥ 0, got {samples}")
     words = rank_scene_words(image_embeddings, embed_texts, max_objects)
-    contexts = [list(lm.start_ids) + lm.encode(socratic_prompt(w)) for w in words]
+    contexts = [list(lm.start_ids) + lm.encode(socratic_prompt(w, example)) for w in words]
     if max(map(len, contexts)) + max_new_tokens > lm.context:
         raise DataError(f"the Socratic prompt needs {max(map(len, contexts)) + max_new_tokens} positions but {lm.name} holds {lm.context}")
     greedy = [clean_caption(t) for t in generate_continuations(lm, None, contexts, max_new_tokens, ("\n",))]
