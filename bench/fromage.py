@@ -10,6 +10,8 @@ pairs and as many of the held-out CoGenT pairs (the captioning bench's test stre
   caption's [RET] state (FROMAGe) and by CLIP's text tower (the same CLIP run whose image tower FROMAGe reads), on the
   same candidates; relevance instance (the caption's own image) and semantic (every image the caption is true of);
 * FROMAGe's greedy captions through the frozen LM: BLEU-4, ROUGE-L, CIDEr-D, scene F1, share true (± CI);
+* how much the captions depend on the image: the captioning loss of those scenes' first captions with each image's own
+  visual embeddings, another image's (the batch rolled by one) and zeros, with and without the EOS labels;
 * trainable parameters and training CPU-minutes.
 
 A run folder that already holds a finished checkpoint is reused (its CPU time reported as null). One JSON line at the end.
@@ -35,12 +37,37 @@ from vision_language import clip_config, make_pool  # noqa: E402  (the CLIP benc
 from fewshot import api  # noqa: E402
 from fewshot.data.scenes import POOL_INFO  # noqa: E402
 from fewshot.data.vl_prompts import write_scene_corpus  # noqa: E402
-from fewshot.evaluate.captions import caption_run  # noqa: E402
+import torch  # noqa: E402
+
+from fewshot.data.pairs import tokenize_captions  # noqa: E402
+from fewshot.data.token_ids import IGNORE_INDEX, PAD_ID  # noqa: E402
+from fewshot.evaluate.captions import caption_run, caption_test  # noqa: E402
+from fewshot.evaluate.image_text import _split_seed  # noqa: E402
+from fewshot.objectives.captioning import append_eos, caption_labels, caption_loss  # noqa: E402
 from fewshot.evaluate.scene_retrieval import scene_retrieval  # noqa: E402
 from fewshot.run import Run  # noqa: E402
 
 CAPTION_KEYS = ("bleu4", "rouge_l", "rouge_l_ci95", "cider_d", "cider_d_ci95", "scene_f1", "scene_f1_ci95", "share_true",
                 "share_true_ci95", "images", "examples")
+
+
+@torch.no_grad()
+def image_dependence(run: Run, n: int, seed: int) -> dict[str, dict[str, float]]:
+    """Captioning loss of ``n`` fresh seen scenes' first captions given each image's own visual embeddings, another image's
+    (rolled by one) and zeros; with all labels and without the EOS labels (an LM that never saw EOS pays for it)."""
+    method = run.method().eval()
+    link = method.language_model
+    test = caption_test(n, run.config.data.image_size, seed, _split_seed(run))
+    tokens, _ = tokenize_captions(method.text_tokenizer, [r[0] for r in test.references], run.config.data.seq_len)
+    ids = append_eos(tokens, link.eos_id, PAD_ID)
+    labels = caption_labels(len(link.start_ids) + method.prefix_length, ids, PAD_ID)
+    without_eos = labels.masked_fill(labels == link.eos_id, IGNORE_INDEX)
+    prefix = method.prefix(torch.from_numpy(test.images).float() / 255)
+    out = {}
+    for name, p in (("own", prefix), ("another image's", prefix.roll(1, dims=0)), ("zeros", torch.zeros_like(prefix))):
+        logits = method.caption_logits(p, ids)
+        out[name] = {"loss": float(caption_loss(logits, labels)), "loss_without_eos": float(caption_loss(logits, without_eos))}
+    return out
 
 
 def main() -> None:
@@ -104,6 +131,7 @@ def main() -> None:
                             for name, path in (("fromage [RET]", config.run_dir), ("clip text tower", clip_run))}
         result = caption_run(config.run_dir, args.test, args.seed + 1, heldout=held)
         captions[pairs] = {k: result[k] for k in CAPTION_KEYS}
+    dependence = image_dependence(run, args.test, args.seed + 1)
     cpu_seconds["evaluation"] = time.process_time() - t
 
     minutes = "reused" if cpu_seconds["fromage"] is None else f"{cpu_seconds['fromage'] / 60:.1f}"
@@ -122,10 +150,13 @@ def main() -> None:
         print(f"{pairs:<9} {s['bleu4']:.3f}   {s['rouge_l']:.3f} ± {s['rouge_l_ci95']:.3f}  {s['cider_d']:.3f} ± {s['cider_d_ci95']:.3f}  "
               f"{s['scene_f1']:.3f} ± {s['scene_f1_ci95']:.3f}  {100 * s['share_true']:5.1f} ± {100 * s['share_true_ci95']:4.1f}")
         print(f"          e.g. {s['examples'][0]['caption']!r}")
+    print(f"\ncaptioning loss of {args.test} seen scenes' first captions by the visual embeddings given (nats):")
+    for name, d in dependence.items():
+        print(f"  {name:<16} {d['loss']:.3f}   without the EOS labels {d['loss_without_eos']:.3f}")
     result = {
         "bench": "fromage", "quick": args.quick, "pool": {"folder": str(pool), "scenes": info["images"], "split_seed": info["split_seed"]},
         "clip_run": str(clip_run), "gpt_run": str(gpt_run), "run": str(config.run_dir), "steps": args.steps, "test_scenes": args.test,
-        "trainable_parameters": trainable, "retrieval": retrieval, "captions": captions, "train_cpu_seconds": cpu_seconds,
+        "trainable_parameters": trainable, "retrieval": retrieval, "captions": captions, "image_dependence": dependence, "train_cpu_seconds": cpu_seconds,
         "final_losses": history[-1] if history else None,
         "wall_seconds": time.time() - start, "cpu_seconds": time.process_time() - cpu, "load_average": os.getloadavg(),
     }
