@@ -17,7 +17,7 @@ pairs and as many of the held-out CoGenT pairs (the captioning bench's test stre
 A run folder that already holds a finished checkpoint is reused (its CPU time reported as null). One JSON line at the end.
 
     OMP_NUM_THREADS=1 python bench/fromage.py --pool runs/bench-vl/scenes-20000 --clip-run runs/bench-vl/clip-20000-1000 \\
-        --gpt-run runs/frozen/bench/gpt-scenes-1800 --out runs/fromage/bench
+        --gpt-run runs/frozen/bench/gpt-scenes-1800 --out runs/fromage/bench     # 7.0 CPU-minutes (2,000 steps)
     OMP_NUM_THREADS=1 python bench/fromage.py --quick     # a smoke run, measures nothing
 """
 

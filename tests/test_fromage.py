@@ -4,6 +4,7 @@ caption ⊕ [RET] alone; the concatenated pairs put every caption after its own 
 on hand-built sequences; R@K with CIs on a hand-made similarity matrix; ``fewshot caption`` and scene retrieval on a
 trained run; bad input as one line."""
 
+import json
 import math
 
 import pytest
@@ -265,6 +266,11 @@ def test_a_trained_run_captions_and_retrieves_scenes(runs, tmp_path, capsys):
     for relevance in ("instance", "semantic"):
         assert 0 <= out[relevance]["R@1"] <= out[relevance]["R@5"] <= 1
     assert out["semantic"]["R@1"] >= out["instance"]["R@1"]  # more relevant images can only help
+    assert main(["data", "scenes", "--n", "6", "--size", "16", "--objects", "1-2", "--seed", "0", "--out", str(tmp_path / "scenes")]) == 0
+    capsys.readouterr()
+    assert main(["retrieve", str(config.run_dir), str(tmp_path / "scenes" / "manifest.tsv"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert {(r["relevance"], r["direction"]) for r in rows} >= {("instance", "text_to_image"), ("semantic", "text_to_image")}
 
 
 # ------------------------------------------------------------------ bad input
