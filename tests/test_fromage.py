@@ -53,8 +53,8 @@ def _perturbed(method, seed=0):
 # ------------------------------------------------------------------ frozen parts, through the trainer
 
 
-@pytest.mark.parametrize("variant", ["frozen lm", "tuned lm", "lm left trainable"])
-def test_the_frozen_lm_is_bit_identical_after_training(runs, tmp_path, monkeypatch, variant):  # noqa: F811
+@pytest.mark.parametrize("variant", ["frozen lm", "frozen hugging face lm", "tuned lm", "lm left trainable"])
+def test_the_frozen_lm_is_bit_identical_after_training(runs, hf_folder, tmp_path, monkeypatch, variant):  # noqa: F811
     from fewshot.run import Run
     from fewshot.train.trainer import pretrain
 
@@ -66,7 +66,8 @@ def test_the_frozen_lm_is_bit_identical_after_training(runs, tmp_path, monkeypat
             self.language_model.model.requires_grad_(True)
 
         monkeypatch.setattr(Fromage, "__init__", unfrozen)
-    config = _config(runs, tmp_path, f"method.lm.tune={str(variant == 'tuned lm').lower()}")
+    hf = [f"method.lm.init={hf_folder['with-eos']}"] if variant == "frozen hugging face lm" else []
+    config = _config(runs, tmp_path, f"method.lm.tune={str(variant == 'tuned lm').lower()}", *hf)
     before = build_method(config).state_dict()
     method = build_method(config)
     if variant == "lm left trainable":
