@@ -236,7 +236,7 @@ def test_evaluate_reports_every_row_on_both_splits(lm_run, tmp_path):
         config = _config(lm_run, tmp_path, f"name={name}", "train.steps=1", "train.checkpoint_every=1", *extra)
         pretrain(config, progress=False)
         runs[name] = config.run_dir
-    out = evaluate_mm_cot(runs, n=6, image_size=16)
+    out = evaluate_mm_cot(runs, n=6)
     assert set(out["rows"]) == {"direct", "rationale-then-answer", "gold rationale", "blind"}
     assert all(set(cells) == {"seen", "held-out"} and cells["seen"]["n"] == 6 for cells in out["rows"].values())
 
@@ -267,3 +267,15 @@ def test_bad_input_is_one_line(lm_run, tmp_path):
         from fewshot.evaluate.mm_cot import open_mm_cot_run
 
         open_mm_cot_run(lm_run)
+
+
+def test_the_cli_evaluates_and_refuses_no_runs(lm_run, tmp_path, capsys):
+    from fewshot.cli import main
+
+    config = _config(lm_run, tmp_path, "name=direct-cli", "train.steps=1", "train.checkpoint_every=1")
+    pretrain(config, progress=False)
+    assert main(["icl", "mm-cot", "--direct", str(config.run_dir), "--n", "4", "--json"]) in (0, None)
+    assert '"direct"' in capsys.readouterr().out
+    assert main(["icl", "mm-cot"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs at least one run" in err[0]

@@ -251,6 +251,18 @@ def cmd_icl_vl_eval(args: argparse.Namespace) -> None:
     _emit(args, out, vl_table(out))
 
 
+def cmd_icl_mm_cot(args: argparse.Namespace) -> None:
+    from fewshot.errors import ConfigError
+    from fewshot.evaluate.mm_cot import evaluate_mm_cot, mm_cot_table
+
+    runs = {name: path for name, path in (("direct", args.direct), ("rationale", args.rationale), ("answer", args.answer),
+                                          ("blind", args.blind)) if path}
+    if not runs:
+        raise ConfigError("icl mm-cot needs at least one run: --direct, --rationale with --answer, or --blind")
+    out = evaluate_mm_cot(runs, args.n, args.seed)
+    _emit(args, out, f"Accuracy (%, exact match, mean ± 95% CI over {args.n} questions per split, seed {args.seed}):\n{mm_cot_table(out)}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
@@ -351,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     icl = sub.add_parser("icl", help="in-context learning: a meta-trained regression run; few-shot prompts of a language model",
                          description="in-context learning: `icl evaluate RUN` (a meta-trained regression run), `icl prompt MODEL` (few-shot prompting), "
                                      "`icl compare MODEL` (ICL against LoRA, (IA)³ and probes), `icl cot MODEL` (chain-of-thought prompting), "
-                                     "`icl vl-eval RUN` (images in context: Frozen's open-ended protocol)")
+                                     "`icl vl-eval RUN` (images in context: Frozen's open-ended protocol), `icl mm-cot` (Multimodal-CoT's rows)")
     icl_sub = icl.add_subparsers(dest="action", required=True)
 
     def add_icl(name: str, func, help: str) -> argparse.ArgumentParser:
@@ -403,6 +415,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7, help="self-consistency: sampling temperature")
     p.add_argument("--top-k", type=int, default=40, help="self-consistency: sample among the top-k ids")
     p.add_argument("--cot-shots", type=int, default=8, help="worked examples with rationales (few-shot-cot, self-consistency)")
+
+    p = add_icl("mm-cot", cmd_icl_mm_cot, "Multimodal-CoT on scene questions: direct answering, rationale-then-answer (stage 2 reads "
+                "stage 1's generated rationale), the gold rationale given, and blind, on seen and held-out compositions")
+    p.add_argument("--direct", help="an mm-cot run trained with data.target=answer")
+    p.add_argument("--rationale", help="stage 1: an mm-cot run trained with data.target=rationale")
+    p.add_argument("--answer", help="stage 2: an mm-cot run trained with data.target=answer-from-rationale")
+    p.add_argument("--blind", help="an mm-cot run trained with method.blind=true")
+    p.add_argument("--n", type=int, default=300, help="test questions per split (seen, held-out compositions)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the test questions (training streams are apart)")
 
     p = add_icl("vl-eval", cmd_icl_vl_eval, "images in context: Frozen's open-ended few-shot protocol and Fast-VQA on a frozen run, "
                 "with the test-blind baseline (exact match ± 95% CI)")

@@ -77,11 +77,17 @@ def _scored(answers: Sequence[str], items: Sequence[SceneQuestion]) -> dict[str,
             "answers": dict(Counter(answers).most_common(5))}
 
 
-def evaluate_mm_cot(runs: dict[str, str | Path], n: int = 300, seed: int = 1, split_seed: int = 0,
-                    image_size: int = 32) -> dict[str, Any]:
+def evaluate_mm_cot(runs: dict[str, str | Path], n: int = 300, seed: int = 1, split_seed: int = 0) -> dict[str, Any]:
     """Each row of :data:`ROWS` whose runs are given (``runs``: direct, rationale, answer, blind → run folders) on ``n``
     fresh questions about scenes of seen pairs and ``n`` about scenes holding a held-out pair (stream ``seed``)."""
+    unknown = set(runs) - {name for needs in ROWS.values() for name in needs}
+    if unknown:
+        raise ConfigError(f"unknown mm-cot run role(s) {', '.join(sorted(unknown))}; roles: direct, rationale, answer, blind")
     models = {name: open_mm_cot_run(path) for name, path in runs.items()}
+    sizes = {model.image_size for model in models.values()}
+    if len(sizes) > 1:
+        raise ConfigError(f"the mm-cot runs draw images at different sizes {sorted(sizes)}; train them at one data.image_size")
+    image_size = sizes.pop()
     out: dict[str, Any] = {"rows": {}, "rationales": {}}
     for compositions in ("seen", "held-out"):
         items = evaluation_items(n, seed, split_seed, compositions)

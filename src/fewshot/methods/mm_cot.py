@@ -86,7 +86,7 @@ class MultimodalCoT(PrefixCaptioner):
         if not m.lm.tune:
             self.freeze_lm()
         self.prefix_length, self.blind = m.prefix_length, m.blind
-        self.target = config.data.target
+        self.target, self.image_size = config.data.target, config.data.image_size
         self.set_max_tokens(config)
         self.to_prefix = nn.Linear(self.encoder.dim, m.prefix_length * self.language_model.dim)
         self.train()
