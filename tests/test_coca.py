@@ -190,3 +190,55 @@ def test_a_few_steps_through_the_trainer_save_and_reopen(tmp_path):
         loss, logs = method(batch, torch.Generator())
     assert torch.isfinite(loss) and logs["caption"] < math.log(300)  # four steps already beat a uniform guess
     assert run.encoder().dim == method.encoder.dim
+
+
+def _hand_eos_loss(method, batch, lengths):
+    """With method.eos: −mean over every caption token and the [EOS] after it, each row alone and unpadded."""
+    from fewshot.data.token_ids import EOS_ID
+
+    terms = []
+    for b, n in enumerate(lengths.tolist()):
+        image_tokens = method.pooled_images(batch["images"][b : b + 1])[:, 1:]
+        row = batch["tokens"][b : b + 1, :n]
+        states, _, sequence = method.unimodal(row)
+        logits = method.caption_logits(states, sequence, image_tokens, n + 1)[0]  # (n + 1, vocab)
+        targets = row[0].tolist() + [EOS_ID]
+        terms += [-torch.log_softmax(logits[t].double(), dim=0)[targets[t]] for t in range(n + 1)]
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("variant", ["eos", "no eos"])
+def test_with_eos_the_captioning_loss_also_predicts_the_end_after_each_caption(variant):
+    method = _coca(*(["method.eos=true"] if variant == "eos" else []))
+    batch, lengths = _pairs()
+    with torch.no_grad():
+        _, logs = method(batch, torch.Generator())
+        with_end = _hand_eos_loss(method, batch, lengths)
+    assert (logs["caption"] == pytest.approx(with_end.item(), rel=1e-5)) == (variant == "eos")  # no eos: the old loss
+
+
+def test_decoding_recomputes_the_greedy_caption_token_by_token_and_stops_at_eos():
+    from fewshot.data.token_ids import EOS_ID
+    from fewshot.errors import ConfigError
+
+    method = _coca("method.eos=true")
+    images = _pairs()[0]["images"][:3]
+    with torch.no_grad():
+        method.lm_head.bias.zero_()
+        method.lm_head.bias[EOS_ID] = 4.0  # EOS likely but not certain: some rows end early, some run on
+        ids = method.caption_ids(images, "greedy")
+        for b, row in enumerate(ids):  # a loop transcription: argmax over the logits after the row's own earlier ids
+            pooled = method.pooled_images(images[b : b + 1])[:, 1:]
+            hand = []
+            for _ in range(method.max_caption):
+                prefix = torch.tensor([hand], dtype=torch.long).reshape(1, len(hand))
+                states, _, sequence = method.unimodal(prefix)
+                nxt = int(method.caption_logits(states, sequence, pooled, len(hand) + 1)[0, -1].argmax())
+                if nxt == EOS_ID:
+                    break
+                hand.append(nxt)
+            assert row == hand
+        sampled = method.caption_ids(images, "nucleus", top_p=0.9, generator=torch.Generator().manual_seed(0))
+    assert all(EOS_ID not in row and PAD_ID not in row for row in ids + sampled)
+    with pytest.raises(ConfigError, match="without method.eos=true"):
+        _coca().caption_ids(images)

@@ -162,9 +162,9 @@ def caption_run(path: str | Path, n: int = 200, seed: int = 0, decoding: str = "
 
     run = Run.open(path)
     method = run.method().eval()
-    if not hasattr(method, "caption_images"):
+    if not hasattr(method, "caption_images") and not hasattr(method, "caption_ids"):
         raise ConfigError(f"'{path}' is a {run.config.method.name} run, which has no caption decoder to generate with; "
-                          "captioning needs a run that generates text from images (method=clipcap)")
+                          "captioning needs a run that generates text from images (method=clipcap, coca, blip)")
     data = run.config.data
     if data.channels != 3:
         raise ConfigError(f"the scenes are RGB, but '{path}' reads {data.channels}-channel images")
@@ -174,7 +174,11 @@ def caption_run(path: str | Path, n: int = 200, seed: int = 0, decoding: str = "
     generator = torch.Generator().manual_seed(seed)
     captions: list[str] = []
     for i in range(0, n, batch_size):
-        captions += method.caption_images(images[i : i + batch_size], decoding, beams=beams, top_p=top_p, generator=generator)
+        if hasattr(method, "caption_images"):
+            captions += method.caption_images(images[i : i + batch_size], decoding, beams=beams, top_p=top_p, generator=generator)
+        else:  # a captioner of the run's own BPE ids (CoCa, BLIP): decoded with the run's tokenizer
+            ids = method.caption_ids(images[i : i + batch_size], decoding, top_p=top_p, generator=generator)
+            captions += [run.tokenizer().decode(row).strip() for row in ids]
     out = caption_metrics(captions, test.scenes, test.references)
     out.update({"run_dir": str(run.path), "step": run.step, "decoding": decoding, "seed": seed, "split_seed": split,
                 "pairs": "held-out" if heldout else "seen",

@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fewshot.config import MethodConfig, RunConfig
-from fewshot.data.token_ids import CLS_ID, IGNORE_INDEX, PAD_ID
+from fewshot.data.token_ids import CLS_ID, EOS_ID, IGNORE_INDEX, PAD_ID
 from fewshot.data.types import Batch
 from fewshot.distributed import gather_all, gather_others, world_size
 from fewshot.errors import CheckpointError, ConfigError, DataError
@@ -53,10 +53,11 @@ from fewshot.models.hf_text import PRETRAINED, load_pretrained, word_pieces
 from fewshot.models.language import TextTransformer, gpt2_init, prepend
 from fewshot.models.pooling import AttentionalPooler
 from fewshot.models.transformer import TokenTrunk
+from fewshot.objectives.captioning import append_eos
 from fewshot.objectives.clip import clip_loss
 from fewshot.objectives.language import token_cross_entropy
 
-__all__ = ["CLIP", "CLIPConfig", "CoCa", "CoCaConfig", "pretrained_encoder"]
+__all__ = ["CLIP", "CLIPConfig", "CoCa", "CoCaConfig", "decode_captions", "pretrained_encoder"]
 
 TEXT_ENCODER = "text-transformer"
 TEXT_DEFAULTS = {"dim": 128, "depth": 4, "heads": 4}
@@ -302,6 +303,8 @@ class CoCaConfig(CLIPConfig):
     pool_heads: int = Field(8, ge=1, description="attention heads of the attentional pooler, dividing method.text.dim (open_clip: 8)")
     multimodal_depth: int | None = Field(None, ge=1, description="multimodal (cross-attending) decoder blocks; null = as many as the "
                                          "unimodal text blocks (the paper splits its decoder in halves)")
+    eos: bool = Field(False, description="also predict [EOS] after each caption's last token, so captions can be decoded "
+                      "(open_clip's CoCa appends an end token; off: the pilot runs' loss, captions never end)")
 
 
 class CoCa(CLIP):
@@ -321,7 +324,9 @@ class CoCa(CLIP):
         L = λ_Con · clip_loss(image, text) + λ_Cap · (−(1/|M|) Σ_{(b,t) ∈ M} log p(y_bt | y_b,<t, image))
 
     M = the caption's tokens, padding ignored (IGNORE_INDEX); λ_Con = 1, λ_Cap = 2 (open_clip's CoCa).
-    Departures: no [EOS] is predicted (the pairs carry none: a caption ends at its padding); the pooler
+    With ``method.eos`` the decoder also reads the caption's last token and predicts [EOS] there (M then holds the
+    caption's tokens and its [EOS]), which :meth:`CoCa.caption_ids` needs to stop. Departures: without ``eos`` no
+    [EOS] is predicted (the pairs carry none: a caption ends at its padding); the pooler
     is one module for both uses as open_clip's (the paper draws two); conv4's 2×2 map at 32 px gives only
     4 image tokens (a ViT gives 1 + patches).
     """
@@ -353,6 +358,8 @@ class CoCa(CLIP):
         self.decoder.apply(gpt2_init)
         self.lm_head.apply(gpt2_init)
         self.weights = (m.contrastive_loss_weight, m.caption_loss_weight)
+        self.eos = m.eos
+        self.max_caption = self.text_encoder.max_len - 2
 
     # ------------------------------------------------------------------ the towers
 
@@ -391,10 +398,10 @@ class CoCa(CLIP):
         """Projected contrastive image embeddings (B, embed_dim): the pooler's first query."""
         return self.image_projection(self.pooled_images(images)[:, 0])
 
-    def caption_logits(self, states: torch.Tensor, sequence: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-        """Next-token logits (B, T, vocab) at positions 0..T−1 ([BOS] caption) from the unimodal states
-        (B, T + 2, dim) of ``sequence``, the multimodal layers attending the pooled ``image_tokens``."""
-        t = states.shape[1] - 2
+    def caption_logits(self, states: torch.Tensor, sequence: torch.Tensor, image_tokens: torch.Tensor, positions: int | None = None) -> torch.Tensor:
+        """Next-token logits (B, P, vocab) at positions 0..P−1 ([BOS] caption; P = T unless given, T + 1 with [EOS])
+        from the unimodal states (B, T + 2, dim) of ``sequence``, the multimodal layers attending the pooled ``image_tokens``."""
+        t = states.shape[1] - 2 if positions is None else positions
         keys_off = (sequence[:, :t] == PAD_ID) | (sequence[:, :t] == CLS_ID)  # [CLS] only sits where no target is
         hidden = self.decoder(states[:, :t], padding_mask=keys_off if bool(keys_off.any()) else None, context=image_tokens)
         return self.lm_head(hidden)
@@ -408,8 +415,59 @@ class CoCa(CLIP):
         image = self.image_projection(pooled[:, 0]).float()
         text = self.text_projection(states[torch.arange(len(tokens), device=tokens.device), cls_at]).float()
         contrastive = self.loss(image, text, batch.get("caption_keys"))
-        logits = self.caption_logits(states, sequence, pooled[:, 1:])
-        caption = token_cross_entropy(logits, tokens.masked_fill(tokens == PAD_ID, IGNORE_INDEX))
+        targets = append_eos(tokens, EOS_ID, PAD_ID) if self.eos else tokens
+        logits = self.caption_logits(states, sequence, pooled[:, 1:], targets.shape[1])
+        caption = token_cross_entropy(logits, targets.masked_fill(targets == PAD_ID, IGNORE_INDEX))
         scale = math.exp(min(self.logit_scale.item(), self.max_logit_scale))
         loss = self.weights[0] * contrastive + self.weights[1] * caption
         return loss, {"scale": scale, "contrastive": contrastive.item(), "caption": caption.item()}
+
+    # ------------------------------------------------------------------ captioning
+
+    @torch.no_grad()
+    def caption_ids(self, images: torch.Tensor, decoding: str = "greedy", max_tokens: int | None = None, top_p: float = 0.9,
+                    generator: torch.Generator | None = None, **_: Any) -> list[list[int]]:
+        """Caption ids of images (B, C, H, W), each cut before its [EOS]: ``greedy`` or ``nucleus`` (``top_p``), recomputing
+        the short caption at every step. Refused for a run trained without ``method.eos`` (its captions never end)."""
+        if not self.eos:
+            raise ConfigError("this coca run was trained without method.eos=true, so its decoder never learned where a caption ends; "
+                              "train with method.eos=true to caption with it")
+        was = self.training
+        self.eval()
+        pooled = self.pooled_images(images)[:, 1:]
+
+        def next_logits(ids: torch.Tensor) -> torch.Tensor:
+            states, _, sequence = self.unimodal(ids)
+            return self.caption_logits(states, sequence, pooled, ids.shape[1] + 1)[:, -1]
+
+        out = decode_captions(next_logits, images.shape[0], min(max_tokens or self.max_caption, self.max_caption), decoding,
+                              EOS_ID, top_p, generator, images.device)
+        self.train(was)
+        return out
+
+
+def decode_captions(next_logits, batch: int, max_tokens: int, decoding: str, eos_id: int, top_p: float = 0.9,
+                    generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> list[list[int]]:
+    """Rows of caption ids, each cut before its first ``eos_id``: ``next_logits(ids (B, k) PAD-padded) → (B, V)`` is the
+    next token's logits after each row's k ids, recomputed from the start at every step (captions are a few tokens);
+    ``greedy`` takes the argmax, ``nucleus`` draws from the top-``top_p`` nucleus (Holtzman et al. 2020). A finished
+    row is fed PAD after its [EOS], so its earlier tokens are all that the others' states see of it."""
+    from fewshot.models.prefix_lm import top_p_filter
+
+    if decoding not in ("greedy", "nucleus"):
+        raise ConfigError(f"unknown decoding '{decoding}' for this captioner; choose greedy or nucleus")
+    ids = torch.empty(batch, 0, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    for _ in range(max_tokens):
+        logits = next_logits(ids).float()
+        if decoding == "greedy":
+            chosen = logits.argmax(dim=-1)
+        else:
+            probs = top_p_filter(logits, top_p).softmax(dim=-1)
+            chosen = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
+        chosen = chosen.masked_fill(done, PAD_ID)
+        done |= chosen == eos_id
+        ids = torch.cat([ids, chosen.masked_fill(chosen == eos_id, PAD_ID)[:, None]], dim=1)
+        if bool(done.all()):
+            break
+    return [[i for i in row if i != PAD_ID] for row in ids.tolist()]
