@@ -229,8 +229,54 @@ def filter_pairs(manifest: str | Path, out: str | Path, options: list[str] | tup
     from fewshot.data.filters import filter_config, filter_manifest
 
     config = filter_config(list(options))
+    if config.mode == "mmc4":
+        return assign_documents(manifest, out, config.clip_run, config.floor)
     scores = clip_scores(config.clip_run, manifest) if config.clip_run else None
     return filter_manifest(manifest, out, config, scores)
+
+
+def assign_documents(documents: str | Path, out: str | Path, run_path: str | Path, floor: float = 0.15) -> dict[str, Any]:
+    """``fewshot data filter DOCS.jsonl mode=mmc4 clip_run=RUN``: MMC4's assignment of each document's images to its
+    sentences (:func:`fewshot.data.documents.assign_images`) by an image–text run's cosine similarity, with a floor;
+    writes the assigned pairs as a manifest at ``out`` (noise ``mismatched`` where the document's truth says the
+    image shows another sentence or none) and returns counts, and precision / recall when the documents carry truth."""
+    from fewshot.data.documents import assign_images, assignment_report, read_document_images, read_documents
+    from fewshot.data.pairs import tokenize_captions, write_manifest
+    from fewshot.errors import DataError
+
+    out = Path(out)
+    if out.exists():
+        raise DataError(f"'{out}' already exists; the filter writes new files only")
+    docs = read_documents(documents)
+    run = Run.open(run_path)
+    method = run.method().eval()
+    if not (hasattr(method, "embed_images") and hasattr(method, "embed_texts")):
+        raise ConfigError(f"'{run_path}' is a {run.config.method.name} run; the assignment needs an image–text run (method=clip)")
+    data = run.config.data
+    tokenizer = getattr(method, "text_tokenizer", None) or run.tokenizer()
+    assignments, filepaths, captions, noise = [], [], [], []
+    root = Path(documents).resolve().parent
+    with torch.no_grad():
+        for doc in docs:
+            images = torch.from_numpy(read_document_images(documents, doc, data.image_size, data.channels)).float() / 255
+            tokens, _ = tokenize_captions(tokenizer, doc.sentences, data.seq_len)
+            similarity = torch.nn.functional.normalize(method.embed_images(images), dim=1) @ \
+                torch.nn.functional.normalize(method.embed_texts(tokens), dim=1).T
+            pairs = assign_images(similarity.numpy(), floor)
+            assignments.append(pairs)
+            for i, j in pairs:
+                filepaths.append(str(root / doc.images[i]))
+                captions.append(doc.sentences[j])
+                noise.append("" if doc.truth[i] == j else "mismatched")
+    labelled = any(t is not None for doc in docs for t in doc.truth)
+    if not filepaths:
+        raise DataError(f"the assignment keeps no pair of the {len(docs)} documents at floor {floor}; lower it")
+    write_manifest(out, filepaths, captions, noise if labelled else None)
+    summary = {"documents_file": str(documents), "kept_manifest": str(out), "mode": "mmc4", "floor": floor, "clip_run": str(run_path),
+               "documents": len(docs), "pairs": len(filepaths)}
+    if labelled:
+        summary["report"] = assignment_report(docs, assignments)
+    return summary
 
 
 def zeroshot(path: str | Path, classes: list[str] | None = None, templates: list[str] | None = None, images: str | Path | None = None,

@@ -129,6 +129,14 @@ def cmd_data(args: argparse.Namespace) -> None:
         out = write_scene_corpus(args.out, args.n, args.episodes, args.seed)
         _emit(args, out, f"{out['captions']} captions and {out['episodes']} text episodes ({out['characters']} characters) in {out['out']}")
         return
+    if args.action == "documents":
+        from fewshot.data.documents import make_documents
+
+        if not args.out:
+            raise FewshotError("fewshot data documents needs --out FOLDER (a new folder), e.g. fewshot data documents --n 200 --out docs")
+        file = make_documents(args.out, args.n, args.size, args.seed)
+        _emit(args, {"documents": str(file), "n": args.n}, f"{args.n} documents (sentences, their images and unrelated ones) in {file}")
+        return
     if args.action == "filter":
         from fewshot import api
         from fewshot.data.filters import report_text
@@ -316,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides of configs/quickstart.yaml")
 
     p = add("data", cmd_data, "describe or download data; generate captioned scenes; filter image-caption pairs")
-    p.add_argument("action", choices=["info", "download", "scenes", "scene-corpus", "filter"])
+    p.add_argument("action", choices=["info", "download", "scenes", "scene-corpus", "documents", "filter"])
     p.add_argument("name", nargs="?", help="digits, omniglot or folder (info, download); the manifest (filter)")
     p.add_argument("--path", help="data path (zip or folder)")
     p.add_argument("--root", default="data", help="download folder (download only)")

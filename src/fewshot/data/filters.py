@@ -41,6 +41,7 @@ from fewshot.io import atomic_write
 
 __all__ = ["CLIP_RULE", "RULES", "TARGETS", "FilterConfig", "FilterResult", "filter_config", "filter_manifest", "filter_pairs", "filter_report", "near_duplicates", "report_text"]
 
+MODES = ("rules", "mmc4")
 RULES = ("filename", "length", "unique_words", "repetition", "shared_alt", "near_duplicate")
 CLIP_RULE = "clip_score"  # applied when a CLIP run scores the pairs (``clip_run``)
 # The noise kinds each rule is meant to catch, for recall on generated scenes.
@@ -63,8 +64,14 @@ class FilterConfig:
     image_size: int = 32  # images are compared at this size (area-averaged, which never widens a pixel difference)
     clip_run: str | None = None  # a CLIP run folder: adds the clip_score rule (the scores come from fewshot.api.clip_scores)
     clip_threshold: float = 0.28  # LAION-400M's cosine threshold for OpenAI's ViT-B/32; each model needs its own
+    mode: str = "rules"  # rules (the above); mmc4: documents → image–sentence pairs by assignment (fewshot.data.documents); capfilt
+    floor: float = 0.15  # mmc4: no pair below this similarity (MMC4's 0.15 for ViT-L/14; again, a floor belongs to its model)
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise DataError(f"unknown filter mode '{self.mode}'; known: {', '.join(MODES)}")
+        if self.mode == "mmc4" and self.clip_run is None:
+            raise DataError("mode=mmc4 assigns images to sentences by an image–text run's similarity: set clip_run=RUN")
         self.rules = tuple(self.rules)
         if self.clip_run is not None and CLIP_RULE not in self.rules:
             self.rules = (*self.rules, CLIP_RULE)
@@ -249,7 +256,7 @@ def filter_config(options: list[str] | None = None) -> FilterConfig:
         fields["rules"] = tuple(rules if isinstance(rules, list) else str(rules).split(","))
     for key, value in fields.items():
         default = getattr(FilterConfig, key, None)
-        if key == "clip_run":
+        if key in ("clip_run", "mode"):
             fields[key] = None if value is None else str(value)
         elif key != "rules" and (isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(default, int) and value != int(value))):
             raise DataError(f"filter option {key}={value!r}: expected a {type(default).__name__}")
@@ -260,6 +267,14 @@ def filter_config(options: list[str] | None = None) -> FilterConfig:
 
 def report_text(summary: dict) -> str:
     """The summary of :func:`filter_manifest` as lines: counts, then precision and recall per rule."""
+    if summary.get("mode") == "mmc4":
+        lines = [f"{summary['pairs']} image–sentence pairs of {summary['documents']} documents (floor {summary['floor']}) -> {summary['kept_manifest']}"]
+        if "report" in summary:
+            r = summary["report"]
+            pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+            lines.append(f"precision {pct(r['precision'])} of {r['assigned']} assigned; recall {pct(r['recall'])} of the images "
+                         f"that illustrate a sentence; unrelated images left out {pct(r['unrelated_unassigned'])} of {r['unrelated']}")
+        return "\n".join(lines)
     lines = [f"kept {summary['kept']} of {summary['rows']} rows -> {summary['kept_manifest']}; dropped rows and reasons -> {summary['dropped_rows']}"]
     report = summary.get("report")
     if report:
