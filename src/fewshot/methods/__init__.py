@@ -13,6 +13,7 @@ from fewshot.config import RunConfig, register_method_config
 from fewshot.errors import ConfigError
 from fewshot.methods.autoencoder import Autoencoder
 from fewshot.methods.base import Method
+from fewshot.methods.blip import BLIP
 from fewshot.methods.blip2 import BLIP2Captioner, BLIP2QFormer
 from fewshot.methods.clipcap import ClipCap
 from fewshot.methods.contrastive import CONTRASTIVE_METHODS, TwoViewMethod
@@ -44,7 +45,7 @@ def register_method(name: str, method_class: type[Method]) -> type[Method]:
 
 for _name, _cls in {**CONTRASTIVE_METHODS, **MOMENTUM_METHODS, **EPISODIC_METHODS, "autoencoder": Autoencoder, "mae": MAE,
                     **LANGUAGE_METHODS, "time-contrastive": TimeContrastive, "nnclr": NNCLR,
-                    "clip": CLIP, "coca": CoCa, "clipcap": ClipCap, "blip2-qformer": BLIP2QFormer, "blip2": BLIP2Captioner, "frozen": Frozen, "fromage": Fromage, "flamingo": Flamingo, "mm-cot": MultimodalCoT, "icl-regression": ICLRegression, "icl-classify": ICLClassify}.items():
+                    "clip": CLIP, "coca": CoCa, "clipcap": ClipCap, "blip": BLIP, "blip2-qformer": BLIP2QFormer, "blip2": BLIP2Captioner, "frozen": Frozen, "fromage": Fromage, "flamingo": Flamingo, "mm-cot": MultimodalCoT, "icl-regression": ICLRegression, "icl-classify": ICLClassify}.items():
     register_method(_name, _cls)
 
 
