@@ -231,8 +231,90 @@ def filter_pairs(manifest: str | Path, out: str | Path, options: list[str] | tup
     config = filter_config(list(options))
     if config.mode == "mmc4":
         return assign_documents(manifest, out, config.clip_run, config.floor)
+    if config.mode == "capfilt":
+        return capfilt(manifest, out, config.blip_run, config.match_threshold, config.top_p)
     scores = clip_scores(config.clip_run, manifest) if config.clip_run else None
     return filter_manifest(manifest, out, config, scores)
+
+
+def capfilt(manifest: str | Path, out: str | Path, run_path: str | Path, threshold: float = 0.5, top_p: float = 0.9, seed: int = 0,
+            batch_size: int = 500) -> dict[str, Any]:
+    """``fewshot data filter MANIFEST mode=capfilt blip_run=RUN``: CapFilt (:mod:`fewshot.data.capfilt`) with a blip run as
+    captioner and filter. One nucleus-sampled synthetic caption per image (``top_p``, seeded by ``seed``); web and
+    synthetic captions with ITM p(match) < ``threshold`` dropped; writes the bootstrapped manifest (kept web rows, then
+    kept synthetic ones; paths absolute when ``out`` is in another folder) and ``<stem>.dropped.tsv``; returns counts,
+    the filter's precision / recall on the web rows' noise labels and, for a ``fewshot data scenes`` folder, on the
+    synthetic captions against the scene graphs."""
+    import csv
+
+    from fewshot.data.capfilt import CAPFILT_RULE, SYNTHETIC_FALSE, SYNTHETIC_RULE, capfilt_result, synthetic_report
+    from fewshot.data.filters import filter_report
+    from fewshot.data.pairs import load_pairs, read_manifest, tokenize_captions, write_manifest
+    from fewshot.data.scenes import SCENE_GRAPHS, caption_is_true, read_scenes
+    from fewshot.errors import DataError
+    from fewshot.io import atomic_write
+
+    out = Path(out)
+    dropped_path = out.with_name(out.stem + ".dropped.tsv")
+    for target in (out, dropped_path):
+        if target.exists():
+            raise DataError(f"'{target}' already exists; the filter writes new files only")
+    run = Run.open(run_path)
+    method = run.method().eval()
+    if not (hasattr(method, "caption_ids") and hasattr(method, "match_probability")):
+        raise ConfigError(f"'{run_path}' is a {run.config.method.name} run; CapFilt needs a captioner and an ITM filter (method=blip)")
+    data, tokenizer = run.config.data, run.tokenizer()
+    rows = read_manifest(manifest)
+    pairs = load_pairs(manifest, tokenizer, data.seq_len, data.image_size, data.channels)
+    images = [f for f in dict.fromkeys(rows.filepaths)]  # load_pairs' image order: first appearance
+    generator = torch.Generator().manual_seed(seed)
+    web, synthetic, written = [], [], []
+    with torch.no_grad():
+        for i in range(0, len(pairs), batch_size):
+            index = pairs.image_index[i : i + batch_size]
+            web.append(method.match_probability(pairs.images[index].float() / 255, pairs.tokens[i : i + batch_size]))
+        for i in range(0, len(images), batch_size):
+            batch = pairs.images[i : i + batch_size].float() / 255
+            ids = method.caption_ids(batch, "nucleus", top_p=top_p, generator=generator)
+            texts = [" ".join(tokenizer.decode(row).split()) or "." for row in ids]  # a caption is one line
+            tokens, _ = tokenize_captions(tokenizer, texts, data.seq_len)
+            synthetic.append(method.match_probability(batch, tokens))
+            written += texts
+    web_match, synthetic_match = torch.cat(web).numpy(), torch.cat(synthetic).numpy()
+    result = capfilt_result(web_match, threshold)
+    synthetic_kept = synthetic_match >= threshold
+    folder = Path(manifest).parent
+    scenes = read_scenes(folder) if (folder / SCENE_GRAPHS).is_file() else None
+    truth = [caption_is_true(text, scenes[name]) for text, name in zip(written, images)] if scenes is not None else None
+    labelled = any(rows.noise) or truth is not None
+    same_folder = out.resolve().parent == folder.resolve()
+    where = (lambda name: name) if same_folder else (lambda name: name if Path(name).is_absolute() else str((folder / name).resolve()))
+    syn_noise = ["" if t else SYNTHETIC_FALSE for t in truth] if truth is not None else [""] * len(written)
+    keep = result.kept
+    kept_syn = [j for j in range(len(written)) if synthetic_kept[j]]
+    write_manifest(out, [where(rows.filepaths[r]) for r in keep] + [where(images[j]) for j in kept_syn],
+                   [rows.captions[r] for r in keep] + [written[j] for j in kept_syn],
+                   ([rows.noise[r] for r in keep] + [syn_noise[j] for j in kept_syn]) if labelled else None)
+
+    def write_dropped(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+            writer.writerow(["line", "filepath", "title", "reason", "p_match", "noise"])
+            writer.writerows([rows.lines[r], rows.filepaths[r], rows.captions[r], CAPFILT_RULE, f"{web_match[r]:.4f}", rows.noise[r]]
+                             for r in sorted(result.reasons))
+            writer.writerows(["", images[j], written[j], SYNTHETIC_RULE, f"{synthetic_match[j]:.4f}", syn_noise[j]]
+                             for j in range(len(written)) if not synthetic_kept[j])
+
+    atomic_write(dropped_path, write_dropped)
+    summary = {"manifest": str(manifest), "kept_manifest": str(out), "dropped_rows": str(dropped_path), "mode": "capfilt",
+               "blip_run": str(run_path), "match_threshold": threshold, "top_p": top_p, "seed": seed, "rows": len(rows),
+               "kept_web": len(keep), "kept": len(keep) + len(kept_syn),
+               "synthetic": {"written": len(written), "kept": len(kept_syn), "examples": written[:5]}}
+    if any(rows.noise):
+        summary["report"] = filter_report(rows.noise, result)
+    if truth is not None:
+        summary["synthetic"].update(synthetic_report(truth, synthetic_kept))
+    return summary
 
 
 def assign_documents(documents: str | Path, out: str | Path, run_path: str | Path, floor: float = 0.15) -> dict[str, Any]:

@@ -41,12 +41,13 @@ from fewshot.io import atomic_write
 
 __all__ = ["CLIP_RULE", "RULES", "TARGETS", "FilterConfig", "FilterResult", "filter_config", "filter_manifest", "filter_pairs", "filter_report", "near_duplicates", "report_text"]
 
-MODES = ("rules", "mmc4")
+MODES = ("rules", "mmc4", "capfilt")
 RULES = ("filename", "length", "unique_words", "repetition", "shared_alt", "near_duplicate")
 CLIP_RULE = "clip_score"  # applied when a CLIP run scores the pairs (``clip_run``)
 # The noise kinds each rule is meant to catch, for recall on generated scenes.
 TARGETS = {"length": ("boilerplate",), "filename": ("boilerplate",), "unique_words": ("boilerplate",), "repetition": ("boilerplate",),
-           "shared_alt": ("shared_alt",), "near_duplicate": ("near_duplicate",), CLIP_RULE: ("mismatched", "near_miss")}
+           "shared_alt": ("shared_alt",), "near_duplicate": ("near_duplicate",), CLIP_RULE: ("mismatched", "near_miss"),
+           "capfilt": ("mismatched", "near_miss")}  # CapFilt's ITM filter (fewshot.data.capfilt)
 _FILENAME = re.compile(r"^\s*(?:img|dsc|dscn|image|photo|pic|p)?[_\- ]?\d+(?:\.(?:jpe?g|png|gif|bmp|webp|tiff?))?\s*$"
                        r"|\.(?:jpe?g|png|gif|bmp|webp|tiff?)\s*$", re.IGNORECASE)
 _WORDS = re.compile(r"[^\W_]+(?:[-'][^\W_]+)*")
@@ -66,10 +67,15 @@ class FilterConfig:
     clip_threshold: float = 0.28  # LAION-400M's cosine threshold for OpenAI's ViT-B/32; each model needs its own
     mode: str = "rules"  # rules (the above); mmc4: documents → image–sentence pairs by assignment (fewshot.data.documents); capfilt
     floor: float = 0.15  # mmc4: no pair below this similarity (MMC4's 0.15 for ViT-L/14; again, a floor belongs to its model)
+    blip_run: str | None = None  # capfilt: a blip run, the captioner and the filter (tuned on a small clean split)
+    match_threshold: float = 0.5  # capfilt: a caption whose ITM p(match) is below this is dropped (BLIP: the head says no match)
+    top_p: float = 0.9  # capfilt: the captioner's nucleus (BLIP: 0.9)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise DataError(f"unknown filter mode '{self.mode}'; known: {', '.join(MODES)}")
+        if self.mode == "capfilt" and self.blip_run is None:
+            raise DataError("mode=capfilt needs its captioner and filter: set blip_run=RUN (a blip run tuned on a small clean split)")
         if self.mode == "mmc4" and self.clip_run is None:
             raise DataError("mode=mmc4 assigns images to sentences by an image–text run's similarity: set clip_run=RUN")
         self.rules = tuple(self.rules)
@@ -256,7 +262,7 @@ def filter_config(options: list[str] | None = None) -> FilterConfig:
         fields["rules"] = tuple(rules if isinstance(rules, list) else str(rules).split(","))
     for key, value in fields.items():
         default = getattr(FilterConfig, key, None)
-        if key in ("clip_run", "mode"):
+        if key in ("clip_run", "mode", "blip_run"):
             fields[key] = None if value is None else str(value)
         elif key != "rules" and (isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(default, int) and value != int(value))):
             raise DataError(f"filter option {key}={value!r}: expected a {type(default).__name__}")
@@ -267,6 +273,19 @@ def filter_config(options: list[str] | None = None) -> FilterConfig:
 
 def report_text(summary: dict) -> str:
     """The summary of :func:`filter_manifest` as lines: counts, then precision and recall per rule."""
+    if summary.get("mode") == "capfilt":
+        pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+        syn = summary["synthetic"]
+        lines = [f"kept {summary['kept_web']} of {summary['rows']} web rows and {syn['kept']} of {syn['written']} synthetic captions "
+                 f"-> {summary['kept_manifest']}; dropped rows -> {summary['dropped_rows']}"]
+        if "report" in summary:
+            web = summary["report"]["all"]
+            lines.append(f"web rows: precision {pct(web['precision'])}, recall {pct(web['recall'])} of all noise; by kind "
+                         + ", ".join(f"{k} {pct(v)}" for k, v in web["recall_by_kind"].items()))
+        if syn.get("true") is not None:
+            lines.append(f"synthetic: {pct(syn['true'])} true as written, {pct(syn['true_of_kept'])} of the kept; the filter's precision "
+                         f"{pct(syn['precision'])}, recall {pct(syn['recall'])} on the false ones")
+        return "\n".join(lines)
     if summary.get("mode") == "mmc4":
         lines = [f"{summary['pairs']} image–sentence pairs of {summary['documents']} documents (floor {summary['floor']}) -> {summary['kept_manifest']}"]
         if "report" in summary:
