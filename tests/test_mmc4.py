@@ -105,3 +105,14 @@ def test_documents_through_the_filter_command(tmp_path: Path, monkeypatch) -> No
     bad.write_text(json.dumps({"sentences": ["a"], "images": ["x.png"], "truth": [3]}) + "\n")
     with pytest.raises(DataError, match="line 1"):
         read_documents(bad)
+
+
+def test_the_documents_command_and_its_one_line_errors(tmp_path: Path, capsys) -> None:
+    from fewshot.cli import main
+
+    assert main(["data", "documents", "--n", "2", "--size", "16", "--out", str(tmp_path / "docs")]) == 0
+    assert len(read_documents(tmp_path / "docs" / "documents.jsonl")) == 2
+    assert main(["data", "documents", "--n", "2", "--out", str(tmp_path / "docs")]) != 0  # exists
+    assert main(["data", "filter", str(tmp_path / "docs" / "documents.jsonl"), "--out", str(tmp_path / "p.tsv"), "mode=mmc4"]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "already exists" in err and "set clip_run" in err
