@@ -162,7 +162,8 @@ def vit_tiny(in_channels: int = 1, image_size: int = 28, patch_size: int = 4, de
 
 @register("text-transformer")
 def text_transformer(
-    vocab_size: int, max_len: int, dim: int = 128, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0, causal: bool = False
+    vocab_size: int, max_len: int, dim: int = 128, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0, causal: bool = False,
+    positions: str = "learned",
 ) -> nn.Module:
-    """The text tower (token ids → r); ``causal`` for a GPT's, else a masked LM's. See models/language.py."""
-    return TextTransformer(vocab_size, max_len, dim, depth, heads, mlp_ratio, causal)
+    """The text tower (token ids → r); ``causal`` for a GPT's, else a masked LM's; ``positions`` learned or rotary. See models/language.py."""
+    return TextTransformer(vocab_size, max_len, dim, depth, heads, mlp_ratio, causal, positions)

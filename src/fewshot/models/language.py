@@ -1,7 +1,7 @@
 """Language models on the token trunk: a causal GPT and a bidirectional masked LM.
 
 Both are a text tower (:class:`TextTransformer`, registered as encoder ``text-transformer``:
-token + learned position embeddings → :class:`~fewshot.models.transformer.TokenTrunk`) and a
+token embeddings + learned positions, or rotary ones inside attention → :class:`~fewshot.models.transformer.TokenTrunk`) and a
 separate LM head; the logits are ``head(h) · Eᵀ`` with E the tower's token embedding (tied, Press
 & Wolf 2017), so the embedding is one Parameter stored once. The tower gives r: (B, dim) for plain
 text tokens (it adds the start token itself); :class:`LanguageModel` takes full sequences (the
@@ -37,18 +37,24 @@ class TextTransformer(nn.Module):
     r = mean of the text tokens' states) or bidirectional masked-LM attention ([CLS] first, r = [CLS])."""
 
     def __init__(
-        self, vocab_size: int, max_len: int, dim: int = 128, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0, causal: bool = False
+        self, vocab_size: int, max_len: int, dim: int = 128, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0, causal: bool = False,
+        positions: str = "learned",
     ) -> None:
         super().__init__()
-        self.dim, self.max_len, self.vocab_size, self.causal = dim, max_len, vocab_size, causal
+        if positions not in ("learned", "rotary"):
+            raise ValueError(f"unknown positions '{positions}'; choose learned or rotary")
+        self.dim, self.max_len, self.vocab_size, self.causal, self.positions = dim, max_len, vocab_size, causal, positions
         self.start_id, self.default_pool = (BOS_ID, "mean") if causal else (CLS_ID, "cls")
         # The poolings worth scoring: a causal model's start token has seen nothing but itself.
         self.pools = ("mean",) if causal else ("cls", "mean")
         self.tok_emb = nn.Embedding(vocab_size, dim)
-        self.pos_emb = nn.Parameter(torch.zeros(1, max_len, dim))
-        self.trunk = TokenTrunk(dim, depth, heads, mlp_ratio, causal)
+        # learned: one embedding per position, added to the tokens (GPT-2); rotary: positions enter every attention's
+        # queries and keys instead, so a head that looks k tokens back is one pattern at every position
+        self.pos_emb = nn.Parameter(torch.zeros(1, max_len, dim), requires_grad=False) if positions == "rotary" else nn.Parameter(torch.zeros(1, max_len, dim))
+        self.trunk = TokenTrunk(dim, depth, heads, mlp_ratio, causal, rotary=positions == "rotary")
         self.apply(gpt2_init)
-        nn.init.normal_(self.pos_emb, std=0.02)
+        if positions == "learned":
+            nn.init.normal_(self.pos_emb, std=0.02)
 
     def hidden(
         self,

@@ -17,6 +17,20 @@ KeyValues = tuple[torch.Tensor, torch.Tensor]
 """Keys and values of earlier positions, each (B, heads, T_past, dim/heads)."""
 
 
+def rotate(x: torch.Tensor, start: int, base: float = 10000.0) -> torch.Tensor:
+    """Rotary positions (RoFormer, Su et al. 2021) of queries or keys ``x`` (B, heads, T, d) at positions
+    p = start … start + T − 1, in the half-split layout: with x = [x₁, x₂] (each d/2 wide) and
+    θ_i = base^(−2i/d), rotate(x)_p = [x₁ cos(pθ) − x₂ sin(pθ), x₂ cos(pθ) + x₁ sin(pθ)].
+    Then rotate(q)_p · rotate(k)_s depends on p − s alone, which is what lets a head look a fixed number of
+    tokens back wherever the tokens stand."""
+    half = x.shape[-1] // 2
+    theta = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) * 2 / x.shape[-1])
+    angle = torch.arange(start, start + x.shape[-2], device=x.device, dtype=torch.float32)[:, None] * theta  # (T, d/2)
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
 class Attention(nn.Module):
     """Multi-head attention on PyTorch's fused scaled_dot_product_attention.
 
@@ -31,13 +45,17 @@ class Attention(nn.Module):
     ``attn_mask`` (T, T_keys) or (B, T, T_keys) bool is True where query i may attend key j: any pattern
     (BLIP-2's Q-Former masks, Flamingo's media mask), combined with the causal and padding masks.
     ``return_kv`` also returns the full (past + new) keys and values for the next call.
+    ``rotary`` (self-attention only): queries and keys carry their positions by :func:`rotate`, the new tokens
+    numbered after the past ones; the cache holds rotated keys.
     """
 
-    def __init__(self, dim: int, heads: int, causal: bool = False, context_dim: int | None = None) -> None:
+    def __init__(self, dim: int, heads: int, causal: bool = False, context_dim: int | None = None, rotary: bool = False) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
-        self.heads, self.context_dim = heads, context_dim
+        if rotary and (context_dim is not None or (dim // heads) % 2):
+            raise ValueError(f"rotary positions need self-attention with an even head width, got {dim // heads}")
+        self.heads, self.context_dim, self.rotary = heads, context_dim, rotary
         self.causal = causal and context_dim is None  # a context has no order relative to x
         if context_dim is None:
             self.qkv = nn.Linear(dim, 3 * dim)
@@ -67,6 +85,9 @@ class Attention(nn.Module):
             if context is None:
                 raise ValueError("cross-attention needs a context (B, S, context_dim)")
             q, (k, v) = self.split(self.q(x), 1)[0], self.split(self.kv(context), 2)
+        if self.rotary:
+            start = 0 if past is None else past[0].shape[2]
+            q, k = rotate(q, start), rotate(k, start)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         mask, is_causal = None, self.causal and past is None and padding_mask is None and attn_mask is None
@@ -98,10 +119,11 @@ class Block(nn.Module):
 
     The cross-attention sub-layer exists only when built with ``context_dim`` (its width)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, causal: bool = False, context_dim: int | None = None) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, causal: bool = False, context_dim: int | None = None,
+                 rotary: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, causal)
+        self.attn = Attention(dim, heads, causal, rotary=rotary)
         if context_dim is not None:
             self.norm_cross = nn.LayerNorm(dim)
             self.cross = Attention(dim, heads, context_dim=context_dim)
@@ -141,10 +163,11 @@ class TokenTrunk(nn.Module):
     """
 
     def __init__(
-        self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, causal: bool = False, context_dim: int | None = None
+        self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, causal: bool = False, context_dim: int | None = None,
+        rotary: bool = False,
     ) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, causal, context_dim) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, causal, context_dim, rotary) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
     def forward(
