@@ -119,3 +119,47 @@ def test_the_scene_corpus_binds_names_in_context(evaluation_names):
         _, colour, shape = re.search(r"an? (small|large) (\w+) ([\w-]+)\.$", body).groups()  # the query's description
         named = [(c, s) for _, c, s, n in item.findall(body) if n == answer.rstrip(".")]
         assert named and ({c for c, _ in named} == {colour} or {s for _, s in named} == {shape})
+
+
+def support_items(line):
+    body = line.rsplit(" q: what is this? a: this is a ", 1)[0]
+    return re.findall(r"an? (?:small|large) \w+ [\w-]+\. this is a [\w-]+\.", body)
+
+
+def repeats_in_one_order(items):
+    """Whether the support items are one block shown two or more times in the same order."""
+    return any(len(items) % p == 0 and len(items) > p and all(items[i] == items[i % p] for i in range(len(items)))
+               for p in range(1, len(items)))
+
+
+@pytest.mark.parametrize("drill", [1.0, 0.0])
+def test_copy_drills_repeat_the_support_block_in_one_order(drill):
+    lines = scene_corpus(0, 400, seed=1, open_ended=1.0, drill=drill).splitlines()
+    episodes = [line for line in lines if "q: what is this? a: this is a" in line]
+    assert len(episodes) == 400  # open_ended=1: every text episode is an open-ended one
+    periodic = [repeats_in_one_order(support_items(line)) for line in episodes]
+    # drills: every episode; without them (the negative control) only the few whose fresh orders coincide
+    assert all(periodic) if drill else sum(periodic) < len(periodic) / 4
+
+
+@pytest.mark.parametrize("uniform", [1.0, 0.0])
+def test_uniform_episodes_show_one_description_per_name(uniform):
+    lines = scene_corpus(0, 300, seed=2, open_ended=1.0, uniform=uniform).splitlines()
+    looks = []  # per episode with a name shown twice or more: whether each name always follows one description
+    for line in lines:
+        items = re.findall(r"(an? (?:small|large) \w+ [\w-]+)\. this is a ([\w-]+)\.", line.rsplit(" q: what is this?", 1)[0])
+        by_name = {}
+        for description, name in items:
+            by_name.setdefault(name, set()).add(description)
+        if any(len([1 for _, n in items if n == name]) > 1 for name in by_name):
+            looks.append(all(len(d) == 1 for d in by_name.values()))
+    assert looks
+    # uniform: every one; otherwise (the negative control) few, where random descriptions happen to coincide
+    assert all(looks) if uniform else sum(looks) < len(looks) / 4
+
+
+def test_corpus_shares_outside_zero_one_are_refused():
+    from fewshot.errors import DataError
+
+    with pytest.raises(DataError, match="drill must be a share in \\[0, 1\\], got 2"):
+        scene_corpus(10, 10, drill=2)

@@ -229,10 +229,17 @@ def _describe(o: Obj) -> str:
     return f"{_article(o.size)} {o.size} {o.colour} {o.shape}."
 
 
-def _text_episode(rng: np.random.Generator, names_pool: list[str]) -> str:
-    """One open-ended episode in text: each image replaced by its object's description."""
+def _text_episode(rng: np.random.Generator, names_pool: list[str], drill: float = 0.0, uniform: float = 0.0) -> str:
+    """One open-ended episode in text: each image replaced by its object's description. With probability ``drill`` the
+    episode is a copy drill: its support block is shown 2–4 times in one order, so every token of a repeat is
+    predictable by copying what followed the same token before (the induction behaviour binding builds on). With
+    probability ``uniform`` every support item of a class has one description, so a name follows the very description
+    it followed before: binding by exact match, before the match on one attribute."""
     by = ("shape", "colour")[int(rng.integers(2))]
     way, shots, repeats = int(rng.choice([2, 2, 3, 5])), int(rng.choice([1, 1, 2, 3, 5])), int(rng.choice([0, 0, 0, 1, 3]))
+    same_order = rng.random() < drill
+    if same_order:
+        repeats = int(rng.integers(1, 4))
     values = PRETRAIN_SHAPES if by == "shape" else tuple(COLOURS)
     classes = [values[j] for j in rng.choice(len(values), size=way, replace=False)]
     real = rng.random() < 0.2
@@ -244,11 +251,17 @@ def _text_episode(rng: np.random.Generator, names_pool: list[str]) -> str:
         shape, colour = (c, o) if by == "shape" else (o, c)
         return Obj(shape, colour, ("small", "large")[int(rng.integers(2))], 0.5, 0.5)
 
-    support = [(obj(c), names[k]) for k, c in enumerate(classes) for _ in range(shots)]
+    if rng.random() < uniform:
+        look = [obj(c) for c in classes]
+        support = [(look[k], names[k]) for k in range(way) for _ in range(shots)]
+    else:
+        support = [(obj(c), names[k]) for k, c in enumerate(classes) for _ in range(shots)]
     parts = [induction_text(names)] if rng.random() < 0.5 else []
+    order = rng.permutation(len(support))
     for _ in range(1 + repeats):
-        for j in rng.permutation(len(support)):
+        for j in order:
             parts += [_describe(support[j][0]), SUPPORT.format(name=support[j][1])]
+        order = order if same_order else rng.permutation(len(support))
     target = int(rng.integers(way))
     # a third of the queries repeat a support item's very description: plain induction (match, then copy the name)
     # is learned first, and the rest ask for the match on the naming attribute alone
@@ -289,18 +302,26 @@ def _statement(rng: np.random.Generator, names_pool: list[str]) -> str:
     return " ".join(parts)
 
 
-def scene_corpus(captions: int, episodes: int, seed: int = 0, glossary_size: int = 100, evaluation_names: bool = True) -> str:
+def scene_corpus(captions: int, episodes: int, seed: int = 0, glossary_size: int = 100, evaluation_names: bool = True,
+                 open_ended: float = 0.5, drill: float = 0.0, uniform: float = 0.0) -> str:
     """The caption LM's corpus, one line each, shuffled: ``captions`` captions of a scene pool (1–2 objects, seen
-    pairs only, no images drawn) and ``episodes`` text episodes (half open-ended, a quarter Fast-VQA, a quarter
-    binding statements) named from :func:`glossary` and, with ``evaluation_names``, :data:`NONCE_NAMES` too (as the
-    issue's own "a red circle is a dax" does): a name is bound afresh in every episode, so the LM learns that names
-    are copied from the context, never what a dax is; and its tokenizer then keeps each name one token."""
+    pairs only, no images drawn) and ``episodes`` text episodes (a share ``open_ended`` open-ended, the rest half
+    Fast-VQA, half binding statements) named from :func:`glossary` and, with ``evaluation_names``, :data:`NONCE_NAMES`
+    too (as the issue's own "a red circle is a dax" does): a name is bound afresh in every episode, so the LM learns
+    that names are copied from the context, never what a dax is; and its tokenizer then keeps each name one token.
+    ``drill`` and ``uniform``: the shares of open-ended episodes that are copy drills or show one description per name
+    (:func:`_text_episode`)."""
+    for label, share in (("open_ended", open_ended), ("drill", drill), ("uniform", uniform)):
+        if not 0 <= share <= 1:
+            raise DataError(f"scene corpus: {label} must be a share in [0, 1], got {share}")
     pool = make_pool(max(1, captions // 3), objects=(1, 2), seed=seed, draw=False)
     lines = list(pool.row_caption[:captions])
     names = glossary(glossary_size, seed) + (list(NONCE_NAMES) if evaluation_names else [])
     rng = np.random.default_rng([seed, 48])
-    makers = (_text_episode, _text_episode, _text_vqa, _statement)
-    lines += [makers[int(rng.integers(4))](rng, names) for _ in range(episodes)]
+    rest = (1 - open_ended) / 2
+    kinds = rng.choice(3, size=episodes, p=[open_ended, rest, rest])
+    makers = (lambda r, n: _text_episode(r, n, drill, uniform), _text_vqa, _statement)
+    lines += [makers[k](rng, names) for k in kinds]
     return "\n".join(lines[j] for j in rng.permutation(len(lines))) + "\n"
 
 
