@@ -1,0 +1,76 @@
+"""Does the caption LM bind names in text? (issue 17's gate): a scene corpus variant → a gpt-scenes run → the text-only rows.
+
+The text-only rows of bench/vl_in_context.py without any image model: Frozen's open-ended episodes on the scene shapes
+and colours with every image replaced by its description ("a small red circle."), greedy exact match of the nonce name,
+mean ± 95% CI over seeded episodes. 2-way: no induction 1 shot; induction 1 and 5 shots; induction 1 shot 3 repeats;
+5-way induction 1 shot. An LM that cannot name the right word here cannot do it from an image prefix either.
+
+    OMP_NUM_THREADS=1 python bench/vl_lm_binding.py --name pD --episodes 12000 --steps 3600 \
+        --corpus-options '{"open_ended": 0.7, "drill": 0.3}' train.batch_size=5 \
+        "encoder.options={dim: 128, depth: 2, heads: 4, positions: rotary}"      # ≈ 7 CPU-minutes (docs/benchmarks.md)
+    OMP_NUM_THREADS=1 python bench/vl_lm_binding.py --name quick --quick          # a smoke run, measures nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reused_runs import train  # noqa: E402  (shared by the benches)
+
+from fewshot import api
+from fewshot.data.vl_prompts import category_images, scene_corpus
+from fewshot.evaluate.vl_in_context import PrefixInContext, Setting, evaluate_open_ended
+from fewshot.io import atomic_write
+from fewshot.models.prefix_lm import open_prefix_lm
+
+SETTINGS = (Setting(2, 1, 0, False), Setting(2, 1, 0, True), Setting(2, 5, 0, True), Setting(2, 1, 3, True), Setting(5, 1, 0, True))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--name", required=True, help="the run's name (a finished run of that name is reused)")
+    p.add_argument("--out", default="runs/binding")
+    p.add_argument("--captions", type=int, default=20000)
+    p.add_argument("--episodes", type=int, default=8000, help="text episodes in the corpus")
+    p.add_argument("--corpus-options", default="{}", help="JSON keyword arguments of scene_corpus (open_ended, drill, uniform)")
+    p.add_argument("--corpus", help="an existing corpus file instead of a new one")
+    p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--eval-episodes", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a smoke run: tiny corpus, model and episode count; measures nothing")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the gpt-scenes recipe")
+    args = p.parse_args()
+    if args.quick:
+        args.captions, args.episodes, args.steps, args.eval_episodes = 200, 200, 4, 3
+        args.overrides += ["encoder.options={dim: 32, depth: 1, heads: 2}", "train.batch_size=2"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = Path(args.corpus) if args.corpus else out / f"corpus-{args.name}.txt"
+    if not corpus.is_file():
+        text = scene_corpus(args.captions, args.episodes, args.seed, **json.loads(args.corpus_options))
+        atomic_write(corpus, lambda tmp: tmp.write_text(text))
+    config = api.load_config(api.find_recipe("gpt-scenes"), [
+        f"data.path={corpus}", f"out={out}", f"name={args.name}", f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}",
+        f"train.warmup_steps={min(25, args.steps // 10)}", *args.overrides])
+    train_cpu = train(config)
+    eval_cpu = time.process_time()
+    model = PrefixInContext(open_prefix_lm(config.run_dir), None, args.name)
+    result: dict = {"name": args.name, "corpus": str(corpus), "steps": args.steps, "overrides": args.overrides,
+                    "train_cpu_minutes": None if train_cpu is None else round(train_cpu / 60, 2)}
+    print(f"{args.name}: text-only exact match (%, mean ± 95% CI over {args.eval_episodes} seeded episodes)")
+    for category in ("shapes", "colours"):
+        cells = evaluate_open_ended(model, category_images(category, 12, 32, args.seed), SETTINGS, args.eval_episodes, args.seed, text_only=True)
+        for label, cell in cells.items():
+            print(f"  {category:8s} {label:55s} {cell['accuracy']:5.1f} ± {cell['ci95']:4.1f}")
+        result[category] = {label: [round(c["accuracy"], 1), round(c["ci95"], 1)] for label, c in cells.items()}
+    result["eval_cpu_minutes"] = round((time.process_time() - eval_cpu) / 60, 2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
