@@ -81,5 +81,7 @@ def test_capfilt_through_the_filter_command(tmp_path: Path):
         dropped = list(csv.DictReader(f, delimiter="\t"))
     assert sum(d["reason"] == "capfilt" for d in dropped) == len(rows) - n
     assert sum(d["reason"] == "capfilt_synthetic" for d in dropped) == summary["synthetic"]["written"] - summary["synthetic"]["kept"]
+    with pytest.raises(DataError, match="keeps none"):
+        api.filter_pairs(manifest, tmp_path / "none.tsv", ["mode=capfilt", f"blip_run={run_dir}", "match_threshold=1.01"])
     with pytest.raises(DataError, match="set blip_run"):
         api.filter_pairs(manifest, tmp_path / "x.tsv", ["mode=capfilt"])

@@ -292,6 +292,9 @@ def capfilt(manifest: str | Path, out: str | Path, run_path: str | Path, thresho
     syn_noise = ["" if t else SYNTHETIC_FALSE for t in truth] if truth is not None else [""] * len(written)
     keep = result.kept
     kept_syn = [j for j in range(len(written)) if synthetic_kept[j]]
+    if not keep and not kept_syn:
+        raise DataError(f"the filter keeps none of the {len(rows)} web rows and {len(written)} synthetic captions at p(match) ≥ {threshold}; "
+                        "lower match_threshold or train the blip run longer")
     write_manifest(out, [where(rows.filepaths[r]) for r in keep] + [where(images[j]) for j in kept_syn],
                    [rows.captions[r] for r in keep] + [written[j] for j in kept_syn],
                    ([rows.noise[r] for r in keep] + [syn_noise[j] for j in kept_syn]) if labelled else None)
