@@ -35,6 +35,10 @@ SOURCE_FOR = {"tokens": ["data.source=text", "data.seq_len=8", "data.vocab_size=
                     "data.curriculum_points=null", "encoder.options={}", "method.width=16", "method.depth=1", "method.heads=2"]}
 # Classification prompts (icl-classify) read xs with a label per sample: their own source and example.
 PROMPT_LABELS = ("xs", "labels")
+# Scene questions (mm-cot): RGB scenes, a prompt and target in tokens, and where the target starts.
+QUESTION_INPUTS = ("images", "tokens", "prompt_lengths")
+QUESTION_SOURCE = ["data.source=scene-questions", "data.seq_len=10", "encoder=conv4", "encoder.options={width: 8}"]
+QUESTION_EXAMPLE = {"images": torch.rand(12, 3, 16, 16, generator=_g), "tokens": EXAMPLE["tokens"], "prompt_lengths": torch.arange(12) % 4 + 1}
 PROMPT_SOURCE = ["data.source=classification-prompts", "data.input_size=2", "encoder.options={}", "data.ways=3", "data.points=9", "method.width=16",
                  "method.depth=1", "method.heads=2"]
 PROMPT_EXAMPLE = {"xs": torch.randn(12, 9, 4, generator=_g), "labels": torch.randint(0, 3, (12, 9), generator=_g)}
@@ -43,10 +47,14 @@ PROMPT_EXAMPLE = {"xs": torch.randn(12, 9, 4, generator=_g), "labels": torch.ran
 def _source(inputs) -> list[str]:
     if tuple(inputs) == PROMPT_LABELS:
         return PROMPT_SOURCE
+    if tuple(inputs) == QUESTION_INPUTS:
+        return QUESTION_SOURCE
     return [o for key in inputs for o in SOURCE_FOR.get(key, [])]
 
 
 def _example(inputs) -> dict[str, torch.Tensor]:
+    if tuple(inputs) == QUESTION_INPUTS:
+        return dict(QUESTION_EXAMPLE)
     return dict(PROMPT_EXAMPLE) if tuple(inputs) == PROMPT_LABELS else {key: EXAMPLE[key] for key in inputs}
 
 
@@ -54,7 +62,8 @@ def _example(inputs) -> dict[str, torch.Tensor]:
 # Flamingo: a frozen tower and GPT too; at its first step only the gated blocks' tanh gates (and the new tokens) get a
 # non-zero gradient, the gates being 0.
 # BLIP-2: stage 1's Q-Former reads a frozen tower; stage 2 reads stage 1's run, and its Q-Former trains on.
-FROZEN_ENCODER = {"clipcap": "mapper", "flamingo": "flamingo.gated", "blip2-qformer": "qformer", "blip2": "query_projection"}
+# FROMAGe: the same frozen tower and GPT; W_c (visual) is what trains.
+FROZEN_ENCODER = {"clipcap": "mapper", "fromage": "visual", "flamingo": "flamingo.gated", "blip2-qformer": "qformer", "blip2": "query_projection"}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +75,7 @@ def init_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("init-runs")
     folders = {}
     for name, overrides in (("image", ["method=simclr", *TINY]),
-                            ("gpt", ["method=gpt", *SOURCE_FOR["tokens"], "data.seq_len=16"])):
+                            ("gpt", ["method=gpt", *SOURCE_FOR["tokens"], "data.seq_len=40"])):
         config = load_config(overrides=[*overrides, f"name={name}", f"out={root}"])
         tensors = {f"model.{k}": v for k, v in build_method(config).state_dict().items()}
         save_checkpoint(config.run_dir / "checkpoints" / "last", Checkpoint(config.model_dump(mode="json"), 1, tensors, {}))
@@ -83,6 +92,9 @@ def init_runs(tmp_path_factory):
             "clipcap": ["encoder=conv4", "encoder.options={width: 8}", f"method.image.init={folders['image']}",
                         f"method.lm.init={folders['gpt']}", "method.prefix_length=2"],
             "frozen": ["encoder=conv4", "encoder.options={width: 8}", f"method.lm.init={folders['gpt']}"],
+            "fromage": ["encoder=conv4", "encoder.options={width: 8}", f"method.image.init={folders['image']}",
+                        f"method.lm.init={folders['gpt']}"],
+            "mm-cot": [f"method.lm.init={folders['gpt']}"],
             "flamingo": ["encoder=conv4", "encoder.options={width: 8}", f"method.image.init={folders['image']}",
                          f"method.lm.init={folders['gpt']}", "method.max_images=1", "method.latents=2", "method.resampler_depth=1"]}
 
