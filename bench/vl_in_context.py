@@ -3,7 +3,7 @@
 The pipeline, every run through the one trainer (a finished run folder is reused, its CPU time reported as null):
 
 1. the caption LM: ``fewshot data scene-corpus`` (captions + text binding episodes named from a generated glossary)
-   and the gpt-scenes recipe (a 4-layer GPT, text only);
+   and the gpt-scenes recipe (a 2-layer GPT, text only);
 2. Frozen (configs/frozen-scenes.yaml): a conv4 encoder from scratch, through that frozen GPT, into 2 prefix
    embeddings, on a captioned scene pool (1–2 objects);
 3. train-blind: the same recipe with ``method.blind=true`` (the encoder sees only blank images).
