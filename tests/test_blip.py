@@ -120,15 +120,11 @@ def test_the_decoder_is_causal_the_encoders_bidirectional_and_only_self_attentio
 
 
 def test_a_few_steps_through_the_trainer_then_caption_and_match(tmp_path):
-    from fewshot.data.pairs import pair_set
-    from fewshot.data.scenes import make_pool
-    from fewshot.data.tokenizer import train_tokenizer
     from fewshot.run import Run
     from fewshot.train.trainer import pretrain
+    from test_clip import _scene_pairs
 
-    pool = make_pool(10, size=16, objects=(1, 2), seed=0)
-    tokenizer = train_tokenizer("\n".join(pool.row_caption), 300)
-    data = pair_set(pool.images, pool.row_image, pool.row_caption, tokenizer, context=8)
+    data = _scene_pairs()
     config = load_config(overrides=[*TINY, "name=blip", f"out={tmp_path}", "train.steps=4", "train.batch_size=8", "train.warmup_steps=1",
                                     "train.lr=0.01", "train.accelerator=cpu", "train.devices=1"])
     torch.manual_seed(0)

@@ -166,15 +166,11 @@ def test_bad_options_are_one_line_errors():
 
 
 def test_a_few_steps_through_the_trainer_save_and_reopen(tmp_path):
-    from fewshot.data.pairs import pair_set
-    from fewshot.data.scenes import make_pool
-    from fewshot.data.tokenizer import train_tokenizer
     from fewshot.run import Run
     from fewshot.train.trainer import pretrain
+    from test_clip import _scene_pairs
 
-    pool = make_pool(10, size=16, objects=(1, 2), seed=0)
-    tokenizer = train_tokenizer("\n".join(pool.row_caption), 300)
-    data = pair_set(pool.images, pool.row_image, pool.row_caption, tokenizer, context=8)
+    data = _scene_pairs()
     config = load_config(overrides=[*TINY, "name=coca", f"out={tmp_path}", "train.steps=4", "train.batch_size=8", "train.warmup_steps=1",
                                     "train.lr=0.01", "train.accelerator=cpu", "train.devices=1"])
     torch.manual_seed(0)
