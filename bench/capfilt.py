@@ -116,19 +116,18 @@ def main() -> None:
     clean_dropped = sum(1 for k in noisy_rows.noise if not k) - sum(1 for k in kept.noise[: summary["kept_web"]] if not k)
     print(f"  clean web rows dropped: {clean_dropped} of {sum(1 for k in noisy_rows.noise if not k)}")
 
-    # bench/vl_noise.py's cells are seed 0 and named without it: another seed trains its own here, named with it
-    tag = f"-seed{args.seed}" if args.seed else ""
+    # bench/vl_noise.py's cells are seed 0; another seed trains its own here (train_cell names them with the seed)
     noise_args = Namespace(out=args.out if args.seed else args.noise_out, seed=args.seed, per_class=args.per_class)
     mine = Namespace(out=args.out, seed=args.seed, per_class=args.per_class)
     cells = {
-        "clean": train_cell(noise_args, f"clean{tag}", clean_pool / "manifest.tsv", args.steps),
-        "noisy": train_cell(noise_args, f"noisy{tag}", noisy / "manifest.tsv", args.steps),
-        "capfilt": train_cell(mine, f"capfilt{tag}", Path(summary["kept_manifest"]), args.steps),
-        "capfilt-filter-only": train_cell(mine, f"capfilt-filter-only{tag}", Path(summary["web_only_manifest"]), args.steps),
+        "clean": train_cell(noise_args, "clean", clean_pool / "manifest.tsv", args.steps),
+        "noisy": train_cell(noise_args, "noisy", noisy / "manifest.tsv", args.steps),
+        "capfilt": train_cell(mine, "capfilt", Path(summary["kept_manifest"]), args.steps),
+        "capfilt-filter-only": train_cell(mine, "capfilt-filter-only", Path(summary["web_only_manifest"]), args.steps),
     }
     clip_score = noisy / "kept-clip_score.tsv"
     if not args.quick and clip_score.is_file():
-        cells["clip_score"] = train_cell(noise_args, f"clip_score{tag}", clip_score, args.steps)
+        cells["clip_score"] = train_cell(noise_args, "clip_score", clip_score, args.steps)
     print(f"\nzero-shot, 64-way, top-1 % ± 95% CI (chance 1.6); every cell {args.steps} steps at batch 256")
     print(f"{'cell':<22}{'rows':>8}{'passes':>8}{'seen':>16}{'held-out':>16}{'CPU s':>8}")
     for name, c in cells.items():

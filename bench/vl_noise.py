@@ -142,7 +142,8 @@ def trained_steps(run_dir: Path) -> int:
 
 def train_cell(args: Namespace, name: str, manifest: Path, steps: int) -> dict:
     base = clip_config(Namespace(out=args.out, n=0, steps=steps, seed=args.seed), manifest).model_dump(mode="json")
-    config = api.load_config(base=base, overrides=[f"name={name}-{steps}"])
+    tag = f"-seed{args.seed}" if args.seed else ""  # seed 0's cells keep their first names; another seed never reuses them
+    config = api.load_config(base=base, overrides=[f"name={name}{tag}-{steps}"])
     cpu, done = None, trained_steps(config.run_dir)
     if done < steps:
         if not done and config.run_dir.exists():  # stopped before its first checkpoint: nothing to resume
