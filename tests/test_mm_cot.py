@@ -91,12 +91,17 @@ def test_answers_are_balanced_by_construction():
         assert min(shares) > 0.5 * max(shares), (kind, shares)
 
 
-def test_heldout_compositions_hold_a_pair_training_never_draws():
+@pytest.mark.parametrize("variant", ["seen pairs", "every pair (negative control)"])
+def test_heldout_compositions_hold_a_pair_training_never_draws(variant, monkeypatch):
+    import fewshot.data.scene_questions as sq
     from fewshot.data.scenes import heldout_pairs
 
     held = heldout_pairs(0)
+    if variant != "seen pairs":  # a broken split: training draws from every pair
+        monkeypatch.setattr(sq, "seen_pairs", lambda heldout: [(s, c) for s in sq.PRETRAIN_SHAPES for c in COLOURS])
     assert all(any((o.shape, o.colour) in held for o in item.scene.objects) for item in evaluation_items(50, 1, 0, "held-out"))
-    assert not any((o.shape, o.colour) in held for item in training_items(300, 0, 0) for o in item.scene.objects)
+    leaks = any((o.shape, o.colour) in held for item in sq.training_items(300, 0, 0) for o in item.scene.objects)
+    assert leaks == (variant != "seen pairs")
 
 
 # ----------------------------------------------------------------------------- the method
@@ -165,14 +170,32 @@ def test_training_and_reopening_through_the_recipe(lm_run, tmp_path):
     assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
 
 
-def test_grouped_decoding_equals_one_row_at_a_time(lm_run, tmp_path):
+def _padded_batch(method, images, prompts, max_tokens):
+    """The broken variant: every prompt right-padded with [PAD] to the longest and decoded in one batch."""
+    from fewshot.models.prefix_lm import greedy
+
+    link = method.language_model
+    ids = [link.tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+    width = max(map(len, ids))
+    prompt = torch.tensor([row + [PAD_ID] * (width - len(row)) for row in ids])
+    prefix = torch.cat([method.prefix(images), link.embed(prompt)], dim=1)
+    with torch.no_grad():
+        return [link.decode(row).strip() for row in greedy(link, prefix, max_tokens)]
+
+
+@pytest.mark.parametrize("variant", ["grouped by length", "padded batch (negative control)"])
+def test_grouped_decoding_equals_one_row_at_a_time(lm_run, tmp_path, variant):
     method = build_method(_config(lm_run, tmp_path)).eval()
     items = QUESTIONS[:8]
     images = scene_images(items, 16)
     prompts = [stage_text(item, "rationale")[0] for item in items]
-    together = method.complete(images, prompts, max_tokens=6)
+    assert len({len(method.language_model.tokenizer.encode(p, add_special_tokens=False).ids) for p in prompts}) > 1
+    if variant == "grouped by length":
+        together = method.complete(images, prompts, max_tokens=6)
+    else:
+        together = _padded_batch(method, images, prompts, 6)
     alone = [method.complete(images[i : i + 1], prompts[i : i + 1], max_tokens=6)[0] for i in range(len(items))]
-    assert together == alone
+    assert (together == alone) == (variant == "grouped by length")
 
 
 @pytest.mark.parametrize("blind", [True, False])

@@ -46,9 +46,9 @@ from fewshot.data.types import Batch
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.io import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, read_file_pair
 from fewshot.methods.base import Method
-from fewshot.methods.clipcap import ClipCapImage, ClipCapLM, _image_tower_weights
+from fewshot.methods.clipcap import ClipCapImage, ClipCapLM
 from fewshot.methods.prefix_captioning import PrefixCaptioner, open_caption_lm
-from fewshot.methods.vision_language import check_same_image_tower
+from fewshot.methods.vision_language import check_same_image_tower, load_image_tower
 from fewshot.models.flamingo import image_token_features, image_token_width
 from fewshot.models.qformer import QFormer
 from fewshot.objectives.blip2 import hard_negatives, itc_loss, itc_similarity
@@ -76,11 +76,7 @@ def _frozen_image_tower(method: Method, config: RunConfig, path: str | None, nam
     """The image encoder of the run at ``path``, frozen (no gradient; eval mode kept by the method's ``train``)."""
     if path is None:
         raise ConfigError(f"method '{name}' reads a frozen image tower: set method.image.init=RUN_DIR (e.g. a clip-scenes run)")
-    encoder = method.build_encoder(config)
-    theirs, state, _ = _image_tower_weights(path)
-    check_same_image_tower(config, theirs, path)
-    encoder.load_state_dict(state)
-    return encoder.requires_grad_(False)
+    return load_image_tower(method.build_encoder(config), config, path).requires_grad_(False)
 
 
 def build_qformer(m: BLIP2QFormerConfig, image_dim: int, vocab_size: int, max_len: int) -> QFormer:

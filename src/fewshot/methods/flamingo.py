@@ -38,9 +38,8 @@ from fewshot.data.token_ids import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID
 from fewshot.data.types import Batch
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.methods.base import Method
-from fewshot.methods.clipcap import _image_tower_weights
 from fewshot.methods.prefix_captioning import open_caption_lm, untie, weight_digests
-from fewshot.methods.vision_language import check_same_image_tower
+from fewshot.methods.vision_language import load_image_tower
 from fewshot.models.flamingo import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, FlamingoLM, image_token_features, image_token_width
 from fewshot.objectives.captioning import caption_loss
 
@@ -133,10 +132,7 @@ class Flamingo(Method):
         if m.image.init is None:
             raise ConfigError("method 'flamingo' reads a frozen image tower: set method.image.init=RUN_DIR (e.g. a clip-scenes run)")
         self.encoder = self.build_encoder(config)
-        theirs, state, _ = _image_tower_weights(m.image.init)
-        check_same_image_tower(config, theirs, m.image.init)
-        self.encoder.load_state_dict(state)
-        self.encoder.requires_grad_(False)
+        load_image_tower(self.encoder, config, m.image.init).requires_grad_(False)
         lm = open_caption_lm(config)  # the link's model is the LM itself (fewshot's GPT or a Hugging Face one)
         self.tokenizer, self.lm_name, self.start_ids, self.eos_id = lm.tokenizer, lm.name, lm.start_ids, lm.eos_id
         self.flamingo = FlamingoLM(lm.model, image_token_width(self.encoder), m.latents, m.resampler_depth, m.resampler_heads,

@@ -20,7 +20,7 @@ enters as a short prefix of a decoder-only LM (Frozen's and ClipCap's link), and
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from fewshot.config import MethodConfig, RunConfig
@@ -28,23 +28,20 @@ from fewshot.data.scene_questions import SOURCE, SceneQuestionsDataConfig
 from fewshot.data.token_ids import IGNORE_INDEX, PAD_ID
 from fewshot.data.types import Batch
 from fewshot.errors import ConfigError
-from fewshot.methods.clipcap import _image_tower_weights
+from fewshot.methods.clipcap import ClipCapImage, ClipCapLM
 from fewshot.methods.prefix_captioning import PrefixCaptioner, open_caption_lm
-from fewshot.methods.vision_language import check_same_image_tower
+from fewshot.methods.vision_language import load_image_tower
 from fewshot.models.prefix_lm import greedy
 from fewshot.objectives.captioning import append_eos, caption_labels, caption_loss
 
 __all__ = ["MultimodalCoT", "MultimodalCoTConfig", "answer_labels"]
 
 
-class MMCoTLM(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    init: str | None = Field(None, description="the causal LM: a fewshot gpt run folder, a Hugging Face causal LM folder, or smollm2")
+class MMCoTLM(ClipCapLM):
     tune: bool = Field(True, description="fine-tune the LM with the image encoder (the paper fine-tunes both stages); false: frozen")
 
 
-class MMCoTImage(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class MMCoTImage(ClipCapImage):
     init: str | None = Field(None, description="a fewshot run folder (e.g. clip-scenes) whose image tower starts the encoder, "
                              "then fine-tuned; null: from scratch")
 
@@ -79,9 +76,7 @@ class MultimodalCoT(PrefixCaptioner):
                               f"(got {config.data.source})")
         self.encoder = self.build_encoder(config)
         if m.image.init is not None:
-            theirs, state, _ = _image_tower_weights(m.image.init)
-            check_same_image_tower(config, theirs, m.image.init)
-            self.encoder.load_state_dict(state)
+            load_image_tower(self.encoder, config, m.image.init)
         self.language_model = open_caption_lm(config)
         if not m.lm.tune:
             self.freeze_lm()

@@ -108,6 +108,15 @@ def pretrained_encoder(path: str | Path) -> tuple[dict[str, Any], dict[str, torc
     return meta["config"], state
 
 
+def load_image_tower(encoder: nn.Module, config: RunConfig, path: str | Path) -> nn.Module:
+    """``encoder`` with the image tower of the run at ``path``, refused (one line) unless that run builds the same
+    tower as ``config``; what every method that starts from another run's image encoder calls."""
+    theirs, state = pretrained_encoder(path)
+    check_same_image_tower(config, theirs, path)
+    encoder.load_state_dict(state)
+    return encoder
+
+
 def check_same_image_tower(config: RunConfig, theirs: dict[str, Any], path: str | Path) -> None:
     """A one-line ConfigError unless the run config ``theirs`` (of the run at ``path``) builds the image encoder
     ``config`` builds: the same encoder name and options on images of the same channels and size."""
