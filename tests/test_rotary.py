@@ -1,5 +1,5 @@
 """Rotary positions (RoFormer) in the token trunk: the rotation against a loop over pairs, scores that depend on
-the offset alone (a non-rotation fails it), and a rotary GPT's KV cache, position sensitivity and recipe option."""
+the offset alone (a non-rotation fails it), and a rotary GPT's KV cache (new tokens numbered from 0: caught), position sensitivity and recipe option."""
 
 import math
 
@@ -10,6 +10,7 @@ from fewshot.config import RunConfig
 from fewshot.errors import ConfigError
 from fewshot.methods.language import build_text_tower
 from fewshot.models.language import TextTransformer
+from fewshot.models import transformer
 from fewshot.models.transformer import Attention, rotate
 
 
@@ -50,7 +51,10 @@ def test_scores_depend_on_the_offset_alone(variant):
     assert invariant == (variant is rotate)  # the negative control (scaling, no rotation) moves with the start
 
 
-def test_rotary_gpt_cache_equals_recomputation_and_order_matters():
+@pytest.mark.parametrize("variant", ["numbered after the past", "numbered from 0 (broken)"])
+def test_rotary_gpt_cache_equals_recomputation_and_order_matters(monkeypatch, variant):
+    if variant != "numbered after the past":  # negative control: new tokens rotated as if the cache were empty
+        monkeypatch.setattr(transformer, "rotate", lambda x, start, base=10000.0: rotate(x, 0, base))
     torch.manual_seed(0)
     tower = TextTransformer(40, 24, dim=16, depth=2, heads=2, causal=True, positions="rotary").eval()
     ids = torch.randint(4, 40, (2, 12))
@@ -61,7 +65,7 @@ def test_rotary_gpt_cache_equals_recomputation_and_order_matters():
         swapped = ids.clone()
         swapped[:, [2, 7]] = ids[:, [7, 2]]
         moved = tower.hidden(swapped)
-    assert torch.allclose(whole, torch.cat([first, rest], dim=1), atol=1e-5)
+    assert torch.allclose(whole, torch.cat([first, rest], dim=1), atol=1e-5) == (variant == "numbered after the past")
     # no position embedding is added, yet the last state knows where tokens stood (the same multiset, another order)
     assert torch.count_nonzero(tower.pos_emb) == 0 and not tower.pos_emb.requires_grad
     assert not torch.allclose(whole[:, -1], moved[:, -1], atol=1e-4)
