@@ -18,13 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fewshot.evaluate.captions import caption_test
 from fewshot.evaluate.image_text import ImageTextRun, _split_seed, scene_relevance
-from fewshot.evaluate.retrieval import ranks
+from fewshot.evaluate.retrieval import ranks, recall_rows
 from fewshot.evaluate.runner import mean_ci95
 
 __all__ = ["recall_with_ci", "scene_retrieval"]
@@ -33,12 +32,10 @@ __all__ = ["recall_with_ci", "scene_retrieval"]
 def recall_with_ci(scores: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, Any]:
     """``{"R@K", "R@K_ci95" for each K, "median_rank", "queries"}`` of queries × gallery ``scores`` (higher = closer) and
     the bool ``relevant`` of the same shape (at least one per query)."""
-    r = ranks(scores, relevant).double()
-    out: dict[str, Any] = {}
-    for k in ks:
+    r = ranks(scores, relevant)
+    out = recall_rows(r, ks)
+    for k in ks:  # each R@K as the mean of the per-query hits, with that mean's 95% CI
         out[f"R@{k}"], out[f"R@{k}_ci95"] = mean_ci95((r <= k).double().tolist())
-    out["median_rank"] = float(np.median(r.numpy()))
-    out["queries"] = int(r.numel())
     return out
 
 
