@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fewshot import api, cli
-from fewshot.data.scenes import COLOURS, PRETRAIN_SHAPES, SHAPES, write_scenes
+from fewshot.data.scenes import COLOURS, PRETRAIN_SHAPES, SHAPES
 from fewshot.errors import ConfigError, DataError
 from fewshot.evaluate.descriptors import (
     CONCEPTS, DESCRIPTOR_PROMPT, SOCRATIC_EXAMPLE, clean_caption, derangement, descriptor_prototypes, descriptor_scores,
@@ -28,6 +28,8 @@ from fewshot.evaluate.descriptors import (
 )
 from fewshot.evaluate.zeroshot import ZeroShotClassifier, zero_shot_scores
 from fewshot.models.causal_lm import PromptLM
+
+from test_vl_commands import clip_run  # noqa: F401  (the tiny CLIP run of the scene pool)
 
 
 def hashed_embed(texts: list[str], dim: int = 12) -> torch.Tensor:
@@ -240,20 +242,6 @@ def test_socratic_words_drafts_and_pick() -> None:
     assert shown.count(SOCRATIC_EXAMPLE["caption"]) == 1 and SOCRATIC_EXAMPLE["caption"] not in alone
     assert shown.endswith(alone.split("\n", 1)[1]) and alone.endswith("there is one object. Colours I see: red. Shapes I see: circle.\n"
                                                                          "A short caption of this picture is:")
-
-
-@pytest.fixture(scope="module")
-def clip_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("gptx")
-    write_scenes(root / "pool", 24, size=16, objects=(1, 2), seed=3, split_seed=5, fewshot_per_shape=2)
-    corpus = root / "play.txt"
-    corpus.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n\n" * 20)
-    config = api.load_config(api.find_recipe("clip-scenes"), [
-        f"data.path={root / 'pool' / 'manifest.tsv'}", f"data.corpus={corpus}", "data.vocab_size=300", "data.seq_len=24", "data.image_size=16",
-        "encoder.options={width: 8}", "train.steps=2", "train.batch_size=16", "train.warmup_steps=1", f"out={root}", "name=clip",
-        "method.text.dim=16", "method.text.depth=1", "method.text.heads=2", "method.embed_dim=8",
-    ])
-    return api.pretrain(config, progress=False).run_dir
 
 
 def test_describe_on_a_run_api_and_cli(clip_run: Path, tmp_path: Path, capsys) -> None:
