@@ -1,7 +1,7 @@
 """BLIP: ITM's negatives are never positives (drawn without the positive mask: caught); the LM loss equals a row-by-row
-hand computation that skips [DEC] and padding (padding as a target: caught); the decoder is causal and the
-image-grounded encoder bidirectional; encoder and decoder share every weight but self-attention; a few steps through
-the trainer, reopened, caption and match."""
+hand computation that skips [DEC] and padding (padding as a target: caught); the decoder is causal (a bidirectional
+one: caught) and the image-grounded encoder bidirectional; encoder and decoder share every weight but self-attention;
+a few steps through the trainer, reopened, caption and match."""
 
 from __future__ import annotations
 
@@ -99,8 +99,12 @@ def test_the_loss_is_itc_plus_itm_plus_lm():
     assert logs["itm"] == pytest.approx(math.log(2), rel=0.3)
 
 
-def test_the_decoder_is_causal_the_encoders_bidirectional_and_only_self_attention_is_apart():
+@pytest.mark.parametrize("variant", ["causal decoder", "bidirectional decoder (broken)"])
+def test_the_decoder_is_causal_the_encoders_bidirectional_and_only_self_attention_is_apart(variant):
     method = _blip()
+    if variant != "causal decoder":  # negative control: the decoder's own self-attention sees later tokens
+        for attention in method.decoder_attention:
+            attention.causal = False
     batch, _ = _pairs()
     ids = batch["tokens"][:1, :5]  # row 0: five tokens, no padding
     changed = ids.clone()
@@ -109,7 +113,8 @@ def test_the_decoder_is_causal_the_encoders_bidirectional_and_only_self_attentio
         image_tokens = method.image_tokens(batch["images"][:1])
         dec, dec2 = method.decoder_logits(image_tokens, ids), method.decoder_logits(image_tokens, changed)
         enc, enc2 = method.text_states(method._first(ids, method.enc_id), image_tokens), method.text_states(method._first(changed, method.enc_id), image_tokens)
-    assert torch.allclose(dec[:, :4], dec2[:, :4], atol=1e-6) and not torch.allclose(dec[:, 4], dec2[:, 4], atol=1e-4)
+    assert torch.allclose(dec[:, :4], dec2[:, :4], atol=1e-6) == (variant == "causal decoder")
+    assert not torch.allclose(dec[:, 4], dec2[:, 4], atol=1e-4)
     assert not torch.allclose(enc[:, 0], enc2[:, 0], atol=1e-4)  # [ENC] reads a later token
     names = {name for name, _ in method.named_parameters()}
     assert {n for n in names if n.startswith("decoder_attention.")} == {f"decoder_attention.{i}.{p}" for i in range(2)
