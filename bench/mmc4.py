@@ -1,11 +1,12 @@
 """MMC4's assignment on generated documents (issue 16, item 6): precision and recall of images placed at sentences.
 
 ``--docs`` documents (`fewshot data documents`: 3-6 sentences, each the longest caption of one scene; the images of a
-random non-empty subset of those scenes plus one unrelated scene's image, shuffled) are assigned by
-``fewshot data filter mode=mmc4`` under a trained CLIP run (``--clip-run``) at each floor of ``--floors``: precision
-(assigned pairs that are the image's own sentence), recall (images with a sentence placed at it) and the share of
-unrelated images left out, each ± 95% CI over documents (:func:`fewshot.evaluate.episodes.mean_ci95` of per-document
-shares). Beside it, the greedy baseline (each image to its most similar sentence, not one-to-one) at the same floors.
+random non-empty subset of those scenes plus one unrelated scene's image, shuffled) are assigned as by
+``fewshot data filter mode=mmc4`` (:func:`fewshot.api.document_similarities`, then the assignment) under a trained
+CLIP run (``--clip-run``) at each floor of ``--floors``: precision (assigned pairs that are the image's own sentence),
+recall (images with a sentence placed at it) and the share of unrelated images left out, each ± 95% CI over documents
+(:func:`fewshot.evaluate.runner.mean_ci95` of per-document shares). Beside it, the greedy baseline (each image to its
+most similar sentence, not one-to-one) at the same floors.
 
     OMP_NUM_THREADS=1 python bench/mmc4.py --clip-run runs/bench-vl/clip-20000-1000
 """
@@ -21,13 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from fewshot import api
-from fewshot.data.documents import assign_images, make_documents, read_document_images, read_documents
-from fewshot.data.pairs import tokenize_captions
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    a = np.asarray(values, dtype=np.float64)
-    return float(a.mean()), float(1.96 * a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else 0.0
+from fewshot.data.documents import assign_images, make_documents, read_documents
+from fewshot.evaluate.runner import mean_ci95
 
 
 def main() -> None:
@@ -44,19 +40,7 @@ def main() -> None:
     if not file.is_file():
         make_documents(folder, args.docs, 32, args.seed)
     docs = read_documents(file)
-    import torch
-
-    run = api.open_run(args.clip_run)
-    method = run.method().eval()
-    data, tokenizer = run.config.data, run.tokenizer()
-    similarities = []
-    with torch.no_grad():
-        for doc in docs:
-            images = torch.from_numpy(read_document_images(file, doc, data.image_size, data.channels)).float() / 255
-            tokens, _ = tokenize_captions(tokenizer, doc.sentences, data.seq_len)
-            z = torch.nn.functional.normalize(method.embed_images(images), dim=1)
-            t = torch.nn.functional.normalize(method.embed_texts(tokens), dim=1)
-            similarities.append((z @ t.T).numpy())
+    similarities = api.document_similarities(file, docs, args.clip_run)
     own = [s[i, t] for s, d in zip(similarities, docs) for i, t in enumerate(d.truth) if t is not None]
     other = [s[i, j] for s, d in zip(similarities, docs) for i, t in enumerate(d.truth) for j in range(s.shape[1]) if t is not None and j != t]
     unrelated = [s[i].max() for s, d in zip(similarities, docs) for i, t in enumerate(d.truth) if t is None]
@@ -79,7 +63,7 @@ def main() -> None:
                 recall.append(correct / sum(t is not None for t in d.truth))
                 placed = {i for i, _ in pairs}
                 left.append(float(all(i not in placed for i, t in enumerate(d.truth) if t is None)))
-            row = {"floor": floor, "method": name, "precision": mean_ci(precision), "recall": mean_ci(recall), "unrelated_left_out": mean_ci(left),
+            row = {"floor": floor, "method": name, "precision": mean_ci95(precision), "recall": mean_ci95(recall), "unrelated_left_out": mean_ci95(left),
                    "documents_with_pairs": len(precision)}
             rows.append(row)
             print(f"{floor:>6g} {name:<11}" + "".join(f"{100 * row[k][0]:10.1f} ± {100 * row[k][1]:4.1f}" for k in ("precision", "recall"))

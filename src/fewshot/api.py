@@ -320,39 +320,51 @@ def capfilt(manifest: str | Path, out: str | Path, run_path: str | Path, thresho
     return summary
 
 
-def assign_documents(documents: str | Path, out: str | Path, run_path: str | Path, floor: float = 0.15) -> dict[str, Any]:
-    """``fewshot data filter DOCS.jsonl mode=mmc4 clip_run=RUN``: MMC4's assignment of each document's images to its
-    sentences (:func:`fewshot.data.documents.assign_images`) by an image–text run's cosine similarity, with a floor;
-    writes the assigned pairs as a manifest at ``out`` (noise ``mismatched`` where the document's truth says the
-    image shows another sentence or none) and returns counts, and precision / recall when the documents carry truth."""
-    from fewshot.data.documents import assign_images, assignment_report, read_document_images, read_documents
-    from fewshot.data.pairs import tokenize_captions, write_manifest
-    from fewshot.errors import DataError
+def document_similarities(documents: str | Path, docs: list[Any], run_path: str | Path) -> list[np.ndarray]:
+    """Per document of ``docs`` (read from the file ``documents``), the cosine similarity (images × sentences) of its
+    images and sentences under an image–text run: ⟨ẑ_i, t̂_j⟩ of the ℓ2-normalised image and text embeddings."""
+    from fewshot.data.documents import read_document_images
+    from fewshot.data.pairs import tokenize_captions
 
-    out = Path(out)
-    if out.exists():
-        raise DataError(f"'{out}' already exists; the filter writes new files only")
-    docs = read_documents(documents)
     run = Run.open(run_path)
     method = run.method().eval()
     if not (hasattr(method, "embed_images") and hasattr(method, "embed_texts")):
         raise ConfigError(f"'{run_path}' is a {run.config.method.name} run; the assignment needs an image–text run (method=clip)")
     data = run.config.data
     tokenizer = getattr(method, "text_tokenizer", None) or run.tokenizer()
-    assignments, filepaths, captions, noise = [], [], [], []
-    root = Path(documents).resolve().parent
+    similarities = []
     with torch.no_grad():
         for doc in docs:
             images = torch.from_numpy(read_document_images(documents, doc, data.image_size, data.channels)).float() / 255
             tokens, _ = tokenize_captions(tokenizer, doc.sentences, data.seq_len)
             similarity = torch.nn.functional.normalize(method.embed_images(images), dim=1) @ \
                 torch.nn.functional.normalize(method.embed_texts(tokens), dim=1).T
-            pairs = assign_images(similarity.numpy(), floor)
-            assignments.append(pairs)
-            for i, j in pairs:
-                filepaths.append(str(root / doc.images[i]))
-                captions.append(doc.sentences[j])
-                noise.append("" if doc.truth[i] == j else "mismatched")
+            similarities.append(similarity.float().numpy())
+    return similarities
+
+
+def assign_documents(documents: str | Path, out: str | Path, run_path: str | Path, floor: float = 0.15) -> dict[str, Any]:
+    """``fewshot data filter DOCS.jsonl mode=mmc4 clip_run=RUN``: MMC4's assignment of each document's images to its
+    sentences (:func:`fewshot.data.documents.assign_images`) by an image–text run's cosine similarity, with a floor;
+    writes the assigned pairs as a manifest at ``out`` (noise ``mismatched`` where the document's truth says the
+    image shows another sentence or none) and returns counts, and precision / recall when the documents carry truth."""
+    from fewshot.data.documents import assign_images, assignment_report, read_documents
+    from fewshot.data.pairs import write_manifest
+    from fewshot.errors import DataError
+
+    out = Path(out)
+    if out.exists():
+        raise DataError(f"'{out}' already exists; the filter writes new files only")
+    docs = read_documents(documents)
+    assignments, filepaths, captions, noise = [], [], [], []
+    root = Path(documents).resolve().parent
+    for doc, similarity in zip(docs, document_similarities(documents, docs, run_path)):
+        pairs = assign_images(similarity, floor)
+        assignments.append(pairs)
+        for i, j in pairs:
+            filepaths.append(str(root / doc.images[i]))
+            captions.append(doc.sentences[j])
+            noise.append("" if doc.truth[i] == j else "mismatched")
     labelled = any(t is not None for doc in docs for t in doc.truth)
     if not filepaths:
         raise DataError(f"the assignment keeps no pair of the {len(docs)} documents at floor {floor}; lower it")
