@@ -31,12 +31,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reused_runs import train  # noqa: E402  (shared by the benches)
+from reused_runs import scene_lm_config, train  # noqa: E402  (shared by the benches)
 from vision_language import clip_config, make_pool  # noqa: E402  (the CLIP bench's pool and recipe)
 
 from fewshot import api  # noqa: E402
 from fewshot.data.scenes import POOL_INFO  # noqa: E402
-from fewshot.data.vl_prompts import write_scene_corpus  # noqa: E402
 import torch  # noqa: E402
 
 from fewshot.data.pairs import tokenize_captions  # noqa: E402
@@ -104,12 +103,7 @@ def main() -> None:
     if args.gpt_run:
         gpt_run = Path(args.gpt_run)
     else:
-        corpus = out / ("scene-corpus-quick.txt" if args.quick else "scene-corpus-20000-8000.txt")
-        if not corpus.exists():
-            out.mkdir(parents=True, exist_ok=True)
-            write_scene_corpus(corpus, 300 if args.quick else 20000, 100 if args.quick else 8000, args.seed)
-        gpt = api.load_config(api.find_recipe("gpt-scenes"), [f"data.path={corpus}", f"out={out}", f"name=gpt-scenes-{args.gpt_steps}",
-                                                             f"train.steps={args.gpt_steps}", f"train.checkpoint_every={args.gpt_steps}"])
+        gpt = scene_lm_config(out, args.gpt_steps, 300 if args.quick else 20000, 100 if args.quick else 8000, args.seed)
         cpu_seconds["gpt"], gpt_run = train(gpt), gpt.run_dir
 
     config = api.load_config(api.find_recipe("fromage-scenes"), [

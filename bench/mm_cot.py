@@ -25,11 +25,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reused_runs import train  # noqa: E402  (shared by the benches)
+from reused_runs import scene_lm_config, train  # noqa: E402  (shared by the benches)
 
 from fewshot import api
 from fewshot.config import RunConfig
-from fewshot.data.vl_prompts import write_scene_corpus
 from fewshot.evaluate.mm_cot import evaluate_mm_cot, mm_cot_table
 
 STAGES = {"direct": ["data.target=answer"], "rationale": ["data.target=rationale"], "answer": ["data.target=answer-from-rationale"],
@@ -70,12 +69,7 @@ def main() -> None:
     out = Path(args.out)
     runs: dict[str, RunConfig] = {}
     if args.lm is None:
-        corpus = out / "scene-corpus-20000-8000.txt"
-        if not corpus.is_file():
-            write_scene_corpus(corpus, 400 if args.quick else 20000, 200 if args.quick else 8000, 0)
-        runs["gpt"] = api.load_config(api.find_recipe("gpt-scenes"), [
-            f"data.path={corpus}", f"out={out}", f"name=gpt-scenes-{args.gpt_steps}", f"train.steps={args.gpt_steps}",
-            f"train.checkpoint_every={args.gpt_steps}", f"train.warmup_steps={min(25, args.gpt_steps // 10)}", *gpt_override])
+        runs["gpt"] = scene_lm_config(out, args.gpt_steps, 400 if args.quick else 20000, 200 if args.quick else 8000, 0, gpt_override)
     lm = Path(args.lm) if args.lm else runs["gpt"].run_dir
     cpu = {"gpt": train(runs["gpt"])} if "gpt" in runs else {}
     stages = configs(args, lm)

@@ -34,12 +34,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reused_runs import train  # noqa: E402  (shared by the benches)
+from reused_runs import scene_lm_config, train  # noqa: E402  (shared by the benches)
 
 from fewshot import api
 from fewshot.config import RunConfig
 from fewshot.data.scenes import write_scenes
-from fewshot.data.vl_prompts import CATEGORIES, category_images, write_scene_corpus
+from fewshot.data.vl_prompts import CATEGORIES, category_images
 from fewshot.errors import DataError
 from fewshot.evaluate.vl_in_context import BlankImages, evaluate_fast_vqa, evaluate_open_ended, frozen_columns, nonce_warnings, open_in_context_model
 
@@ -55,16 +55,13 @@ LECTURE = {
 VQA_SHOTS = (0, 1, 3, 5)
 
 
-def configs(args: argparse.Namespace, corpus: Path, manifest: Path) -> dict[str, RunConfig]:
+def configs(args: argparse.Namespace, manifest: Path) -> dict[str, RunConfig]:
     out = args.out
-    gpt = api.load_config(api.find_recipe("gpt-scenes"), [f"data.path={corpus}", f"out={out}", f"name=gpt-scenes-{args.gpt_steps}",
-                                                          f"train.steps={args.gpt_steps}", f"train.checkpoint_every={args.gpt_steps}",
-                                                          f"train.warmup_steps={min(25, args.gpt_steps // 10)}", *args.gpt_override])
-    runs = {"gpt": gpt}
+    runs = {"gpt": scene_lm_config(out, args.gpt_steps, args.captions, args.text_episodes, args.seed, args.gpt_override)}
     for name, blind in (("frozen", False), ("train-blind", True)):
         runs[name] = api.load_config(api.find_recipe("frozen-scenes"), [
             f"data.path={manifest}", f"out={out}", f"name={name}-{args.steps}", f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}",
-            f"train.warmup_steps={min(50, args.steps // 10)}", f"method.lm.init={gpt.run_dir}", f"method.blind={str(blind).lower()}",
+            f"train.warmup_steps={min(50, args.steps // 10)}", f"method.lm.init={runs['gpt'].run_dir}", f"method.blind={str(blind).lower()}",
             *args.override])
     return runs
 
@@ -113,10 +110,7 @@ def main() -> None:
     pool = Path(args.pool) if args.pool else out / f"scenes-{args.n}"
     if not (pool / "scenes.json").is_file():
         write_scenes(pool, args.n, 32, (1, 2), args.seed)
-    corpus = out / f"scene-corpus-{args.captions}-{args.text_episodes}.txt"
-    if not corpus.is_file():
-        write_scene_corpus(corpus, args.captions, args.text_episodes, args.seed)
-    runs = configs(args, corpus, pool / "manifest.tsv")
+    runs = configs(args, pool / "manifest.tsv")
     cpu = {name: train(config) for name, config in runs.items()}
 
     eval_cpu = time.process_time()
