@@ -92,9 +92,16 @@ def test_the_lm_loss_ignores_dec_and_padding(monkeypatch, variant):
 
 def test_the_loss_is_itc_plus_itm_plus_lm():
     method = _blip()
-    batch, _ = _pairs()
+    batch, lengths = _pairs()
     with torch.no_grad():
         loss, logs = method(batch, torch.Generator().manual_seed(0))
+        # ITC by hand: image i's and caption i's cross-entropies over the other side at s/τ, averaged (keys all distinct)
+        z = F.normalize(method.embed_images(batch["images"]).double(), dim=1)
+        t = F.normalize(method.embed_texts(batch["tokens"]).double(), dim=1)
+        logits = (z @ t.T) / method.temperature().double()
+        itc = sum(-0.5 * (logits[i].log_softmax(0)[i] + logits[:, i].log_softmax(0)[i]) for i in range(len(z))) / len(z)
+        lm = _hand_lm_loss(method, batch, lengths)
+    assert logs["itc"] == pytest.approx(itc.item(), rel=1e-4) and logs["lm"] == pytest.approx(lm.item(), rel=1e-4)
     assert loss.item() == pytest.approx(logs["itc"] + logs["itm"] + logs["lm"], rel=1e-5)
     assert logs["itm"] == pytest.approx(math.log(2), rel=0.3)
 
