@@ -124,6 +124,8 @@ def main() -> None:
         "noisy": train_cell(noise_args, "noisy", noisy / "manifest.tsv", args.steps),
         "capfilt": train_cell(mine, "capfilt", Path(summary["kept_manifest"]), args.steps),
         "capfilt-filter-only": train_cell(mine, "capfilt-filter-only", Path(summary["web_only_manifest"]), args.steps),
+        # what a user tries before CapFilt: CLIP on the small clean split alone, the supervision CapFilt is given
+        "clean-split": train_cell(mine, f"clean-split-{args.clean_n}", split / "manifest.tsv", args.steps),
     }
     clip_score = noisy / "kept-clip_score.tsv"
     if not args.quick and clip_score.is_file():
@@ -137,7 +139,8 @@ def main() -> None:
                                                                       for g in ("seen", "held-out")) + f"{spent:>8}")
     contrasts = {}
     for label, a, b in [("capfilt - noisy", "capfilt", "noisy"), ("capfilt filter only - noisy", "capfilt-filter-only", "noisy"),
-                        ("capfilt - clean", "capfilt", "clean"), ("capfilt - clip_score", "capfilt", "clip_score")]:
+                        ("capfilt - clean", "capfilt", "clean"), ("capfilt - clip_score", "capfilt", "clip_score"),
+                        ("capfilt - clean split alone", "capfilt", "clean-split")]:
         if a in cells and b in cells:
             contrasts[label] = {g: difference(cells[a], cells[b], g) for g in ("seen", "held-out")}
             print(f"  {label:<30}" + "  ".join(f"{g} {100 * d:+5.1f} ± {100 * ci:4.1f}" for g, (d, ci) in contrasts[label].items()))
