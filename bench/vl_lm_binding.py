@@ -19,14 +19,35 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reused_runs import train  # noqa: E402  (shared by the benches)
 
 from fewshot import api
-from fewshot.data.vl_prompts import category_images, scene_corpus
+from fewshot.data.vl_prompts import NONCE_NAMES, category_images, glossary, scene_corpus
 from fewshot.evaluate.vl_in_context import PrefixInContext, Setting, evaluate_open_ended
 from fewshot.io import atomic_write
 from fewshot.models.prefix_lm import open_prefix_lm
+
+
+def repeated_sequence_losses(link, pool: list[int], length: int = 40, sequences: int = 10, seed: int = 0) -> tuple[float, float]:
+    """The induction diagnostic: ``sequences`` random sequences of token ids drawn from ``pool``, each shown twice after the
+    start ids; the mean next-token loss (nats) over the first showing and over the second, past its first token.
+    An induction head (match the current token earlier on, copy its successor) brings the second far below the first."""
+    g = torch.Generator().manual_seed(seed)
+    first, second = [], []
+    for _ in range(sequences):
+        seq = [pool[j] for j in torch.randint(len(pool), (length,), generator=g).tolist()]
+        ids = link.start_ids + seq + seq
+        with torch.no_grad():
+            logits, _ = link.step(link.embed(torch.tensor([ids])))
+        nll = -logits[0, :-1].log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        s = len(link.start_ids) - 1  # nll[t] is the loss of ids[t + 1]
+        first.append(nll[s:s + length].mean().item())
+        second.append(nll[s + length + 1:s + 2 * length].mean().item())
+    return sum(first) / sequences, sum(second) / sequences
+
 
 SETTINGS = (Setting(2, 1, 0, False), Setting(2, 1, 0, True), Setting(2, 5, 0, True), Setting(2, 1, 3, True), Setting(5, 1, 0, True))
 
@@ -37,7 +58,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/binding")
     p.add_argument("--captions", type=int, default=20000)
     p.add_argument("--episodes", type=int, default=8000, help="text episodes in the corpus")
-    p.add_argument("--corpus-options", default="{}", help="JSON keyword arguments of scene_corpus (open_ended, drill, uniform)")
+    p.add_argument("--corpus-options", default="{}", help="JSON keyword arguments of scene_corpus (open_ended, drill, uniform, recall, repeat, statements)")
     p.add_argument("--corpus", help="an existing corpus file instead of a new one")
     p.add_argument("--steps", type=int, default=1800)
     p.add_argument("--eval-episodes", type=int, default=100)
@@ -59,9 +80,16 @@ def main() -> None:
         f"train.warmup_steps={min(25, args.steps // 10)}", *args.overrides])
     train_cpu = train(config)
     eval_cpu = time.process_time()
-    model = PrefixInContext(open_prefix_lm(config.run_dir), None, args.name)
+    link = open_prefix_lm(config.run_dir)
+    model = PrefixInContext(link, None, args.name)
     result: dict = {"name": args.name, "corpus": str(corpus), "steps": args.steps, "overrides": args.overrides,
                     "train_cpu_minutes": None if train_cpu is None else round(train_cpu / 60, 2)}
+    names = [ids[0] for ids in (link.tokenizer.encode(f" {w}").ids for w in glossary(100, args.seed) + list(NONCE_NAMES)) if len(ids) == 1]
+    for label, pool in (("any token", list(range(20, link.vocab_size))), ("names", names)):
+        first, second = repeated_sequence_losses(link, pool, seed=args.seed)
+        result[f"repeated_sequence_nll ({label})"] = [round(first, 2), round(second, 2)]
+        print(f"{args.name}: a random 40-token sequence ({label}) shown twice: {first:.2f} nats per token on the first showing, "
+              f"{second:.2f} on the second")
     print(f"{args.name}: text-only exact match (%, mean ± 95% CI over {args.eval_episodes} seeded episodes)")
     for category in ("shapes", "colours"):
         cells = evaluate_open_ended(model, category_images(category, 12, 32, args.seed), SETTINGS, args.eval_episodes, args.seed, text_only=True)

@@ -10,6 +10,7 @@ import torch
 from fewshot.config import load_config
 from fewshot.data.scenes import COLOURS, PRETRAIN_SHAPES
 from fewshot.data.tokenizer import save_tokenizer, train_tokenizer
+from fewshot.data import vl_prompts
 from fewshot.data.vl_prompts import NONCE_NAMES, glossary, scene_corpus
 from fewshot.errors import CheckpointError
 from fewshot.methods import build_method
@@ -163,3 +164,74 @@ def test_corpus_shares_outside_zero_one_are_refused():
 
     with pytest.raises(DataError, match="drill must be a share in \\[0, 1\\], got 2"):
         scene_corpus(10, 10, drill=2)
+
+
+def recall_answers_match(line):
+    """Whether every key asked again in a recall drill is followed by the name listed with it."""
+    listed, asked = line[len("recall: "):].split(". ", 1)
+    table = dict(pair.split(" ") for pair in listed.split(", "))
+    return all(table[key] == value for key, value in (item.split(" ") for item in asked.rstrip(".").split(". ")))
+
+
+RECALL, REPEAT = vl_prompts._recall, vl_prompts._repeat  # the generators the broken variants below wrap
+
+
+def broken_recall(rng, names_pool):
+    """A negative control: the drill's layout, but each asked key followed by a name drawn afresh."""
+    line = RECALL(rng, names_pool)
+    listed, asked = line.split(". ", 1)
+    fresh = [f"{item.split(' ')[0]} {names_pool[int(rng.integers(len(names_pool)))]}" for item in asked.rstrip(".").split(". ")]
+    return f"{listed}. " + " ".join(f"{item}." for item in fresh)
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_recall_drills_ask_each_key_for_the_name_listed_with_it(broken, monkeypatch):
+    if broken:
+        monkeypatch.setattr(vl_prompts, "_recall", broken_recall)
+    lines = scene_corpus(0, 300, seed=3, open_ended=0.0, recall=1.0).splitlines()
+    assert len(lines) == 300 and all(line.startswith("recall: ") for line in lines)
+    names = set(glossary(100, 3)) | set(NONCE_NAMES)
+    for line in lines:  # keys distinct scene words or names, values names, 2–4 asked
+        listed, asked = line[len("recall: "):].split(". ", 1)
+        pairs = [pair.split(" ") for pair in listed.split(", ")]
+        assert 2 <= len(pairs) <= 8 and len({k for k, _ in pairs}) == len(pairs) and {v for _, v in pairs} <= names
+        assert {k for k, _ in pairs} <= names | set(PRETRAIN_SHAPES) | set(COLOURS) and 2 <= asked.count(".") <= 4
+    matched = [recall_answers_match(line) for line in lines]
+    # the drill: every answer is the listed one; the broken generator (its names drawn afresh) is caught on most lines
+    assert all(matched) if not broken else sum(matched) < len(matched) / 4
+
+
+def broken_repeat(rng, names_pool):
+    """A negative control: two spans drawn independently."""
+    first, second = (REPEAT(rng, names_pool).split(". ")[0] for _ in range(2))
+    return f"{first}. {second[len('repeat: '):]}."
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_repeated_spans_show_one_span_twice(broken, monkeypatch):
+    if broken:
+        monkeypatch.setattr(vl_prompts, "_repeat", broken_repeat)
+    lines = scene_corpus(0, 200, seed=4, open_ended=0.0, repeat=1.0).splitlines()
+    assert len(lines) == 200 and all(line.startswith("repeat: ") for line in lines)
+    halves = [line[len("repeat: "):].rstrip(".").split(". ") for line in lines]
+    assert all(len(h) == 2 and 4 <= len(h[0].split()) <= 24 for h in halves)
+    same = [a == b for a, b in halves]
+    assert all(same) if not broken else not any(same)
+
+
+def test_corpus_kinds_follow_their_shares():
+    lines = scene_corpus(0, 2000, seed=5, open_ended=0.2, recall=0.2, repeat=0.1, statements=0.4).splitlines()
+    kinds = {"open": sum("q: what is this?" in x for x in lines), "recall": sum(x.startswith("recall: ") for x in lines),
+             "repeat": sum(x.startswith("repeat: ") for x in lines), "statements": sum("? a " in x for x in lines),
+             "vqa": sum("what colour is the" in x for x in lines)}
+    assert sum(kinds.values()) == 2000
+    for kind, share in (("open", 0.2), ("recall", 0.2), ("repeat", 0.1), ("statements", 0.4), ("vqa", 0.1)):
+        assert abs(kinds[kind] / 2000 - share) < 0.035, (kind, kinds)
+    assert scene_corpus(300, 200, seed=0) == scene_corpus(300, 200, seed=0, recall=0.0, repeat=0.0, statements=None)
+
+
+def test_corpus_shares_adding_up_to_more_than_one_are_refused():
+    from fewshot.errors import DataError
+
+    with pytest.raises(DataError, match="add up to 1.2, more than 1"):
+        scene_corpus(10, 10, open_ended=0.5, recall=0.3, statements=0.4)

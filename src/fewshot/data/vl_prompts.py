@@ -302,25 +302,57 @@ def _statement(rng: np.random.Generator, names_pool: list[str]) -> str:
     return " ".join(parts)
 
 
+def _recall(rng: np.random.Generator, names_pool: list[str]) -> str:
+    """An associative-recall drill: 2–8 distinct keys (scene words or names), each listed with a name, then 2–4 of the
+    keys asked again, each followed by the name listed with it: "recall: red dax, circle wug, zobi fep. circle wug. zobi
+    fep.". Every asked value is predictable only by finding the key earlier in the line and copying the token after it
+    (an induction head's match-and-copy), over the very tokens the episodes bind."""
+    keys_pool = list(PRETRAIN_SHAPES) + list(COLOURS) + names_pool
+    n = int(rng.integers(2, 9))
+    keys = [keys_pool[j] for j in rng.choice(len(keys_pool), size=n, replace=False)]
+    values = [names_pool[j] for j in rng.choice(len(names_pool), size=n, replace=False)]
+    asked = rng.choice(n, size=min(n, int(rng.integers(2, 5))), replace=False)
+    listed = ", ".join(f"{k} {v}" for k, v in zip(keys, values))
+    return f"recall: {listed}. " + " ".join(f"{keys[j]} {values[j]}." for j in asked)
+
+
+def _repeat(rng: np.random.Generator, names_pool: list[str]) -> str:
+    """A repeated random span: 4–24 words drawn from the scene words and names, shown twice ("repeat: wug red zobi
+    star. wug red zobi star."); the second showing is predictable token by token only by copying the first."""
+    words = list(PRETRAIN_SHAPES) + list(COLOURS) + list(SIZES) + names_pool
+    span = " ".join(words[j] for j in rng.integers(len(words), size=int(rng.integers(4, 25))))
+    return f"repeat: {span}. {span}."
+
+
 def scene_corpus(captions: int, episodes: int, seed: int = 0, glossary_size: int = 100, evaluation_names: bool = True,
-                 open_ended: float = 0.5, drill: float = 0.0, uniform: float = 0.0) -> str:
+                 open_ended: float = 0.5, drill: float = 0.0, uniform: float = 0.0, recall: float = 0.0, repeat: float = 0.0,
+                 statements: float | None = None) -> str:
     """The caption LM's corpus, one line each, shuffled: ``captions`` captions of a scene pool (1–2 objects, seen
     pairs only, no images drawn) and ``episodes`` text episodes (a share ``open_ended`` open-ended, the rest half
     Fast-VQA, half binding statements) named from :func:`glossary` and, with ``evaluation_names``, :data:`NONCE_NAMES`
     too (as the issue's own "a red circle is a dax" does): a name is bound afresh in every episode, so the LM learns
     that names are copied from the context, never what a dax is; and its tokenizer then keeps each name one token.
     ``drill`` and ``uniform``: the shares of open-ended episodes that are copy drills or show one description per name
-    (:func:`_text_episode`)."""
-    for label, share in (("open_ended", open_ended), ("drill", drill), ("uniform", uniform)):
+    (:func:`_text_episode`). ``recall`` and ``repeat``: the shares of the text episodes that are associative-recall
+    drills (:func:`_recall`) and repeated random spans (:func:`_repeat`), a synthetic warm-up for the match-and-copy
+    circuit; ``statements``: the share of binding statements (default: half of what the other kinds leave), Fast-VQA
+    takes the rest."""
+    for label, share in (("open_ended", open_ended), ("drill", drill), ("uniform", uniform), ("recall", recall), ("repeat", repeat),
+                         ("statements", 0.0 if statements is None else statements)):
         if not 0 <= share <= 1:
             raise DataError(f"scene corpus: {label} must be a share in [0, 1], got {share}")
+    rest = 1 - open_ended - recall - repeat
+    statement_share = rest / 2 if statements is None else statements
+    if rest - statement_share < -1e-9:
+        raise DataError(f"scene corpus: the shares open_ended, recall, repeat and statements add up to "
+                        f"{open_ended + recall + repeat + statement_share:g}, more than 1")
     pool = make_pool(max(1, captions // 3), objects=(1, 2), seed=seed, draw=False)
     lines = list(pool.row_caption[:captions])
     names = glossary(glossary_size, seed) + (list(NONCE_NAMES) if evaluation_names else [])
     rng = np.random.default_rng([seed, 48])
-    rest = (1 - open_ended) / 2
-    kinds = rng.choice(3, size=episodes, p=[open_ended, rest, rest])
-    makers = (lambda r, n: _text_episode(r, n, drill, uniform), _text_vqa, _statement)
+    shares = np.array([open_ended, max(0.0, rest - statement_share), statement_share, recall, repeat])
+    kinds = rng.choice(5, size=episodes, p=shares / shares.sum())
+    makers = (lambda r, n: _text_episode(r, n, drill, uniform), _text_vqa, _statement, _recall, _repeat)
     lines += [makers[k](rng, names) for k in kinds]
     return "\n".join(lines[j] for j in rng.permutation(len(lines))) + "\n"
 
