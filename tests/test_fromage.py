@@ -148,6 +148,104 @@ def test_the_retrieval_infonce_equals_a_loop_transcription(runs, hf_folder, tmp_
     assert (abs(fast - slow) < 1e-4) == (variant == "[RET] after the caption"), (fast, slow)
 
 
+# ------------------------------------------------------------------ the LM learns to say [RET] (L_emit)
+
+
+@pytest.mark.parametrize("lm", ["gpt", "hf"])
+def test_output_features_times_output_rows_are_the_lms_own_logits(runs, hf_folder, tmp_path, lm):  # noqa: F811
+    init = [f"method.lm.init={hf_folder['with-eos']}"] if lm == "hf" else []
+    link = build_method(_config(runs, tmp_path, *init)).language_model
+    embeds = link.embed(_captions()[0][:, :5])
+    logits, _ = link.step(embeds)
+    assert torch.allclose(link.output_features(link.hidden(embeds)) @ link.output_rows().T, logits, atol=1e-5)
+
+
+def _loop_emission(method, tokens, lengths):
+    """L_emit with every caption run alone as start ⊕ caption ⊕ [RET]: the LM's own logits over V (``step``), the [RET]
+    logit appended as f(h)·r, and the mean of −log p(next) over every caption token and the final [RET] in a loop."""
+    link = method.language_model
+    start = link.embed(torch.tensor([link.start_ids], dtype=torch.long))
+    total, count = 0.0, 0
+    for i in range(len(tokens)):
+        ids = tokens[i, : lengths[i]].tolist() + [method.ret_id]
+        sequence = torch.cat([start, link.embed(tokens[i : i + 1, : lengths[i]]), method.ret_embedding[None]], dim=1)
+        own, _ = link.step(sequence)
+        ret = link.output_features(link.hidden(sequence)) @ method.ret_embedding[0]
+        for j, target in enumerate(ids):
+            p = len(link.start_ids) - 1 + j  # the position whose next token is ids[j]
+            if p < 0:  # an LM without start ids has nothing before the first token to predict it
+                continue
+            row = torch.cat([own[0, p], ret[0, p : p + 1]])
+            total -= float((row[target] - torch.logsumexp(row, dim=0)).detach())
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("lm", ["gpt", "hf"])
+@pytest.mark.parametrize("variant", ["as built", "[RET] left out of the labels"])
+def test_the_emission_loss_equals_a_loop_transcription(runs, hf_folder, tmp_path, monkeypatch, variant, lm):  # noqa: F811
+    init = [f"method.lm.init={hf_folder['with-eos']}"] if lm == "hf" else []
+    method = _perturbed(build_method(_config(runs, tmp_path, *init))).eval()
+    if variant == "[RET] left out of the labels":  # negative control: the loss of the caption tokens alone
+        import fewshot.methods.fromage as fromage_module
+
+        labels = fromage_module.caption_labels
+        monkeypatch.setattr(fromage_module, "caption_labels",
+                            lambda before, ids, pad: labels(before, ids.masked_fill(ids == method.ret_id, pad), pad))
+    tokens, lengths = _captions()
+    with torch.no_grad():
+        hidden, ids, _ = method.ret_pass(tokens)
+        fast = float(method.emission_loss(hidden, ids))
+    slow = _loop_emission(method, tokens, lengths)
+    assert (abs(fast - slow) < 1e-4) == (variant == "as built"), (fast, slow)
+
+
+@pytest.mark.parametrize("variant", ["L_emit", "retrieval only (λ_e = 0)"])
+def test_the_emission_loss_teaches_the_lm_to_say_ret_where_captions_end(runs, tmp_path, variant):
+    """Captions of random tokens that end in a full stop (id 5, used nowhere else): trained on L_emit, the [RET] row
+    becomes the argmax right after every caption, with a probability there more than twice its mean inside captions;
+    the negative control, the same steps on the retrieval loss alone, never makes it likely after a caption."""
+    method = build_method(_config(runs, tmp_path, "method.concat_fraction=0"))
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(6, 300, (16, 7), generator=g)
+    lengths = torch.randint(3, 7, (16,), generator=g)
+    tokens[torch.arange(7)[None, :] >= lengths[:, None]] = PAD_ID
+    tokens[torch.arange(16), lengths - 1] = 5
+    images = torch.rand(16, 3, 16, 16, generator=g)
+    optimizer = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(200):
+        optimizer.zero_grad()
+        hidden, ids, _ = method.ret_pass(tokens)
+        loss = method.emission_loss(hidden, ids) if variant == "L_emit" else method.retrieval_loss(images, tokens)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        hidden, _, at = method.ret_pass(tokens)
+        p_ret = method.extended_logits(hidden).softmax(dim=-1)[..., method.ret_id]  # position p: [RET] next
+    rows = torch.arange(16)
+    inside = torch.cat([p_ret[i, : at[i] - 1] for i in range(16)])  # every position whose next token is the caption's
+    after, early = method.emits_ret(tokens)
+    if variant == "L_emit":  # a random frozen LM's features separate caption ends only in part: [RET] is said at every
+        assert after.all(), after  # end, and is far likelier there than inside a caption
+        assert p_ret[rows, at - 1].mean() > 2 * inside.mean(), (p_ret[rows, at - 1], inside)
+    else:
+        assert p_ret[rows, at - 1].max() < 0.05 and not after.any(), p_ret[rows, at - 1]
+
+
+def test_the_training_step_logs_and_adds_the_emission_loss(runs, tmp_path):
+    tokens, _ = _captions()
+    batch = {"images": torch.rand(4, 3, 16, 16), "tokens": tokens}
+    losses = {}
+    for weight in (0.0, 1.0, 2.0):
+        torch.manual_seed(0)  # the same maps and [RET] row at every weight
+        method = build_method(_config(runs, tmp_path, f"method.emit_weight={weight}", "method.concat_fraction=0"))
+        loss, logs = method(batch, torch.Generator().manual_seed(0))
+        losses[weight] = (float(loss), logs.get("emit"))
+    assert losses[0.0][1] is None and losses[1.0][1] is not None
+    assert abs(losses[1.0][0] - losses[0.0][0] - losses[1.0][1]) < 1e-5
+    assert abs(losses[2.0][0] - losses[0.0][0] - 2 * losses[1.0][1]) < 1e-5
+
+
 # ------------------------------------------------------------------ captions concatenated in pairs
 
 

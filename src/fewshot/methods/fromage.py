@@ -14,9 +14,9 @@ exists as the negative control that moves it). Trained, with D the LM's width an
 * W_t: h_[RET] → q and W_i: e → q, and the logit scale t of the contrastive loss (CLIP's: learned, initial
   ln(1/0.07), clamped at ln 100).
 
-Losses, λ_c = ``caption_weight``, λ_r = ``retrieval_weight`` (the paper: both 1):
+Losses, λ_c = ``caption_weight``, λ_r = ``retrieval_weight``, λ_e = ``emit_weight`` (the paper: all 1):
 
-    L = λ_c L_cap + λ_r (L_t2i + L_i2t)
+    L = λ_c L_cap + λ_r (L_t2i + L_i2t) + λ_e L_emit
 
 * L_cap: the captioning cross-entropy of :mod:`fewshot.objectives.captioning` on caption tokens and EOS. A share
   ``concat_fraction`` of the batch (the paper: half) is concatenated in pairs, each sequence then reading
@@ -26,12 +26,16 @@ Losses, λ_c = ``caption_weight``, λ_r = ``retrieval_weight`` (the paper: both 
   x_i = W_t h(start ⊕ caption_i ⊕ [RET])[RET], y_j = W_i e_j, s_ij = exp(t) cos(x_i, y_j);
   L_t2i = −(1/B) Σ_i log softmax_j(s_ij)_i, L_i2t the same over the columns
   (:func:`fewshot.objectives.clip.clip_loss` is their mean, so the sum is twice it; identical captions are positives).
+* L_emit: the LM loss of the same text-only pass start ⊕ caption ⊕ [RET], over the vocabulary plus [RET], so the LM
+  learns to say [RET] when a caption ends (how it asks for an image in dialogue): logits f(h) @ [E; r]ᵀ, f and E the
+  LM's own output features and rows (:meth:`~fewshot.models.prefix_lm.PrefixLM.output_features`), r the [RET] row,
+  one row for input and output as in OPT, whose embeddings are tied; labels every caption token and [RET]
+  (:func:`~fewshot.objectives.captioning.caption_loss`; start and padding never count).
 
 Retrieval (``embed_texts`` / ``embed_images``, what ``fewshot retrieve`` and :mod:`fewshot.evaluate.image_text`
 read): a caption's [RET] state through W_t against the images through W_i, by cosine similarity.
 
-Departures: the LM's output head gets no [RET] row, so the LM is not trained to emit [RET] after a caption (the
-paper appends it to the captioning targets, to retrieve in dialogue); retrieval here is asked for by the caller.
+:meth:`Fromage.emits_ret` says where the trained LM, reading a caption, would say [RET] (the argmax over V + 1).
 The paper: CLIP ViT-L/14 and OPT-6.7B, q = 256, on CC3M; here a scene CLIP's conv4 and fewshot's small GPT.
 """
 
@@ -48,7 +52,7 @@ from fewshot.data.types import Batch
 from fewshot.errors import ConfigError
 from fewshot.methods.clipcap import ClipCap, ClipCapImage, ClipCapLM
 from fewshot.methods.prefix_captioning import PrefixCaptioner, open_caption_lm
-from fewshot.objectives.captioning import append_eos, caption_loss
+from fewshot.objectives.captioning import append_eos, caption_labels, caption_loss
 from fewshot.objectives.clip import INIT_LOGIT_SCALE, MAX_LOGIT_SCALE, clip_loss
 
 __all__ = ["Fromage", "FromageConfig", "caption_layout", "pair_groups"]
@@ -59,6 +63,7 @@ class FromageConfig(MethodConfig):
     embed_dim: int = Field(256, ge=1, description="q, the retrieval space of W_t and W_i (Koh et al. 2023: 256)")
     caption_weight: float = Field(1.0, ge=0, description="λ_c, the captioning loss's weight (paper: 1)")
     retrieval_weight: float = Field(1.0, ge=0, description="λ_r, the weight of L_t2i + L_i2t (paper: 1)")
+    emit_weight: float = Field(1.0, ge=0, description="λ_e, the weight of the LM loss that teaches the LM to say [RET] after a caption (paper: 1)")
     concat_fraction: float = Field(0.5, ge=0, le=1, description="share of a batch's examples concatenated in pairs for captioning (paper: 0.5)")
     image: ClipCapImage = Field(default_factory=ClipCapImage)
     lm: ClipCapLM = Field(default_factory=ClipCapLM)
@@ -115,7 +120,7 @@ class Fromage(ClipCap):
         self.encoder.requires_grad_(False)
         self.language_model = link = open_caption_lm(config)
         self.prefix_length, self.concat_fraction = m.prefix_length, m.concat_fraction
-        self.caption_weight, self.retrieval_weight = m.caption_weight, m.retrieval_weight
+        self.caption_weight, self.retrieval_weight, self.emit_weight = m.caption_weight, m.retrieval_weight, m.emit_weight
         self.set_max_tokens(config)
         seq_len = getattr(config.data, "seq_len", None)
         if seq_len is not None and m.concat_fraction > 0:
@@ -164,15 +169,43 @@ class Fromage(ClipCap):
         own = self.language_model.embed(ids.masked_fill(is_ret, PAD_ID))
         return torch.where(is_ret[..., None], self.ret_embedding.to(own.dtype).expand_as(own), own)
 
-    def ret_states(self, tokens: torch.Tensor) -> torch.Tensor:
-        """h_[RET] (B, D): the LM's last-layer state at the [RET] placed right after each caption (B, T), padded with PAD_ID."""
+    def ret_pass(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The text-only pass start ⊕ caption ⊕ [RET] ⊕ padding over captions (B, T) padded with PAD_ID: the LM's last-layer
+        states (B, s + T + 1, D), the ids caption ⊕ [RET] ⊕ padding (B, T + 1) and each row's [RET] position (B,)."""
         link = self.language_model
-        ids = append_eos(tokens, self.ret_id, PAD_ID)  # caption ⊕ [RET] ⊕ padding
+        ids = append_eos(tokens, self.ret_id, PAD_ID)
         b = ids.shape[0]
         start = link.embed(torch.tensor([link.start_ids], dtype=torch.long, device=ids.device)).expand(b, -1, -1)
         sequence = torch.cat([start, self.embed_with_ret(ids).to(start.dtype)], dim=1)
-        at = len(link.start_ids) + (tokens != PAD_ID).sum(dim=1)
-        return link.hidden(sequence)[torch.arange(b, device=ids.device), at]
+        return link.hidden(sequence), ids, len(link.start_ids) + (tokens != PAD_ID).sum(dim=1)
+
+    def ret_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """h_[RET] (B, D): the LM's last-layer state at the [RET] placed right after each caption (B, T), padded with PAD_ID."""
+        hidden, _, at = self.ret_pass(tokens)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), at]
+
+    def extended_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (B, N, V + 1) over the LM's vocabulary plus [RET]: f(h) @ [E; r]ᵀ."""
+        link = self.language_model
+        features = link.output_features(hidden)
+        return features @ torch.cat([link.output_rows(), self.ret_embedding]).to(features.dtype).T
+
+    def emission_loss(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """L_emit of a :meth:`ret_pass`: every caption token and the [RET] after it, given the start ids and what precedes."""
+        return caption_loss(self.extended_logits(hidden), caption_labels(len(self.language_model.start_ids), ids, PAD_ID))
+
+    @torch.no_grad()
+    def emits_ret(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the LM would say [RET] reading captions (B, T): (B,) True where [RET] is the argmax right after the caption's
+        last token, and (B,) the share of the positions whose next token is one of the caption's (the last start id up to
+        its second-last token) where it is: a [RET] said too early."""
+        hidden, _, at = self.ret_pass(tokens)
+        said = self.extended_logits(hidden).argmax(dim=-1) == self.ret_id  # position p predicts p + 1
+        positions = torch.arange(said.shape[1], device=said.device)[None, :]
+        starts = len(self.language_model.start_ids)
+        early = ((positions >= starts - 1) & (positions < at[:, None] - 1)).float()
+        rows = torch.arange(said.shape[0], device=said.device)
+        return said[rows, at - 1], (said.float() * early).sum(dim=1) / early.sum(dim=1).clamp(min=1)
 
     def text_retrieval(self, tokens: torch.Tensor) -> torch.Tensor:
         """x = W_t h_[RET] (B, q), not normalised."""
@@ -197,7 +230,14 @@ class Fromage(ClipCap):
     def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         images, tokens = batch["images"], batch["tokens"]
         caption = self.caption_step(images, tokens, generator)
-        retrieval = self.retrieval_loss(images, tokens, batch.get("caption_keys"))
+        hidden, ids, at = self.ret_pass(tokens)  # one text-only pass serves L_t2i + L_i2t and L_emit
+        texts = self.text_to_retrieval(hidden[torch.arange(hidden.shape[0], device=hidden.device), at])
+        retrieval = 2 * clip_loss(self.image_retrieval(images), texts, self.logit_scale, batch.get("caption_keys"))
         loss = self.caption_weight * caption + self.retrieval_weight * retrieval
-        return loss, {"caption": float(caption.detach()), "retrieval": float(retrieval.detach()),
+        logs = {}
+        if self.emit_weight:
+            emission = self.emission_loss(hidden, ids)
+            loss = loss + self.emit_weight * emission
+            logs["emit"] = float(emission.detach())
+        return loss, {"caption": float(caption.detach()), "retrieval": float(retrieval.detach()), **logs,
                       "logit_scale": float(self.logit_scale.detach().clamp(max=MAX_LOGIT_SCALE).exp())}

@@ -66,6 +66,15 @@ class PrefixLM(nn.Module):
         and the cache extended by them."""
         raise NotImplementedError
 
+    def output_features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """f(h): the states :meth:`hidden` returns, made ready for the output rows, so that
+        logits = f(h) @ :meth:`output_rows`ᵀ (what a new vocabulary row, such as FROMAGe's [RET], is scored by)."""
+        raise NotImplementedError
+
+    def output_rows(self) -> torch.Tensor:
+        """The output embedding (vocab, D): logits = :meth:`output_features` (h) @ its transpose."""
+        raise NotImplementedError
+
     def check_fits(self, prefix_length: int, tokens: int) -> None:
         """A one-line error unless start ids + ``prefix_length`` + ``tokens`` positions fit the context."""
         need = len(self.start_ids) + prefix_length + tokens
@@ -118,6 +127,12 @@ class GPTPrefixLM(PrefixLM):
         no_tokens = torch.empty(embeds.shape[0], 0, dtype=torch.long, device=embeds.device)
         return self.model.encoder.hidden(no_tokens, prefix=embeds)
 
+    def output_features(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.head(hidden)  # the head (final norm) before the tied decoder Eᵀ
+
+    def output_rows(self) -> torch.Tensor:
+        return self.model.encoder.tok_emb.weight
+
 
 class HFPrefixLM(PrefixLM):
     """A ``transformers`` causal LM fed through ``inputs_embeds`` (float32), its tokenizer's EOS ending captions."""
@@ -152,6 +167,12 @@ class HFPrefixLM(PrefixLM):
         if embeds.shape[1] > self.context:
             raise ConfigError(f"{embeds.shape[1]} positions exceed {self.name}'s context of {self.context}")
         return self.model(inputs_embeds=embeds, output_hidden_states=True).hidden_states[-1].float()
+
+    def output_features(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden  # transformers' last hidden state already went through the final norm
+
+    def output_rows(self) -> torch.Tensor:
+        return self.model.get_output_embeddings().weight.float()
 
 
 def open_prefix_lm(spec: str | Path) -> PrefixLM:
