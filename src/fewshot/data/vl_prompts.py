@@ -26,6 +26,7 @@ leaves the latter out; then they are split into pieces the LM must copy one by o
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -39,7 +40,7 @@ from fewshot.io import atomic_write
 
 __all__ = [
     "CATEGORIES", "IMAGE", "NONCE_NAMES", "VLEpisode", "VLImages", "category_images", "count_images", "fast_vqa_episode", "glossary",
-    "induction_text", "open_ended_episode", "scene_corpus", "write_scene_corpus",
+    "induction_text", "open_ended_episode", "real_words", "scene_corpus", "write_scene_corpus",
 ]
 
 IMAGE = "<image>"  # the marker a prompt piece uses for "one image goes here"
@@ -57,17 +58,34 @@ def _nonce_list() -> list[str]:
 NONCE_NAMES: tuple[str, ...] = tuple(_nonce_list())  # dax, wug, blicket, zorp, toma, fep: the evaluation's made-up names
 
 
-def glossary(n: int, seed: int = 0) -> list[str]:
-    """``n`` distinct made-up words (CVC, CVCV, CVCVC and CCVCV patterns over 14 consonants and 5 vowels), none of
-    them an evaluation name or a word of the scene world: the names of the corpus's training episodes."""
+def real_words() -> frozenset[str]:
+    """The words a made-up name must not be: ``words/english.txt`` (the real English words in :func:`glossary`'s
+    shapes, curated, crude ones included) and the category word lists (animal, fruit, country, …)."""
+    folder = resources.files("fewshot.data").joinpath("words")
+    listed = [f for f in folder.iterdir() if f.name.endswith(".txt") and f.name != "nonce.txt"]
+    return frozenset(w for f in listed for line in f.read_text().splitlines() if not line.startswith("#") for w in line.split())
+
+
+def _candidate_names(seed: int) -> Iterator[str]:
+    """Seeded word-like strings without end, repeats possible: CVC, CVCV, CVCVC or CCVCV over 14 consonants, 5 vowels
+    and 6 onset clusters, each pattern drawn with probability 1/4."""
     consonants, vowels, clusters = "bdfgklmnprstvz", "aeiou", ("bl", "gr", "st", "tr", "fl", "sk")
-    taken = set(NONCE_NAMES) | set(PRETRAIN_SHAPES) | set(FEWSHOT_SHAPES) | set(COLOURS) | set(SIZES)
     rng = np.random.default_rng([seed, 40])
-    words: list[str] = []
-    while len(words) < n:
+    while True:
         pattern = ("cvc", "cvcv", "cvcvc", "kvcv")[int(rng.integers(4))]
-        word = "".join(str(rng.choice(list(vowels))) if p == "v" else str(rng.choice(clusters)) if p == "k" else str(rng.choice(list(consonants)))
-                       for p in pattern)
+        yield "".join(str(rng.choice(list(vowels))) if p == "v" else str(rng.choice(clusters)) if p == "k" else str(rng.choice(list(consonants)))
+                      for p in pattern)
+
+
+def glossary(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct made-up words: the first ``n`` distinct candidates of :func:`_candidate_names` at ``seed`` that
+    are no evaluation name, no word of the scene world and no real word (:func:`real_words`): the names of the
+    corpus's training episodes."""
+    taken = set(NONCE_NAMES) | set(PRETRAIN_SHAPES) | set(FEWSHOT_SHAPES) | set(COLOURS) | set(SIZES) | real_words()
+    words: list[str] = []
+    candidates = _candidate_names(seed)
+    while len(words) < n:
+        word = next(candidates)
         if word not in taken:
             taken.add(word)
             words.append(word)
