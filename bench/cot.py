@@ -24,6 +24,7 @@ from typing import Any
 from fewshot.data.reasoning import generate_items
 from fewshot.evaluate.cot import cot_table, evaluate_cot, example_text
 from fewshot.evaluate.prompting import open_prompt_model
+from fewshot.evaluate.runner import above_beyond_ci95
 
 LECTURE = {  # Kojima et al. 2022 as quoted in the lecture (%, ~100B-parameter models)
     "MultiArith": {"zero-shot": 17.7, "few-shot-2": 33.7, "few-shot-8": 33.8, "zero-shot-cot": 78.7},
@@ -33,11 +34,6 @@ DIRECT = ("zero-shot", "few-shot-2", "few-shot-8")
 COT = ("zero-shot-cot", "few-shot-cot", "self-consistency")
 
 
-def beyond(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """a's accuracy exceeds b's by more than both 95% CIs."""
-    return a["accuracy"] - a["ci95"] > b["accuracy"] + b["ci95"]
-
-
 def verdicts(out: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for task, row in out["tasks"].items():
@@ -45,10 +41,10 @@ def verdicts(out: dict[str, Any]) -> dict[str, Any]:
         best_direct = max((m[k] for k in DIRECT if k in m), key=lambda c: c["accuracy"], default=None)
         best_cot = max((m[k] for k in COT if k in m), key=lambda c: c["accuracy"], default=None)
         result[task] = {
-            "zero_shot_cot_beats_zero_shot": beyond(m["zero-shot-cot"], m["zero-shot"]) if {"zero-shot-cot", "zero-shot"} <= set(m) else None,
-            "few_shot_cot_beats_few_shot_8": beyond(m["few-shot-cot"], m["few-shot-8"]) if {"few-shot-cot", "few-shot-8"} <= set(m) else None,
-            "cot_helps": beyond(best_cot, best_direct) if best_cot and best_direct else None,
-            "cot_hurts": beyond(best_direct, best_cot) if best_cot and best_direct else None,
+            "zero_shot_cot_beats_zero_shot": above_beyond_ci95(m["zero-shot-cot"], m["zero-shot"]) if {"zero-shot-cot", "zero-shot"} <= set(m) else None,
+            "few_shot_cot_beats_few_shot_8": above_beyond_ci95(m["few-shot-cot"], m["few-shot-8"]) if {"few-shot-cot", "few-shot-8"} <= set(m) else None,
+            "cot_helps": above_beyond_ci95(best_cot, best_direct) if best_cot and best_direct else None,
+            "cot_hurts": above_beyond_ci95(best_direct, best_cot) if best_cot and best_direct else None,
         }
     return result
 

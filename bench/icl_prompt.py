@@ -28,14 +28,13 @@ from fewshot.errors import DataError
 import numpy as np
 
 from fewshot.evaluate.prompting import CATEGORY_TASKS, SCRAMBLES, evaluate_prompting, load_task, open_prompt_model, prompt_table
-from fewshot.evaluate.runner import mean_ci95
+from fewshot.evaluate.runner import above_beyond_ci95, mean_ci95
 from fewshot.train.trainer import checkpoint_path
 
 
 def beats(row: dict[str, Any], k: int, base: int = 0) -> bool:
-    """K's accuracy exceeds ``base``'s by more than both 95% CIs (lower end above upper end)."""
-    hi, lo = row["by_k"][str(k)], row["by_k"][str(base)]
-    return hi["accuracy"] - hi["ci95"] > lo["accuracy"] + lo["ci95"]
+    """K's accuracy exceeds ``base``'s by more than both 95% CIs (:func:`above_beyond_ci95` on the row's two cells)."""
+    return above_beyond_ci95(row["by_k"][str(k)], row["by_k"][str(base)])
 
 
 def verdicts(out: dict[str, Any], k_max: int) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from reused_runs import scene_lm_config, train  # noqa: E402  (shared by the ben
 from fewshot import api
 from fewshot.config import RunConfig
 from fewshot.evaluate.mm_cot import evaluate_mm_cot, mm_cot_table
+from fewshot.evaluate.runner import above_beyond_ci95
 
 STAGES = {"direct": ["data.target=answer"], "rationale": ["data.target=rationale"], "answer": ["data.target=answer-from-rationale"],
           "blind": ["data.target=answer", "method.blind=true"]}
@@ -42,10 +43,6 @@ def configs(args: argparse.Namespace, lm: Path) -> dict[str, RunConfig]:
         f"train.checkpoint_every={args.steps}", f"train.warmup_steps={min(50, args.steps // 10)}", f"train.seed={args.seed}",
         f"data.questions={args.questions}", f"data.seed={args.seed}",
         *([f"method.image.init={args.image_init}"] if args.image_init else []), *extra, *args.override]) for stage, extra in STAGES.items()}
-
-
-def beats(a: dict, b: dict) -> bool:
-    return a["accuracy"] - a["ci95"] > b["accuracy"] + b["ci95"]
 
 
 def main() -> None:
@@ -84,7 +81,7 @@ def main() -> None:
     for split, r in results["rationales"].items():
         print(f"  e.g. ({split}) {r['example']['question']}\n     gold: {r['example']['gold']}\n     generated: {r['example']['generated']}")
     rows = results["rows"]
-    verdicts = {f"rationale-then-answer above {other} ({split})": beats(rows["rationale-then-answer"][split], rows[other][split])
+    verdicts = {f"rationale-then-answer above {other} ({split})": above_beyond_ci95(rows["rationale-then-answer"][split], rows[other][split])
                 for other in ("direct", "blind") for split in ("seen", "held-out")}
     print("\nverdicts (beyond both CIs):")
     for claim, ok in verdicts.items():

@@ -26,7 +26,7 @@ from fewshot import api
 from fewshot.config import RunConfig
 from fewshot.data.registry import load_run_data
 from fewshot.data.token_ids import IGNORE_INDEX, PAD_ID
-from fewshot.evaluate.runner import mean_ci95
+from fewshot.evaluate.runner import above_beyond_ci95, mean_ci95
 from fewshot.evaluate.scratchpad import accuracy_by_steps, plot_accuracy_by_steps, steps_table
 from fewshot.io import atomic_write
 from fewshot.run import Run
@@ -67,11 +67,6 @@ def train(config: RunConfig) -> dict[str, Any]:
         stats = {"train_cpu_minutes": round((time.process_time() - cpu) / 60, 2), "train_wall_minutes": round(result.train_seconds / 60, 2)}
         atomic_write(timing, lambda tmp: tmp.write_text(json.dumps(stats)))
     return json.loads(timing.read_text()) if timing.exists() else {}
-
-
-def beyond(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """a's accuracy exceeds b's by more than both 95% CIs."""
-    return a["accuracy"] - a["ci95"] > b["accuracy"] + b["ci95"]
 
 
 def main() -> None:
@@ -117,7 +112,7 @@ def main() -> None:
     for row in curves["scratchpad"]:
         print(f"{row['steps']:4d}  " + ", ".join(f"{k} {v}" for k, v in sorted(row["first_errors"].items(), key=lambda kv: -kv[1])))
     pad, direct = curves["scratchpad"], curves["answer-only"]
-    verdict = {str(a["steps"]): beyond(a, b) for a, b in zip(pad, direct) if a["steps"] > args.max_train_steps}
+    verdict = {str(a["steps"]): above_beyond_ci95(a, b) for a, b in zip(pad, direct) if a["steps"] > args.max_train_steps}
     pooled = {}
     for variant, rows in curves.items():  # every item beyond training, pooled (each length weighted by its items)
         flags = [100.0 * (k < r["correct"]) for r in rows if r["steps"] > args.max_train_steps for k in range(r["items"])]
@@ -125,13 +120,13 @@ def main() -> None:
         pooled[variant] = {"accuracy": mean, "ci95": ci}
     print(f"\nbeyond training, per length: scratchpad above answer-only by more than both CIs: {verdict}")
     print("beyond training, pooled: " + ", ".join(f"{v} {p['accuracy']:.1f} ± {p['ci95']:.1f}" for v, p in pooled.items())
-          + f" → scratchpad above beyond the CIs: {beyond(pooled['scratchpad'], pooled['answer-only'])}")
+          + f" → scratchpad above beyond the CIs: {above_beyond_ci95(pooled['scratchpad'], pooled['answer-only'])}")
     plot = plot_accuracy_by_steps(curves, (1, args.max_train_steps), args.plot or f"{args.out}/scratchpad-seed{args.seed}.png",
                                   f"GPT from scratch, {args.steps} steps × {args.batch}, seed {args.seed}")
     print(f"plot: {plot}; bench CPU-minutes (training + scoring) {cpu_minutes:.1f}")
     print(json.dumps({"seed": args.seed, "steps": args.steps, "max_train_steps": args.max_train_steps, "curves": curves, "runs": runs,
                       "beyond_training_per_length": verdict, "beyond_training_pooled": pooled,
-                      "scratchpad_wins_beyond_training": beyond(pooled["scratchpad"], pooled["answer-only"]),
+                      "scratchpad_wins_beyond_training": above_beyond_ci95(pooled["scratchpad"], pooled["answer-only"]),
                       "cpu_minutes": round(cpu_minutes, 2), "plot": plot}))
 
 

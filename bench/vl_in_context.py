@@ -42,6 +42,7 @@ from fewshot.data.scenes import write_scenes
 from fewshot.data.vl_prompts import CATEGORIES, category_images
 from fewshot.errors import DataError
 from fewshot.evaluate.vl_in_context import BlankImages, evaluate_fast_vqa, evaluate_open_ended, frozen_columns, nonce_warnings, open_in_context_model
+from fewshot.evaluate.runner import above_beyond_ci95
 
 COLUMNS = ("no ind. 1", "ind. 1", "ind. 3", "ind. 5", "1 rep. 1", "1 rep. 3", "1 rep. 5")
 # The lecture's rows (Tsimpoukelli et al. 2021, Table 1, Open-Ended miniImageNet; Table 3, Fast-VQA), in COLUMNS' order.
@@ -68,11 +69,6 @@ def configs(args: argparse.Namespace, manifest: Path) -> dict[str, RunConfig]:
 
 def cell_text(cell: dict | None) -> str:
     return "      —     " if cell is None else f"{cell['accuracy']:5.1f} ± {cell['ci95']:4.1f}"
-
-
-def beats(a: dict, b: dict) -> bool:
-    """a above b beyond both 95% intervals."""
-    return a["accuracy"] - a["ci95"] > b["accuracy"] + b["ci95"]
 
 
 def one_cell(model, data, setting, args: argparse.Namespace, misfits: list[str], text_only: bool = False) -> dict | None:
@@ -162,10 +158,10 @@ def main() -> None:
     for category, table in results["categories"].items():
         for col, name in ((1, "induction 1 shot"), (3, "induction 5 shots")):
             f, tb, rb = table["2-way Frozen"][col], table["2-way test-blind"][col], table["2-way train-blind"][col]
-            verdicts[f"{category}: 2-way nonce {name} above test-blind"] = None if f is None or tb is None else beats(f, tb)
-            verdicts[f"{category}: 2-way nonce {name} above train-blind"] = None if f is None or rb is None else beats(f, rb)
+            verdicts[f"{category}: 2-way nonce {name} above test-blind"] = None if f is None or tb is None else above_beyond_ci95(f, tb)
+            verdicts[f"{category}: 2-way nonce {name} above train-blind"] = None if f is None or rb is None else above_beyond_ci95(f, rb)
     for k, shots in enumerate(VQA_SHOTS):
-        verdicts[f"Fast-VQA {shots} shots above train-blind"] = beats(vqa["Frozen"][k], vqa["train-blind"][k])
+        verdicts[f"Fast-VQA {shots} shots above train-blind"] = above_beyond_ci95(vqa["Frozen"][k], vqa["train-blind"][k])
     print("\nverdicts (beyond both CIs):")
     for claim, ok in verdicts.items():
         print(f"  {'n/a' if ok is None else 'yes' if ok else 'NO '}  {claim}")

@@ -14,7 +14,7 @@ from fewshot.errors import ConfigError, DataError
 from fewshot.evaluate.classifiers import CLASSIFIERS, PrototypeClassifier
 from fewshot.evaluate.episodes import EpisodeSampler
 from fewshot.evaluate.probe import linear_probe_fractions
-from fewshot.evaluate.runner import mean_ci95, run_episodes, score_lake_runs
+from fewshot.evaluate.runner import above_beyond_ci95, mean_ci95, run_episodes, score_lake_runs
 
 ROW_KEYS = {"classifier", "way", "shot", "query", "episodes", "accuracy", "ci95"}
 
@@ -44,6 +44,40 @@ def test_mean_ci95_edge_cases():
     assert mean == 0.3 and math.isnan(half)
     with pytest.raises(DataError):
         mean_ci95([])
+
+
+def intervals_disjoint_above(a, b):
+    """The verdict read off the two intervals themselves: every point of a's above every point of b's."""
+    a_lo, b_hi = a["accuracy"] - a["ci95"], b["accuracy"] + b["ci95"]
+    return bool(np.linspace(a_lo, a["accuracy"] + a["ci95"], 5).min() > np.linspace(b["accuracy"] - b["ci95"], b_hi, 5).max())
+
+
+def means_only(a, b):  # the broken variant: calls a win on the means alone, whatever the intervals
+    return a["accuracy"] > b["accuracy"]
+
+
+CELLS = [  # (a, b, a above b beyond both CIs?)
+    ({"accuracy": 60.0, "ci95": 4.0}, {"accuracy": 50.0, "ci95": 3.0}, True),  # [56, 64] above [47, 53]
+    ({"accuracy": 60.0, "ci95": 6.0}, {"accuracy": 50.0, "ci95": 5.0}, False),  # [54, 66] overlaps [45, 55]
+    ({"accuracy": 60.0, "ci95": 5.0}, {"accuracy": 50.0, "ci95": 5.0}, False),  # [55, 65] touches [45, 55]: not beyond
+    ({"accuracy": 60.0, "ci95": 5.0}, {"accuracy": 50.0, "ci95": 4.5}, True),  # just past the boundary
+    ({"accuracy": 50.0, "ci95": 3.0}, {"accuracy": 60.0, "ci95": 4.0}, False),  # below
+    ({"accuracy": 90.0, "ci95": math.nan}, {"accuracy": 10.0, "ci95": 1.0}, False),  # one value: no interval
+]
+
+
+@pytest.mark.parametrize("a, b, expected", CELLS)
+def test_above_beyond_ci95_reads_the_intervals(a, b, expected):
+    assert above_beyond_ci95(a, b) is expected
+    assert above_beyond_ci95(b, a) is False or not expected  # never both ways
+    if not math.isnan(a["ci95"]):
+        assert intervals_disjoint_above(a, b) is expected
+
+
+def test_a_means_only_verdict_fails_on_overlapping_intervals():
+    """The negative control: calling a win on the means passes the disjoint case but not the overlapping ones."""
+    assert [means_only(a, b) == expected for a, b, expected in CELLS] != [True] * len(CELLS)
+    assert means_only(*CELLS[1][:2]) and not above_beyond_ci95(*CELLS[1][:2])
 
 
 # --- run_episodes ----------------------------------------------------------------------------

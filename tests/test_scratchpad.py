@@ -199,8 +199,8 @@ def test_the_bench_calls_a_win_only_beyond_both_cis():
     spec = importlib.util.spec_from_file_location("bench_scratchpad", Path(__file__).resolve().parents[1] / "bench" / "scratchpad.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.beyond({"accuracy": 50, "ci95": 5}, {"accuracy": 30, "ci95": 10})
-    assert not bench.beyond({"accuracy": 50, "ci95": 11}, {"accuracy": 30, "ci95": 10})
+    assert bench.above_beyond_ci95({"accuracy": 50, "ci95": 5}, {"accuracy": 30, "ci95": 10})
+    assert not bench.above_beyond_ci95({"accuracy": 50, "ci95": 11}, {"accuracy": 30, "ci95": 10})
 
 
 @pytest.mark.parametrize("output, error", [

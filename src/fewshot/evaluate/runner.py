@@ -30,7 +30,7 @@ from fewshot.evaluate.classifiers import (
 from fewshot.evaluate.episodes import Episode, EpisodeSampler, as_feature_matrix, as_label_vector
 
 __all__ = [
-    "classifier_row", "episode_table", "fit_predict_episodes", "mean_ci95", "run_episodes", "score_lake_runs",
+    "above_beyond_ci95", "classifier_row", "episode_table", "fit_predict_episodes", "mean_ci95", "run_episodes", "score_lake_runs",
     "score_lake_runs_by_distance", "take",
 ]
 
@@ -49,6 +49,13 @@ def mean_ci95(accuracies: Iterable[float]) -> tuple[float, float]:
     if values.size == 1:
         return mean, math.nan
     return mean, float(1.96 * values.std(ddof=1) / math.sqrt(values.size))
+
+
+def above_beyond_ci95(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
+    """Whether row ``a`` beats row ``b`` by more than both 95% intervals (rows hold ``accuracy`` and its ``ci95``
+    half width): ``a.accuracy − a.ci95 > b.accuracy + b.ci95``, the lower end of a's interval strictly above the
+    upper end of b's. Touching or overlapping intervals, and a NaN half width (one value), give False."""
+    return bool(a["accuracy"] - a["ci95"] > b["accuracy"] + b["ci95"])
 
 
 def take(items: Any, idx: np.ndarray) -> Any:
