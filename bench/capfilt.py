@@ -53,7 +53,8 @@ def blip_config(args: Namespace, manifest: Path) -> api.RunConfig:
 
 def bootstrapped(args: Namespace, noisy: Path, blip_run: Path) -> dict:
     """CapFilt's manifest and summary (cached beside it), and the web-rows-only manifest (the filter alone)."""
-    out = Path(args.out) / f"capfilt-{noisy.name}-t{args.threshold}{f'-seed{args.seed}' if args.seed else ''}.tsv"
+    # named by the BLIP run too, so another clean split or step count never reuses this one's captions and cells
+    out = Path(args.out) / f"capfilt-{noisy.name}-t{args.threshold}-{blip_run.name}.tsv"
     summary_path = out.with_suffix(".json")
     if not summary_path.is_file():
         for stale in (out, out.with_name(out.stem + ".dropped.tsv")):
@@ -72,35 +73,29 @@ def bootstrapped(args: Namespace, noisy: Path, blip_run: Path) -> dict:
     return summary
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/capfilt", help="folder for the clean split, the BLIP run, the bootstrapped pool and its cells")
-    parser.add_argument("--noise-out", default="runs/vl-noise", help="bench/vl_noise.py's folder: the noisy pool and its cells")
-    parser.add_argument("--n", type=int, default=10000, help="scenes of bench/vl_noise.py's pools")
-    parser.add_argument("--clean-n", type=int, default=2000, help="scenes of the small clean split")
-    parser.add_argument("--clean-seed", type=int, default=2, help="scene stream of the clean split (the pools are seed 1, the scorer's 0)")
-    parser.add_argument("--blip-steps", type=int, default=400, help="BLIP steps on the clean split, batch 64")
-    parser.add_argument("--image-init", default="runs/bench-vl/clip-20000-1000", help="a clip-scenes run whose conv4 starts BLIP's ('' = from scratch)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="ITM p(match) below which a caption is dropped")
-    parser.add_argument("--steps", type=int, default=100, help="CLIP steps at batch 256 of every cell (bench/vl_noise.py: 100)")
-    parser.add_argument("--per-class", type=int, default=50, help="zero-shot test images per (shape, colour) pair")
-    parser.add_argument("--seed", type=int, default=0, help="training seed")
-    parser.add_argument("--quick", action="store_true", help="a smoke run (tiny pools, few steps): measures nothing")
-    args = parser.parse_args()
-    if args.quick:
-        args.n, args.clean_n, args.blip_steps, args.steps, args.per_class, args.threshold = 300, 200, 10, 10, 3, 0.3
-        args.out = os.path.join(args.out, "quick")
-        args.noise_out = args.out
-    os.environ.setdefault("FEWSHOT_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    start, cpu = time.time(), time.process_time()
+DEFAULTS = {"out": "runs/capfilt", "noise_out": "runs/vl-noise", "n": 10000, "clean_n": 2000, "clean_seed": 2, "blip_steps": 400,
+            "image_init": "runs/bench-vl/clip-20000-1000", "threshold": 0.5, "steps": 100, "per_class": 50, "seed": 0, "quick": False}
+
+
+def quick_settings(args: Namespace) -> Namespace:
+    """A smoke run's settings (tiny pools, few steps, everything under OUT/quick): checks the pipeline, measures nothing."""
+    args.n, args.clean_n, args.blip_steps, args.steps, args.per_class, args.threshold = 300, 200, 10, 10, 3, 0.3
+    args.out = os.path.join(args.out, "quick")
+    args.noise_out = args.out
+    return args
+
+
+def capfilt_bench(args: Namespace) -> dict:
+    """Steps 1–4 of the module docstring with ``args`` (the keys of :data:`DEFAULTS`); prints its tables, returns the
+    JSON record (without the timing fields)."""
     out = Path(args.out)
     noisy = pool(Path(args.noise_out), f"noisy-{args.n}", args.n, 1, 0.5)
     clean_pool = pool(Path(args.noise_out), f"clean-{args.n}", args.n, 1, None)
     split = pool(out, f"clean-split-{args.clean_n}", args.clean_n, args.clean_seed, None)
-
     config = blip_config(args, split / "manifest.tsv")
     blip_cpu = train(config)
     summary = bootstrapped(args, noisy, config.run_dir)
+    blip_tag = f"c{args.clean_n}-b{args.blip_steps}"
     web = summary["report"]["all"]
     syn = summary["synthetic"]
     print(f"BLIP on {args.clean_n} clean scenes, {args.blip_steps} steps (CPU s {blip_cpu}); CapFilt at p(match) < {args.threshold} "
@@ -122,8 +117,8 @@ def main() -> None:
     cells = {
         "clean": train_cell(noise_args, "clean", clean_pool / "manifest.tsv", args.steps),
         "noisy": train_cell(noise_args, "noisy", noisy / "manifest.tsv", args.steps),
-        "capfilt": train_cell(mine, "capfilt", Path(summary["kept_manifest"]), args.steps),
-        "capfilt-filter-only": train_cell(mine, "capfilt-filter-only", Path(summary["web_only_manifest"]), args.steps),
+        "capfilt": train_cell(mine, f"capfilt-{blip_tag}", Path(summary["kept_manifest"]), args.steps),
+        "capfilt-filter-only": train_cell(mine, f"capfilt-filter-only-{blip_tag}", Path(summary["web_only_manifest"]), args.steps),
         # what a user tries before CapFilt: CLIP on the small clean split alone, the supervision CapFilt is given
         "clean-split": train_cell(mine, f"clean-split-{args.clean_n}", split / "manifest.tsv", args.steps),
     }
@@ -147,8 +142,31 @@ def main() -> None:
     result = {"bench": "capfilt", "quick": args.quick, "noisy_pool": str(noisy), "clean_split": {"scenes": args.clean_n, "seed": args.clean_seed},
               "blip_run": str(config.run_dir), "blip_steps": args.blip_steps, "blip_cpu_seconds": blip_cpu, "image_init": args.image_init,
               "threshold": args.threshold, "capfilt": summary, "clean_web_rows_dropped": clean_dropped, "noise_kinds": list(NOISE_KINDS),
-              "steps": args.steps, "cells": cells, "contrasts": contrasts,
-              "wall_seconds": time.time() - start, "cpu_seconds": time.process_time() - cpu, "load_average": os.getloadavg()}
+              "steps": args.steps, "cells": cells, "contrasts": contrasts}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=DEFAULTS["out"], help="folder for the clean split, the BLIP run, the bootstrapped pool and its cells")
+    parser.add_argument("--noise-out", default=DEFAULTS["noise_out"], help="bench/vl_noise.py's folder: the noisy pool and its cells")
+    parser.add_argument("--n", type=int, default=DEFAULTS["n"], help="scenes of bench/vl_noise.py's pools")
+    parser.add_argument("--clean-n", type=int, default=DEFAULTS["clean_n"], help="scenes of the small clean split")
+    parser.add_argument("--clean-seed", type=int, default=DEFAULTS["clean_seed"], help="scene stream of the clean split (the pools are seed 1, the scorer's 0)")
+    parser.add_argument("--blip-steps", type=int, default=DEFAULTS["blip_steps"], help="BLIP steps on the clean split, batch 64")
+    parser.add_argument("--image-init", default=DEFAULTS["image_init"], help="a clip-scenes run whose conv4 starts BLIP's ('' = from scratch)")
+    parser.add_argument("--threshold", type=float, default=DEFAULTS["threshold"], help="ITM p(match) below which a caption is dropped")
+    parser.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="CLIP steps at batch 256 of every cell (bench/vl_noise.py: 100)")
+    parser.add_argument("--per-class", type=int, default=DEFAULTS["per_class"], help="zero-shot test images per (shape, colour) pair")
+    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="training seed")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (tiny pools, few steps): measures nothing")
+    args = parser.parse_args()
+    if args.quick:
+        quick_settings(args)
+    os.environ.setdefault("FEWSHOT_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    start, cpu = time.time(), time.process_time()
+    result = capfilt_bench(args)
+    result.update(wall_seconds=time.time() - start, cpu_seconds=time.process_time() - cpu, load_average=os.getloadavg())
     print(json.dumps(result))
 
 

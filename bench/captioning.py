@@ -23,14 +23,24 @@ the 8 query outputs as a soft prompt into the same frozen GPT, ``--steps``); its
 decoder learns where a caption ends): its own conv4 tower, text layers and decoder, ``--steps`` at batch 64; no
 language model, so no perplexity. Its captions are its own BPE ids, decoded greedily by recomputation.
 
-Not here: CapFilt (bench/capfilt.py). FROMAGe's [RET] retrieval against CLIP's text
-tower and its captions: bench/fromage.py.
+``fromage``: FROMAGe (Koh et al. 2023; bench/fromage.py's cell, ``--fromage-steps``): a linear map from the same frozen
+image embedding into a frozen GPT trained on scene text only (``--scene-gpt-run``, gpt-scenes: the Shakespeare GPT cannot be
+steered by a prefix), a [RET] token it learns to say after a caption; text → image R@1/5 ± CI by its [RET] state against
+CLIP's own text tower on the same candidates, its captions, and where it says [RET].
+
+``capfilt``: CapFilt (Li et al. 2022; bench/capfilt.py with ``--blip-steps``): BLIP tuned on a 2,000-scene clean split
+(conv4 from the same CLIP run) captions and filters bench/vl_noise.py's 50%-noise pool; the filter's precision and
+recall on the planted noise, and CLIP (100 steps at batch 256) re-trained on the bootstrapped pool against the noisy,
+clean and clip_score pools (bench/vl_noise.py's cells, reused from ``--noise-out``) and the clean split alone, in 64-way
+zero-shot accuracy. Its runs live under OUT/capfilt.
+
 For scale (the paper, COCO): CIDEr 113.1 with the transformer mapper and a frozen GPT-2, 108.4 with the MLP and
 GPT-2 tuned; Conceptual Captions 71.8 and 87.3.
 
 A run folder that already holds a finished checkpoint is reused (its CPU time reported as null). One JSON line at the end.
 
-    OMP_NUM_THREADS=1 python bench/captioning.py --pool runs/bench-vl/scenes-20000 --clip-run runs/bench-vl/clip-20000-1000
+    OMP_NUM_THREADS=1 python bench/captioning.py --pool runs/bench-vl/scenes-20000 --clip-run runs/bench-vl/clip-20000-1000 \\
+        --gpt-run runs/caption/gpt-shakespeare --scene-gpt-run runs/frozen/bench/gpt-scenes-1800
     OMP_NUM_THREADS=1 python bench/captioning.py --quick     # a smoke run, measures nothing
 """
 
@@ -44,7 +54,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reused_runs import train  # noqa: E402  (shared by the benches)
+import capfilt as capfilt_bench  # noqa: E402  (CapFilt's cell)
+import fromage as fromage_bench  # noqa: E402  (FROMAGe's cell)
+from reused_runs import scene_lm_config, train  # noqa: E402  (shared by the benches)
 from vision_language import clip_config, make_pool  # noqa: E402  (the CLIP bench's pool and recipe)
 
 import torch  # noqa: E402
@@ -61,7 +73,7 @@ from fewshot.evaluate.text import perplexity  # noqa: E402
 from fewshot.models.prefix_lm import open_prefix_lm  # noqa: E402
 from fewshot.run import Run  # noqa: E402
 
-CELLS = ("mlp-frozen", "mlp-tuned", "transformer-frozen", "transformer-tuned", "blip2-frozen", "coca")
+CELLS = ("mlp-frozen", "mlp-tuned", "transformer-frozen", "transformer-tuned", "blip2-frozen", "coca", "fromage", "capfilt")
 PAPER_COCO_CIDER = {"transformer-frozen": 113.1, "mlp-tuned": 108.4}  # Mokady et al. 2021, Table 1 (×100 scale)
 
 
@@ -134,6 +146,33 @@ def measure(run_dir: Path, args: argparse.Namespace, gpt_run: Path) -> dict:
             "perplexity_after": heldout_perplexity(method.language_model.model, gpt_run)}
 
 
+def fromage_cell(args: argparse.Namespace, pool: Path, clip_run: Path, cpu_seconds: dict) -> dict:
+    """FROMAGe on the pool through the scene GPT (trained here unless ``--scene-gpt-run``): its scores on the test scenes."""
+    if args.scene_gpt_run:
+        scene_gpt = Path(args.scene_gpt_run)
+    else:
+        lm = scene_lm_config(Path(args.out), args.scene_gpt_steps, 300 if args.quick else 20000, 100 if args.quick else 8000, args.seed)
+        cpu_seconds["scene-gpt"], scene_gpt = train(lm), lm.run_dir
+        args.scene_gpt_run = str(scene_gpt)
+    config = fromage_bench.fromage_config(Path(args.out), pool / "manifest.tsv", clip_run, scene_gpt, args.fromage_steps, args.seed)
+    cpu_seconds["fromage"] = train(config)
+    run = Run.open(config.run_dir)
+    trainable = sum(p.numel() for p in run.method().parameters() if p.requires_grad)
+    return {"run": str(config.run_dir), "trainable_parameters": trainable, "final_losses": run.history[-1] if run.history else None,
+            **fromage_bench.fromage_scores(config.run_dir, clip_run, args.n, args.seed + 1)}
+
+
+def capfilt_cell(args: argparse.Namespace, pool: Path, clip_run: Path, cpu_seconds: dict) -> dict:
+    """bench/capfilt.py with ``--blip-steps``, BLIP's conv4 from this bench's CLIP run, its runs under OUT/capfilt."""
+    settings = argparse.Namespace(**{**capfilt_bench.DEFAULTS, "out": os.path.join(args.out, "capfilt"), "noise_out": args.noise_out,
+                                     "blip_steps": args.blip_steps, "image_init": str(clip_run), "seed": args.seed, "quick": args.quick})
+    if args.quick:
+        capfilt_bench.quick_settings(settings)
+    result = capfilt_bench.capfilt_bench(settings)
+    cpu_seconds["capfilt-blip"] = result["blip_cpu_seconds"]
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/bench-caption", help="folder for the runs (and the pool unless --pool)")
@@ -143,8 +182,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20000, help="scenes in a pool made here")
     parser.add_argument("--clip-steps", type=int, default=1000, help="CLIP steps when the image tower is trained here")
     parser.add_argument("--gpt-steps", type=int, default=400, help="GPT steps when the language model is trained here")
-    parser.add_argument("--steps", type=int, default=1000, help="ClipCap steps of every cell (BLIP-2: of stage 2), batch 64")
-    parser.add_argument("--qformer-steps", type=int, default=500, help="BLIP-2's stage-1 steps (ITC + ITM + ITG), batch 64")
+    parser.add_argument("--scene-gpt-run", default=None, help="an existing gpt-scenes run for FROMAGe; default: write a scene corpus and train one (--scene-gpt-steps)")
+    parser.add_argument("--scene-gpt-steps", type=int, default=1800, help="gpt-scenes steps when FROMAGe's LM is trained here")
+    parser.add_argument("--steps", type=int, default=400, help="ClipCap steps of every cell (BLIP-2: of stage 2; CoCa), batch 64")
+    parser.add_argument("--qformer-steps", type=int, default=200, help="BLIP-2's stage-1 steps (ITC + ITM + ITG), batch 64")
+    parser.add_argument("--fromage-steps", type=int, default=800, help="FROMAGe steps at batch 64")
+    parser.add_argument("--blip-steps", type=int, default=300, help="CapFilt: BLIP steps on the clean split, batch 64")
+    parser.add_argument("--noise-out", default=capfilt_bench.DEFAULTS["noise_out"], help="CapFilt: bench/vl_noise.py's folder (its pools and seed-0 cells are reused)")
     parser.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated subset of {','.join(CELLS)}")
     parser.add_argument("--test", type=int, default=300, dest="n_test", help="test scenes per pair group (seen, held-out)")
     parser.add_argument("--seed", type=int, default=0, help="pool, training and test-set seed")
@@ -157,7 +201,8 @@ def main() -> None:
         parser.error(f"unknown cell(s) {', '.join(unknown)}; choose from {', '.join(CELLS)}")
     if args.quick:
         args.n, args.clip_steps, args.gpt_steps, args.steps, args.n_test, args.qformer_steps = 600, 10, 10, 10, 20, 10
-        args.out, args.pool, args.clip_run, args.gpt_run = os.path.join(args.out, "quick"), None, None, None
+        args.scene_gpt_steps, args.fromage_steps = 10, 10
+        args.out, args.pool, args.clip_run, args.gpt_run, args.scene_gpt_run = os.path.join(args.out, "quick"), None, None, None, None
     args.n_scenes, args.n = args.n, args.n_test
     os.environ.setdefault("FEWSHOT_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     start, cpu = time.time(), time.process_time()
@@ -182,6 +227,11 @@ def main() -> None:
     results["nearest-caption"] = nearest_caption(clip_run, pool / "manifest.tsv", args)
     cpu_seconds["nearest-caption"] = time.process_time() - t
     for cell in cells:
+        if cell in ("fromage", "capfilt"):
+            t = time.process_time()
+            results[cell] = (fromage_cell if cell == "fromage" else capfilt_cell)(args, pool, clip_run, cpu_seconds)
+            cpu_seconds[f"{cell} (with evaluation)"] = time.process_time() - t
+            continue
         if cell == "blip2-frozen":
             cpu_seconds["blip2-qformer"] = train(qformer_config(args, pool / "manifest.tsv", clip_run))
         config = cell_config(cell, args, pool / "manifest.tsv", clip_run, gpt_run)
@@ -196,6 +246,8 @@ def main() -> None:
     print(f"\nClipCap on {info['images']} scenes, {args.steps} steps at batch 64; greedy captions of {args.n} test scenes per group")
     print("cell                 pairs     BLEU-4  ROUGE-L        CIDEr-D          scene F1       true %        trainable  CPU-min  ppl before → after")
     for cell, r in results.items():
+        if cell in ("fromage", "capfilt"):
+            continue
         spent = [cpu_seconds.get(c) for c in ((cell, "blip2-qformer") if cell == "blip2-frozen" else (cell,))]
         minutes = "reused" if None in spent else f"{sum(spent) / 60:.1f}"
         after = f"{before:.2f} → {r['perplexity_after']:.2f}" if "perplexity_after" in r else "no LM"
@@ -204,11 +256,30 @@ def main() -> None:
                   f"{s['scene_f1']:.3f} ± {s['scene_f1_ci95']:.3f}  {100 * s['share_true']:5.1f} ± {100 * s['share_true_ci95']:4.1f}  "
                   f"{r['trainable_parameters']:>9,}  {minutes:>7}  {after}")
     print(f"for scale, ClipCap's COCO CIDEr (×100): {PAPER_COCO_CIDER}")
+    if "fromage" in results:
+        f = results["fromage"]
+        print(f"\nFROMAGe ({args.fromage_steps} steps, {f['trainable_parameters']:,} trainable): text → image on the same test scenes")
+        fromage_bench.print_retrieval(f["retrieval"])
+        for pairs, s in f["captions"].items():
+            e = f["ret_emission"][pairs]
+            print(f"{pairs:<9} captions CIDEr-D {s['cider_d']:.3f} ± {s['cider_d_ci95']:.3f}, true {100 * s['share_true']:.1f}%; [RET] said "
+                  f"after {100 * e['after_caption']:.1f} ± {100 * e['after_caption_ci95']:.1f}% of captions, inside at "
+                  f"{100 * e['inside_caption']:.1f}% of positions")
+    if "capfilt" in results:
+        c = results["capfilt"]
+        web = c["capfilt"]["report"]["all"]
+        print(f"\nCapFilt (BLIP {c['blip_steps']} steps on the clean split): web-row filter precision {capfilt_bench.pct(web['precision'])}, "
+              f"recall {capfilt_bench.pct(web['recall'])}; zero-shot contrasts (points ± CI):")
+        for label, groups in c["contrasts"].items():
+            print(f"  {label:<30}" + "  ".join(f"{g} {100 * d:+5.1f} ± {100 * ci:4.1f}" for g, (d, ci) in groups.items()))
+    trained = [v for k, v in cpu_seconds.items() if v is not None and k not in ("clip", "gpt", "scene-gpt")]
+    print(f"\nCPU-minutes this bench spent, reused inputs aside: {(time.process_time() - cpu) / 60:.1f} "
+          f"(training and per-cell evaluation {sum(trained) / 60:.1f})")
     out = {
         "bench": "captioning", "quick": args.quick, "pool": {"folder": str(pool), "scenes": info["images"], "split_seed": info["split_seed"]},
         "clip_run": str(clip_run), "gpt_run": str(gpt_run), "steps": args.steps, "test_scenes": args.n, "perplexity_before": before,
         "results": results, "train_cpu_seconds": cpu_seconds, "paper_coco_cider": PAPER_COCO_CIDER,
-        "not_measured": ["fromage (bench/fromage.py)", "capfilt (bench/capfilt.py)"],
+        "scene_gpt_run": args.scene_gpt_run, "fromage_steps": args.fromage_steps, "qformer_steps": args.qformer_steps, "blip_steps": args.blip_steps,
         "wall_seconds": time.time() - start, "cpu_seconds": time.process_time() - cpu, "load_average": os.getloadavg(),
     }
     print(json.dumps(out))

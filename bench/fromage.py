@@ -69,6 +69,52 @@ def image_dependence(run: Run, n: int, seed: int) -> dict[str, dict[str, float]]
     return out
 
 
+def fromage_config(out: Path, manifest: Path, clip_run: Path, gpt_run: Path, steps: int, seed: int, override: list[str] | tuple = ()) -> api.RunConfig:
+    """configs/fromage-scenes.yaml on ``manifest`` for ``steps`` at batch 64, named fromage-STEPS under ``out``."""
+    return api.load_config(api.find_recipe("fromage-scenes"), [
+        f"data.path={manifest}", f"out={out}", f"name=fromage-{steps}", f"train.steps={steps}",
+        f"train.checkpoint_every={steps}", f"train.warmup_steps={min(50, max(1, steps // 10))}", f"train.seed={seed}",
+        f"method.image.init={clip_run}", f"method.lm.init={gpt_run}", *override])
+
+
+@torch.no_grad()
+def ret_emission(run: Run, n: int, seed: int, heldout: bool) -> dict[str, float]:
+    """Where the trained LM says [RET] (argmax over its vocabulary plus [RET]) reading ``n`` fresh scenes' first reference
+    captions: the share right after the caption ± 95% CI, and the mean share of the positions inside a caption."""
+    from fewshot.evaluate.runner import mean_ci95
+
+    method = run.method().eval()
+    test = caption_test(n, run.config.data.image_size, seed, _split_seed(run), heldout=heldout)
+    tokens, _ = tokenize_captions(method.text_tokenizer, [r[0] for r in test.references], run.config.data.seq_len)
+    after, early = method.emits_ret(tokens)
+    share, ci = mean_ci95(after.float().numpy())
+    return {"after_caption": share, "after_caption_ci95": ci, "inside_caption": float(early.mean()), "captions": n}
+
+
+def fromage_scores(run_dir: Path, clip_run: Path, n: int, seed: int) -> dict:
+    """FROMAGe's [RET] retrieval beside CLIP's text tower, its greedy captions and where it says [RET], on ``n`` fresh
+    scenes of the seen and of the held-out pairs (stream ``seed``)."""
+    retrieval, captions, emission = {}, {}, {}
+    run = Run.open(run_dir)
+    for pairs in ("seen", "held-out"):
+        held = pairs == "held-out"
+        retrieval[pairs] = {name: scene_retrieval(path, n, seed, heldout=held) for name, path in (("fromage [RET]", run_dir), ("clip text tower", clip_run))}
+        result = caption_run(run_dir, n, seed, heldout=held)
+        captions[pairs] = {k: result[k] for k in CAPTION_KEYS}
+        emission[pairs] = ret_emission(run, n, seed, held)
+    return {"retrieval": retrieval, "captions": captions, "ret_emission": emission}
+
+
+def print_retrieval(retrieval: dict) -> None:
+    print("pairs     relevance  model             R@1             R@5             median rank")
+    for pairs, rows in retrieval.items():
+        for relevance in ("instance", "semantic"):
+            for name, r in rows.items():
+                s = r[relevance]
+                print(f"{pairs:<9} {relevance:<10} {name:<17} {100 * s['R@1']:5.1f} ± {100 * s['R@1_ci95']:4.1f}    "
+                      f"{100 * s['R@5']:5.1f} ± {100 * s['R@5_ci95']:4.1f}    {s['median_rank']:.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/bench-fromage", help="folder for the runs (and the pool unless --pool)")
@@ -106,10 +152,7 @@ def main() -> None:
         gpt = scene_lm_config(out, args.gpt_steps, 300 if args.quick else 20000, 100 if args.quick else 8000, args.seed)
         cpu_seconds["gpt"], gpt_run = train(gpt), gpt.run_dir
 
-    config = api.load_config(api.find_recipe("fromage-scenes"), [
-        f"data.path={manifest}", f"out={out}", f"name=fromage-{args.steps}", f"train.steps={args.steps}",
-        f"train.checkpoint_every={args.steps}", f"train.warmup_steps={min(50, max(1, args.steps // 10))}", f"train.seed={args.seed}",
-        f"method.image.init={clip_run}", f"method.lm.init={gpt_run}", *args.override])
+    config = fromage_config(out, manifest, clip_run, gpt_run, args.steps, args.seed, args.override)
     cpu_seconds["fromage"] = train(config)
     run = Run.open(config.run_dir)
     method = run.method()
@@ -117,40 +160,31 @@ def main() -> None:
     history = run.history
 
     t = time.process_time()
-    retrieval: dict[str, dict] = {}
-    captions: dict[str, dict] = {}
-    for pairs in ("seen", "held-out"):
-        held = pairs == "held-out"
-        retrieval[pairs] = {name: scene_retrieval(path, args.test, args.seed + 1, heldout=held)
-                            for name, path in (("fromage [RET]", config.run_dir), ("clip text tower", clip_run))}
-        result = caption_run(config.run_dir, args.test, args.seed + 1, heldout=held)
-        captions[pairs] = {k: result[k] for k in CAPTION_KEYS}
+    scores = fromage_scores(config.run_dir, clip_run, args.test, args.seed + 1)
+    retrieval, captions = scores["retrieval"], scores["captions"]
     dependence = image_dependence(run, args.test, args.seed + 1)
     cpu_seconds["evaluation"] = time.process_time() - t
 
     minutes = "reused" if cpu_seconds["fromage"] is None else f"{cpu_seconds['fromage'] / 60:.1f}"
     print(f"\nFROMAGe on {info['images']} scenes, {args.steps} steps at batch 64 ({trainable:,} trainable parameters, "
           f"{minutes} CPU-min); text → image on {args.test} fresh scenes per group, first reference caption as the query")
-    print("pairs     relevance  model             R@1             R@5             median rank")
-    for pairs, rows in retrieval.items():
-        for relevance in ("instance", "semantic"):
-            for name, r in rows.items():
-                s = r[relevance]
-                print(f"{pairs:<9} {relevance:<10} {name:<17} {100 * s['R@1']:5.1f} ± {100 * s['R@1_ci95']:4.1f}    "
-                      f"{100 * s['R@5']:5.1f} ± {100 * s['R@5_ci95']:4.1f}    {s['median_rank']:.1f}")
+    print_retrieval(retrieval)
     print("\nFROMAGe's greedy captions through the frozen LM")
     print("pairs     BLEU-4  ROUGE-L        CIDEr-D          scene F1       true %")
     for pairs, s in captions.items():
         print(f"{pairs:<9} {s['bleu4']:.3f}   {s['rouge_l']:.3f} ± {s['rouge_l_ci95']:.3f}  {s['cider_d']:.3f} ± {s['cider_d_ci95']:.3f}  "
               f"{s['scene_f1']:.3f} ± {s['scene_f1_ci95']:.3f}  {100 * s['share_true']:5.1f} ± {100 * s['share_true_ci95']:4.1f}")
         print(f"          e.g. {s['examples'][0]['caption']!r}")
+    for pairs, e in scores["ret_emission"].items():
+        print(f"[RET] said right after {pairs} captions: {100 * e['after_caption']:.1f} ± {100 * e['after_caption_ci95']:.1f}%, "
+              f"inside them {100 * e['inside_caption']:.1f}% of positions")
     print(f"\ncaptioning loss of {args.test} seen scenes' first captions by the visual embeddings given (nats):")
     for name, d in dependence.items():
         print(f"  {name:<16} {d['loss']:.3f}   without the EOS labels {d['loss_without_eos']:.3f}")
     result = {
         "bench": "fromage", "quick": args.quick, "pool": {"folder": str(pool), "scenes": info["images"], "split_seed": info["split_seed"]},
         "clip_run": str(clip_run), "gpt_run": str(gpt_run), "run": str(config.run_dir), "steps": args.steps, "test_scenes": args.test,
-        "trainable_parameters": trainable, "retrieval": retrieval, "captions": captions, "image_dependence": dependence, "train_cpu_seconds": cpu_seconds,
+        "trainable_parameters": trainable, "retrieval": retrieval, "captions": captions, "ret_emission": scores["ret_emission"], "image_dependence": dependence, "train_cpu_seconds": cpu_seconds,
         "final_losses": history[-1] if history else None,
         "wall_seconds": time.time() - start, "cpu_seconds": time.process_time() - cpu, "load_average": os.getloadavg(),
     }
