@@ -219,6 +219,33 @@ def test_repeated_spans_show_one_span_twice(broken, monkeypatch):
     assert all(same) if not broken else not any(same)
 
 
+KEYED = vl_prompts._keyed_episode
+
+
+def broken_keyed(rng, names_pool):
+    """A negative control: the keyed layout with each query answered by a name drawn afresh."""
+    body, *queries = KEYED(rng, names_pool).split(" q: what is this? a: this is a ")
+    return body + "".join(f" q: what is this? a: this is a {names_pool[int(rng.integers(len(names_pool)))]}.{q.split('.', 1)[1]}"
+                          for q in queries)
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_keyed_episodes_answer_each_key_with_the_name_it_was_given(broken, monkeypatch):
+    if broken:
+        monkeypatch.setattr(vl_prompts, "_keyed_episode", broken_keyed)
+    lines = scene_corpus(0, 300, seed=6, open_ended=0.0, keyed=1.0).splitlines()
+    assert len(lines) == 300
+    matched = []
+    for line in lines:
+        named = re.findall(r"(?:^|(?<=\. ))([\w-]+)\. this is a ([\w-]+)\.", line)  # the support: key. this is a name.
+        asked = re.findall(r"([\w-]+)\. q: what is this\? a: this is a ([\w-]+)\.", line)
+        table = dict(named)
+        assert 2 <= len(table) == len(named) <= 5 and 1 <= len(asked) <= 3 and all(k in table for k, _ in asked)
+        matched.append(all(table[k] == v for k, v in asked))
+    # every answer is the key's name; the broken generator's fresh names are caught on most lines
+    assert all(matched) if not broken else sum(matched) < len(matched) / 4
+
+
 def test_corpus_kinds_follow_their_shares():
     lines = scene_corpus(0, 2000, seed=5, open_ended=0.2, recall=0.2, repeat=0.1, statements=0.4).splitlines()
     kinds = {"open": sum("q: what is this?" in x for x in lines), "recall": sum(x.startswith("recall: ") for x in lines),

@@ -334,6 +334,20 @@ def _recall(rng: np.random.Generator, names_pool: list[str]) -> str:
     return f"recall: {listed}. " + " ".join(f"{keys[j]} {values[j]}." for j in asked)
 
 
+def _keyed_episode(rng: np.random.Generator, names_pool: list[str]) -> str:
+    """The open-ended layout with each description replaced by one random key word (a scene word or a name): 2–5 keys
+    each named ("red. this is a dax. zobi. this is a wug."), then 1–3 of them asked in the query's words ("zobi. q: what
+    is this? a: this is a wug."). The answer is found only by matching the key and copying the name that stands five
+    tokens after it: the evaluation's match-and-copy at its very offsets, on an exact match of one token."""
+    keys_pool = list(PRETRAIN_SHAPES) + list(COLOURS) + names_pool
+    n = int(rng.integers(2, 6))
+    keys = [keys_pool[j] for j in rng.choice(len(keys_pool), size=n, replace=False)]
+    values = [names_pool[j] for j in rng.choice(len(names_pool), size=n, replace=False)]
+    parts = [f"{k}. {SUPPORT.format(name=v)}" for k, v in zip(keys, values)]
+    parts += [f"{keys[j]}. {QUERY} {values[j]}." for j in rng.integers(n, size=int(rng.integers(1, 4)))]
+    return " ".join(parts)
+
+
 def _repeat(rng: np.random.Generator, names_pool: list[str]) -> str:
     """A repeated random span: 4–24 words drawn from the scene words and names, shown twice ("repeat: wug red zobi
     star. wug red zobi star."); the second showing is predictable token by token only by copying the first."""
@@ -344,7 +358,7 @@ def _repeat(rng: np.random.Generator, names_pool: list[str]) -> str:
 
 def scene_corpus(captions: int, episodes: int, seed: int = 0, glossary_size: int = 100, evaluation_names: bool = True,
                  open_ended: float = 0.5, drill: float = 0.0, uniform: float = 0.0, recall: float = 0.0, repeat: float = 0.0,
-                 statements: float | None = None) -> str:
+                 keyed: float = 0.0, statements: float | None = None) -> str:
     """The caption LM's corpus, one line each, shuffled: ``captions`` captions of a scene pool (1–2 objects, seen
     pairs only, no images drawn) and ``episodes`` text episodes (a share ``open_ended`` open-ended, the rest half
     Fast-VQA, half binding statements) named from :func:`glossary` and, with ``evaluation_names``, :data:`NONCE_NAMES`
@@ -353,24 +367,24 @@ def scene_corpus(captions: int, episodes: int, seed: int = 0, glossary_size: int
     ``drill`` and ``uniform``: the shares of open-ended episodes that are copy drills or show one description per name
     (:func:`_text_episode`). ``recall`` and ``repeat``: the shares of the text episodes that are associative-recall
     drills (:func:`_recall`) and repeated random spans (:func:`_repeat`), a synthetic warm-up for the match-and-copy
-    circuit; ``statements``: the share of binding statements (default: half of what the other kinds leave), Fast-VQA
-    takes the rest."""
+    circuit; ``keyed``: the share of open-ended episodes keyed by one random word (:func:`_keyed_episode`);
+    ``statements``: the share of binding statements (default: half of what the other kinds leave), Fast-VQA takes the rest."""
     for label, share in (("open_ended", open_ended), ("drill", drill), ("uniform", uniform), ("recall", recall), ("repeat", repeat),
-                         ("statements", 0.0 if statements is None else statements)):
+                         ("keyed", keyed), ("statements", 0.0 if statements is None else statements)):
         if not 0 <= share <= 1:
             raise DataError(f"scene corpus: {label} must be a share in [0, 1], got {share}")
-    rest = 1 - open_ended - recall - repeat
+    rest = 1 - open_ended - recall - repeat - keyed
     statement_share = rest / 2 if statements is None else statements
     if rest - statement_share < -1e-9:
-        raise DataError(f"scene corpus: the shares open_ended, recall, repeat and statements add up to "
-                        f"{open_ended + recall + repeat + statement_share:g}, more than 1")
+        raise DataError(f"scene corpus: the shares open_ended, recall, repeat, keyed and statements add up to "
+                        f"{open_ended + recall + repeat + keyed + statement_share:g}, more than 1")
     pool = make_pool(max(1, captions // 3), objects=(1, 2), seed=seed, draw=False)
     lines = list(pool.row_caption[:captions])
     names = glossary(glossary_size, seed) + (list(NONCE_NAMES) if evaluation_names else [])
     rng = np.random.default_rng([seed, 48])
-    shares = np.array([open_ended, max(0.0, rest - statement_share), statement_share, recall, repeat])
-    kinds = rng.choice(5, size=episodes, p=shares / shares.sum())
-    makers = (lambda r, n: _text_episode(r, n, drill, uniform), _text_vqa, _statement, _recall, _repeat)
+    shares = np.array([open_ended, max(0.0, rest - statement_share), statement_share, recall, repeat, keyed])
+    kinds = rng.choice(len(shares), size=episodes, p=shares / shares.sum())
+    makers = (lambda r, n: _text_episode(r, n, drill, uniform), _text_vqa, _statement, _recall, _repeat, _keyed_episode)
     lines += [makers[k](rng, names) for k in kinds]
     return "\n".join(lines[j] for j in rng.permutation(len(lines))) + "\n"
 
