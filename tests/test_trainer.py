@@ -247,3 +247,51 @@ def test_a_run_stopped_partway_is_resumed_not_reused(tmp_path, finish, completes
     assert (Run.open(config.run_dir).step == 4) is completes
     if completes:
         assert api.pretrain_to_completion(config, progress=False) is None  # finished: reused, not retrained
+
+
+_ONE_RANK_NAN = '''
+import sys
+import torch
+from fewshot import api
+from fewshot.methods.contrastive import SimCLR
+from fewshot.train import trainer
+
+real_loss, calls = SimCLR.loss, {"n": 0}
+
+def loss_nan_on_rank_one(self, z1, z2, labels):
+    calls["n"] += 1
+    out = real_loss(self, z1, z2, labels)
+    return out * float("nan") if calls["n"] == 5 and torch.distributed.get_rank() == 1 else out
+
+SimCLR.loss = loss_nan_on_rank_one
+if sys.argv[2] == "each rank checks alone":  # negative control: the check before this trainer's, local to each rank
+    trainer.nonfinite_ranks = lambda fabric, loss: int(not torch.isfinite(loss))
+try:
+    api.pretrain(api.load_config(overrides=[f"out={sys.argv[1]}", "name=ddp-nan", *sys.argv[3:]]), progress=False)
+except Exception as err:  # each rank says how it stopped
+    print(f"rank {torch.distributed.get_rank()} stopped: {type(err).__name__}: {str(err).splitlines()[0]}", flush=True)
+    sys.exit(3)
+'''
+
+
+@pytest.mark.parametrize("variant", ["as built", "each rank checks alone"])
+def test_a_nan_on_one_ddp_rank_stops_every_rank(tmp_path, variant):
+    """Under DDP (gloo, 2 processes) rank 1's loss turns NaN in step 5: both ranks stop on the trainer's check, with the
+    same one-line error, and step 3's checkpoint is kept. The negative control, each rank checking only its own loss,
+    leaves rank 0 in the next collective: on gloo it crashes there when rank 1 exits (NCCL would wait)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "one_rank_nan.py"
+    script.write_text(_ONE_RANK_NAN)
+    cmd = [sys.executable, str(script), str(tmp_path), variant, *TINY, "train.accelerator=cpu", "train.devices=2", "train.strategy=ddp"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        out = proc.stdout
+    except subprocess.TimeoutExpired as err:  # a hang: no rank finished
+        out = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+    message = "TrainingDiverged: loss became non-finite on 1 of 2 processes in step 5, which was not applied"
+    both = all(f"rank {r} stopped: {message}" in out for r in (0, 1))
+    assert both == (variant == "as built"), out[-2000:]
+    if variant == "as built":
+        assert load_checkpoint(tmp_path / "ddp-nan" / "checkpoints" / "last.safetensors").step == 3

@@ -107,6 +107,13 @@ def use_sync_batchnorm(train: TrainConfig, world_size: int, device: torch.device
     return train.sync_batchnorm is not False
 
 
+def nonfinite_ranks(fabric: Fabric, loss: torch.Tensor) -> int:
+    """How many processes hold a NaN or ±inf loss. Every rank learns the count (one small all-reduce), so one rank's NaN
+    stops them all: a rank raising alone would leave the others waiting forever in the gradient all-reduce."""
+    bad = (~torch.isfinite(loss.detach())).float()
+    return int(fabric.all_reduce(bad, reduce_op="sum").item()) if fabric.world_size > 1 else int(bad.item())
+
+
 def first_non_finite(named: Iterable[tuple[str, torch.Tensor | None]]) -> str | None:
     """Name of the first floating-point tensor holding a NaN or ±inf, else None.
 
@@ -236,7 +243,10 @@ def pretrain(
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss, logs = method(batch, view_gen)
-        if not torch.isfinite(loss):
+        bad_ranks = nonfinite_ranks(fabric, loss)
+        if bad_ranks and fabric.world_size > 1:
+            raise diverged(f"loss became non-finite on {bad_ranks} of {fabric.world_size} processes in step {step + 1}, which was not applied")
+        if bad_ranks:
             raise diverged(f"loss became {loss.item()} in step {step + 1}, which was not applied")
         optimizer.zero_grad(set_to_none=True)
         fabric.backward(loss)
