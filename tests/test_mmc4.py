@@ -116,3 +116,22 @@ def test_the_documents_command_and_its_one_line_errors(tmp_path: Path, capsys) -
     assert main(["data", "filter", str(tmp_path / "docs" / "documents.jsonl"), "--out", str(tmp_path / "p.tsv"), "mode=mmc4"]) != 0
     err = capsys.readouterr().err
     assert err.count("\n") == 2 and "already exists" in err and "set clip_run" in err
+
+
+@pytest.mark.parametrize("action, expected", [("documents", 1000), ("scenes", 50000)])
+def test_each_data_action_has_its_own_default_count(tmp_path: Path, monkeypatch, action, expected) -> None:
+    """Without --n, documents default to 1,000 (not the 50,000 images of `data scenes`), scenes to 50,000."""
+    import fewshot.data.documents as documents
+    import fewshot.data.scenes as scenes
+    from fewshot.cli import main
+
+    seen = {}
+
+    def record(out, n, *args, **kwargs):  # note the count, then stop before anything is written
+        seen["n"] = n
+        raise DataError("recorded")
+
+    monkeypatch.setattr(documents, "make_documents", record)
+    monkeypatch.setattr(scenes, "write_scenes", record)
+    assert main(["data", action, "--out", str(tmp_path / "x")]) != 0
+    assert seen["n"] == expected

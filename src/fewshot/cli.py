@@ -109,7 +109,12 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     _emit(args, out, _results_text(out))
 
 
+DATA_N_DEFAULTS = {"scenes": 50000, "scene-corpus": 50000, "documents": 1000}  # `fewshot data ACTION`'s --n when not given
+
+
 def cmd_data(args: argparse.Namespace) -> None:
+    if args.n is None:
+        args.n = DATA_N_DEFAULTS.get(args.action)
     from fewshot.data import sources
 
     if args.action == "scenes":
@@ -328,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="digits, omniglot or folder (info, download); the manifest (filter)")
     p.add_argument("--path", help="data path (zip or folder)")
     p.add_argument("--root", default="data", help="download folder (download only)")
-    p.add_argument("--n", type=int, default=50000, help="scenes: images to generate; scene-corpus: captions")
+    p.add_argument("--n", type=int, default=None,
+                   help=f"scenes: images to generate; scene-corpus: captions; documents: documents (defaults {DATA_N_DEFAULTS})")
     p.add_argument("--episodes", type=int, default=20000, help="scene-corpus: text binding episodes (the caption LM's corpus)")
     p.add_argument("--size", type=int, default=32, help="scenes: image side in pixels")
     p.add_argument("--objects", default="1-3", help="scenes: objects per image, N or MIN-MAX")
