@@ -457,26 +457,18 @@ class CoCa(CLIP):
 
 def decode_captions(next_logits, batch: int, max_tokens: int, decoding: str, eos_id: int, top_p: float = 0.9,
                     generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> list[list[int]]:
-    """Rows of caption ids, each cut before its first ``eos_id``: ``next_logits(ids (B, k) PAD-padded) → (B, V)`` is the
-    next token's logits after each row's k ids, recomputed from the start at every step (captions are a few tokens);
-    ``greedy`` takes the argmax, ``nucleus`` draws from the top-``top_p`` nucleus (Holtzman et al. 2020). A finished
-    row is fed PAD after its [EOS], so its earlier tokens are all that the others' states see of it."""
-    from fewshot.models.prefix_lm import top_p_filter
+    """Rows of caption ids, each cut before its first ``eos_id``, by :func:`~fewshot.models.prefix_lm.decode_steps`:
+    ``next_logits(ids (B, k) PAD-padded) → (B, V)`` is the next token's logits after each row's k ids, recomputed from
+    the start at every step (captions are a few tokens); ``greedy`` takes the argmax, ``nucleus`` draws from the
+    top-``top_p`` nucleus (Holtzman et al. 2020). A finished row is fed PAD from its [EOS] on."""
+    from fewshot.models.prefix_lm import decode_steps, greedy_choice, nucleus_choice
 
     if decoding not in ("greedy", "nucleus"):
         raise ConfigError(f"unknown decoding '{decoding}' for this captioner; choose greedy or nucleus")
-    ids = torch.empty(batch, 0, dtype=torch.long, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    for _ in range(max_tokens):
-        logits = next_logits(ids).float()
-        if decoding == "greedy":
-            chosen = logits.argmax(dim=-1)
-        else:
-            probs = top_p_filter(logits, top_p).softmax(dim=-1)
-            chosen = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
-        chosen = chosen.masked_fill(done, PAD_ID)
-        done |= chosen == eos_id
-        ids = torch.cat([ids, chosen.masked_fill(chosen == eos_id, PAD_ID)[:, None]], dim=1)
-        if bool(done.all()):
-            break
-    return [[i for i in row if i != PAD_ID] for row in ids.tolist()]
+
+    def padded_after_eos(tokens: torch.Tensor) -> torch.Tensor:
+        finished = (tokens == eos_id).long().cumsum(dim=1) > 0
+        return next_logits(tokens.masked_fill(finished, PAD_ID)).float()
+
+    choose = greedy_choice if decoding == "greedy" else nucleus_choice(top_p, 1.0, generator)
+    return decode_steps(padded_after_eos, batch, max_tokens, eos_id, choose, device)

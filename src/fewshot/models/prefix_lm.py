@@ -38,7 +38,8 @@ from fewshot.errors import ConfigError
 from fewshot.models.causal_lm import GPTPromptLM, HFCausalLM, open_causal_lm
 from fewshot.models.language import LanguageModel
 
-__all__ = ["GPTPrefixLM", "HFPrefixLM", "Past", "PrefixLM", "beam_search", "greedy", "nucleus", "open_prefix_lm", "top_p_filter"]
+__all__ = ["GPTPrefixLM", "HFPrefixLM", "Past", "PrefixLM", "beam_search", "decode_steps", "greedy", "greedy_choice", "nucleus",
+           "nucleus_choice", "open_prefix_lm", "top_p_filter"]
 
 Past = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -205,35 +206,65 @@ def _check_length(link: PrefixLM, prefix: torch.Tensor, max_tokens: int) -> None
     link.check_fits(prefix.shape[1], max_tokens - 1)  # the last token is chosen, never fed
 
 
+def decode_steps(next_logits: Callable[[torch.Tensor], torch.Tensor], batch: int, max_tokens: int, eos_id: int,
+                 choose: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str = "cpu") -> list[list[int]]:
+    """The one token-by-token decoding loop: ``next_logits(tokens (B, t)) → (B, V)`` scores the next token after each
+    row's t tokens so far (t = 0 first), ``choose(logits) → (B,)`` picks it, until every row has said ``eos_id`` or
+    ``max_tokens`` are chosen. Rows of ids, each cut before its first ``eos_id``. A finished row keeps being fed
+    whatever it chose; nothing of it after its EOS is returned."""
+    tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    for _ in range(max_tokens):
+        chosen = choose(next_logits(tokens))
+        tokens = torch.cat([tokens, chosen[:, None]], dim=1)
+        done |= chosen == eos_id
+        if bool(done.all()):
+            break
+    return [row[: row.index(eos_id)] if eos_id in row else row for row in tokens.tolist()]
+
+
+def greedy_choice(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax of each row of logits (B, V)."""
+    return logits.argmax(dim=-1)
+
+
+def nucleus_choice(top_p: float, temperature: float = 1.0, generator: torch.Generator | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A draw from softmax(logits / temperature) restricted to the top-p nucleus (:func:`top_p_filter`), with ``generator``."""
+    if temperature <= 0:
+        raise ConfigError(f"temperature must be > 0 for sampling, got {temperature} (greedy decoding is temperature 0)")
+
+    def draw(logits: torch.Tensor) -> torch.Tensor:
+        probs = top_p_filter(logits.float() / temperature, top_p).softmax(dim=-1)
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+
+    return draw
+
+
 def _decode(link: PrefixLM, prefix: torch.Tensor, max_tokens: int, choose: Callable[[torch.Tensor], torch.Tensor],
             use_cache: bool) -> list[list[int]]:
-    """Rows of generated ids, each cut before its first EOS: ``choose(logits (B, V)) -> ids (B,)`` at every step."""
+    """:func:`decode_steps` through the link after start ids ⊕ ``prefix``: with the KV cache, each new token fed alone;
+    without, the whole sequence recomputed at every step."""
     _check_length(link, prefix, max_tokens)
     start = link.prefix_sequence(prefix)
-    b = prefix.shape[0]
-    tokens = torch.empty(b, 0, dtype=torch.long, device=prefix.device)
-    done = torch.zeros(b, dtype=torch.bool, device=prefix.device)
-    logits, past = link.step(start)
-    for t in range(max_tokens):
-        chosen = choose(logits[:, -1])
-        tokens = torch.cat([tokens, chosen[:, None]], dim=1)
-        done |= chosen == link.eos_id
-        if bool(done.all()) or t == max_tokens - 1:
-            break
-        if use_cache:
-            logits, past = link.step(link.embed(chosen[:, None]), past)
+    past: list[Past] = []
+
+    def next_logits(tokens: torch.Tensor) -> torch.Tensor:
+        if not tokens.shape[1]:
+            logits, cache = link.step(start)
+        elif use_cache:
+            logits, cache = link.step(link.embed(tokens[:, -1:]), past[0])
         else:
-            logits, _ = link.step(torch.cat([start, link.embed(tokens)], dim=1))
-    out = []
-    for row in tokens.tolist():
-        out.append(row[: row.index(link.eos_id)] if link.eos_id in row else row)
-    return out
+            logits, cache = link.step(torch.cat([start, link.embed(tokens)], dim=1))
+        past[:] = [cache]
+        return logits[:, -1]
+
+    return decode_steps(next_logits, prefix.shape[0], max_tokens, link.eos_id, choose, prefix.device)
 
 
 @torch.no_grad()
 def greedy(link: PrefixLM, prefix: torch.Tensor, max_tokens: int, use_cache: bool = True) -> list[list[int]]:
     """The most probable next token at every step until EOS or ``max_tokens``, for each prefix (B, k, D)."""
-    return _decode(link, prefix, max_tokens, lambda logits: logits.argmax(dim=-1), use_cache)
+    return _decode(link, prefix, max_tokens, greedy_choice, use_cache)
 
 
 @torch.no_grad()
@@ -241,14 +272,7 @@ def nucleus(link: PrefixLM, prefix: torch.Tensor, max_tokens: int, top_p: float 
             generator: torch.Generator | None = None, use_cache: bool = True) -> list[list[int]]:
     """Nucleus sampling (Holtzman et al. 2020): each token drawn from softmax(logits / temperature) restricted
     to the top-p nucleus (:func:`top_p_filter`), with ``generator``, until EOS or ``max_tokens``."""
-    if temperature <= 0:
-        raise ConfigError(f"temperature must be > 0 for sampling, got {temperature} (greedy decoding is temperature 0)")
-
-    def draw(logits: torch.Tensor) -> torch.Tensor:
-        probs = top_p_filter(logits / temperature, top_p).softmax(dim=-1)
-        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
-
-    return _decode(link, prefix, max_tokens, draw, use_cache)
+    return _decode(link, prefix, max_tokens, nucleus_choice(top_p, temperature, generator), use_cache)
 
 
 def _reorder(past: Past, rows: torch.Tensor) -> Past:
