@@ -19,12 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reused_runs import train  # noqa: E402  (shared by the benches)
 
 from fewshot import api
+from fewshot.data import vl_prompts
 from fewshot.data.vl_prompts import NONCE_NAMES, category_images, glossary, scene_corpus
 from fewshot.evaluate.vl_in_context import PrefixInContext, Setting, evaluate_open_ended
 from fewshot.io import atomic_write
@@ -47,6 +49,42 @@ def repeated_sequence_losses(link, pool: list[int], length: int = 40, sequences:
         first.append(nll[s:s + length].mean().item())
         second.append(nll[s + length + 1:s + 2 * length].mean().item())
     return sum(first) / sequences, sum(second) / sequences
+
+
+def _word_losses(link, line: str) -> list[float]:
+    """The next-token loss of each space-separated word of ``line`` (its first token's), the line right after the start ids."""
+    words = line.split(" ")
+    pieces = [link.tokenizer.encode(w if i == 0 else f" {w}").ids for i, w in enumerate(words)]
+    ids = link.start_ids + [t for p in pieces for t in p]
+    with torch.no_grad():
+        logits, _ = link.step(link.embed(torch.tensor([ids])))
+    nll = -logits[0, :-1].log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    starts = torch.tensor([len(link.start_ids) + sum(len(p) for p in pieces[:i]) for i in range(len(words))])
+    return nll[starts - 1].tolist()
+
+
+def drill_losses(link, names: list[str], lines: int = 40, seed: int = 0) -> dict[str, float]:
+    """Match-and-copy on fresh lines of the corpus's own synthetic kinds (one-token names only), mean loss in nats of:
+    a recall drill's values where they are listed (not predictable) and where their key is asked again (copied); a
+    repeated span's words on the first and on the second showing; a keyed episode's names in its support and in the
+    answers (copied from five tokens after the matching key)."""
+    rng = np.random.default_rng([seed, 99])
+    out: dict[str, list[float]] = {k: [] for k in ("recall listed", "recall asked", "repeat first", "repeat second", "keyed support", "keyed answer")}
+    for _ in range(lines):
+        line = vl_prompts._recall(rng, names)
+        nll, n = _word_losses(link, line), line.split(". ", 1)[0].count(",") + 1
+        out["recall listed"] += nll[2:2 * n + 1:2]
+        out["recall asked"] += nll[2 * n + 2::2]
+        line = vl_prompts._repeat(rng, names)
+        nll, n = _word_losses(link, line), (len(line.split(" ")) - 1) // 2
+        out["repeat first"] += nll[2:n + 1]
+        out["repeat second"] += nll[n + 2:]
+        line = vl_prompts._keyed_episode(rng, names)
+        words, nll = line.split(" "), _word_losses(link, line)
+        for i in range(4, len(words)):
+            if words[i - 3:i] == ["this", "is", "a"]:
+                out["keyed answer" if words[i - 4] == "a:" else "keyed support"].append(nll[i])
+    return {k: sum(v) / len(v) for k, v in out.items()}
 
 
 SETTINGS = (Setting(2, 1, 0, False), Setting(2, 1, 0, True), Setting(2, 5, 0, True), Setting(2, 1, 3, True), Setting(5, 1, 0, True))
@@ -84,12 +122,17 @@ def main() -> None:
     model = PrefixInContext(link, None, args.name)
     result: dict = {"name": args.name, "corpus": str(corpus), "steps": args.steps, "overrides": args.overrides,
                     "train_cpu_minutes": None if train_cpu is None else round(train_cpu / 60, 2)}
-    names = [ids[0] for ids in (link.tokenizer.encode(f" {w}").ids for w in glossary(100, args.seed) + list(NONCE_NAMES)) if len(ids) == 1]
+    glossary_size = json.loads(args.corpus_options).get("glossary_size", 100)
+    words = [w for w in glossary(glossary_size, args.seed) + list(NONCE_NAMES) if len(link.tokenizer.encode(f" {w}").ids) == 1]
+    names = [link.tokenizer.encode(f" {w}").ids[0] for w in words]
     for label, pool in (("any token", list(range(20, link.vocab_size))), ("names", names)):
         first, second = repeated_sequence_losses(link, pool, seed=args.seed)
         result[f"repeated_sequence_nll ({label})"] = [round(first, 2), round(second, 2)]
         print(f"{args.name}: a random 40-token sequence ({label}) shown twice: {first:.2f} nats per token on the first showing, "
               f"{second:.2f} on the second")
+    drills = drill_losses(link, words, seed=args.seed)
+    result["drill_nll"] = {k: round(v, 2) for k, v in drills.items()}
+    print(f"{args.name}: match-and-copy on fresh synthetic lines (nats): " + ", ".join(f"{k} {v:.2f}" for k, v in drills.items()))
     print(f"{args.name}: text-only exact match (%, mean ± 95% CI over {args.eval_episodes} seeded episodes)")
     for category in ("shapes", "colours"):
         cells = evaluate_open_ended(model, category_images(category, 12, 32, args.seed), SETTINGS, args.eval_episodes, args.seed, text_only=True)
