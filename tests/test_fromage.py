@@ -81,7 +81,7 @@ def test_the_frozen_lm_is_bit_identical_after_training(runs, hf_folder, tmp_path
     lm = {k for k in before if k.startswith("language_model.")}
     assert bool(changed & lm) == (variant == "tuned lm")  # a tuned LM (not the paper's) moves: the check can see it
     assert not any(k.startswith(("encoder.", "image_projection.")) for k in changed)
-    for part in ("ret_embedding", "visual.weight", "text_to_retrieval.weight", "image_to_retrieval.weight", "logit_scale"):
+    for part in ("ret_embedding", "ret_output", "visual.weight", "text_to_retrieval.weight", "image_to_retrieval.weight", "logit_scale"):
         assert part in changed
 
 
@@ -170,7 +170,7 @@ def _loop_emission(method, tokens, lengths):
         ids = tokens[i, : lengths[i]].tolist() + [method.ret_id]
         sequence = torch.cat([start, link.embed(tokens[i : i + 1, : lengths[i]]), method.ret_embedding[None]], dim=1)
         own, _ = link.step(sequence)
-        ret = link.output_features(link.hidden(sequence)) @ method.ret_embedding[0]
+        ret = link.output_features(link.hidden(sequence)) @ method.ret_output_row[0]
         for j, target in enumerate(ids):
             p = len(link.start_ids) - 1 + j  # the position whose next token is ids[j]
             if p < 0:  # an LM without start ids has nothing before the first token to predict it
@@ -181,11 +181,13 @@ def _loop_emission(method, tokens, lengths):
     return total / count
 
 
+@pytest.mark.parametrize("tie", ["own output row", "tied"])
 @pytest.mark.parametrize("lm", ["gpt", "hf"])
 @pytest.mark.parametrize("variant", ["as built", "[RET] left out of the labels"])
-def test_the_emission_loss_equals_a_loop_transcription(runs, hf_folder, tmp_path, monkeypatch, variant, lm):  # noqa: F811
+def test_the_emission_loss_equals_a_loop_transcription(runs, hf_folder, tmp_path, monkeypatch, variant, lm, tie):  # noqa: F811
     init = [f"method.lm.init={hf_folder['with-eos']}"] if lm == "hf" else []
-    method = _perturbed(build_method(_config(runs, tmp_path, *init))).eval()
+    method = _perturbed(build_method(_config(runs, tmp_path, *init, f"method.tie_ret={str(tie == 'tied').lower()}"))).eval()
+    assert (method.ret_output_row is method.ret_embedding) == (tie == "tied")
     if variant == "[RET] left out of the labels":  # negative control: the loss of the caption tokens alone
         import fewshot.methods.fromage as fromage_module
 

@@ -27,10 +27,15 @@ Losses, λ_c = ``caption_weight``, λ_r = ``retrieval_weight``, λ_e = ``emit_we
   L_t2i = −(1/B) Σ_i log softmax_j(s_ij)_i, L_i2t the same over the columns
   (:func:`fewshot.objectives.clip.clip_loss` is their mean, so the sum is twice it; identical captions are positives).
 * L_emit: the LM loss of the same text-only pass start ⊕ caption ⊕ [RET], over the vocabulary plus [RET], so the LM
-  learns to say [RET] when a caption ends (how it asks for an image in dialogue): logits f(h) @ [E; r]ᵀ, f and E the
-  LM's own output features and rows (:meth:`~fewshot.models.prefix_lm.PrefixLM.output_features`), r the [RET] row,
-  one row for input and output as in OPT, whose embeddings are tied; labels every caption token and [RET]
-  (:func:`~fewshot.objectives.captioning.caption_loss`; start and padding never count).
+  learns to say [RET] when a caption ends (how it asks for an image in dialogue): logits f(h) @ [E; r_out]ᵀ, f and E
+  the LM's own output features and rows (:meth:`~fewshot.models.prefix_lm.PrefixLM.output_features`), r_out the [RET]
+  output row; labels every caption token and [RET] (:func:`~fewshot.objectives.captioning.caption_loss`; start and
+  padding never count).
+
+Departure: the paper's [RET] is one row for input and output (OPT's embeddings are tied). ``tie_ret=false`` (the
+default here) gives [RET] its own output row r_out, initialised like the input row: a tied row of a 128-wide LM cannot
+serve both the retrieval state and the emission (docs/benchmarks.md: tied, 800 steps, p([RET]) after a caption 0.002 and
+never the argmax); ``tie_ret=true`` is the paper's.
 
 Retrieval (``embed_texts`` / ``embed_images``, what ``fewshot retrieve`` and :mod:`fewshot.evaluate.image_text`
 read): a caption's [RET] state through W_t against the images through W_i, by cosine similarity.
@@ -64,6 +69,7 @@ class FromageConfig(MethodConfig):
     caption_weight: float = Field(1.0, ge=0, description="λ_c, the captioning loss's weight (paper: 1)")
     retrieval_weight: float = Field(1.0, ge=0, description="λ_r, the weight of L_t2i + L_i2t (paper: 1)")
     emit_weight: float = Field(1.0, ge=0, description="λ_e, the weight of the LM loss that teaches the LM to say [RET] after a caption (paper: 1)")
+    tie_ret: bool = Field(False, description="one [RET] row for input and output, as OPT's tied embeddings (paper); false: its own output row")
     concat_fraction: float = Field(0.5, ge=0, le=1, description="share of a batch's examples concatenated in pairs for captioning (paper: 0.5)")
     image: ClipCapImage = Field(default_factory=ClipCapImage)
     lm: ClipCapLM = Field(default_factory=ClipCapLM)
@@ -130,6 +136,10 @@ class Fromage(ClipCap):
         with torch.no_grad():
             mean_row = link.embed(torch.arange(link.vocab_size)).mean(dim=0, keepdim=True)
         self.ret_embedding = nn.Parameter(mean_row.clone())
+        if not m.tie_ret:
+            with torch.no_grad():
+                mean_out = link.output_rows().mean(dim=0, keepdim=True)
+            self.ret_output = nn.Parameter(mean_out.clone())
         self.visual = nn.Linear(embed, m.prefix_length * link.dim)  # W_c
         self.text_to_retrieval = nn.Linear(link.dim, m.embed_dim)  # W_t
         self.image_to_retrieval = nn.Linear(embed, m.embed_dim)  # W_i
@@ -185,10 +195,15 @@ class Fromage(ClipCap):
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), at]
 
     def extended_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits (B, N, V + 1) over the LM's vocabulary plus [RET]: f(h) @ [E; r]ᵀ."""
+        """Logits (B, N, V + 1) over the LM's vocabulary plus [RET]: f(h) @ [E; r_out]ᵀ."""
         link = self.language_model
         features = link.output_features(hidden)
-        return features @ torch.cat([link.output_rows(), self.ret_embedding]).to(features.dtype).T
+        return features @ torch.cat([link.output_rows(), self.ret_output_row]).to(features.dtype).T
+
+    @property
+    def ret_output_row(self) -> torch.Tensor:
+        """r_out (1, D): the [RET] input row itself when tied, else its own output row."""
+        return self.ret_embedding if not hasattr(self, "ret_output") else self.ret_output
 
     def emission_loss(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """L_emit of a :meth:`ret_pass`: every caption token and the [RET] after it, given the start ids and what precedes."""
