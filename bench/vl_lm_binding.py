@@ -3,7 +3,8 @@
 The text-only rows of bench/vl_in_context.py without any image model: Frozen's open-ended episodes on the scene shapes
 and colours with every image replaced by its description ("a small red circle."), greedy exact match of the nonce name,
 mean ± 95% CI over seeded episodes. 2-way: no induction 1 shot; induction 1 and 5 shots; induction 1 shot 3 repeats;
-5-way induction 1 shot. An LM that cannot name the right word here cannot do it from an image prefix either.
+5-way induction 1 shot. An LM that cannot name the right word here cannot do it from an image prefix either. First the
+induction diagnostics: a random sequence shown twice, and match-and-copy on the corpus's synthetic drill formats.
 
     OMP_NUM_THREADS=1 python bench/vl_lm_binding.py --name pD --episodes 12000 --steps 3600 \
         --corpus-options '{"open_ended": 0.7, "drill": 0.3}' train.batch_size=5 \
