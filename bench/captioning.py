@@ -265,6 +265,9 @@ def main() -> None:
             print(f"{pairs:<9} captions CIDEr-D {s['cider_d']:.3f} ± {s['cider_d_ci95']:.3f}, true {100 * s['share_true']:.1f}%; [RET] said "
                   f"after {100 * e['after_caption']:.1f} ± {100 * e['after_caption_ci95']:.1f}% of captions, inside at "
                   f"{100 * e['inside_caption']:.1f}% of positions")
+            rule = f["ret_emission_last_token_rule"][pairs]
+            print(f"{'':<9} the last-token rule (no LM): after {100 * rule['after_caption']:.1f} ± {100 * rule['after_caption_ci95']:.1f}%, "
+                  f"inside at {100 * rule['inside_caption']:.1f}%")
     if "capfilt" in results:
         c = results["capfilt"]
         web = c["capfilt"]["report"]["all"]

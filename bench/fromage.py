@@ -91,10 +91,39 @@ def ret_emission(run: Run, n: int, seed: int, heldout: bool) -> dict[str, float]
     return {"after_caption": share, "after_caption_ci95": ci, "inside_caption": float(early.mean()), "captions": n}
 
 
+@torch.no_grad()
+def last_token_rule(run: Run, n: int, seed: int, heldout: bool) -> dict[str, float]:
+    """The baseline for :func:`ret_emission` with no LM: say [RET] after token w iff w ended more of the training captions
+    (the run's manifest) than it went on; scored as ``Fromage.emits_ret`` is, on the same captions (after the start ids,
+    never)."""
+    from collections import Counter
+
+    from fewshot.data.pairs import read_manifest
+    from fewshot.evaluate.runner import mean_ci95
+
+    method, seq_len = run.method(), run.config.data.seq_len
+    ends, goes_on = Counter(), Counter()
+    train, _ = tokenize_captions(method.text_tokenizer, read_manifest(run.config.data.path).captions, seq_len)
+    for row in train.tolist():
+        row = [t for t in row if t != PAD_ID]
+        goes_on.update(row[:-1])
+        ends[row[-1]] += 1
+    test = caption_test(n, run.config.data.image_size, seed, _split_seed(run), heldout=heldout)
+    tokens, _ = tokenize_captions(method.text_tokenizer, [r[0] for r in test.references], seq_len)
+    after, inside = [], []
+    for row in tokens.tolist():
+        row = [t for t in row if t != PAD_ID]
+        says = [ends[t] > goes_on[t] for t in row]
+        after.append(float(says[-1]))
+        inside.append(sum(says[:-1]) / len(row))  # emits_ret's positions: the last start id and every token but the last
+    share, ci = mean_ci95(torch.tensor(after).numpy())
+    return {"after_caption": share, "after_caption_ci95": ci, "inside_caption": sum(inside) / len(inside), "captions": n}
+
+
 def fromage_scores(run_dir: Path, clip_run: Path, n: int, seed: int) -> dict:
     """FROMAGe's [RET] retrieval beside CLIP's text tower, its greedy captions and where it says [RET], on ``n`` fresh
     scenes of the seen and of the held-out pairs (stream ``seed``)."""
-    retrieval, captions, emission = {}, {}, {}
+    retrieval, captions, emission, baseline = {}, {}, {}, {}
     run = Run.open(run_dir)
     for pairs in ("seen", "held-out"):
         held = pairs == "held-out"
@@ -102,7 +131,8 @@ def fromage_scores(run_dir: Path, clip_run: Path, n: int, seed: int) -> dict:
         result = caption_run(run_dir, n, seed, heldout=held)
         captions[pairs] = {k: result[k] for k in CAPTION_KEYS}
         emission[pairs] = ret_emission(run, n, seed, held)
-    return {"retrieval": retrieval, "captions": captions, "ret_emission": emission}
+        baseline[pairs] = last_token_rule(run, n, seed, held)
+    return {"retrieval": retrieval, "captions": captions, "ret_emission": emission, "ret_emission_last_token_rule": baseline}
 
 
 def print_retrieval(retrieval: dict) -> None:
@@ -178,13 +208,17 @@ def main() -> None:
     for pairs, e in scores["ret_emission"].items():
         print(f"[RET] said right after {pairs} captions: {100 * e['after_caption']:.1f} ± {100 * e['after_caption_ci95']:.1f}%, "
               f"inside them {100 * e['inside_caption']:.1f}% of positions")
+    for pairs, e in scores["ret_emission_last_token_rule"].items():
+        print(f"  the last-token rule (no LM), {pairs}: after {100 * e['after_caption']:.1f} ± {100 * e['after_caption_ci95']:.1f}%, "
+              f"inside {100 * e['inside_caption']:.1f}%")
     print(f"\ncaptioning loss of {args.test} seen scenes' first captions by the visual embeddings given (nats):")
     for name, d in dependence.items():
         print(f"  {name:<16} {d['loss']:.3f}   without the EOS labels {d['loss_without_eos']:.3f}")
     result = {
         "bench": "fromage", "quick": args.quick, "pool": {"folder": str(pool), "scenes": info["images"], "split_seed": info["split_seed"]},
         "clip_run": str(clip_run), "gpt_run": str(gpt_run), "run": str(config.run_dir), "steps": args.steps, "test_scenes": args.test,
-        "trainable_parameters": trainable, "retrieval": retrieval, "captions": captions, "ret_emission": scores["ret_emission"], "image_dependence": dependence, "train_cpu_seconds": cpu_seconds,
+        "trainable_parameters": trainable, "retrieval": retrieval, "captions": captions, "ret_emission": scores["ret_emission"],
+        "ret_emission_last_token_rule": scores["ret_emission_last_token_rule"], "image_dependence": dependence, "train_cpu_seconds": cpu_seconds,
         "final_losses": history[-1] if history else None,
         "wall_seconds": time.time() - start, "cpu_seconds": time.process_time() - cpu, "load_average": os.getloadavg(),
     }
