@@ -234,6 +234,26 @@ def test_the_emission_loss_teaches_the_lm_to_say_ret_where_captions_end(runs, tm
         assert p_ret[rows, at - 1].max() < 0.05 and not after.any(), p_ret[rows, at - 1]
 
 
+def test_emits_ret_equals_each_caption_read_alone(runs, tmp_path):
+    """``emits_ret`` against a loop over captions read one at a time, unpadded: the argmax over V + 1 right after the
+    caption's last token, and the share of the positions from the last start id to the second-last token where it is
+    [RET]. The output row is set to 10 × the features at caption 0's first token, so [RET] is said there (inside)."""
+    method = _perturbed(build_method(_config(runs, tmp_path))).eval()
+    link, starts = method.language_model, len(method.language_model.start_ids)
+    tokens, lengths = _captions(8, seed=1)
+    with torch.no_grad():
+        hidden, _, _ = method.ret_pass(tokens)
+        method.ret_output.copy_(10 * link.output_features(hidden)[0, starts][None])
+        after, early = method.emits_ret(tokens)
+        for i in range(len(tokens)):
+            alone, _, _ = method.ret_pass(tokens[i : i + 1, : lengths[i]])
+            said = (method.extended_logits(alone)[0].argmax(dim=-1) == method.ret_id).tolist()
+            inside = said[starts - 1 : starts - 1 + int(lengths[i])]  # position p predicts p + 1: the caption's own tokens
+            assert bool(after[i]) == said[starts - 1 + int(lengths[i])], i
+            assert float(early[i]) == pytest.approx(sum(inside) / len(inside)), (i, inside)
+    assert early[0] > 0  # the row set above is said inside caption 0
+
+
 def test_the_training_step_logs_and_adds_the_emission_loss(runs, tmp_path):
     tokens, _ = _captions()
     batch = {"images": torch.rand(4, 3, 16, 16), "tokens": tokens}
@@ -242,7 +262,7 @@ def test_the_training_step_logs_and_adds_the_emission_loss(runs, tmp_path):
         torch.manual_seed(0)  # the same maps and [RET] row at every weight
         method = build_method(_config(runs, tmp_path, f"method.emit_weight={weight}", "method.concat_fraction=0"))
         loss, logs = method(batch, torch.Generator().manual_seed(0))
-        losses[weight] = (float(loss), logs.get("emit"))
+        losses[weight] = (float(loss.detach()), logs.get("emit"))
     assert losses[0.0][1] is None and losses[1.0][1] is not None
     assert abs(losses[1.0][0] - losses[0.0][0] - losses[1.0][1]) < 1e-5
     assert abs(losses[2.0][0] - losses[0.0][0] - 2 * losses[1.0][1]) < 1e-5
