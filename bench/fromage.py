@@ -9,6 +9,8 @@ pairs and as many of the held-out CoGenT pairs (the captioning bench's test stre
 * text → image retrieval, each scene's first reference caption against the test images: R@1 and R@5 ± 95% CI, by the
   caption's [RET] state (FROMAGe) and by CLIP's text tower (the same CLIP run whose image tower FROMAGe reads), on the
   same candidates; relevance instance (the caption's own image) and semantic (every image the caption is true of);
+* where the LM says [RET] (``Fromage.emits_ret``) beside the last-token rule (no LM: [RET] after a token that ended more
+  training captions than it went on);
 * FROMAGe's greedy captions through the frozen LM: BLEU-4, ROUGE-L, CIDEr-D, scene F1, share true (± CI);
 * how much the captions depend on the image: the captioning loss of those scenes' first captions with each image's own
   visual embeddings, another image's (the batch rolled by one) and zeros, with and without the EOS labels;
