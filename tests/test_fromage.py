@@ -409,3 +409,20 @@ def test_bad_input_is_one_line(runs, hf_folder, tmp_path):  # noqa: F811
             build_method(_config(runs, tmp_path, *overrides))
         assert "\n" not in str(err.value)
     build_method(_config(runs, tmp_path, "method.prefix_length=10", "method.concat_fraction=0"))  # no pairs: it fits
+
+
+@pytest.mark.parametrize("variant", ["saved before ret_output", "saved with it"])
+def test_a_run_saved_before_the_own_output_row_loads_with_its_tied_row(runs, tmp_path, variant):
+    """An old checkpoint (no ret_output) loads with ret_output = its [RET] input row, so its emission logits equal the
+    tied model's; a checkpoint that has the row keeps its own (the control: the rows differ)."""
+    old = _perturbed(build_method(_config(runs, tmp_path, "method.tie_ret=true"))).eval()
+    state = old.state_dict()
+    new = build_method(_config(runs, tmp_path)).eval()
+    if variant == "saved with it":
+        state = {**state, "ret_output": torch.randn_like(old.ret_embedding)}
+    new.load_state_dict(state)
+    tokens, _ = _captions()
+    with torch.no_grad():
+        hidden, _, _ = new.ret_pass(tokens)
+        same = torch.allclose(new.extended_logits(hidden), old.extended_logits(hidden))
+    assert same == (variant == "saved before ret_output")

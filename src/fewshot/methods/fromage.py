@@ -110,6 +110,13 @@ def caption_layout(ids: torch.Tensor, groups: list[list[int]], starts: int, k: i
     return source, labels
 
 
+def _tied_before_ret_output(state_dict: dict, prefix: str, *args) -> None:
+    """A run saved before [RET] had its own output row scored [RET] with its input row: load that row as the output row,
+    so the old run reads and says [RET] exactly as it was trained."""
+    if prefix + "ret_output" not in state_dict and prefix + "ret_embedding" in state_dict:
+        state_dict[prefix + "ret_output"] = state_dict[prefix + "ret_embedding"].clone()
+
+
 class Fromage(ClipCap):
     """Frozen image embedding → W_c → k visual embeddings for captioning; caption ⊕ [RET] → W_t against W_i e for retrieval."""
 
@@ -140,6 +147,7 @@ class Fromage(ClipCap):
             with torch.no_grad():
                 mean_out = link.output_rows().mean(dim=0, keepdim=True)
             self.ret_output = nn.Parameter(mean_out.clone())
+            self._register_load_state_dict_pre_hook(_tied_before_ret_output)
         self.visual = nn.Linear(embed, m.prefix_length * link.dim)  # W_c
         self.text_to_retrieval = nn.Linear(link.dim, m.embed_dim)  # W_t
         self.image_to_retrieval = nn.Linear(embed, m.embed_dim)  # W_i
