@@ -56,3 +56,16 @@ def test_a_glossary_without_the_word_filter_fails_the_property(monkeypatch):
     listed = real_words()
     monkeypatch.setattr(vl_prompts, "real_words", lambda: frozenset())
     assert set(glossary(400, 0)) & listed
+
+
+def test_a_glossary_larger_than_the_cap_is_a_one_line_error_and_the_cap_is_reachable():
+    """Asking for more names than the cap is refused at once (it used to loop forever past the ≈ 76,000 candidates);
+    the cap itself is drawn, all distinct."""
+    from fewshot.data.vl_prompts import MAX_GLOSSARY
+    from fewshot.errors import DataError
+
+    with pytest.raises(DataError, match="0 to 20,000 made-up names") as err:
+        glossary(MAX_GLOSSARY + 1)
+    assert "\n" not in str(err.value)
+    words = glossary(MAX_GLOSSARY, seed=1)
+    assert len(set(words)) == MAX_GLOSSARY

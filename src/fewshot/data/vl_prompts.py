@@ -77,10 +77,16 @@ def _candidate_names(seed: int) -> Iterator[str]:
                       for p in pattern)
 
 
+MAX_GLOSSARY = 20000  # made-up names one glossary may ask for
+
+
 def glossary(n: int, seed: int = 0) -> list[str]:
     """``n`` distinct made-up words: the first ``n`` distinct candidates of :func:`_candidate_names` at ``seed`` that
     are no evaluation name, no word of the scene world and no real word (:func:`real_words`): the names of the
     corpus's training episodes."""
+    if not 0 <= n <= MAX_GLOSSARY:
+        # the four patterns make ≈ 76,000 distinct strings; far below that, drawing distinct ones stays quick
+        raise DataError(f"a glossary holds 0 to {MAX_GLOSSARY:,} made-up names, not {n:,}")
     taken = set(NONCE_NAMES) | set(PRETRAIN_SHAPES) | set(FEWSHOT_SHAPES) | set(COLOURS) | set(SIZES) | real_words()
     words: list[str] = []
     candidates = _candidate_names(seed)
