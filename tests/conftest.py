@@ -139,3 +139,19 @@ def save_tiny_hf_gpt2(folder: Path, corpus: str, n_positions: int = 256) -> Path
     model.save_pretrained(folder)
     return folder
 
+
+def changed_by_training(config, data) -> tuple[set[str], "object"]:
+    """Train ``config`` on ``data`` through the one trainer and reopen the saved run: the state-dict keys whose tensors
+    differ from the method's initial state, and the run. The initial state is rebuilt the way the trainer builds it
+    (seeded with ``train.seed`` just before), so a key is in the set only if training moved it."""
+    from fewshot.methods import build_method
+    from fewshot.run import Run
+    from fewshot.train.trainer import pretrain
+
+    torch.manual_seed(config.train.seed)
+    before = build_method(config).state_dict()
+    pretrain(config, data, progress=False)
+    run = Run.open(config.run_dir)
+    after = run.method().state_dict()
+    return {k for k in before if not torch.equal(before[k], after[k])}, run
+

@@ -160,19 +160,14 @@ def _stage1_config(runs, root, name="qformer", *overrides):
 def test_stage1_trains_its_three_losses_with_the_image_tower_frozen(runs, tmp_path, monkeypatch, setting):
     from fewshot.data.tokenizer import load_tokenizer
     from fewshot.methods.blip2 import BLIP2QFormer
-    from fewshot.methods import build_method
-    from fewshot.run import Run
-    from fewshot.train.trainer import pretrain
+    from conftest import changed_by_training
 
     if setting == "frozen without eval mode":  # negative control: no gradient, but BatchNorm keeps updating its statistics
         monkeypatch.setattr(BLIP2QFormer, "train", torch.nn.Module.train)
     config = _stage1_config(runs, tmp_path)
-    before = build_method(config).state_dict()
-    result = pretrain(config, _pairs(load_tokenizer(runs["clip"])), progress=False)
-    row = result.history[-1] if hasattr(result, "history") else Run.open(config.run_dir).history[-1]
+    changed, run = changed_by_training(config, _pairs(load_tokenizer(runs["clip"])))
+    row = run.history[-1]
     assert {"itc", "itm", "itg"} <= row.keys() and all(math.isfinite(row[k]) for k in ("itc", "itm", "itg"))
-    after = Run.open(config.run_dir).method().state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(k.startswith("encoder.") for k in changed) == (setting != "frozen")  # BatchNorm statistics included
     for part in ("qformer.query_tokens", "qformer.token_embed.weight", "itm_head.weight", "lm_head.weight", "image_projection.weight"):
         assert part in changed, part
