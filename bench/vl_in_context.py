@@ -23,6 +23,14 @@ Verdicts (a row beats another only when the intervals do not overlap, i.e. the d
     OMP_NUM_THREADS=1 FEWSHOT_DATA=/work/shared/data python bench/vl_in_context.py --pool runs/bench-vl/scenes-20000 --out runs/frozen/bench
         # 14.1 CPU-minutes on a shared 2-core CPU (training 10.2, evaluation 3.9; docs/benchmarks.md)
     OMP_NUM_THREADS=1 python bench/vl_in_context.py --quick     # a smoke run, measures nothing
+
+With ``--lm`` an existing LM replaces step 1 (e.g. SmolLM2 after ``fewshot icl tune-lm`` on the corpus's answers, which
+binds names in text where gpt-scenes does not), ``--image-init`` starts the conv4 from a clip-scenes run, and
+``--ways``, ``--columns``, ``--vqa-shots`` cut the grid to what a 135M LM can be scored on in minutes:
+
+    OMP_NUM_THREADS=2 FEWSHOT_DATA=/work/shared/data python bench/vl_in_context.py --pool runs/bench-vl/scenes-20000 \
+        --out runs/vlctx/bench --lm runs/vlctx/smollm2-answers-160 --image-init runs/bench-vl/clip-20000-1000 --steps 250 \
+        --override train.batch_size=16 --categories shapes colours --ways 2 --columns 1 3 --vqa-shots 1 3
 """
 
 from __future__ import annotations
@@ -58,11 +66,13 @@ VQA_SHOTS = (0, 1, 3, 5)
 
 def configs(args: argparse.Namespace, manifest: Path) -> dict[str, RunConfig]:
     out = args.out
-    runs = {"gpt": scene_lm_config(out, args.gpt_steps, args.captions, args.text_episodes, args.seed, args.gpt_override)}
+    runs = {} if args.lm else {"gpt": scene_lm_config(out, args.gpt_steps, args.captions, args.text_episodes, args.seed, args.gpt_override)}
+    lm = args.lm or runs["gpt"].run_dir
+    image = [f"method.image.init={args.image_init}"] if args.image_init else []
     for name, blind in (("frozen", False), ("train-blind", True)):
         runs[name] = api.load_config(api.find_recipe("frozen-scenes"), [
             f"data.path={manifest}", f"out={out}", f"name={name}-{args.steps}", f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}",
-            f"train.warmup_steps={min(50, args.steps // 10)}", f"method.lm.init={runs['gpt'].run_dir}", f"method.blind={str(blind).lower()}",
+            f"train.warmup_steps={min(50, args.steps // 10)}", f"method.lm.init={lm}", f"method.blind={str(blind).lower()}", *image,
             *args.override])
     return runs
 
@@ -95,6 +105,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--override", nargs="*", default=[], help="key=value overrides of the Frozen runs")
     p.add_argument("--gpt-override", nargs="*", default=[], help="key=value overrides of the caption LM")
+    p.add_argument("--lm", help="an existing frozen LM instead of training gpt-scenes: smollm2, a Hugging Face folder (e.g. from "
+                   "`fewshot icl tune-lm`) or a gpt run")
+    p.add_argument("--image-init", help="start Frozen's conv4 from this run's image tower (e.g. a clip-scenes run; the paper: a pre-trained NF-ResNet-50)")
+    p.add_argument("--ways", type=int, nargs="+", default=[2, 5])
+    p.add_argument("--columns", type=int, nargs="+", default=list(range(len(COLUMNS))), help=f"indices of {COLUMNS} to run (others print —)")
+    p.add_argument("--vqa-shots", type=int, nargs="+", default=list(VQA_SHOTS))
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny pool, few steps and episodes; measures nothing")
     args = p.parse_args()
     if args.quick:
@@ -122,21 +138,23 @@ def main() -> None:
             results["skipped"][category] = str(exc)
             continue
         table = {}
-        for way in (2, 5):
+        for way in args.ways:
             for row, (model, nonce) in rows.items():
                 if not nonce and category == "omniglot":
                     continue  # Omniglot characters have no real names
-                table[f"{way}-way {row}"] = [one_cell(model, data, setting, args, results["misfits"]) for setting in frozen_columns(way, nonce)]
+                table[f"{way}-way {row}"] = [one_cell(model, data, setting, args, results["misfits"]) if c in args.columns else None
+                                             for c, setting in enumerate(frozen_columns(way, nonce))]
             if data.descriptions is not None:  # the LM told in words what each image shows: the ceiling the images aim at
-                table[f"{way}-way text only"] = [one_cell(frozen, data, setting, args, results["misfits"], text_only=True)
-                                                 for setting in frozen_columns(way, True)]
+                table[f"{way}-way text only"] = [one_cell(frozen, data, setting, args, results["misfits"], text_only=True) if c in args.columns else None
+                                                 for c, setting in enumerate(frozen_columns(way, True))]
         results["categories"][category] = table
-    vqa = {row: list(evaluate_fast_vqa(m, VQA_SHOTS, args.episodes, args.seed).values())
+    vqa = {row: list(evaluate_fast_vqa(m, args.vqa_shots, args.episodes, args.seed).values())
            for row, m in (("Frozen", frozen), ("test-blind", BlankImages(frozen)), ("train-blind", blind))}
     eval_minutes = (time.process_time() - eval_cpu) / 60
 
     print(f"\nImages in context: exact-match accuracy (%, mean ± 95% CI over {args.episodes} seeded episodes, one query each); "
-          f"Frozen = conv4 from scratch → 2 prefix embeddings → frozen gpt-scenes ({args.gpt_steps} steps), {args.steps} steps at batch 64")
+          f"Frozen = conv4 {'from ' + args.image_init if args.image_init else 'from scratch'} → 2 prefix embeddings → frozen "
+          f"{args.lm or f'gpt-scenes ({args.gpt_steps} steps)'}, {args.steps} steps at batch {runs['frozen'].train.batch_size}")
     header = f"{'':28s}" + "".join(f"{c:>14s}" for c in COLUMNS)
     for category, table in results["categories"].items():
         print(f"\n{category}\n{header}")
@@ -148,7 +166,7 @@ def main() -> None:
     for row, values in LECTURE.items():
         if not row.startswith("Fast-VQA"):
             print(f"{row:28s}" + "".join(f"{v:>14.1f}" for v in values))
-    print(f"\nFast-VQA (shots per named shape){'':4s}" + "".join(f"{k:>14d}" for k in VQA_SHOTS))
+    print(f"\nFast-VQA (shots per named shape){'':4s}" + "".join(f"{k:>14d}" for k in args.vqa_shots))
     for row, cells in vqa.items():
         print(f"{row:36s}" + "".join(f"{cell_text(c):>14s}" for c in cells))
     for row in ("Fast-VQA Frozen", "Fast-VQA train-blind"):
@@ -157,10 +175,12 @@ def main() -> None:
     verdicts = {}
     for category, table in results["categories"].items():
         for col, name in ((1, "induction 1 shot"), (3, "induction 5 shots")):
+            if "2-way Frozen" not in table:
+                continue
             f, tb, rb = table["2-way Frozen"][col], table["2-way test-blind"][col], table["2-way train-blind"][col]
             verdicts[f"{category}: 2-way nonce {name} above test-blind"] = None if f is None or tb is None else above_beyond_ci95(f, tb)
             verdicts[f"{category}: 2-way nonce {name} above train-blind"] = None if f is None or rb is None else above_beyond_ci95(f, rb)
-    for k, shots in enumerate(VQA_SHOTS):
+    for k, shots in enumerate(args.vqa_shots):
         verdicts[f"Fast-VQA {shots} shots above train-blind"] = above_beyond_ci95(vqa["Frozen"][k], vqa["train-blind"][k])
     print("\nverdicts (beyond both CIs):")
     for claim, ok in verdicts.items():
@@ -171,7 +191,8 @@ def main() -> None:
         print(f"not run: {m}")
     cpu_minutes = {k: None if v is None else round(v / 60, 2) for k, v in cpu.items()}
     print(f"CPU-minutes: training {cpu_minutes} (null: reused), evaluation {eval_minutes:.2f}")
-    print(json.dumps({"bench": "vl_in_context", "episodes": args.episodes, "seed": args.seed, "gpt_steps": args.gpt_steps, "steps": args.steps,
+    print(json.dumps({"bench": "vl_in_context", "episodes": args.episodes, "seed": args.seed, "lm": args.lm, "image_init": args.image_init,
+                      "gpt_steps": None if args.lm else args.gpt_steps, "steps": args.steps, "vqa_shots": args.vqa_shots,
                       "categories": results["categories"], "skipped": results["skipped"], "misfits": sorted(set(results["misfits"])), "fast_vqa": vqa, "verdicts": verdicts,
                       "train_cpu_minutes": cpu_minutes, "eval_cpu_minutes": round(eval_minutes, 2), "warnings": results["warnings"],
                       "lecture": LECTURE, "quick": args.quick}))

@@ -10,6 +10,8 @@ induction diagnostics: a random sequence shown twice, and match-and-copy on the 
         --corpus-options '{"open_ended": 0.7, "drill": 0.3}' train.batch_size=5 \
         "encoder.options={dim: 128, depth: 2, heads: 4, positions: rotary}"      # ≈ 7 CPU-minutes (docs/benchmarks.md)
     OMP_NUM_THREADS=1 python bench/vl_lm_binding.py --name quick --quick          # a smoke run, measures nothing
+    OMP_NUM_THREADS=2 python bench/vl_lm_binding.py --name smol --lm runs/vlctx/smollm2-answers-160   # an existing LM
+                                                   # (smollm2, an HF folder, e.g. from `fewshot icl tune-lm`): its rows only
 """
 
 from __future__ import annotations
@@ -88,6 +90,16 @@ def drill_losses(link, names: list[str], lines: int = 40, seed: int = 0) -> dict
     return {k: sum(v) / len(v) for k, v in out.items()}
 
 
+def text_only_rows(model: PrefixInContext, args: argparse.Namespace, result: dict) -> None:
+    """The text-only rows of shapes and colours, printed and put in ``result``."""
+    print(f"{args.name}: text-only exact match (%, mean ± 95% CI over {args.eval_episodes} seeded episodes)")
+    for category in ("shapes", "colours"):
+        cells = evaluate_open_ended(model, category_images(category, 12, 32, args.seed), SETTINGS, args.eval_episodes, args.seed, text_only=True)
+        for label, cell in cells.items():
+            print(f"  {category:8s} {label:55s} {cell['accuracy']:5.1f} ± {cell['ci95']:4.1f}")
+        result[category] = {label: [round(c["accuracy"], 1), round(c["ci95"], 1)] for label, c in cells.items()}
+
+
 SETTINGS = (Setting(2, 1, 0, False), Setting(2, 1, 0, True), Setting(2, 5, 0, True), Setting(2, 1, 3, True), Setting(5, 1, 0, True))
 
 
@@ -103,8 +115,17 @@ def main() -> None:
     p.add_argument("--eval-episodes", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny corpus, model and episode count; measures nothing")
+    p.add_argument("--lm", help="score this LM instead (smollm2, a Hugging Face folder or a gpt run): no corpus, no training, no diagnostics")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the gpt-scenes recipe")
     args = p.parse_args()
+    if args.lm:
+        started = time.process_time()
+        model = PrefixInContext(open_prefix_lm(args.lm), None, args.name)
+        result = {"name": args.name, "lm": args.lm}
+        text_only_rows(model, args, result)
+        result["eval_cpu_minutes"] = round((time.process_time() - started) / 60, 2)
+        print(json.dumps(result))
+        return
     if args.quick:
         args.captions, args.episodes, args.steps, args.eval_episodes = 200, 200, 4, 3
         args.overrides += ["encoder.options={dim: 32, depth: 1, heads: 2}", "train.batch_size=2"]
@@ -134,12 +155,7 @@ def main() -> None:
     drills = drill_losses(link, words, seed=args.seed)
     result["drill_nll"] = {k: round(v, 2) for k, v in drills.items()}
     print(f"{args.name}: match-and-copy on fresh synthetic lines (nats): " + ", ".join(f"{k} {v:.2f}" for k, v in drills.items()))
-    print(f"{args.name}: text-only exact match (%, mean ± 95% CI over {args.eval_episodes} seeded episodes)")
-    for category in ("shapes", "colours"):
-        cells = evaluate_open_ended(model, category_images(category, 12, 32, args.seed), SETTINGS, args.eval_episodes, args.seed, text_only=True)
-        for label, cell in cells.items():
-            print(f"  {category:8s} {label:55s} {cell['accuracy']:5.1f} ± {cell['ci95']:4.1f}")
-        result[category] = {label: [round(c["accuracy"], 1), round(c["ci95"], 1)] for label, c in cells.items()}
+    text_only_rows(model, args, result)
     result["eval_cpu_minutes"] = round((time.process_time() - eval_cpu) / 60, 2)
     print(json.dumps(result))
 

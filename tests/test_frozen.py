@@ -262,3 +262,30 @@ def test_corpus_shares_adding_up_to_more_than_one_are_refused():
 
     with pytest.raises(DataError, match="add up to 1.2, more than 1"):
         scene_corpus(10, 10, open_ended=0.5, recall=0.3, statements=0.4)
+
+
+@pytest.mark.parametrize("lock", [False, True])
+def test_image_init_starts_the_encoder_and_lock_keeps_it(gpt_run, tmp_path, lock):
+    """method.image.init loads another run's image tower (here an earlier Frozen run's conv4); it trains on unless
+    locked. Against the seeded fresh encoder, so a load that did nothing would fail."""
+    from fewshot.errors import ConfigError
+    from fewshot.run import Run
+    from fewshot.train.trainer import pretrain
+
+    source = frozen_config(gpt_run, tmp_path / "source")
+    pretrain(source, scene_pairs(build_method(source).text_tokenizer), progress=False)
+    theirs = {k: v for k, v in Run.open(source.run_dir).method().state_dict().items() if k.startswith("encoder.")}
+    config = frozen_config(gpt_run, tmp_path / "tuned", f"method.image.init={source.run_dir}", f"method.image.lock={str(lock).lower()}",
+                           "train.seed=7")
+    torch.manual_seed(config.train.seed)
+    method = build_method(config)
+    fresh = build_method(frozen_config(gpt_run, tmp_path / "fresh", "train.seed=7"))
+    assert all(torch.equal(method.state_dict()[k], v) for k, v in theirs.items())
+    assert any(not torch.equal(fresh.state_dict()[k], v) for k, v in theirs.items())
+    pretrain(config, scene_pairs(method.text_tokenizer), progress=False)
+    after = Run.open(config.run_dir).method().state_dict()
+    moved = {k for k, v in theirs.items() if not torch.equal(after[k], v) and v.is_floating_point()}
+    assert (not moved) == lock  # locked: every encoder tensor (BatchNorm statistics too) as loaded
+    assert not torch.equal(after["to_prefix.weight"], method.state_dict()["to_prefix.weight"])  # the map learns either way
+    with pytest.raises(ConfigError, match="needs pretrained weights"):
+        build_method(frozen_config(gpt_run, tmp_path / "bad", "method.image.lock=true"))

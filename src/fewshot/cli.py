@@ -243,6 +243,16 @@ def cmd_icl_compare(args: argparse.Namespace) -> None:
     _emit(args, out, text)
 
 
+def cmd_icl_tune_lm(args: argparse.Namespace) -> None:
+    from fewshot.adapt.lm_tuning import tune_lm
+
+    every = max(1, args.steps // 10)
+    log = None if args.json else (lambda step, loss: print(f"step {step}: answer loss {loss:.3f}") if step % every == 0 else None)
+    out = tune_lm(args.model, args.corpus, args.out, args.steps, args.lr, args.batch_size, args.rank, args.seed, args.marker, log=log)
+    _emit(args, out, f"{out['base']} tuned on the answers of {out['rows']} lines of {out['corpus']} ({out['steps']} LoRA steps, "
+                     f"final loss {out['final_loss']:.3f}), merged and saved to {out['out']}")
+
+
 def cmd_icl_cot(args: argparse.Namespace) -> None:
     from fewshot.evaluate.cot import cot_table, evaluate_cot
     from fewshot.evaluate.prompting import open_prompt_model
@@ -377,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     icl = sub.add_parser("icl", help="in-context learning: a meta-trained regression run; few-shot prompts of a language model",
                          description="in-context learning: `icl evaluate RUN` (a meta-trained regression run), `icl prompt MODEL` (few-shot prompting), "
                                      "`icl compare MODEL` (ICL against LoRA, (IA)³ and probes), `icl cot MODEL` (chain-of-thought prompting), "
-                                     "`icl vl-eval RUN` (images in context: Frozen's open-ended protocol), `icl mm-cot` (Multimodal-CoT's rows)")
+                                     "`icl vl-eval RUN` (images in context: Frozen's open-ended protocol), `icl mm-cot` (Multimodal-CoT's rows), "
+                                     "`icl tune-lm MODEL` (LoRA on a corpus's answers: an LM that binds names in context)")
     icl_sub = icl.add_subparsers(dest="action", required=True)
 
     def add_icl(name: str, func, help: str) -> argparse.ArgumentParser:
@@ -415,6 +426,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int, default=24, help="queries per draw")
     p.add_argument("--steps", type=int, default=20, help="AdamW steps of LoRA and (IA)³")
     p.add_argument("--seed", type=int, default=0, help="seed of the task split and the draws")
+
+    p = add_icl("tune-lm", cmd_icl_tune_lm, "LoRA on a causal LM's answers in a text corpus (the text after each line's last "
+                "answer marker), merged and saved as a Hugging Face folder: an LM that binds names in the scene prompts' layout, "
+                "for method.lm.init of frozen and flamingo")
+    p.add_argument("model", help="smollm2 or a Hugging Face causal LM folder")
+    p.add_argument("--corpus", required=True, help="one text per line, e.g. from fewshot data scene-corpus")
+    p.add_argument("--out", required=True, help="the new Hugging Face folder to write")
+    p.add_argument("--steps", type=int, default=80, help="AdamW steps")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the LoRA weights")
+    p.add_argument("--batch-size", type=int, default=8, help="answer lines per step")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank r (alpha = 2r), on every attention projection")
+    p.add_argument("--seed", type=int, default=0, help="seed of LoRA's initial A and of the batches")
+    p.add_argument("--marker", default="a:", help="the answer cue: the loss is on the text after a line's last marker")
 
     p = add_icl("cot", cmd_icl_cot, "chain-of-thought prompting on generated reasoning tasks: zero-shot, few-shot, zero-shot CoT, few-shot CoT, self-consistency")
     p.add_argument("model", help="smollm2, a Hugging Face causal LM folder or a gpt run")

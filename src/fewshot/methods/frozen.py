@@ -10,6 +10,10 @@ Unlike ClipCap, the encoder itself learns; the LM (``method.lm.init``: a fewshot
 folder or ``smollm2``) is always frozen — no gradient, eval mode (no dropout), and its weights bit-identical after
 training: a run whose LM moved is refused before it is saved.
 
+``method.image.init`` starts the encoder from another run's image tower (e.g. a clip-scenes run's conv4) and trains it
+on, as the paper starts from an NF-ResNet-50 pre-trained on ImageNet; ``method.image.lock=true`` freezes it (then
+only W and b learn).
+
 ``method.blind=true`` is the train-blind baseline: every training image is replaced by a blank (all-zero) one, so
 the encoder learns only a constant prefix, the captions' prior.
 
@@ -25,7 +29,9 @@ from torch import nn
 
 from fewshot.config import MethodConfig, RunConfig
 from fewshot.data.types import Batch
+from fewshot.errors import ConfigError
 from fewshot.methods.prefix_captioning import PrefixCaptioner, open_caption_lm
+from fewshot.methods.vision_language import ImageTowerConfig, load_image_tower
 
 __all__ = ["Frozen", "FrozenConfig"]
 
@@ -39,6 +45,7 @@ class FrozenConfig(MethodConfig):
     prefix_length: int = Field(2, ge=1, description="k prefix embeddings the encoder's output is mapped to (Tsimpoukelli et al. 2021: 2)")
     blind: bool = Field(False, description="the train-blind baseline: the encoder sees only blank images")
     lm: FrozenLM = Field(default_factory=FrozenLM)
+    image: ImageTowerConfig = Field(default_factory=ImageTowerConfig)
 
 
 class Frozen(PrefixCaptioner):
@@ -50,12 +57,25 @@ class Frozen(PrefixCaptioner):
         super().__init__()
         m = config.method
         self.encoder = self.build_encoder(config)
+        if m.image.lock and m.image.init is None:
+            raise ConfigError("method.image.lock=true needs pretrained weights to lock: set method.image.init=RUN_DIR")
+        if m.image.init is not None:
+            load_image_tower(self.encoder, config, m.image.init)
+        if m.image.lock:
+            self.encoder.requires_grad_(False)
+        self.image_locked = m.image.lock
         self.language_model = open_caption_lm(config)
         self.freeze_lm()
         self.prefix_length, self.blind = m.prefix_length, m.blind
         self.set_max_tokens(config)
         self.to_prefix = nn.Linear(self.encoder.dim, m.prefix_length * self.language_model.dim)
         self.train()
+
+    def train(self, mode: bool = True) -> "Frozen":
+        super().train(mode)
+        if getattr(self, "image_locked", False):
+            self.encoder.eval()  # a locked tower keeps its normalisation statistics too
+        return self
 
     def prefix(self, images: torch.Tensor) -> torch.Tensor:
         """The k prefix embeddings (B, k, D): W f(images) + b, reshaped."""
