@@ -94,6 +94,26 @@ def test_saved_folder_reopens_to_the_same_logits(lm, tmp_path):
         save_hf_folder(tuned, folder, {})
 
 
+def test_a_changed_weight_file_is_refused_at_load(lm, tmp_path):
+    """The weights' SHA-256 recorded at save is checked at load; the untouched copy (the control) loads."""
+    import shutil
+
+    from fewshot.errors import CheckpointError
+
+    folder = save_hf_folder(tune_on_answers(lm, answer_rows(lm, LINES), steps=1, rank=2), tmp_path / "tuned", {})
+    shutil.copytree(folder, tmp_path / "copy")
+    open_prompt_model(tmp_path / "copy")
+    weights = tmp_path / "copy" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match the SHA-256"):
+        open_prompt_model(tmp_path / "copy")
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        open_prompt_model(tmp_path / "copy")
+
+
 def test_bad_input(lm, tmp_path):
     with pytest.raises(DataError, match="marker"):
         tune_on_answers(lm, answer_rows(lm, ["no cue here"]), steps=1)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from fewshot.errors import ConfigError, DataError
+from fewshot.io import sha256_file
 from fewshot.models.causal_lm import HFCausalLM, PromptLM
 from fewshot.objectives.language import token_cross_entropy
 from fewshot.models.hf_text import require
@@ -116,8 +117,8 @@ def plain_weights(model: Any) -> None:
 
 
 def save_hf_folder(lm: HFCausalLM, out: str | os.PathLike[str], meta: dict[str, Any]) -> Path:
-    """``lm`` saved as a Hugging Face folder (config, safetensors weights, tokenizer) plus ``fewshot.json`` (``meta``),
-    written beside ``out`` and renamed into place, so a stopped write leaves no half folder; ``out`` must not exist."""
+    """``lm`` saved as a Hugging Face folder (config, safetensors weights, tokenizer) plus ``fewshot.json`` (``meta`` and
+    the weight files' SHA-256, which :func:`~fewshot.models.causal_lm.load_hf_folder` checks), written beside ``out`` and renamed into place, so a stopped write leaves no half folder; ``out`` must not exist."""
     out = Path(out)
     if out.exists():
         raise ConfigError(f"{out} exists; answer tuning writes a new folder")
@@ -127,7 +128,8 @@ def save_hf_folder(lm: HFCausalLM, out: str | os.PathLike[str], meta: dict[str, 
     try:
         lm.model.save_pretrained(tmp, safe_serialization=True)
         lm.tokenizer.save_pretrained(tmp)
-        (tmp / "fewshot.json").write_text(json.dumps({"format": TUNED_FORMAT, **meta}, indent=1) + "\n")
+        digests = {f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))}  # checked again at load
+        (tmp / "fewshot.json").write_text(json.dumps({"format": TUNED_FORMAT, **meta, "sha256": digests}, indent=1) + "\n")
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

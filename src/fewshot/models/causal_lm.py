@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from torch import nn
 from fewshot.config import config_from_dict
 from fewshot.data.tokenizer import BOS_ID, decode, encode, load_tokenizer
 from fewshot.errors import CheckpointError, ConfigError
-from fewshot.io import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, read_file_pair
+from fewshot.io import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, read_file_pair, sha256_file
 from fewshot.models.encoders import create_encoder
 from fewshot.models.hf_text import require, verify_weights
 from fewshot.models.language import LanguageModel
@@ -205,11 +206,27 @@ def load_gguf(path: Path, sha256: str, name: str) -> HFCausalLM:
     return HFCausalLM(model, tokenizer, name)
 
 
+def check_recorded_digests(folder: Path) -> None:
+    """A folder written by fewshot (``fewshot icl tune-lm``) records its weight files' SHA-256 in ``fewshot.json``: a
+    file that differs, or is missing, is a one-line CheckpointError. Folders from elsewhere have no record."""
+    record = folder / "fewshot.json"
+    if not record.is_file():
+        return
+    try:
+        digests = json.loads(record.read_text()).get("sha256", {})
+    except (json.JSONDecodeError, AttributeError):
+        raise CheckpointError(f"{record} is not a fewshot record (unreadable JSON)") from None
+    for name, digest in digests.items():
+        if not (folder / name).is_file() or sha256_file(folder / name) != digest:
+            raise CheckpointError(f"{folder / name} does not match the SHA-256 recorded in {record.name} (changed, truncated or missing)")
+
+
 def load_hf_folder(folder: Path) -> HFCausalLM:
     """Any Hugging Face causal LM saved in ``folder`` (``config.json``, weights, tokenizer files)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ConfigError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    check_recorded_digests(folder)
     transformers = _offline_transformers()
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
