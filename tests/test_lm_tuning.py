@@ -107,10 +107,10 @@ def test_a_changed_weight_file_is_refused_at_load(lm, tmp_path):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="does not match the SHA-256"):
+    with pytest.raises(CheckpointError, match="expected .*recorded in fewshot.json"):
         open_prompt_model(tmp_path / "copy")
     weights.unlink()
-    with pytest.raises(CheckpointError, match="missing"):
+    with pytest.raises(CheckpointError, match="missing.*recorded in fewshot.json"):
         open_prompt_model(tmp_path / "copy")
 
 
@@ -135,6 +135,33 @@ def test_cli(hf_folder, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0 and "exists" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert (tmp_path / "t" / "model.safetensors").read_bytes() == written  # nothing already written is lost
+
+
+@pytest.mark.parametrize("out_exists", [True, False])
+def test_an_existing_folder_is_refused_before_any_tuning(hf_folder, tmp_path, monkeypatch, out_exists):
+    """The minutes of tuning never start for a folder that cannot be written; a new folder (the control) does tune."""
+    from fewshot.adapt import lm_tuning
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(LINES) + "\n")
+    class Reached(Exception):
+        pass
+
+    def reached(*args, **kwargs):
+        calls.append(1)
+        raise Reached
+
+    calls = []
+    monkeypatch.setattr(lm_tuning, "tune_on_answers", reached)
+    if out_exists:
+        (tmp_path / "t").mkdir()
+        with pytest.raises(ConfigError, match="exists"):
+            tune_lm(str(hf_folder), corpus, tmp_path / "t", steps=1)
+        assert not calls
+    else:
+        with pytest.raises(Reached):
+            tune_lm(str(hf_folder), corpus, tmp_path / "t", steps=1)
+        assert calls == [1]
 
 
 def test_quantisation_flags(lm):

@@ -17,20 +17,21 @@ import copy
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from fewshot.data.token_ids import IGNORE_INDEX
 from fewshot.errors import ConfigError, DataError
 from fewshot.io import sha256_file
 from fewshot.models.causal_lm import HFCausalLM, PromptLM
 from fewshot.objectives.language import token_cross_entropy
 from fewshot.models.hf_text import require
 
-__all__ = ["LORA_TARGETS", "answer_rows", "save_hf_folder", "tune_lm", "tune_on_answers"]
+__all__ = ["LORA_TARGETS", "answer_rows", "answer_step", "label_targets", "save_hf_folder", "tune_lm", "tune_on_answers", "with_adapter"]
 
 # Every attention projection (the layout's match-and-copy lives in attention), per architecture; PEFT matches suffixes.
 LORA_TARGETS: dict[str, list[str]] = {
@@ -38,6 +39,39 @@ LORA_TARGETS: dict[str, list[str]] = {
     "gpt2": ["attn.c_attn", "attn.c_proj"],
 }
 TUNED_FORMAT = "fewshot-answer-tuned-lm"
+
+
+def label_targets(context: Sequence[int], label: Sequence[int], width: int) -> list[int]:
+    """Next-token targets of the row ``context + label`` right-padded to ``width``: position t targets
+    token t+1 only where that token is a label token, t ∈ [|x|−1, |x|+|c|−1); ``IGNORE_INDEX`` elsewhere,
+    so the loss −Σ_t log p(c_t | x, c_<t) is the label's negative log-likelihood, as rank classification scores it."""
+    row = [IGNORE_INDEX] * width
+    for t, token in enumerate(label):
+        row[len(context) - 1 + t] = int(token)
+    return row
+
+
+def with_adapter(model: Any, adapter_config: Any, seed: int) -> Any:
+    """A copy of the HF ``model`` wrapped by PEFT with ``adapter_config`` (seeded: PEFT draws LoRA's A from the global
+    generator), in eval mode: no dropout, so a fit is a function of its rows and seed."""
+    peft = require("peft")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return peft.get_peft_model(copy.deepcopy(model), adapter_config).eval()
+
+
+def answer_step(model: Any, optimizer: torch.optim.Optimizer, batch: Sequence[tuple[Sequence[int], Sequence[int]]]) -> float:
+    """One optimizer step on (context ids, answer ids) rows, right-padded into one batch; the loss is the mean
+    cross-entropy of the answer tokens alone (:func:`label_targets`). The loss before the step."""
+    width = max(len(c) + len(a) for c, a in batch)
+    ids = torch.tensor([[*c, *a] + [0] * (width - len(c) - len(a)) for c, a in batch])
+    mask = torch.tensor([[1] * (len(c) + len(a)) + [0] * (width - len(c) - len(a)) for c, a in batch])
+    targets = torch.tensor([label_targets(c, a, width) for c, a in batch])
+    loss = token_cross_entropy(model(input_ids=ids, attention_mask=mask).logits, targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
 def answer_rows(lm: HFCausalLM, lines: Iterable[str], marker: str = "a:", max_tokens: int = 256) -> list[tuple[list[int], list[int]]]:
@@ -72,28 +106,14 @@ def tune_on_answers(
     if kind not in LORA_TARGETS:
         raise ConfigError(f"no LoRA targets for a {kind!r} model; known: {', '.join(LORA_TARGETS)}")
     peft = require("peft")
-    model = copy.deepcopy(lm.model)
-    with torch.random.fork_rng(devices=[]):  # PEFT draws LoRA's A from the global generator
-        torch.manual_seed(seed)
-        model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS[kind]))
-    model.eval()  # no dropout: the fit is a function of the rows and the seed
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS[kind])
+    model = with_adapter(lm.model, config, seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     rng = np.random.default_rng([seed, 17])
     for step in range(1, steps + 1):
-        batch = [rows[i] for i in rng.choice(len(rows), size=min(batch_size, len(rows)), replace=False)]
-        width = max(len(c) + len(a) for c, a in batch)
-        ids = torch.tensor([c + a + [0] * (width - len(c) - len(a)) for c, a in batch])
-        mask = torch.tensor([[1] * (len(c) + len(a)) + [0] * (width - len(c) - len(a)) for c, a in batch])
-        # logits[t] predicts ids[t + 1]: the answer's tokens are predicted from positions len(c) − 1 … len(c) + len(a) − 2
-        targets = torch.full((len(batch), width), -100)
-        for i, (c, a) in enumerate(batch):
-            targets[i, len(c) - 1:len(c) + len(a) - 1] = torch.tensor(a)
-        loss = token_cross_entropy(model(input_ids=ids, attention_mask=mask).logits, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = answer_step(model, optimizer, [rows[i] for i in rng.choice(len(rows), size=min(batch_size, len(rows)), replace=False)])
         if log is not None:
-            log(step, loss.item())
+            log(step, loss)
     merged = model.merge_and_unload()
     for p in merged.parameters():
         p.requires_grad_(False)

@@ -32,7 +32,6 @@ counted with torch's own formula, which ignores the causal mask).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,13 +39,12 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from fewshot.data.token_ids import IGNORE_INDEX
+from fewshot.adapt.lm_tuning import answer_step, label_targets, with_adapter
 from fewshot.errors import ConfigError, DataError
 from fewshot.evaluate.prompting import ARROW, CATEGORY_TASKS, PromptTask, build_prompt, check_fits, continuation_logprobs, load_task, prefill
 from fewshot.evaluate.runner import mean_ci95
 from fewshot.models.causal_lm import HFCausalLM, Past, PromptLM
 from fewshot.models.hf_text import require
-from fewshot.objectives.language import token_cross_entropy
 
 __all__ = [
     "ADAPTER_TARGETS", "METHODS", "compare_icl", "compare_table", "count_flops", "fit_adapter", "label_targets",
@@ -95,16 +93,6 @@ def past_bytes(past: Past | None) -> int:
     return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in past or [])
 
 
-def label_targets(context: Sequence[int], label: Sequence[int], width: int) -> list[int]:
-    """Next-token targets of the row ``context + label`` right-padded to ``width``: position t targets
-    token t+1 only where that token is a label token, t ∈ [|x|−1, |x|+|c|−1); ``IGNORE_INDEX`` elsewhere,
-    so the loss −Σ_t log p(c_t | x, c_<t) is the label's negative log-likelihood, as rank classification scores it."""
-    row = [IGNORE_INDEX] * width
-    for t, token in enumerate(label):
-        row[len(context) - 1 + t] = int(token)
-    return row
-
-
 def _check_hf(lm: PromptLM, what: str) -> HFCausalLM:
     if not isinstance(lm, HFCausalLM):
         raise ConfigError(f"{what} needs a Hugging Face causal LM (smollm2 or a folder), not {lm.name}")
@@ -129,33 +117,15 @@ def fit_adapter(
     examples as ``input -> label`` rows, loss on the label tokens only (each step a seeded batch of at most
     ``batch_size`` examples). -> (the adapted model, training FLOPs, the adapter's bytes)."""
     hf = _check_hf(lm, adapter)
-    peft = require("peft")
-    model = copy.deepcopy(hf.model)
-    with torch.random.fork_rng(devices=[]):  # PEFT draws LoRA's A from the global generator
-        torch.manual_seed(seed)
-        model = peft.get_peft_model(model, _adapter_config(model, adapter))
-    model.eval()  # no dropout: the fit is a function of the examples and the seed
+    model = with_adapter(hf.model, _adapter_config(hf.model, adapter), seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr or ADAPTER_LR[adapter], weight_decay=0.0)
-    contexts = [list(hf.start_ids) + hf.encode(f"{x}{ARROW}") for x, _ in examples]
-    labels = [hf.encode(f" {y}") for _, y in examples]
+    pairs = [(list(hf.start_ids) + hf.encode(f"{x}{ARROW}"), hf.encode(f" {y}")) for x, y in examples]
     rng = np.random.default_rng([seed, 7])
-
-    def step(rows: np.ndarray) -> None:
-        seqs = [contexts[i] + labels[i] for i in rows]
-        width = max(map(len, seqs))
-        ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        targets = torch.tensor([label_targets(contexts[i], labels[i], width) for i in rows])
-        loss = token_cross_entropy(model(input_ids=ids, attention_mask=mask).logits, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
     flops = 0
     for _ in range(steps):
         rows = np.arange(len(examples)) if len(examples) <= batch_size else rng.choice(len(examples), batch_size, replace=False)
-        flops += count_flops(step, rows)[1]
+        flops += count_flops(answer_step, model, optimizer, [pairs[i] for i in rows])[1]
     stored = sum(p.numel() * p.element_size() for p in params)
     for p in params:
         p.requires_grad_(False)

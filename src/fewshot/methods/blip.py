@@ -41,7 +41,7 @@ from fewshot.data.token_ids import BOS_ID, CLS_ID, EOS_ID, PAD_ID
 from fewshot.data.types import Batch
 from fewshot.errors import ConfigError, DataError
 from fewshot.methods.base import Method
-from fewshot.methods.vision_language import ImageTowerConfig, check_same_image_tower, decode_captions, pretrained_encoder
+from fewshot.methods.vision_language import ImageTowerConfig, decode_captions, image_tower
 from fewshot.models.flamingo import image_token_features, image_token_width
 from fewshot.models.language import gpt2_init
 from fewshot.models.transformer import Attention, TokenTrunk
@@ -86,15 +86,7 @@ class BLIP(Method):
             raise ConfigError("method 'blip' reads captions: use data.source=pairs (data.vocab_size, data.seq_len)")
         if m.dim % m.heads:
             raise ConfigError(f"method.heads={m.heads} must divide method.dim={m.dim}")
-        if m.image.lock and m.image.init is None:
-            raise ConfigError("method.image.lock=true needs pretrained weights to lock: set method.image.init=RUN_DIR")
-        self.encoder = self.build_encoder(config)
-        if m.image.init is not None:
-            theirs, state = pretrained_encoder(m.image.init)
-            check_same_image_tower(config, theirs, m.image.init)
-            self.encoder.load_state_dict(state)
-        if m.image.lock:
-            self.encoder.requires_grad_(False)
+        self.encoder = image_tower(self.build_encoder(config), config, m.image)
         self.image_locked = m.image.lock
         self.enc_id = vocab  # [ENC], the image-grounded encoder's first token: one row past the BPE vocabulary
         self.token_embed = nn.Embedding(vocab + 1, m.dim)

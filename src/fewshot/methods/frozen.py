@@ -29,9 +29,8 @@ from torch import nn
 
 from fewshot.config import MethodConfig, RunConfig
 from fewshot.data.types import Batch
-from fewshot.errors import ConfigError
 from fewshot.methods.prefix_captioning import PrefixCaptioner, open_caption_lm
-from fewshot.methods.vision_language import ImageTowerConfig, load_image_tower
+from fewshot.methods.vision_language import ImageTowerConfig, image_tower
 
 __all__ = ["Frozen", "FrozenConfig"]
 
@@ -56,13 +55,7 @@ class Frozen(PrefixCaptioner):
     def __init__(self, config: RunConfig) -> None:
         super().__init__()
         m = config.method
-        self.encoder = self.build_encoder(config)
-        if m.image.lock and m.image.init is None:
-            raise ConfigError("method.image.lock=true needs pretrained weights to lock: set method.image.init=RUN_DIR")
-        if m.image.init is not None:
-            load_image_tower(self.encoder, config, m.image.init)
-        if m.image.lock:
-            self.encoder.requires_grad_(False)
+        self.encoder = image_tower(self.build_encoder(config), config, m.image)
         self.image_locked = m.image.lock
         self.language_model = open_caption_lm(config)
         self.freeze_lm()

@@ -117,6 +117,16 @@ def load_image_tower(encoder: nn.Module, config: RunConfig, path: str | Path) ->
     return encoder
 
 
+def image_tower(encoder: nn.Module, config: RunConfig, image: ImageTowerConfig) -> nn.Module:
+    """``encoder`` as ``method.image`` asks: started from the run ``image.init`` (:func:`load_image_tower`) and, with
+    ``image.lock``, frozen (no gradient; the caller keeps it in eval mode). A lock without weights is refused."""
+    if image.lock and image.init is None:
+        raise ConfigError("method.image.lock=true needs pretrained weights to lock: set method.image.init=RUN_DIR")
+    if image.init is not None:
+        load_image_tower(encoder, config, image.init)
+    return encoder.requires_grad_(False) if image.lock else encoder
+
+
 def check_same_image_tower(config: RunConfig, theirs: dict[str, Any], path: str | Path) -> None:
     """A one-line ConfigError unless the run config ``theirs`` (of the run at ``path``) builds the image encoder
     ``config`` builds: the same encoder name and options on images of the same channels and size."""

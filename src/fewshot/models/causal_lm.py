@@ -37,7 +37,7 @@ from torch import nn
 from fewshot.config import config_from_dict
 from fewshot.data.tokenizer import BOS_ID, decode, encode, load_tokenizer
 from fewshot.errors import CheckpointError, ConfigError
-from fewshot.io import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, read_file_pair, sha256_file
+from fewshot.io import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION, read_file_pair
 from fewshot.models.encoders import create_encoder
 from fewshot.models.hf_text import require, verify_weights
 from fewshot.models.language import LanguageModel
@@ -217,8 +217,7 @@ def check_recorded_digests(folder: Path) -> None:
     except (json.JSONDecodeError, AttributeError):
         raise CheckpointError(f"{record} is not a fewshot record (unreadable JSON)") from None
     for name, digest in digests.items():
-        if not (folder / name).is_file() or sha256_file(folder / name) != digest:
-            raise CheckpointError(f"{folder / name} does not match the SHA-256 recorded in {record.name} (changed, truncated or missing)")
+        verify_weights(folder / name, digest, f"its SHA-256 is recorded in {record.name}; write the folder again (fewshot icl tune-lm)")
 
 
 def load_hf_folder(folder: Path) -> HFCausalLM:

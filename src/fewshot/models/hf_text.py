@@ -113,14 +113,13 @@ def model_dir(name: str = "all-minilm-l6-v2") -> Path:
     return folder
 
 
-def verify_weights(path: Path, expected: str) -> None:
-    """Raise :class:`CheckpointError` unless ``path``'s SHA-256 is ``expected``."""
+def verify_weights(path: Path, expected: str, remedy: str = "reinstall the package that ships them") -> None:
+    """Raise :class:`CheckpointError` unless ``path`` exists and its SHA-256 is ``expected``."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: {remedy}")
     actual = sha256_file(path)
     if actual != expected:
-        raise CheckpointError(
-            f"{path} has SHA-256 {actual}, expected {expected}: the weights were changed or "
-            f"corrupted; reinstall the package that ships them"
-        )
+        raise CheckpointError(f"{path} has SHA-256 {actual}, expected {expected}: the weights were changed or corrupted; {remedy}")
 
 
 def mean_pool(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
