@@ -15,7 +15,8 @@ shot; induction 1/3/5 inner shots; induction 1 shot with 1/3/5 repeats — in ro
 names), real names, test-blind (the Frozen run on blank images), train-blind (nonce names), and for the scene
 categories "text only": the same episodes with every image replaced by its description in the corpus's words
 ("a small red circle.") through the same LM — what the LM does when told what each image shows, the ceiling a
-perfect image prefix could reach. Fast-VQA at 0/1/3/5 shots: Frozen, test-blind, train-blind.
+perfect image prefix could reach. The simple baselines, no LM (:class:`NearestSupport`): the word-overlap rule on the
+text-only episodes and, with ``--image-init``, 1-NN on that run's image tower. Fast-VQA at 0/1/3/5 shots: Frozen, test-blind, train-blind.
 
 Verdicts (a row beats another only when the intervals do not overlap, i.e. the difference exceeds both CIs):
 2-way nonce with induction at 1 and 5 shots above test-blind and train-blind; Fast-VQA above train-blind.
@@ -49,7 +50,9 @@ from fewshot.config import RunConfig
 from fewshot.data.scenes import write_scenes
 from fewshot.data.vl_prompts import CATEGORIES, category_images
 from fewshot.errors import DataError
-from fewshot.evaluate.vl_in_context import BlankImages, evaluate_fast_vqa, evaluate_open_ended, frozen_columns, nonce_warnings, open_in_context_model
+from fewshot.evaluate.vl_in_context import (
+    BlankImages, NearestSupport, evaluate_fast_vqa, evaluate_open_ended, feature_cosine, frozen_columns, nonce_warnings, open_in_context_model, word_overlap,
+)
 from fewshot.evaluate.runner import above_beyond_ci95
 
 COLUMNS = ("no ind. 1", "ind. 1", "ind. 3", "ind. 5", "1 rep. 1", "1 rep. 3", "1 rep. 5")
@@ -130,6 +133,9 @@ def main() -> None:
     rows = {  # row → (model, names)
         "Frozen": (frozen, True), "Real-Name": (frozen, False), "test-blind": (BlankImages(frozen), True), "train-blind": (blind, True),
     }
+    baselines = {"word-overlap rule": (NearestSupport(word_overlap, "word overlap"), True)}
+    if args.image_init:
+        baselines["1-NN image tower"] = (NearestSupport(feature_cosine(api.open_run(args.image_init).encoder().eval()), "1-NN"), False)
     results: dict = {"categories": {}, "skipped": {}, "misfits": [], "warnings": nonce_warnings(frozen)}
     for category in args.categories:
         try:
@@ -147,6 +153,11 @@ def main() -> None:
             if data.descriptions is not None:  # the LM told in words what each image shows: the ceiling the images aim at
                 table[f"{way}-way text only"] = [one_cell(frozen, data, setting, args, results["misfits"], text_only=True) if c in args.columns else None
                                                  for c, setting in enumerate(frozen_columns(way, True))]
+            for row, (model, text_only) in baselines.items():  # no LM: what a practitioner tries first (bench/vl_baselines.py)
+                if text_only and data.descriptions is None:
+                    continue
+                table[f"{way}-way {row}"] = [one_cell(model, data, setting, args, results["misfits"], text_only=text_only) if c in args.columns else None
+                                             for c, setting in enumerate(frozen_columns(way, True))]
         results["categories"][category] = table
     vqa = {row: list(evaluate_fast_vqa(m, args.vqa_shots, args.episodes, args.seed).values())
            for row, m in (("Frozen", frozen), ("test-blind", BlankImages(frozen)), ("train-blind", blind))}

@@ -244,3 +244,23 @@ def test_vl_eval_command_on_a_frozen_run(tmp_path, monkeypatch, capsys):
     assert main([*args[:6], "--ways", "5", "--repeats", "5", "--shots", "1", "--names", "nonce", "--episodes", "1", "--vqa-shots"]) != 0
     err = capsys.readouterr().err.strip()
     assert "too many" in err and len(err.splitlines()) == 1
+
+
+def test_nearest_support_baselines_read_the_prompt_as_named_items():
+    """The simple baselines: the word-overlap rule on a text-only prompt and 1-NN on features; changing the query's
+    shape (the control) changes the answer, so neither answers from the layout alone."""
+    from fewshot.data.vl_prompts import IMAGE, QUERY, induction_text
+    from fewshot.evaluate.vl_in_context import NearestSupport, feature_cosine, named_items, word_overlap
+
+    rule = NearestSupport(word_overlap, "overlap")
+    pieces = [induction_text(["dax", "wug"]), "a small red circle.", "this is a dax.", "a large blue star.", "this is a wug.", "a small green circle.", QUERY]
+    assert rule.next_text([], pieces, 5) == "dax"
+    assert rule.next_text([], pieces[:5] + ["a large green star.", QUERY], 5) == "wug"
+    images = [torch.eye(4)[i].view(1, 2, 2) for i in (0, 1, 1)]
+    pieces = [IMAGE, "this is a dax.", IMAGE, "this is a wug.", IMAGE, QUERY]
+    assert named_items(images, pieces) == ([(images[0], "dax"), (images[1], "wug")], images[2])
+    nearest = NearestSupport(feature_cosine(lambda x: x.flatten(1)), "1-nn")
+    assert nearest.next_text(images, pieces, 5) == "wug"
+    assert nearest.next_text(images[:2] + [images[0]], pieces, 5) == "dax"
+    with pytest.raises(DataError, match="not an open-ended prompt"):
+        named_items([], ["a red circle.", QUERY])

@@ -29,14 +29,14 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from fewshot.data.vl_prompts import CATEGORIES, IMAGE, NONCE_NAMES, VLImages, category_images, count_images, fast_vqa_episode, open_ended_episode
+from fewshot.data.vl_prompts import CATEGORIES, IMAGE, NONCE_NAMES, QUERY, VLImages, category_images, count_images, fast_vqa_episode, open_ended_episode
 from fewshot.errors import ConfigError, DataError
 from fewshot.evaluate.runner import mean_ci95
 from fewshot.models.prefix_lm import Past, PrefixLM
 
 __all__ = [
-    "BlankImages", "InterleavedModel", "PrefixInContext", "Setting", "answer_matches", "described", "evaluate_fast_vqa", "evaluate_open_ended",
-    "frozen_columns", "interleaved_embeddings", "nonce_warnings", "open_in_context_model", "vl_eval", "vl_table",
+    "BlankImages", "InterleavedModel", "NearestSupport", "PrefixInContext", "Setting", "answer_matches", "described", "evaluate_fast_vqa", "evaluate_open_ended",
+    "feature_cosine", "frozen_columns", "interleaved_embeddings", "named_items", "nonce_warnings", "open_in_context_model", "vl_eval", "vl_table", "word_overlap",
 ]
 
 
@@ -157,6 +157,57 @@ def nonce_warnings(model: InterleavedModel, names: Sequence[str] = NONCE_NAMES) 
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return notes
+
+
+# ----------------------------------------------------------------------------- the simple baselines
+
+
+def named_items(images: Sequence[Any], pieces: Sequence[str]) -> tuple[list[tuple[Any, str]], Any]:
+    """The support of an open-ended prompt as (item, name) pairs and its query item, where an item is the image at an
+    :data:`IMAGE` marker or, in a text-only prompt, the description in its place: each ``this is a NAME.`` names the
+    item before it; the item before the query line is the query."""
+    shown, last, named, query = iter(images), None, [], None
+    for piece in pieces:
+        if piece == IMAGE:
+            last = next(shown)
+        elif piece.startswith(QUERY):
+            query = last
+        elif piece.startswith("this is a ") and piece.endswith("."):
+            named.append((last, piece[len("this is a "):-1]))
+        else:
+            last = piece  # a description standing for an image (text-only), or the task induction, replaced in turn
+    if query is None or not named:
+        raise DataError("not an open-ended prompt: no named support item or no query")
+    return named, query
+
+
+class NearestSupport:
+    """The baseline a practitioner tries first: name the query after its nearest support item, no language model.
+    ``similarity(query, items) → scores`` — cosine of an image encoder's features (1-NN), or, for text-only prompts,
+    :func:`word_overlap` (the words a query description shares with each support description: a hand-made rule)."""
+
+    def __init__(self, similarity: Callable[[Any, list[Any]], Sequence[float]], name: str) -> None:
+        self.similarity, self.name = similarity, name
+
+    def next_text(self, images: Sequence[Any], pieces: Sequence[str], max_tokens: int) -> str:
+        named, query = named_items(images, pieces)
+        scores = list(self.similarity(query, [item for item, _ in named]))
+        return named[int(np.argmax(scores))][1]  # ties: the first shown
+
+
+def word_overlap(query: str, items: list[str]) -> list[int]:
+    """How many distinct words each description shares with the query's."""
+    words = set(query.rstrip(".").split())
+    return [len(words & set(item.rstrip(".").split())) for item in items]
+
+
+def feature_cosine(encoder: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor, list[torch.Tensor]], list[float]]:
+    """Cosine similarity of ``encoder``'s features (an image tower, in eval mode) between the query and each item."""
+    @torch.no_grad()
+    def similarity(query: torch.Tensor, items: list[torch.Tensor]) -> list[float]:
+        f = torch.nn.functional.normalize(encoder(torch.stack([query, *items])).float(), dim=-1)
+        return (f[1:] @ f[0]).tolist()
+    return similarity
 
 
 # ----------------------------------------------------------------------------- the protocol
