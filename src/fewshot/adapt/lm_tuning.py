@@ -13,25 +13,23 @@ the marker (captions, statements, drills) are not used.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fewshot.data.token_ids import IGNORE_INDEX
 from fewshot.errors import ConfigError, DataError
 from fewshot.io import sha256_file
 from fewshot.models.causal_lm import HFCausalLM, PromptLM
-from fewshot.objectives.language import token_cross_entropy
 from fewshot.models.hf_text import require
+from fewshot.models.lm_fitting import answer_step, with_adapter
 
-__all__ = ["LORA_TARGETS", "answer_rows", "answer_step", "label_targets", "save_hf_folder", "tune_lm", "tune_on_answers", "with_adapter"]
+__all__ = ["LORA_TARGETS", "answer_rows", "save_hf_folder", "tune_lm", "tune_on_answers"]
 
 # Every attention projection (the layout's match-and-copy lives in attention), per architecture; PEFT matches suffixes.
 LORA_TARGETS: dict[str, list[str]] = {
@@ -39,39 +37,6 @@ LORA_TARGETS: dict[str, list[str]] = {
     "gpt2": ["attn.c_attn", "attn.c_proj"],
 }
 TUNED_FORMAT = "fewshot-answer-tuned-lm"
-
-
-def label_targets(context: Sequence[int], label: Sequence[int], width: int) -> list[int]:
-    """Next-token targets of the row ``context + label`` right-padded to ``width``: position t targets
-    token t+1 only where that token is a label token, t ∈ [|x|−1, |x|+|c|−1); ``IGNORE_INDEX`` elsewhere,
-    so the loss −Σ_t log p(c_t | x, c_<t) is the label's negative log-likelihood, as rank classification scores it."""
-    row = [IGNORE_INDEX] * width
-    for t, token in enumerate(label):
-        row[len(context) - 1 + t] = int(token)
-    return row
-
-
-def with_adapter(model: Any, adapter_config: Any, seed: int) -> Any:
-    """A copy of the HF ``model`` wrapped by PEFT with ``adapter_config`` (seeded: PEFT draws LoRA's A from the global
-    generator), in eval mode: no dropout, so a fit is a function of its rows and seed."""
-    peft = require("peft")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return peft.get_peft_model(copy.deepcopy(model), adapter_config).eval()
-
-
-def answer_step(model: Any, optimizer: torch.optim.Optimizer, batch: Sequence[tuple[Sequence[int], Sequence[int]]]) -> float:
-    """One optimizer step on (context ids, answer ids) rows, right-padded into one batch; the loss is the mean
-    cross-entropy of the answer tokens alone (:func:`label_targets`). The loss before the step."""
-    width = max(len(c) + len(a) for c, a in batch)
-    ids = torch.tensor([[*c, *a] + [0] * (width - len(c) - len(a)) for c, a in batch])
-    mask = torch.tensor([[1] * (len(c) + len(a)) + [0] * (width - len(c) - len(a)) for c, a in batch])
-    targets = torch.tensor([label_targets(c, a, width) for c, a in batch])
-    loss = token_cross_entropy(model(input_ids=ids, attention_mask=mask).logits, targets)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item()
 
 
 def answer_rows(lm: HFCausalLM, lines: Iterable[str], marker: str = "a:", max_tokens: int = 256) -> list[tuple[list[int], list[int]]]:

@@ -39,12 +39,12 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from fewshot.adapt.lm_tuning import answer_step, label_targets, with_adapter
 from fewshot.errors import ConfigError, DataError
 from fewshot.evaluate.prompting import ARROW, CATEGORY_TASKS, PromptTask, build_prompt, check_fits, continuation_logprobs, load_task, prefill
 from fewshot.evaluate.runner import mean_ci95
 from fewshot.models.causal_lm import HFCausalLM, Past, PromptLM
 from fewshot.models.hf_text import require
+from fewshot.models.lm_fitting import answer_step, label_targets, with_adapter
 
 __all__ = [
     "ADAPTER_TARGETS", "METHODS", "compare_icl", "compare_table", "count_flops", "fit_adapter", "label_targets",
