@@ -72,11 +72,21 @@ def configs(args: argparse.Namespace, manifest: Path) -> dict[str, RunConfig]:
     runs = {} if args.lm else {"gpt": scene_lm_config(out, args.gpt_steps, args.captions, args.text_episodes, args.seed, args.gpt_override)}
     lm = args.lm or runs["gpt"].run_dir
     image = [f"method.image.init={args.image_init}"] if args.image_init else []
+    lock = "-lock" if args.lock else ""
     for name, blind in (("frozen", False), ("train-blind", True)):
         runs[name] = api.load_config(api.find_recipe("frozen-scenes"), [
-            f"data.path={manifest}", f"out={out}", f"name={name}-{args.steps}", f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}",
+            f"data.path={manifest}", f"out={out}", f"name={name}{lock}-{args.steps}", f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}",
             f"train.warmup_steps={min(50, args.steps // 10)}", f"method.lm.init={lm}", f"method.blind={str(blind).lower()}", *image,
-            *args.override])
+            *(["method.image.lock=true"] if args.lock else []), *args.override])
+    if args.flamingo_steps:
+        if not args.image_init:
+            raise SystemExit("--flamingo-steps needs --image-init: Flamingo reads a frozen image tower")
+        for name, blind in (("flamingo", False), ("flamingo-train-blind", True)):
+            steps = args.flamingo_steps
+            runs[name] = api.load_config(api.find_recipe("flamingo-scenes"), [
+                f"data.path={manifest}", f"out={out}", f"name={name}-ep{args.flamingo_episodes}-{steps}", f"train.steps={steps}",
+                f"train.checkpoint_every={steps}", f"train.warmup_steps={min(20, steps // 10)}", f"method.lm.init={lm}", *image,
+                f"method.episodes={args.flamingo_episodes}", f"method.blind={str(blind).lower()}", *args.flamingo_override])
     return runs
 
 
@@ -111,6 +121,10 @@ def main() -> None:
     p.add_argument("--lm", help="an existing frozen LM instead of training gpt-scenes: smollm2, a Hugging Face folder (e.g. from "
                    "`fewshot icl tune-lm`) or a gpt run")
     p.add_argument("--image-init", help="start Frozen's conv4 from this run's image tower (e.g. a clip-scenes run; the paper: a pre-trained NF-ResNet-50)")
+    p.add_argument("--lock", action="store_true", help="freeze the --image-init tower in Frozen (only the linear map to the prefix learns)")
+    p.add_argument("--flamingo-steps", type=int, default=0, help="also train Flamingo (and its train-blind) for this many steps over the same LM (0: no Flamingo rows)")
+    p.add_argument("--flamingo-episodes", type=int, default=8, help="naming episodes per Flamingo batch (method.episodes)")
+    p.add_argument("--flamingo-override", nargs="*", default=[], help="key=value overrides of the Flamingo runs, e.g. method.cross_every=6 for SmolLM2")
     p.add_argument("--ways", type=int, nargs="+", default=[2, 5])
     p.add_argument("--columns", type=int, nargs="+", default=list(range(len(COLUMNS))), help=f"indices of {COLUMNS} to run (others print —)")
     p.add_argument("--vqa-shots", type=int, nargs="+", default=list(VQA_SHOTS))
@@ -133,6 +147,11 @@ def main() -> None:
     rows = {  # row → (model, names)
         "Frozen": (frozen, True), "Real-Name": (frozen, False), "test-blind": (BlankImages(frozen), True), "train-blind": (blind, True),
     }
+    vqa_rows = {"Frozen": frozen, "test-blind": BlankImages(frozen), "train-blind": blind}
+    if args.flamingo_steps:
+        flamingo, flamingo_blind = (open_in_context_model(runs[name].run_dir) for name in ("flamingo", "flamingo-train-blind"))
+        rows |= {"Flamingo": (flamingo, True), "Flamingo test-blind": (BlankImages(flamingo), True), "Flamingo train-blind": (flamingo_blind, True)}
+        vqa_rows |= {"Flamingo": flamingo, "Flamingo test-blind": BlankImages(flamingo), "Flamingo train-blind": flamingo_blind}
     baselines = {"word-overlap rule": (NearestSupport(word_overlap, "word overlap"), True)}
     if args.image_init:
         baselines["1-NN image tower"] = (NearestSupport(feature_cosine(api.open_run(args.image_init).encoder().eval()), "1-NN"), False)
@@ -159,13 +178,14 @@ def main() -> None:
                 table[f"{way}-way {row}"] = [one_cell(model, data, setting, args, results["misfits"], text_only=text_only) if c in args.columns else None
                                              for c, setting in enumerate(frozen_columns(way, True))]
         results["categories"][category] = table
-    vqa = {row: list(evaluate_fast_vqa(m, args.vqa_shots, args.episodes, args.seed).values())
-           for row, m in (("Frozen", frozen), ("test-blind", BlankImages(frozen)), ("train-blind", blind))}
+    vqa = {row: list(evaluate_fast_vqa(m, args.vqa_shots, args.episodes, args.seed).values()) for row, m in vqa_rows.items()}
     eval_minutes = (time.process_time() - eval_cpu) / 60
 
     print(f"\nImages in context: exact-match accuracy (%, mean ± 95% CI over {args.episodes} seeded episodes, one query each); "
           f"Frozen = conv4 {'from ' + args.image_init if args.image_init else 'from scratch'} → 2 prefix embeddings → frozen "
-          f"{args.lm or f'gpt-scenes ({args.gpt_steps} steps)'}, {args.steps} steps at batch {runs['frozen'].train.batch_size}")
+          f"{args.lm or f'gpt-scenes ({args.gpt_steps} steps)'}, {args.steps} steps at batch {runs['frozen'].train.batch_size}"
+          + (", the tower locked" if args.lock else "")
+          + (f"; Flamingo: {args.flamingo_steps} steps, {args.flamingo_episodes} naming episodes per batch" if args.flamingo_steps else ""))
     header = f"{'':28s}" + "".join(f"{c:>14s}" for c in COLUMNS)
     for category, table in results["categories"].items():
         print(f"\n{category}\n{header}")
@@ -184,15 +204,17 @@ def main() -> None:
         print(f"lecture {row[9:]:28s}" + "".join(f"{v:>14.1f}" for v in LECTURE[row]))
 
     verdicts = {}
-    for category, table in results["categories"].items():
-        for col, name in ((1, "induction 1 shot"), (3, "induction 5 shots")):
-            if "2-way Frozen" not in table:
-                continue
-            f, tb, rb = table["2-way Frozen"][col], table["2-way test-blind"][col], table["2-way train-blind"][col]
-            verdicts[f"{category}: 2-way nonce {name} above test-blind"] = None if f is None or tb is None else above_beyond_ci95(f, tb)
-            verdicts[f"{category}: 2-way nonce {name} above train-blind"] = None if f is None or rb is None else above_beyond_ci95(f, rb)
-    for k, shots in enumerate(args.vqa_shots):
-        verdicts[f"Fast-VQA {shots} shots above train-blind"] = above_beyond_ci95(vqa["Frozen"][k], vqa["train-blind"][k])
+    models = {"Frozen": ""} | ({"Flamingo": "Flamingo "} if args.flamingo_steps else {})  # model → its blind rows' prefix
+    for model, blinds in models.items():
+        for category, table in results["categories"].items():
+            for col, name in ((1, "induction 1 shot"), (3, "induction 5 shots")):
+                if f"2-way {model}" not in table:
+                    continue
+                f, tb, rb = (table[f"2-way {row}"][col] for row in (model, f"{blinds}test-blind", f"{blinds}train-blind"))
+                verdicts[f"{model}, {category}: 2-way nonce {name} above test-blind"] = None if f is None or tb is None else above_beyond_ci95(f, tb)
+                verdicts[f"{model}, {category}: 2-way nonce {name} above train-blind"] = None if f is None or rb is None else above_beyond_ci95(f, rb)
+        for k, shots in enumerate(args.vqa_shots):
+            verdicts[f"{model}, Fast-VQA {shots} shots above train-blind"] = above_beyond_ci95(vqa[model][k], vqa[f"{blinds}train-blind"][k])
     print("\nverdicts (beyond both CIs):")
     for claim, ok in verdicts.items():
         print(f"  {'n/a' if ok is None else 'yes' if ok else 'NO '}  {claim}")
@@ -202,7 +224,8 @@ def main() -> None:
         print(f"not run: {m}")
     cpu_minutes = {k: None if v is None else round(v / 60, 2) for k, v in cpu.items()}
     print(f"CPU-minutes: training {cpu_minutes} (null: reused), evaluation {eval_minutes:.2f}")
-    print(json.dumps({"bench": "vl_in_context", "episodes": args.episodes, "seed": args.seed, "lm": args.lm, "image_init": args.image_init,
+    print(json.dumps({"bench": "vl_in_context", "episodes": args.episodes, "seed": args.seed, "lm": args.lm, "image_init": args.image_init, "lock": args.lock,
+                      "flamingo_steps": args.flamingo_steps, "flamingo_episodes": args.flamingo_episodes,
                       "gpt_steps": None if args.lm else args.gpt_steps, "steps": args.steps, "vqa_shots": args.vqa_shots,
                       "categories": results["categories"], "skipped": results["skipped"], "misfits": sorted(set(results["misfits"])), "fast_vqa": vqa, "verdicts": verdicts,
                       "train_cpu_minutes": cpu_minutes, "eval_cpu_minutes": round(eval_minutes, 2), "warnings": results["warnings"],

@@ -254,7 +254,9 @@ def runs(tmp_path_factory):
                                         "encoder.options={dim: 16, depth: 2, heads: 2}", "name=gpt", f"out={root}"])
     clip_config = load_config(overrides=[*IMAGE, "method=clip", "method.embed_dim=8", "method.text={dim: 16, depth: 1, heads: 2}",
                                          "name=clip", f"out={root}"])
+    long_config = gpt_config.model_copy(update={"name": "gpt-long", "data": gpt_config.data.model_copy(update={"seq_len": 160})})
     runs = {"gpt": _save_run(gpt_config, build_method(gpt_config), train_tokenizer(CORPUS, 300)),
+            "gpt-long": _save_run(long_config, build_method(long_config), train_tokenizer(CORPUS, 300)),  # room for episodes
             "clip": _save_run(clip_config, build_method(clip_config), train_tokenizer(CORPUS, 300))}
     transformers = pytest.importorskip("transformers")
     folder = root / "hf-gpt2"  # a Hugging Face causal LM with tied embeddings and an [EOS]
@@ -373,3 +375,54 @@ def test_the_training_loss_is_the_mean_nll_of_the_text_tokens(runs, tmp_path, va
             first += size
     assert len(sizes) > 1 and max(sizes) > 1  # both captions alone and interleaved sequences
     assert math.isclose(float(loss), float(torch.stack(terms).mean()), rel_tol=1e-5) == (variant == "text only")
+
+
+@pytest.mark.parametrize("variant", ["episodes counted", "episodes left out", "blind", "blind, real images in the loop"])
+def test_naming_episodes_join_the_loss_laid_out_as_at_evaluation(runs, tmp_path, variant):
+    """method.episodes adds interleaved naming episodes (glossary names) to each batch: the loss is the mean NLL of
+    the text tokens over the caption sequences and the episodes, each laid out by the in-context model's own
+    prompt_ids with its answer; leaving the episodes out of the independent loop must not match (control). With
+    method.blind every training image is blank: the loop on blank images matches, on the real ones not (control)."""
+    from fewshot.data.vl_prompts import NONCE_NAMES, naming_episode
+    from fewshot.methods.flamingo import FlamingoInContext, draw_group_sizes
+
+    blind = variant.startswith("blind")
+    method = build_method(_config(runs, tmp_path, "method.episodes=2", "method.episode_images=5", f"method.blind={str(blind).lower()}", lm="gpt-long"))
+    seen = (lambda x: torch.zeros_like(x)) if variant == "blind" else (lambda x: x)  # noqa: E731
+    with torch.no_grad():  # a resampler that passes on what it reads, so blank and real images part clearly
+        for p in method.flamingo.resampler.parameters():
+            if p.ndim > 1:
+                p.normal_(0, 1.0, generator=torch.Generator().manual_seed(p.numel()))
+    _trained_like(method.flamingo)
+    f, pairs, model = method.flamingo, _pairs(method.text_tokenizer), FlamingoInContext(method, "flamingo")
+    batch = {k: v for k, v in pairs.batch(torch.arange(4)).items() if k in method.inputs}
+    with torch.no_grad():
+        loss, _ = method(batch, torch.Generator().manual_seed(5))
+        generator = torch.Generator().manual_seed(5)
+        sizes = draw_group_sizes(4, method.max_images, generator)
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+        sequences, first = [], 0
+        for size in sizes:
+            seq = [*method.start_ids]
+            for r in range(first, first + size):
+                seq += [f.image_id, *[t for t in batch["tokens"][r].tolist() if t != PAD_ID], f.chunk_id]
+            sequences.append((seq + [method.eos_id], batch["images"][first : first + size]))
+            first += size
+        if variant != "episodes left out":
+            for j in range(2):
+                episode, images = naming_episode(method.names, seed, j, 16, 5)
+                assert episode.answer in method.names and not set(episode.names) & set(NONCE_NAMES)
+                ids = model.prompt_ids(list(episode.pieces)) + method.tokenizer.encode(f" {episode.answer}.", add_special_tokens=False).ids
+                sequences.append((ids + [f.chunk_id, method.eos_id], images.images[list(episode.images)]))
+        terms = []
+        for seq, images in sequences:
+            logp = f(torch.tensor([seq]), method.image_features(seen(images))[None])[0].double().log_softmax(-1)
+            terms += [-logp[j - 1, seq[j]] for j in range(1, len(seq)) if seq[j] != f.image_id]
+    assert math.isclose(float(loss), float(torch.stack(terms).mean()), rel_tol=1e-5) == (variant in ("episodes counted", "blind"))
+
+
+def test_episodes_longer_than_the_context_are_refused_at_build(runs, tmp_path):
+    with pytest.raises(ConfigError, match=r"a naming episode of up to 8 images needs up to \d+ positions.*lower method.episode_images") as err:
+        build_method(_config(runs, tmp_path, "method.episodes=1", "method.episode_images=8"))
+    assert "\n" not in str(err.value)
+    build_method(_config(runs, tmp_path, "method.episodes=1", "method.episode_images=8", lm="gpt-long"))  # control: room enough

@@ -11,7 +11,8 @@ import torch
 from fewshot.cli import main
 from fewshot.data.scenes import COLOURS
 from fewshot.data.tokenizer import train_tokenizer
-from fewshot.data.vl_prompts import IMAGE, NONCE_NAMES, QUERY, VLImages, category_images, fast_vqa_episode, open_ended_episode
+from fewshot.data.vl_prompts import (IMAGE, NONCE_NAMES, QUERY, VLImages, category_images, fast_vqa_episode, glossary, naming_episode,
+                                     open_ended_episode)
 from fewshot.errors import DataError
 from fewshot.evaluate.vl_in_context import (
     BlankImages, PrefixInContext, Setting, answer_matches, evaluate_fast_vqa, evaluate_open_ended, interleaved_embeddings, nonce_warnings,
@@ -191,6 +192,33 @@ def test_fast_vqa_answers_are_the_colour_of_an_object_in_the_query():
         assert ((hue - colour / colour.max()).abs().amax(dim=1) < 0.03).any()  # some pixel has the answer's colour
     e0, _ = fast_vqa_episode(0, seed=0, i=0, size=16)
     assert e0.pieces == (IMAGE, e0.pieces[-1]) and len(e0.images) == 1
+
+
+def test_training_naming_episodes_bind_glossary_names_to_one_attribute():
+    names = glossary(50)
+    shared = {"shape": 0, "colour": 0}
+    for i in range(40):
+        e, shown = naming_episode(names, seed=0, i=i, size=16, max_images=9)
+        again, shown_again = naming_episode(names, seed=0, i=i, size=16, max_images=9)
+        assert e == again and torch.equal(shown.images, shown_again.images)
+        assert len(e.images) <= 9 and max(e.images) < len(shown.images) and e.answer in e.names
+        assert set(e.names) <= set(names) and not set(e.names) & set(NONCE_NAMES)
+        named = {}  # name → the (colour, shape) of its support images
+        for k, piece in enumerate(e.pieces):
+            if piece == IMAGE and k + 1 < len(e.pieces) and e.pieces[k + 1].startswith("this is a "):
+                words = shown.descriptions[e.images[sum(p == IMAGE for p in e.pieces[:k])]].rstrip(".").split()
+                named.setdefault(e.pieces[k + 1][len("this is a "):-1], []).append(tuple(words[-2:]))
+        query = tuple(shown.descriptions[e.images[-1]].rstrip(".").split()[-2:])
+        binding = []  # attributes with one value per name, a different one for each name, the answer's on the query
+        for a, attribute in enumerate(("colour", "shape")):
+            values = {name: {seen[a] for seen in pairs} for name, pairs in named.items()}
+            if (all(len(v) == 1 for v in values.values()) and len(set.union(*values.values())) == len(values)
+                    and values[e.answer] == {query[a]}):
+                binding.append(attribute)
+        assert binding, (e, shown.descriptions)
+        if len(binding) == 1:
+            shared[binding[0]] += 1
+    assert shared["shape"] >= 5 and shared["colour"] >= 5  # both kinds, each with another attribute that varies
 
 
 def test_answers_are_matched_exactly():

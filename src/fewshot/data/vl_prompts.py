@@ -40,7 +40,7 @@ from fewshot.io import atomic_write
 
 __all__ = [
     "CATEGORIES", "IMAGE", "NONCE_NAMES", "VLEpisode", "VLImages", "category_images", "count_images", "fast_vqa_episode", "glossary",
-    "induction_text", "open_ended_episode", "real_words", "scene_corpus", "write_scene_corpus",
+    "induction_text", "naming_episode", "open_ended_episode", "real_words", "scene_corpus", "write_scene_corpus",
 ]
 
 IMAGE = "<image>"  # the marker a prompt piece uses for "one image goes here"
@@ -162,6 +162,35 @@ def open_ended_episode(labels: np.ndarray, class_names: list[str], way: int, sho
     pieces += [IMAGE, QUERY]
     images.append(int(picks[target][shots]))
     return VLEpisode(tuple(pieces), tuple(images), names[target], tuple(names))
+
+
+def naming_episode(names_pool: list[str], seed: int, i: int, size: int = 32, max_images: int = 16) -> tuple[VLEpisode, "VLImages"]:
+    """Training episode ``i`` of the seed for an interleaved model: :func:`open_ended_episode`'s layout on freshly
+    drawn one-object images, named from ``names_pool`` (a :func:`glossary`, never the evaluation's names) and bound by
+    shape or by colour (either with probability 1/2; the other attribute random, so only the naming one is shared).
+    Way 2, 2 or 3; shots 1, 1, 2, 3 or 5; repeats 0, 0, 0 or 1; task induction with probability 1/2 — then repeats and
+    shots are lowered until the episode holds at most ``max_images`` images. Returns the episode (image indices
+    into the returned set) and the image set (its class names are the episode's names); the answer is the query's name."""
+    rng = np.random.default_rng([seed, i, 49])
+    by_shape = rng.random() < 0.5
+    way, shots, repeats = int(rng.choice([2, 2, 3])), int(rng.choice([1, 1, 2, 3, 5])), int(rng.choice([0, 0, 0, 1]))
+    if way + 1 > max_images:
+        raise DataError(f"a {way}-way episode needs at least {way + 1} images, max_images is {max_images}")
+    while way * shots * (1 + repeats) + 1 > max_images:
+        repeats, shots = (0, shots) if repeats else (0, shots - 1)
+    values = PRETRAIN_SHAPES if by_shape else tuple(COLOURS)
+    others = tuple(COLOURS) if by_shape else PRETRAIN_SHAPES
+    classes = [values[j] for j in rng.choice(len(values), size=way, replace=False)]
+    names = [names_pool[j] for j in rng.choice(len(names_pool), size=way, replace=False)]
+    scenes, labels = [], []
+    for k, value in enumerate(classes):
+        for _ in range(shots + 1):
+            other = others[int(rng.integers(len(others)))]
+            scenes.append(_one_object(rng, *((value, other) if by_shape else (other, value))))
+            labels.append(k)
+    images = VLImages(torch.from_numpy(render(scenes, size).astype(np.float32) / 255), np.array(labels), names,
+                      [_describe(scene.objects[0]) for scene in scenes])
+    return open_ended_episode(images.labels, names, way, shots, repeats, bool(rng.random() < 0.5), False, seed, i), images
 
 
 def _vqa_scene(rng: np.random.Generator, shapes: list[str], colours: list[str]) -> Scene | None:

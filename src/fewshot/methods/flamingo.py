@@ -19,6 +19,12 @@ group:
 so single-image captioning and interleaved multi-image sequences are both trained. Loss: next-token cross-entropy
 on the caption tokens, ``<|endofchunk|>`` and [EOS]; never on ``<image>`` or padding.
 
+The paper's interleaved web pages (M3W) are where Flamingo meets text that refers to earlier images; our stand-in,
+``method.episodes`` > 0, adds that many naming episodes to each batch
+(:func:`~fewshot.data.vl_prompts.naming_episode`: freshly drawn one-object images named with made-up glossary words,
+never the evaluation's, in the evaluation's layout with the answer), on the same text-only loss. ``method.blind``
+blanks every training image (the train-blind baseline).
+
 The defaults are the paper's (64 latents, 6 resampler layers, 8 heads, a gated block before every LM layer as in
 Flamingo-3B); the CPU recipe ``flamingo-scenes`` uses 8 latents × 2 layers of 4 heads.
 """
@@ -36,6 +42,7 @@ from torch import nn
 from fewshot.config import MethodConfig, RunConfig
 from fewshot.data.token_ids import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID
 from fewshot.data.types import Batch
+from fewshot.data.vl_prompts import QUERY, SUPPORT, glossary, induction_text, naming_episode
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.methods.base import Method
 from fewshot.methods.prefix_captioning import open_caption_lm, untie, weight_digests
@@ -66,6 +73,10 @@ class FlamingoConfig(MethodConfig):
     cross_heads: int = Field(8, ge=1, description="gated cross-attention heads, dividing the LM's width (open_flamingo: 8)")
     mlp_ratio: float = Field(4.0, gt=0, description="feed-forward width ÷ model width in the resampler and gated blocks")
     max_images: int = Field(3, ge=1, description="each training sequence interleaves 1 … max_images captioned images")
+    episodes: int = Field(0, ge=0, description="naming episodes added to each training batch (our stand-in for M3W's interleaved web pages; 0: captions only)")
+    episode_images: int = Field(12, ge=3, description="images at most in one naming episode")
+    glossary: int = Field(100, ge=3, description="made-up names the naming episodes draw from (never the evaluation's nonce names)")
+    blind: bool = Field(False, description="the train-blind baseline: every training image (captions' and episodes') is blank")
     image: FlamingoImage = Field(default_factory=FlamingoImage)
     lm: FlamingoLMSection = Field(default_factory=FlamingoLMSection)
 
@@ -137,7 +148,14 @@ class Flamingo(Method):
         self.tokenizer, self.lm_name, self.start_ids, self.eos_id = lm.tokenizer, lm.name, lm.start_ids, lm.eos_id
         self.flamingo = FlamingoLM(lm.model, image_token_width(self.encoder), m.latents, m.resampler_depth, m.resampler_heads,
                                    m.cross_every, m.cross_heads, m.mlp_ratio)
-        self.max_images = m.max_images
+        self.max_images, self.episodes, self.episode_images, self.blind = m.max_images, m.episodes, m.episode_images, m.blind
+        self.names = glossary(m.glossary, config.train.seed) if m.episodes else []
+        self.image_size = config.data.image_size
+        if self.episodes:
+            need = self.longest_episode()
+            if need > self.flamingo.context:
+                raise ConfigError(f"a naming episode of up to {m.episode_images} images needs up to {need} positions, "
+                                  f"{need - self.flamingo.context} more than {lm.name}'s context of {self.flamingo.context}: lower method.episode_images")
         seq_len = getattr(config.data, "seq_len", None)
         need = None if seq_len is None else len(lm.start_ids) + m.max_images * (seq_len + 2) + 1
         if need is not None and need > self.flamingo.context:
@@ -167,6 +185,10 @@ class Flamingo(Method):
         with torch.no_grad():
             return image_token_features(self.encoder, images)
 
+    def training_features(self, images: torch.Tensor) -> torch.Tensor:
+        """:meth:`image_features` of the training images, of blank ones for the train-blind baseline."""
+        return self.image_features(torch.zeros_like(images) if self.blind else images)
+
     def sequence_features(self, images: torch.Tensor) -> torch.Tensor:
         """The token features (1, N, S, D_v) of one sequence's images (N, C, H, W); N may be 0."""
         if len(images):
@@ -177,10 +199,41 @@ class Flamingo(Method):
         f = self.flamingo
         sizes = draw_group_sizes(batch["images"].shape[0], self.max_images, generator)
         ids, members = interleave_captions(batch["tokens"], sizes, f.image_id, f.chunk_id, self.start_ids, self.eos_id)
-        features = self.image_features(batch["images"])
+        features = self.training_features(batch["images"])
         grouped = features[members.clamp(min=0)] * (members >= 0)[:, :, None, None].to(features.dtype)
-        logits = f(ids, grouped, (members >= 0).sum(dim=1))
-        return caption_loss(logits, interleaved_labels(ids, f.image_id)), {"images_per_sequence": float((members >= 0).sum(1).float().mean())}
+        counts = (members >= 0).sum(dim=1)
+        if self.episodes:
+            seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+            ids, grouped, counts = self.with_episodes(ids, grouped, counts, seed)
+        logits = f(ids, grouped, counts)
+        return caption_loss(logits, interleaved_labels(ids, f.image_id)), {"images_per_sequence": float(counts.float().mean())}
+
+    def longest_episode(self) -> int:
+        """Positions a naming episode can take at most: task induction over the three longest names, every image but
+        the query followed by the longest name's support line, the query, the longest answer, ``<|endofchunk|>``, EOS."""
+        length = lambda name: len(self.tokenizer.encode(f" {name}.", add_special_tokens=False).ids)  # noqa: E731
+        longest = sorted(self.names, key=length)[-3:]
+        pieces = [induction_text(longest)] + [IMAGE_TOKEN, SUPPORT.format(name=longest[-1])] * (self.episode_images - 1)
+        return len(self.pieces_ids([*pieces, IMAGE_TOKEN, f"{QUERY} {longest[-1]}."])) + 2
+
+    def with_episodes(self, ids: torch.Tensor, grouped: torch.Tensor, counts: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+        """The caption sequences (G, T) with their features (G, N, S, D_v) and image counts (G,), followed by
+        ``method.episodes`` naming episodes of the seed (:func:`~fewshot.data.vl_prompts.naming_episode`), each laid
+        out as at evaluation (:meth:`pieces_ids`) with its answer, ``<|endofchunk|>`` and EOS; padded to one length."""
+        rows, pictures = [], []
+        for j in range(self.episodes):
+            episode, images = naming_episode(self.names, seed, j, self.image_size, self.episode_images)
+            pieces = [*episode.pieces[:-1], f"{episode.pieces[-1]} {episode.answer}."]
+            rows.append(self.pieces_ids(pieces) + [self.flamingo.chunk_id, self.eos_id])
+            pictures.append(self.training_features(images.images[list(episode.images)].to(ids.device)))
+        g, t = ids.shape[0] + len(rows), max(ids.shape[1], max(map(len, rows)))
+        n = max(grouped.shape[1], max(len(p) for p in pictures))
+        all_ids = torch.full((g, t), PAD_ID, dtype=ids.dtype, device=ids.device)
+        all_features = grouped.new_zeros(g, n, *grouped.shape[2:])
+        all_ids[: ids.shape[0], : ids.shape[1]], all_features[: ids.shape[0], : grouped.shape[1]] = ids, grouped
+        for r, (row, features) in enumerate(zip(rows, pictures), start=ids.shape[0]):
+            all_ids[r, : len(row)], all_features[r, : len(features)] = torch.tensor(row), features
+        return all_ids, all_features, torch.cat([counts, torch.tensor([len(p) for p in pictures], device=counts.device)])
 
     # ------------------------------------------------------------------ in-context use
 
@@ -194,6 +247,21 @@ class Flamingo(Method):
                 ids.append(self.flamingo.chunk_id)
             elif piece:
                 ids += self.tokenizer.encode(piece, add_special_tokens=False).ids
+        return ids
+
+    def pieces_ids(self, pieces: Sequence[str]) -> list[int]:
+        """Ids of a prompt of text pieces and ``<image>`` markers, laid out as in training: start ids, each marker as
+        ``<image>``, a text piece right after a marker with no leading space (as a caption after ``<image>``), any
+        other text piece after a space, and ``<|endofchunk|>`` closing each text piece that a marker follows."""
+        f, ids = self.flamingo, list(self.start_ids)
+        for j, piece in enumerate(pieces):
+            if piece == IMAGE_TOKEN:
+                if j and pieces[j - 1] != IMAGE_TOKEN:
+                    ids.append(f.chunk_id)
+                ids.append(f.image_id)
+            else:
+                text = piece if j == 0 or pieces[j - 1] == IMAGE_TOKEN else " " + piece
+                ids += self.tokenizer.encode(text, add_special_tokens=False).ids
         return ids
 
     @torch.no_grad()
@@ -274,17 +342,7 @@ class FlamingoInContext:
                               f"{self.method.lm_name} holds {self.context}: {need - self.context} too many; use fewer shots or repeats")
 
     def prompt_ids(self, pieces: Sequence[str]) -> list[int]:
-        f, tok = self.method.flamingo, self.method.tokenizer
-        ids = list(self.method.start_ids)
-        for j, piece in enumerate(pieces):
-            if piece == IMAGE_TOKEN:
-                if j and pieces[j - 1] != IMAGE_TOKEN:
-                    ids.append(f.chunk_id)
-                ids.append(f.image_id)
-            else:
-                text = piece if j == 0 or pieces[j - 1] == IMAGE_TOKEN else " " + piece
-                ids += tok.encode(text, add_special_tokens=False).ids
-        return ids
+        return self.method.pieces_ids(pieces)
 
     @torch.no_grad()
     def next_text(self, images: Sequence[torch.Tensor], pieces: Sequence[str], max_tokens: int) -> str:
