@@ -32,6 +32,12 @@ binds names in text where gpt-scenes does not), ``--image-init`` starts the conv
     OMP_NUM_THREADS=2 FEWSHOT_DATA=/work/shared/data python bench/vl_in_context.py --pool runs/bench-vl/scenes-20000 \
         --out runs/vlctx/bench --lm runs/vlctx/smollm2-answers-160 --image-init runs/bench-vl/clip-20000-1000 --steps 250 \
         --override train.batch_size=16 --categories shapes colours --ways 2 --columns 1 3 --vqa-shots 1 3
+
+``--lock`` freezes that tower in Frozen (only the linear map to the prefix learns). ``--flamingo-steps N`` adds Flamingo
+over the same LM and tower (``--flamingo-episodes`` naming episodes per batch, ``method.episodes``) and its train-blind
+(``method.blind=true``), with rows Flamingo, Flamingo test-blind and Flamingo train-blind and the same verdicts; for
+SmolLM2 pass ``--flamingo-override method.cross_every=6 method.cross_heads=8 train.batch_size=4``. Neither lifts the image
+rows above test-blind yet (docs/benchmarks.md, "Frozen with its image tower locked" and "Flamingo pilots").
 """
 
 from __future__ import annotations
