@@ -182,14 +182,9 @@ def naming_episode(names_pool: list[str], seed: int, i: int, size: int = 32, max
     others = tuple(COLOURS) if by_shape else PRETRAIN_SHAPES
     classes = [values[j] for j in rng.choice(len(values), size=way, replace=False)]
     names = [names_pool[j] for j in rng.choice(len(names_pool), size=way, replace=False)]
-    scenes, labels = [], []
-    for k, value in enumerate(classes):
-        for _ in range(shots + 1):
-            other = others[int(rng.integers(len(others)))]
-            scenes.append(_one_object(rng, *((value, other) if by_shape else (other, value))))
-            labels.append(k)
-    images = VLImages(torch.from_numpy(render(scenes, size).astype(np.float32) / 255), np.array(labels), names,
-                      [_describe(scene.objects[0]) for scene in scenes])
+    pairs = [(value, other) if by_shape else (other, value) for value in classes for other in others]
+    images = _one_object_set(pairs, shots + 1, rng, size, "shape" if by_shape else "colour")
+    images.class_names = names
     return open_ended_episode(images.labels, names, way, shots, repeats, bool(rng.random() < 0.5), False, seed, i), images
 
 
@@ -235,8 +230,9 @@ class VLImages:
     descriptions: list[str] | None = None
 
 
-def _one_object_set(pairs: list[tuple[str, str]], per_class: int, key: int, size: int, seed: int, by: str) -> VLImages:
-    rng = np.random.default_rng([seed, key])
+def _one_object_set(pairs: list[tuple[str, str]], per_class: int, rng: np.random.Generator, size: int, by: str) -> VLImages:
+    """``per_class`` one-object images of each class (a shape or a colour, ``by``, in order of first appearance in
+    ``pairs``), each drawn from that class's (shape, colour) pairs."""
     scenes, labels = [], []
     classes = sorted({s if by == "shape" else c for s, c in pairs}, key=[s if by == "shape" else c for s, c in pairs].index)
     for k, name in enumerate(classes):
@@ -257,11 +253,11 @@ def category_images(category: str, per_class: int, size: int = 32, seed: int = 0
     ``$FEWSHOT_DATA/omniglot/images_background_small1.zip`` (or ``omniglot``), ink white on black, grey in all 3
     channels; real names "character N"). Raises DataError when Omniglot is absent."""
     if category == "shapes":
-        return _one_object_set([(s, c) for s in PRETRAIN_SHAPES for c in COLOURS], per_class, 44, size, seed, "shape")
+        return _one_object_set([(s, c) for s in PRETRAIN_SHAPES for c in COLOURS], per_class, np.random.default_rng([seed, 44]), size, "shape")
     if category == "colours":
-        return _one_object_set([(s, c) for s in PRETRAIN_SHAPES for c in COLOURS], per_class, 45, size, seed, "colour")
+        return _one_object_set([(s, c) for s in PRETRAIN_SHAPES for c in COLOURS], per_class, np.random.default_rng([seed, 45]), size, "colour")
     if category == "novel-shapes":
-        return _one_object_set([(s, c) for s in FEWSHOT_SHAPES for c in COLOURS], per_class, 46, size, seed, "shape")
+        return _one_object_set([(s, c) for s in FEWSHOT_SHAPES for c in COLOURS], per_class, np.random.default_rng([seed, 46]), size, "shape")
     if category == "omniglot":
         from fewshot.data.sources import load_omniglot, resolve_data_path
 
