@@ -289,3 +289,90 @@ def test_image_init_starts_the_encoder_and_lock_keeps_it(gpt_run, tmp_path, lock
     assert not torch.equal(after["to_prefix.weight"], method.state_dict()["to_prefix.weight"])  # the map learns either way
     with pytest.raises(ConfigError, match="needs pretrained weights"):
         build_method(frozen_config(gpt_run, tmp_path / "bad", "method.image.lock=true"))
+
+
+# ------------------------------------------------------------------ naming episodes (method.episodes, a departure)
+
+
+@pytest.fixture(scope="module")
+def long_gpt_run(tmp_path_factory):
+    return save_tiny_gpt(tmp_path_factory.mktemp("gpt-long"), seq_len=200)
+
+
+def nll_of_one_sequence(link, sequence, targets):
+    """Σ −log p(target) and the count over one unpadded sequence, read position by position (an independent loop)."""
+    logits, total, count = link.step(sequence)[0][0], torch.zeros(()), 0
+    for j, target in enumerate(targets):
+        if j and target is not None:
+            total = total - torch.log_softmax(logits[j - 1], dim=-1)[target]
+            count += 1
+    return total, count
+
+
+def by_hand(method, pieces, images):
+    """An episode's sequence assembled by hand: start ids, each image's two prefix rows, each text piece's ids (a space
+    before every piece but the first); targets the text ids, None elsewhere."""
+    link, encode = method.language_model, method.language_model.tokenizer.encode
+    parts, targets, shown = [link.embed(torch.tensor([link.start_ids]))[0]], [None] * len(link.start_ids), iter(images)
+    for j, piece in enumerate(pieces):
+        if piece == vl_prompts.IMAGE:
+            parts.append(method.prefix(next(shown)[None])[0])
+            targets += [None, None]
+        else:
+            ids = encode(piece if j == 0 else " " + piece, add_special_tokens=False).ids
+            parts.append(link.embed(torch.tensor([ids]))[0])
+            targets += ids
+    return torch.cat(parts)[None], targets
+
+
+@pytest.mark.parametrize("padding", ["ignored", "counted as tokens"])
+def test_the_episode_loss_is_one_token_mean_over_unpadded_captions_and_episodes(long_gpt_run, tmp_path, monkeypatch, padding):
+    """Frozen's loss with ``method.episodes``: one mean over the caption tokens (+ EOS) and the episodes' text tokens,
+    against a loop over each sequence alone (no padding, no batching). Negative control: padding targets counted."""
+    from fewshot.evaluate.vl_in_context import interleaved_embeddings
+    from fewshot.methods import frozen as frozen_module
+
+    method = build_method(frozen_config(long_gpt_run, tmp_path, "method.episodes=3", "method.episode_images=5")).eval()
+    if padding == "counted as tokens":
+        monkeypatch.setattr(frozen_module, "IGNORE_INDEX", 0)
+    tokens = scene_pairs(method.text_tokenizer).batch(torch.arange(4))["tokens"]
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    loss = method({"images": images, "tokens": tokens}, torch.Generator().manual_seed(11))[0]
+
+    link, total, count = method.language_model, torch.zeros(()), 0
+    for b in range(4):
+        ids = [t for t in tokens[b].tolist() if t != 0] + [link.eos_id]
+        sequence = torch.cat([link.prefix_sequence(method.prefix(images[b : b + 1])), link.embed(torch.tensor([ids]))], dim=1)
+        s, n = nll_of_one_sequence(link, sequence, [None] * (len(link.start_ids) + 2) + ids)
+        total, count = total + s, count + n
+    seed = int(torch.randint(2**31 - 1, (1,), generator=torch.Generator().manual_seed(11)))
+    for j in range(3):
+        episode, drawn = vl_prompts.naming_episode(method.names, seed, j, 16, 5)
+        shown = drawn.images[list(episode.images)]
+        sequence, targets = by_hand(method, episode.answered(), shown)
+        asked = interleaved_embeddings(link, method.prefix, list(shown), list(episode.pieces))
+        # trained on the evaluation's own layout with the answer appended (prefix rows: one image at a time vs batched)
+        torch.testing.assert_close(sequence[:, : asked.shape[1]], asked, rtol=0, atol=1e-6)
+        s, n = nll_of_one_sequence(link, sequence, targets)
+        total, count = total + s, count + n
+    assert torch.allclose(loss, total / count, atol=1e-5) == (padding == "ignored")
+
+
+@pytest.mark.parametrize("blind", [True, False])
+def test_train_blind_episodes_show_only_blank_images(long_gpt_run, tmp_path, blind):
+    method = build_method(frozen_config(long_gpt_run, tmp_path, "method.episodes=2", "method.episode_images=4",
+                                        f"method.blind={str(blind).lower()}")).eval()
+    seen, prefix = [], method.prefix
+    method.prefix = lambda images: (seen.append(images), prefix(images))[1]
+    tokens = scene_pairs(method.text_tokenizer).batch(torch.arange(2))["tokens"]
+    method({"images": torch.rand(2, 3, 16, 16), "tokens": tokens}, torch.Generator().manual_seed(0))
+    assert len(seen) == 3  # the captions' images, then each episode's
+    assert all(float(x.abs().max()) == 0 for x in seen) == blind  # the negative control (blind=false) shows real images
+
+
+def test_an_episode_longer_than_the_lm_is_refused_at_build(gpt_run, tmp_path):
+    from fewshot.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"a naming episode of up to 30 images needs up to \d+ positions, \d+ more than .* lower method.episode_images"):
+        build_method(frozen_config(gpt_run, tmp_path, "method.episodes=1", "method.episode_images=30"))
+    build_method(frozen_config(gpt_run, tmp_path, "method.episodes=1", "method.episode_images=3"))  # fits its 96 positions

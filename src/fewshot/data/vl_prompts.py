@@ -26,7 +26,7 @@ leaves the latter out; then they are split into pieces the LM must copy one by o
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -40,7 +40,7 @@ from fewshot.io import atomic_write
 
 __all__ = [
     "CATEGORIES", "IMAGE", "NONCE_NAMES", "VLEpisode", "VLImages", "category_images", "count_images", "fast_vqa_episode", "glossary",
-    "induction_text", "naming_episode", "open_ended_episode", "real_words", "scene_corpus", "write_scene_corpus",
+    "induction_text", "longest_naming_pieces", "naming_episode", "open_ended_episode", "real_words", "scene_corpus", "write_scene_corpus",
 ]
 
 IMAGE = "<image>"  # the marker a prompt piece uses for "one image goes here"
@@ -120,6 +120,10 @@ class VLEpisode:
     answer: str
     names: tuple[str, ...]
 
+    def answered(self) -> list[str]:
+        """The pieces with the answer after the query (``… a: this is a dax.``): a training sequence."""
+        return [*self.pieces[:-1], f"{self.pieces[-1]} {self.answer}."]
+
 
 def _support_pieces(order: list[tuple[int, str]]) -> tuple[list[str], list[int]]:
     pieces, images = [], []
@@ -186,6 +190,15 @@ def naming_episode(names_pool: list[str], seed: int, i: int, size: int = 32, max
     images = _one_object_set(pairs, shots + 1, rng, size, "shape" if by_shape else "colour")
     images.class_names = names
     return open_ended_episode(images.labels, names, way, shots, repeats, bool(rng.random() < 0.5), False, seed, i), images
+
+
+def longest_naming_pieces(names_pool: list[str], max_images: int, tokens: Callable[[str], int]) -> list[str]:
+    """The answered pieces of the longest naming episode ``names_pool`` can make with ``max_images`` images, by
+    ``tokens(name)`` (a name's token count): task induction over the three longest names, every image but the query
+    named by the longest, the query answered by it. What a method checks against its LM's context before training."""
+    longest = sorted(names_pool, key=tokens)[-3:]
+    support = [IMAGE, SUPPORT.format(name=longest[-1])] * (max_images - 1)
+    return [induction_text(longest), *support, IMAGE, f"{QUERY} {longest[-1]}."]
 
 
 def _vqa_scene(rng: np.random.Generator, shapes: list[str], colours: list[str]) -> Scene | None:

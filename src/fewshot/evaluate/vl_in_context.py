@@ -32,7 +32,7 @@ import torch
 from fewshot.data.vl_prompts import CATEGORIES, IMAGE, NONCE_NAMES, QUERY, VLImages, category_images, count_images, fast_vqa_episode, open_ended_episode
 from fewshot.errors import ConfigError, DataError
 from fewshot.evaluate.runner import mean_ci95
-from fewshot.models.prefix_lm import Past, PrefixLM
+from fewshot.models.prefix_lm import Past, PrefixLM, interleaved_sequence
 
 __all__ = [
     "BlankImages", "InterleavedModel", "NearestSupport", "PrefixInContext", "Setting", "answer_matches", "described", "evaluate_fast_vqa", "evaluate_open_ended",
@@ -48,30 +48,10 @@ class InterleavedModel(Protocol):
     def next_text(self, images: Sequence[torch.Tensor], pieces: Sequence[str], max_tokens: int) -> str: ...
 
 
-def check_image_count(images: Sequence[torch.Tensor], pieces: Sequence[str]) -> None:
-    """A one-line DataError unless there is one image per :data:`IMAGE` marker."""
-    slots = count_images(list(pieces))
-    if len(images) != slots:
-        raise DataError(f"the prompt has {slots} image slot(s) ({IMAGE}) but {len(images)} image(s) were given")
-
-
 def interleaved_embeddings(link: PrefixLM, prefix: Callable[[torch.Tensor], torch.Tensor], images: Sequence[torch.Tensor],
                            pieces: Sequence[str]) -> torch.Tensor:
-    """The prompt as one embedding sequence (1, T, D): the start ids' embeddings, then per piece either the next
-    image's k prefix embeddings ``prefix(images)`` (k, D) or the piece's token embeddings (a space before every
-    piece but the first)."""
-    check_image_count(images, pieces)
-    prefixes = prefix(torch.stack(list(images))) if images else None
-    parts = [link.embed(torch.tensor([link.start_ids], dtype=torch.long))[0]] if link.start_ids else []
-    next_image = 0
-    for j, piece in enumerate(pieces):
-        if piece == IMAGE:
-            parts.append(prefixes[next_image].to(parts[0].dtype if parts else prefixes.dtype))
-            next_image += 1
-        else:
-            ids = link.tokenizer.encode(piece if j == 0 else " " + piece, add_special_tokens=False).ids
-            parts.append(link.embed(torch.tensor([ids], dtype=torch.long))[0])
-    return torch.cat(parts, dim=0)[None]
+    """The prompt as one embedding sequence (1, T, D) (:func:`~fewshot.models.prefix_lm.interleaved_sequence`)."""
+    return interleaved_sequence(link, prefix, images, pieces)[0]
 
 
 _STOPS = (".", "?", "\n")

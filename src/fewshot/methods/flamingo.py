@@ -39,14 +39,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from fewshot.config import MethodConfig, RunConfig
+from fewshot.config import RunConfig
 from fewshot.data.token_ids import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID
 from fewshot.data.types import Batch
-from fewshot.data.vl_prompts import QUERY, SUPPORT, glossary, induction_text, naming_episode
+from fewshot.data.vl_prompts import glossary, longest_naming_pieces, naming_episode
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.methods.base import Method
 from fewshot.methods.prefix_captioning import open_caption_lm, untie, weight_digests
-from fewshot.methods.vision_language import load_image_tower
+from fewshot.methods.vision_language import NamingEpisodesConfig, load_image_tower
 from fewshot.models.flamingo import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, FlamingoLM, image_token_features, image_token_width
 from fewshot.objectives.captioning import caption_loss
 
@@ -65,7 +65,7 @@ class FlamingoLMSection(_Section):
     init: str | None = Field(None, description="the frozen causal LM: a fewshot gpt run folder, a Hugging Face causal LM folder or smollm2")
 
 
-class FlamingoConfig(MethodConfig):
+class FlamingoConfig(NamingEpisodesConfig):  # episodes: our stand-in for M3W's interleaved web pages
     latents: int = Field(64, ge=1, description="Perceiver Resampler latents per image (Flamingo: 64; the recipe: 8)")
     resampler_depth: int = Field(6, ge=1, description="Perceiver Resampler layers (Flamingo: 6; the recipe: 2)")
     resampler_heads: int = Field(8, ge=1, description="resampler heads, dividing the image features' width (open_flamingo: 8)")
@@ -73,9 +73,6 @@ class FlamingoConfig(MethodConfig):
     cross_heads: int = Field(8, ge=1, description="gated cross-attention heads, dividing the LM's width (open_flamingo: 8)")
     mlp_ratio: float = Field(4.0, gt=0, description="feed-forward width ÷ model width in the resampler and gated blocks")
     max_images: int = Field(3, ge=1, description="each training sequence interleaves 1 … max_images captioned images")
-    episodes: int = Field(0, ge=0, description="naming episodes added to each training batch (our stand-in for M3W's interleaved web pages; 0: captions only)")
-    episode_images: int = Field(12, ge=3, description="images at most in one naming episode")
-    glossary: int = Field(100, ge=3, description="made-up names the naming episodes draw from (never the evaluation's nonce names)")
     blind: bool = Field(False, description="the train-blind baseline: every training image (captions' and episodes') is blank")
     image: FlamingoImage = Field(default_factory=FlamingoImage)
     lm: FlamingoLMSection = Field(default_factory=FlamingoLMSection)
@@ -212,9 +209,7 @@ class Flamingo(Method):
         """Positions a naming episode can take at most: task induction over the three longest names, every image but
         the query followed by the longest name's support line, the query, the longest answer, ``<|endofchunk|>``, EOS."""
         length = lambda name: len(self.tokenizer.encode(f" {name}.", add_special_tokens=False).ids)  # noqa: E731
-        longest = sorted(self.names, key=length)[-3:]
-        pieces = [induction_text(longest)] + [IMAGE_TOKEN, SUPPORT.format(name=longest[-1])] * (self.episode_images - 1)
-        return len(self.pieces_ids([*pieces, IMAGE_TOKEN, f"{QUERY} {longest[-1]}."])) + 2
+        return len(self.pieces_ids(longest_naming_pieces(self.names, self.episode_images, length))) + 2
 
     def with_episodes(self, ids: torch.Tensor, grouped: torch.Tensor, counts: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
         """The caption sequences (G, T) with their features (G, N, S, D_v) and image counts (G,), followed by
@@ -223,8 +218,7 @@ class Flamingo(Method):
         rows, pictures = [], []
         for j in range(self.episodes):
             episode, images = naming_episode(self.names, seed, j, self.image_size, self.episode_images)
-            pieces = [*episode.pieces[:-1], f"{episode.pieces[-1]} {episode.answer}."]
-            rows.append(self.pieces_ids(pieces) + [self.flamingo.chunk_id, self.eos_id])
+            rows.append(self.pieces_ids(episode.answered()) + [self.flamingo.chunk_id, self.eos_id])
             pictures.append(self.training_features(images.images[list(episode.images)].to(ids.device)))
         g, t = ids.shape[0] + len(rows), max(ids.shape[1], max(map(len, rows)))
         n = max(grouped.shape[1], max(len(p) for p in pictures))

@@ -17,6 +17,15 @@ only W and b learn).
 ``method.blind=true`` is the train-blind baseline: every training image is replaced by a blank (all-zero) one, so
 the encoder learns only a constant prefix, the captions' prior.
 
+``method.episodes`` > 0 (a departure: the paper trains on captions only) adds that many naming episodes to each batch
+(:func:`~fewshot.data.vl_prompts.naming_episode`: fresh one-object images named with glossary words, never the
+evaluation's, laid out exactly as the evaluation lays out a prompt, with the answer), through the same frozen LM:
+
+    L = (Σ caption tokens' NLL + Σ episode text tokens' NLL) / (number of those tokens)
+
+so the prefix is asked not only to say what an image shows but to make two images of one kind look alike to the
+LM's match-and-copy, which is what naming in context needs and captioning never asks.
+
 Departures, for small data and CPUs: a conv4 encoder at 32 px (the paper: NF-ResNet-50 at 224 px), fewshot's
 small caption-trained GPT as the default LM (the paper: a 7B transformer trained on C4).
 """
@@ -27,10 +36,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from fewshot.config import MethodConfig, RunConfig
+from fewshot.config import RunConfig
+from fewshot.data.token_ids import IGNORE_INDEX, PAD_ID
 from fewshot.data.types import Batch
+from fewshot.data.vl_prompts import glossary, longest_naming_pieces, naming_episode
+from fewshot.errors import ConfigError
 from fewshot.methods.prefix_captioning import PrefixCaptioner, open_caption_lm
-from fewshot.methods.vision_language import ImageTowerConfig, image_tower
+from fewshot.methods.vision_language import ImageTowerConfig, NamingEpisodesConfig, image_tower
+from fewshot.models.prefix_lm import interleaved_sequence
+from fewshot.objectives.captioning import append_eos, caption_labels, caption_loss
 
 __all__ = ["Frozen", "FrozenConfig"]
 
@@ -40,7 +54,7 @@ class FrozenLM(BaseModel):
     init: str | None = Field(None, description="the frozen causal LM: a fewshot gpt run folder, a Hugging Face causal LM folder, or smollm2")
 
 
-class FrozenConfig(MethodConfig):
+class FrozenConfig(NamingEpisodesConfig):
     prefix_length: int = Field(2, ge=1, description="k prefix embeddings the encoder's output is mapped to (Tsimpoukelli et al. 2021: 2)")
     blind: bool = Field(False, description="the train-blind baseline: the encoder sees only blank images")
     lm: FrozenLM = Field(default_factory=FrozenLM)
@@ -62,6 +76,10 @@ class Frozen(PrefixCaptioner):
         self.prefix_length, self.blind = m.prefix_length, m.blind
         self.set_max_tokens(config)
         self.to_prefix = nn.Linear(self.encoder.dim, m.prefix_length * self.language_model.dim)
+        self.episodes, self.episode_images, self.image_size = m.episodes, m.episode_images, config.data.image_size
+        self.names = glossary(m.glossary, config.train.seed) if m.episodes else []
+        if self.episodes:
+            self.check_episode_fits()
         self.train()
 
     def train(self, mode: bool = True) -> "Frozen":
@@ -74,6 +92,50 @@ class Frozen(PrefixCaptioner):
         """The k prefix embeddings (B, k, D): W f(images) + b, reshaped."""
         return self.to_prefix(self.encoder(images)).view(images.shape[0], self.prefix_length, -1)
 
+    def training_images(self, images: torch.Tensor) -> torch.Tensor:
+        """The training images, blank ones for the train-blind baseline."""
+        return torch.zeros_like(images) if self.blind else images
+
     def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        images = torch.zeros_like(batch["images"]) if self.blind else batch["images"]
-        return self.caption_step(images, batch["tokens"]), {}
+        images = self.training_images(batch["images"])
+        if not self.episodes:
+            return self.caption_step(images, batch["tokens"]), {}
+        link = self.language_model
+        ids = append_eos(batch["tokens"], link.eos_id, PAD_ID)
+        captions = (self.caption_logits(self.prefix(images), ids), caption_labels(len(link.start_ids) + self.prefix_length, ids, PAD_ID))
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+        episodes = self.episode_batch(seed)
+        return token_weighted_mean([captions, (link.step(episodes[0])[0], episodes[1])]), {}
+
+    def episode_batch(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``method.episodes`` naming episodes of the seed, each laid out as the evaluation lays out a prompt
+        (:func:`~fewshot.models.prefix_lm.interleaved_sequence`) with its answer: embeddings (E, T, D) right-padded
+        with zeros and text targets (E, T) with IGNORE_INDEX at prefixes and padding (causal: padding after a
+        sequence changes nothing before it)."""
+        rows = []
+        for j in range(self.episodes):
+            episode, drawn = naming_episode(self.names, seed, j, self.image_size, self.episode_images)
+            pictures = self.training_images(drawn.images[list(episode.images)].to(self.to_prefix.weight.device))
+            rows.append(interleaved_sequence(self.language_model, self.prefix, pictures, episode.answered()))
+        length = max(sequence.shape[1] for sequence, _ in rows)
+        sequences = torch.cat([nn.functional.pad(sequence, (0, 0, 0, length - sequence.shape[1])) for sequence, _ in rows])
+        targets = torch.cat([nn.functional.pad(target, (0, length - target.shape[1]), value=IGNORE_INDEX) for _, target in rows])
+        return sequences, targets
+
+    def check_episode_fits(self) -> None:
+        """A one-line ConfigError when the longest naming episode the glossary can make does not fit the LM."""
+        link = self.language_model
+        tokens = lambda name: len(link.tokenizer.encode(f" {name}.", add_special_tokens=False).ids)  # noqa: E731
+        pieces = longest_naming_pieces(self.names, self.episode_images, tokens)
+        blank = lambda images: torch.zeros(len(images), self.prefix_length, link.dim)  # noqa: E731  (lengths only)
+        need = interleaved_sequence(link, blank, torch.zeros(self.episode_images, 1), pieces)[0].shape[1]
+        if need > link.context:
+            raise ConfigError(f"a naming episode of up to {self.episode_images} images needs up to {need} positions, "
+                              f"{need - link.context} more than {link.name}'s context of {link.context}: lower method.episode_images")
+
+
+def token_weighted_mean(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """One mean negative log-likelihood over the targeted tokens of several (logits, labels) pairs, each pair's
+    :func:`~fewshot.objectives.captioning.caption_loss` weighted by how many tokens it counts."""
+    counts = [int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in parts]
+    return sum(caption_loss(logits, labels) * n for (logits, labels), n in zip(parts, counts)) / sum(counts)

@@ -73,6 +73,15 @@ class ImageTowerConfig(_Tower):
     init: str | None = Field(None, description="a fewshot run folder whose encoder starts the image tower (LiT's L or U)")
 
 
+class NamingEpisodesConfig(MethodConfig):
+    """What a method trained on interleaved naming episodes adds to its recipe (Frozen, Flamingo):
+    :func:`~fewshot.data.vl_prompts.naming_episode`, glossary names only, never the evaluation's."""
+
+    episodes: int = Field(0, ge=0, description="naming episodes added to each training batch (interleaved image-text sequences; 0: captions only)")
+    episode_images: int = Field(12, ge=3, description="images at most in one naming episode")
+    glossary: int = Field(100, ge=3, description="made-up names the naming episodes draw from (never the evaluation's nonce names)")
+
+
 class TextTowerConfig(_Tower):
     name: str = Field(TEXT_ENCODER, description="text-transformer (trained from scratch on the run's BPE tokens) or a "
                       "pre-trained Hugging Face encoder: all-minilm-l6-v2 (LiT's L when locked, U when tuned)")

@@ -25,7 +25,7 @@ token's embedding per step. Decoders (all stop a row at EOS, which is not return
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewshot.data.token_ids import BOS_ID, EOS_ID, SPECIAL_TOKENS
-from fewshot.errors import ConfigError
+from fewshot.data.token_ids import BOS_ID, EOS_ID, IGNORE_INDEX, SPECIAL_TOKENS
+from fewshot.data.vl_prompts import IMAGE, count_images
+from fewshot.errors import ConfigError, DataError
 from fewshot.models.causal_lm import GPTPromptLM, HFCausalLM, open_causal_lm
 from fewshot.models.language import LanguageModel
 
-__all__ = ["GPTPrefixLM", "HFPrefixLM", "Past", "PrefixLM", "beam_search", "decode_steps", "greedy", "greedy_choice", "nucleus",
-           "nucleus_choice", "open_prefix_lm", "top_p_filter"]
+__all__ = ["GPTPrefixLM", "HFPrefixLM", "Past", "PrefixLM", "beam_search", "check_image_count", "decode_steps", "greedy", "greedy_choice",
+           "interleaved_sequence", "nucleus", "nucleus_choice", "open_prefix_lm", "top_p_filter"]
 
 Past = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -174,6 +175,39 @@ class HFPrefixLM(PrefixLM):
 
     def output_rows(self) -> torch.Tensor:
         return self.model.get_output_embeddings().weight.float()
+
+
+def check_image_count(images: Sequence[torch.Tensor] | torch.Tensor, pieces: Sequence[str]) -> None:
+    """A one-line DataError unless there is one image per :data:`~fewshot.data.vl_prompts.IMAGE` marker."""
+    slots = count_images(list(pieces))
+    if len(images) != slots:
+        raise DataError(f"the prompt has {slots} image slot(s) ({IMAGE}) but {len(images)} image(s) were given")
+
+
+def interleaved_sequence(link: PrefixLM, prefix: Callable[[torch.Tensor], torch.Tensor], images: Sequence[torch.Tensor] | torch.Tensor,
+                         pieces: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """An interleaved prompt as one embedding sequence (1, T, D) and its text targets (1, T): the start ids, then per
+    piece either the next image's k prefix embeddings ``prefix(images)`` (k, D) or the piece's token embeddings (a
+    space before every piece but the first, as the words of a caption corpus). Targets are the text pieces' ids and
+    IGNORE_INDEX at the start ids and at every prefix position, so a loss counts text only (what Frozen is
+    evaluated on, and what its naming episodes train)."""
+    check_image_count(images, pieces)
+    prefixes = prefix(images if isinstance(images, torch.Tensor) else torch.stack(list(images))) if len(images) else None
+    device = next(link.parameters()).device
+    parts = [link.embed(torch.tensor([link.start_ids], dtype=torch.long, device=device))[0]] if link.start_ids else []
+    targets = [IGNORE_INDEX] * len(link.start_ids)
+    next_image = 0
+    for j, piece in enumerate(pieces):
+        if piece == IMAGE:
+            parts.append(prefixes[next_image].to(parts[0].dtype if parts else prefixes.dtype))
+            targets += [IGNORE_INDEX] * prefixes.shape[1]
+            next_image += 1
+        else:
+            ids = link.tokenizer.encode(piece if j == 0 else " " + piece, add_special_tokens=False).ids
+            parts.append(link.embed(torch.tensor([ids], dtype=torch.long, device=device))[0])
+            targets += ids
+    sequence = torch.cat(parts, dim=0)[None]
+    return sequence, torch.tensor([targets], dtype=torch.long, device=sequence.device)
 
 
 def open_prefix_lm(spec: str | Path) -> PrefixLM:
