@@ -33,7 +33,9 @@ binds names in text where gpt-scenes does not), ``--image-init`` starts the conv
         --out runs/vlctx/bench --lm runs/vlctx/smollm2-answers-160 --image-init runs/bench-vl/clip-20000-1000 --steps 250 \
         --override train.batch_size=16 --categories shapes colours --ways 2 --columns 1 3 --vqa-shots 1 3
 
-``--lock`` freezes that tower in Frozen (only the linear map to the prefix learns). ``--flamingo-steps N`` adds Flamingo
+``--lock`` freezes that tower in Frozen (only the linear map to the prefix learns); ``--frozen-episodes N`` adds N naming
+episodes to each Frozen and train-blind batch (``method.episodes``, the evaluation's layout with glossary names; a
+departure from the paper, which trains Frozen on captions only). ``--flamingo-steps N`` adds Flamingo
 over the same LM and tower (``--flamingo-episodes`` naming episodes per batch, ``method.episodes``) and its train-blind
 (``method.blind=true``), with rows Flamingo, Flamingo test-blind and Flamingo train-blind and the same verdicts; for
 SmolLM2 pass ``--flamingo-override method.cross_every=6 method.cross_heads=8 train.batch_size=4``. Neither lifts the image
@@ -78,12 +80,12 @@ def configs(args: argparse.Namespace, manifest: Path) -> dict[str, RunConfig]:
     runs = {} if args.lm else {"gpt": scene_lm_config(out, args.gpt_steps, args.captions, args.text_episodes, args.seed, args.gpt_override)}
     lm = args.lm or runs["gpt"].run_dir
     image = [f"method.image.init={args.image_init}"] if args.image_init else []
-    lock = "-lock" if args.lock else ""
+    tag = ("-lock" if args.lock else "") + (f"-ep{args.frozen_episodes}" if args.frozen_episodes else "")
     for name, blind in (("frozen", False), ("train-blind", True)):
         runs[name] = api.load_config(api.find_recipe("frozen-scenes"), [
-            f"data.path={manifest}", f"out={out}", f"name={name}{lock}-{args.steps}", f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}",
+            f"data.path={manifest}", f"out={out}", f"name={name}{tag}-{args.steps}", f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}",
             f"train.warmup_steps={min(50, args.steps // 10)}", f"method.lm.init={lm}", f"method.blind={str(blind).lower()}", *image,
-            *(["method.image.lock=true"] if args.lock else []), *args.override])
+            *(["method.image.lock=true"] if args.lock else []), f"method.episodes={args.frozen_episodes}", *args.override])
     if args.flamingo_steps:
         if not args.image_init:
             raise SystemExit("--flamingo-steps needs --image-init: Flamingo reads a frozen image tower")
@@ -128,6 +130,8 @@ def main() -> None:
                    "`fewshot icl tune-lm`) or a gpt run")
     p.add_argument("--image-init", help="start Frozen's conv4 from this run's image tower (e.g. a clip-scenes run; the paper: a pre-trained NF-ResNet-50)")
     p.add_argument("--lock", action="store_true", help="freeze the --image-init tower in Frozen (only the linear map to the prefix learns)")
+    p.add_argument("--frozen-episodes", type=int, default=0, help="naming episodes per Frozen batch (method.episodes; not the paper's, "
+                   "which trains on captions only), for Frozen and its train-blind alike")
     p.add_argument("--flamingo-steps", type=int, default=0, help="also train Flamingo (and its train-blind) for this many steps over the same LM (0: no Flamingo rows)")
     p.add_argument("--flamingo-episodes", type=int, default=8, help="naming episodes per Flamingo batch (method.episodes)")
     p.add_argument("--flamingo-override", nargs="*", default=[], help="key=value overrides of the Flamingo runs, e.g. method.cross_every=6 for SmolLM2")

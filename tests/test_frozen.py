@@ -325,14 +325,16 @@ def by_hand(method, pieces, images):
     return torch.cat(parts)[None], targets
 
 
-@pytest.mark.parametrize("padding", ["ignored", "counted as tokens"])
-def test_the_episode_loss_is_one_token_mean_over_unpadded_captions_and_episodes(long_gpt_run, tmp_path, monkeypatch, padding):
-    """Frozen's loss with ``method.episodes``: one mean over the caption tokens (+ EOS) and the episodes' text tokens,
-    against a loop over each sequence alone (no padding, no batching). Negative control: padding targets counted."""
+@pytest.mark.parametrize("targets,padding", [("text", "ignored"), ("text", "counted as tokens"), ("answer", "ignored")])
+def test_the_episode_loss_is_one_token_mean_over_unpadded_captions_and_episodes(long_gpt_run, tmp_path, monkeypatch, targets, padding):
+    """Frozen's loss with ``method.episodes``: one mean over the caption tokens (+ EOS) and the episodes' text tokens
+    (``episode_targets=answer``: only the answer after the query), against a loop over each sequence alone (no padding,
+    no batching). Negative control: padding targets counted."""
     from fewshot.evaluate.vl_in_context import interleaved_embeddings
     from fewshot.methods import frozen as frozen_module
 
-    method = build_method(frozen_config(long_gpt_run, tmp_path, "method.episodes=3", "method.episode_images=5")).eval()
+    method = build_method(frozen_config(long_gpt_run, tmp_path, "method.episodes=3", "method.episode_images=5",
+                                        f"method.episode_targets={targets}")).eval()
     if padding == "counted as tokens":
         monkeypatch.setattr(frozen_module, "IGNORE_INDEX", 0)
     tokens = scene_pairs(method.text_tokenizer).batch(torch.arange(4))["tokens"]
@@ -349,11 +351,14 @@ def test_the_episode_loss_is_one_token_mean_over_unpadded_captions_and_episodes(
     for j in range(3):
         episode, drawn = vl_prompts.naming_episode(method.names, seed, j, 16, 5)
         shown = drawn.images[list(episode.images)]
-        sequence, targets = by_hand(method, episode.answered(), shown)
+        sequence, scored = by_hand(method, episode.answered(), shown)
         asked = interleaved_embeddings(link, method.prefix, list(shown), list(episode.pieces))
         # trained on the evaluation's own layout with the answer appended (prefix rows: one image at a time vs batched)
         torch.testing.assert_close(sequence[:, : asked.shape[1]], asked, rtol=0, atol=1e-6)
-        s, n = nll_of_one_sequence(link, sequence, targets)
+        counted = scored if targets == "text" else [None] * asked.shape[1] + scored[asked.shape[1]:]
+        answer_ids = method.language_model.tokenizer.encode(f" {episode.answer}.", add_special_tokens=False).ids
+        assert targets == "text" or [t for t in counted if t is not None] == answer_ids  # the name and its full stop
+        s, n = nll_of_one_sequence(link, sequence, counted)
         total, count = total + s, count + n
     assert torch.allclose(loss, total / count, atol=1e-5) == (padding == "ignored")
 

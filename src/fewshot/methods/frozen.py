@@ -24,13 +24,16 @@ evaluation's, laid out exactly as the evaluation lays out a prompt, with the ans
     L = (Σ caption tokens' NLL + Σ episode text tokens' NLL) / (number of those tokens)
 
 so the prefix is asked not only to say what an image shows but to make two images of one kind look alike to the
-LM's match-and-copy, which is what naming in context needs and captioning never asks.
+LM's match-and-copy, which is what naming in context needs and captioning never asks. ``method.episode_targets=answer``
+counts only each episode's answer (the name after the query) instead of all its text.
 
 Departures, for small data and CPUs: a conv4 encoder at 32 px (the paper: NF-ResNet-50 at 224 px), fewshot's
 small caption-trained GPT as the default LM (the paper: a 7B transformer trained on C4).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,7 +42,7 @@ from torch import nn
 from fewshot.config import RunConfig
 from fewshot.data.token_ids import IGNORE_INDEX, PAD_ID
 from fewshot.data.types import Batch
-from fewshot.data.vl_prompts import glossary, longest_naming_pieces, naming_episode
+from fewshot.data.vl_prompts import count_images, glossary, longest_naming_pieces, naming_episode
 from fewshot.errors import ConfigError
 from fewshot.methods.prefix_captioning import PrefixCaptioner, open_caption_lm
 from fewshot.methods.vision_language import ImageTowerConfig, NamingEpisodesConfig, image_tower
@@ -57,6 +60,8 @@ class FrozenLM(BaseModel):
 class FrozenConfig(NamingEpisodesConfig):
     prefix_length: int = Field(2, ge=1, description="k prefix embeddings the encoder's output is mapped to (Tsimpoukelli et al. 2021: 2)")
     blind: bool = Field(False, description="the train-blind baseline: the encoder sees only blank images")
+    episode_targets: Literal["text", "answer"] = Field("text", description="what a naming episode's loss counts: all its text, or only "
+                                                       "the answer after the query (the one place an image must be matched)")
     lm: FrozenLM = Field(default_factory=FrozenLM)
     image: ImageTowerConfig = Field(default_factory=ImageTowerConfig)
 
@@ -77,6 +82,7 @@ class Frozen(PrefixCaptioner):
         self.set_max_tokens(config)
         self.to_prefix = nn.Linear(self.encoder.dim, m.prefix_length * self.language_model.dim)
         self.episodes, self.episode_images, self.image_size = m.episodes, m.episode_images, config.data.image_size
+        self.answers_only = m.episode_targets == "answer"
         self.names = glossary(m.glossary, config.train.seed) if m.episodes else []
         if self.episodes:
             self.check_episode_fits()
@@ -116,19 +122,26 @@ class Frozen(PrefixCaptioner):
         for j in range(self.episodes):
             episode, drawn = naming_episode(self.names, seed, j, self.image_size, self.episode_images)
             pictures = self.training_images(drawn.images[list(episode.images)].to(self.to_prefix.weight.device))
-            rows.append(interleaved_sequence(self.language_model, self.prefix, pictures, episode.answered()))
+            sequence, targets = interleaved_sequence(self.language_model, self.prefix, pictures, episode.answered())
+            if self.answers_only:  # the prompt is the answered sequence's beginning (the evaluation's layout): ignore it
+                targets[:, : self.prompt_length(episode.pieces)] = IGNORE_INDEX
+            rows.append((sequence, targets))
         length = max(sequence.shape[1] for sequence, _ in rows)
         sequences = torch.cat([nn.functional.pad(sequence, (0, 0, 0, length - sequence.shape[1])) for sequence, _ in rows])
         targets = torch.cat([nn.functional.pad(target, (0, length - target.shape[1]), value=IGNORE_INDEX) for _, target in rows])
         return sequences, targets
 
+    def prompt_length(self, pieces: list[str] | tuple[str, ...]) -> int:
+        """Positions the interleaved prompt of ``pieces`` takes (prefix rows counted, no image encoded)."""
+        link = self.language_model
+        blank = lambda images: torch.zeros(len(images), self.prefix_length, link.dim)  # noqa: E731  (lengths only)
+        return interleaved_sequence(link, blank, torch.zeros(count_images(list(pieces)), 1), pieces)[0].shape[1]
+
     def check_episode_fits(self) -> None:
         """A one-line ConfigError when the longest naming episode the glossary can make does not fit the LM."""
         link = self.language_model
         tokens = lambda name: len(link.tokenizer.encode(f" {name}.", add_special_tokens=False).ids)  # noqa: E731
-        pieces = longest_naming_pieces(self.names, self.episode_images, tokens)
-        blank = lambda images: torch.zeros(len(images), self.prefix_length, link.dim)  # noqa: E731  (lengths only)
-        need = interleaved_sequence(link, blank, torch.zeros(self.episode_images, 1), pieces)[0].shape[1]
+        need = self.prompt_length(longest_naming_pieces(self.names, self.episode_images, tokens))
         if need > link.context:
             raise ConfigError(f"a naming episode of up to {self.episode_images} images needs up to {need} positions, "
                               f"{need - link.context} more than {link.name}'s context of {link.context}: lower method.episode_images")
