@@ -235,7 +235,7 @@ def main() -> None:
     cpu_minutes = {k: None if v is None else round(v / 60, 2) for k, v in cpu.items()}
     print(f"CPU-minutes: training {cpu_minutes} (null: reused), evaluation {eval_minutes:.2f}")
     print(json.dumps({"bench": "vl_in_context", "episodes": args.episodes, "seed": args.seed, "lm": args.lm, "image_init": args.image_init, "lock": args.lock,
-                      "flamingo_steps": args.flamingo_steps, "flamingo_episodes": args.flamingo_episodes,
+                      "frozen_episodes": args.frozen_episodes, "flamingo_steps": args.flamingo_steps, "flamingo_episodes": args.flamingo_episodes,
                       "gpt_steps": None if args.lm else args.gpt_steps, "steps": args.steps, "vqa_shots": args.vqa_shots,
                       "categories": results["categories"], "skipped": results["skipped"], "misfits": sorted(set(results["misfits"])), "fast_vqa": vqa, "verdicts": verdicts,
                       "train_cpu_minutes": cpu_minutes, "eval_cpu_minutes": round(eval_minutes, 2), "warnings": results["warnings"],
