@@ -29,7 +29,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from fewshot.data.vl_prompts import CATEGORIES, IMAGE, NONCE_NAMES, QUERY, VLImages, category_images, count_images, fast_vqa_episode, open_ended_episode
+from fewshot.data.vl_prompts import CATEGORIES, IMAGE, NONCE_NAMES, QUERY, VLImages, category_images, fast_vqa_episode, open_ended_episode
 from fewshot.errors import ConfigError, DataError
 from fewshot.evaluate.runner import mean_ci95
 from fewshot.models.prefix_lm import Past, PrefixLM, interleaved_sequence
