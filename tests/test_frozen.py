@@ -381,3 +381,18 @@ def test_an_episode_longer_than_the_lm_is_refused_at_build(gpt_run, tmp_path):
     with pytest.raises(ConfigError, match=r"a naming episode of up to 30 images needs up to \d+ positions, \d+ more than .* lower method.episode_images"):
         build_method(frozen_config(gpt_run, tmp_path, "method.episodes=1", "method.episode_images=30"))
     build_method(frozen_config(gpt_run, tmp_path, "method.episodes=1", "method.episode_images=3"))  # fits its 96 positions
+
+
+@pytest.mark.parametrize("standardise", [True, False])
+def test_a_standardised_prefix_shares_no_direction_and_has_a_token_s_norm(gpt_run, tmp_path, standardise):
+    """``standardise_prefix``: over a training batch every prefix coordinate has mean 0, and each row's norm is about the
+    LM's median token norm. Negative control: the plain map's prefixes share a mean far from 0."""
+    method = build_method(frozen_config(gpt_run, tmp_path, f"method.standardise_prefix={str(standardise).lower()}")).train()
+    method.to_prefix.bias.data += 1.0  # a shared direction the standardised prefix must remove
+    prefix = method.prefix(torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+    link = method.language_model
+    token_norm = link.embed(torch.arange(link.vocab_size)[None])[0].norm(dim=-1).median()
+    mean_size = prefix.detach().mean(0).norm(dim=-1).max()
+    assert (float(mean_size) < 1e-4) == standardise
+    if standardise:
+        assert abs(float(prefix.detach().norm(dim=-1).pow(2).mean().sqrt() / token_norm) - 1) < 0.05

@@ -25,7 +25,9 @@ evaluation's, laid out exactly as the evaluation lays out a prompt, with the ans
 
 so the prefix is asked not only to say what an image shows but to make two images of one kind look alike to the
 LM's match-and-copy, which is what naming in context needs and captioning never asks. ``method.episode_targets=answer``
-counts only each episode's answer (the name after the query) instead of all its text.
+counts only each episode's answer (the name after the query) instead of all its text. ``method.standardise_prefix``
+(not the paper's either) standardises each prefix coordinate over the batch and scales it to the LM's median token
+norm s / √D, so no direction is shared by every image's prefix.
 
 Departures, for small data and CPUs: a conv4 encoder at 32 px (the paper: NF-ResNet-50 at 224 px), fewshot's
 small caption-trained GPT as the default LM (the paper: a 7B transformer trained on C4).
@@ -62,6 +64,8 @@ class FrozenConfig(NamingEpisodesConfig):
     blind: bool = Field(False, description="the train-blind baseline: the encoder sees only blank images")
     episode_targets: Literal["text", "answer"] = Field("text", description="what a naming episode's loss counts: all its text, or only "
                                                        "the answer after the query (the one place an image must be matched)")
+    standardise_prefix: bool = Field(False, description="standardise each prefix coordinate over the batch (BatchNorm, no affine; running "
+                                     "statistics at evaluation) and scale it to the LM's median token-embedding norm: no shared direction")
     lm: FrozenLM = Field(default_factory=FrozenLM)
     image: ImageTowerConfig = Field(default_factory=ImageTowerConfig)
 
@@ -81,6 +85,10 @@ class Frozen(PrefixCaptioner):
         self.prefix_length, self.blind = m.prefix_length, m.blind
         self.set_max_tokens(config)
         self.to_prefix = nn.Linear(self.encoder.dim, m.prefix_length * self.language_model.dim)
+        self.standardise = nn.BatchNorm1d(m.prefix_length * self.language_model.dim, affine=False) if m.standardise_prefix else None
+        if self.standardise is not None:  # unit variance per coordinate × s: a prefix row of about a token embedding's norm
+            rows = self.language_model.embed(torch.arange(self.language_model.vocab_size)[None])[0].detach()
+            self.register_buffer("prefix_scale", rows.norm(dim=-1).median() / self.language_model.dim ** 0.5)
         self.episodes, self.episode_images, self.image_size = m.episodes, m.episode_images, config.data.image_size
         self.answers_only = m.episode_targets == "answer"
         self.names = glossary(m.glossary, config.train.seed) if m.episodes else []
@@ -95,8 +103,11 @@ class Frozen(PrefixCaptioner):
         return self
 
     def prefix(self, images: torch.Tensor) -> torch.Tensor:
-        """The k prefix embeddings (B, k, D): W f(images) + b, reshaped."""
-        return self.to_prefix(self.encoder(images)).view(images.shape[0], self.prefix_length, -1)
+        """The k prefix embeddings (B, k, D): W f(images) + b, reshaped (``standardise_prefix``: s · BN(W f(images) + b))."""
+        mapped = self.to_prefix(self.encoder(images))
+        if self.standardise is not None:
+            mapped = self.prefix_scale * self.standardise(mapped)
+        return mapped.view(images.shape[0], self.prefix_length, -1)
 
     def training_images(self, images: torch.Tensor) -> torch.Tensor:
         """The training images, blank ones for the train-blind baseline."""
