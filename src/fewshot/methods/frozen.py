@@ -42,14 +42,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fewshot.config import RunConfig
-from fewshot.data.token_ids import IGNORE_INDEX, PAD_ID
+from fewshot.data.token_ids import IGNORE_INDEX
 from fewshot.data.types import Batch
 from fewshot.data.vl_prompts import count_images, glossary, longest_naming_pieces, naming_episode
 from fewshot.errors import ConfigError
 from fewshot.methods.prefix_captioning import PrefixCaptioner, open_caption_lm
 from fewshot.methods.vision_language import ImageTowerConfig, NamingEpisodesConfig, image_tower
 from fewshot.models.prefix_lm import interleaved_sequence
-from fewshot.objectives.captioning import append_eos, caption_labels, caption_loss
+from fewshot.objectives.captioning import caption_loss
 
 __all__ = ["Frozen", "FrozenConfig"]
 
@@ -117,12 +117,9 @@ class Frozen(PrefixCaptioner):
         images = self.training_images(batch["images"])
         if not self.episodes:
             return self.caption_step(images, batch["tokens"]), {}
-        link = self.language_model
-        ids = append_eos(batch["tokens"], link.eos_id, PAD_ID)
-        captions = (self.caption_logits(self.prefix(images), ids), caption_labels(len(link.start_ids) + self.prefix_length, ids, PAD_ID))
-        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
-        episodes = self.episode_batch(seed)
-        return token_weighted_mean([captions, (link.step(episodes[0])[0], episodes[1])]), {}
+        captions = self.caption_targets(images, batch["tokens"])
+        sequences, targets = self.episode_batch(int(torch.randint(2**31 - 1, (1,), generator=generator)))
+        return token_weighted_mean([captions, (self.language_model.step(sequences)[0], targets)]), {}
 
     def episode_batch(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``method.episodes`` naming episodes of the seed, each laid out as the evaluation lays out a prompt

@@ -86,12 +86,15 @@ class PrefixCaptioner(Method):
         sequence = torch.cat([self.language_model.prefix_sequence(prefix), self.language_model.embed(ids).to(prefix.dtype)], dim=1)
         return self.language_model.step(sequence)[0]
 
-    def caption_step(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The captioning loss of images (B, C, H, W) and their captions (B, T) padded with PAD_ID."""
+    def caption_targets(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and labels of start ids ⊕ prefix(images) ⊕ caption ⊕ EOS, for captions (B, T) padded with PAD_ID."""
         link = self.language_model
         ids = append_eos(tokens, link.eos_id, PAD_ID)
-        logits = self.caption_logits(self.prefix(images), ids)
-        return caption_loss(logits, caption_labels(len(link.start_ids) + self.prefix_length, ids, PAD_ID))
+        return self.caption_logits(self.prefix(images), ids), caption_labels(len(link.start_ids) + self.prefix_length, ids, PAD_ID)
+
+    def caption_step(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The captioning loss of images (B, C, H, W) and their captions (B, T) padded with PAD_ID."""
+        return caption_loss(*self.caption_targets(images, tokens))
 
     def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         return self.caption_step(batch["images"], batch["tokens"]), {}
