@@ -396,3 +396,71 @@ def test_a_standardised_prefix_shares_no_direction_and_has_a_token_s_norm(gpt_ru
     assert (float(mean_size) < 1e-4) == standardise
     if standardise:
         assert abs(float(prefix.detach().norm(dim=-1).pow(2).mean().sqrt() / token_norm) - 1) < 0.05
+
+
+def test_the_vocabulary_prefix_matches_a_loop_over_the_token_table():
+    """``vocabulary_prefix`` against a slow transcription: per query, cosine to every row by hand, softmax by exp/sum,
+    the mixture as a sum; ``hard`` is exactly the row of highest cosine, with the mixture's gradient."""
+    from fewshot.models.prefix_lm import vocabulary_prefix
+
+    g = torch.Generator().manual_seed(0)
+    rows, queries = torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    soft = vocabulary_prefix(queries, rows, 0.3)
+    for b in range(2):
+        for j in range(3):
+            q = queries[b, j]
+            cos = [float(q @ r / (q.norm() * r.norm())) for r in rows]
+            e = [torch.exp(torch.tensor(c / 0.3, dtype=torch.float64)) for c in cos]
+            mixture = sum(e[v] / sum(e) * rows[v] for v in range(7))
+            torch.testing.assert_close(soft[b, j], mixture)
+            assert torch.equal(vocabulary_prefix(queries, rows, 0.3, hard=True)[b, j].detach(), rows[int(torch.tensor(cos).argmax())])
+
+
+@pytest.mark.parametrize("straight_through", [True, False])
+def test_the_hard_vocabulary_prefix_passes_the_soft_gradient(straight_through, monkeypatch):
+    """Straight-through: the hard prefix's gradient with respect to the queries is the soft mixture's. Negative control:
+    the nearest row alone (no straight-through term) passes no gradient."""
+    from fewshot.models import prefix_lm
+
+    if not straight_through:
+        monkeypatch.setattr(prefix_lm, "vocabulary_prefix", lambda q, rows, t, hard=False: rows[(torch.nn.functional.normalize(q, dim=-1) @
+                                                                                                   torch.nn.functional.normalize(rows, dim=-1).T).argmax(-1)])
+    g = torch.Generator().manual_seed(1)
+    rows, weights = torch.randn(9, 4, generator=g), torch.randn(2, 4, generator=g)
+    hard_q = torch.randn(2, 4, generator=g, requires_grad=True)
+    soft_q = hard_q.detach().clone().requires_grad_(True)
+    out = prefix_lm.vocabulary_prefix(hard_q, rows, 0.5, hard=True)
+    if not out.requires_grad:
+        assert not straight_through
+        return
+    (out * weights).sum().backward()
+    (prefix_lm.vocabulary_prefix(soft_q, rows, 0.5) * weights).sum().backward()
+    torch.testing.assert_close(hard_q.grad, soft_q.grad)
+    assert straight_through
+
+
+@pytest.mark.parametrize("vocab_from", ["lm", "captions"])
+def test_a_hard_vocabulary_prefix_is_made_of_allowed_token_rows(gpt_run, tmp_path, vocab_from):
+    """``method.vocab_prefix=hard``: every prefix row of a Frozen run is one of the LM's token embeddings, from the whole
+    vocabulary (``lm``) or, with ``vocab_from=captions``, only ids its training captions used (kept in the run's state);
+    the paper's linear map (``off``) is the control whose rows are no token's."""
+    from fewshot.data.token_ids import PAD_ID
+
+    method = build_method(frozen_config(gpt_run, tmp_path, "method.vocab_prefix=hard", f"method.vocab_from={vocab_from}"))
+    tokens = scene_pairs(method.text_tokenizer).batch(torch.arange(8))["tokens"]
+    method.train()({"images": torch.rand(8, 3, 16, 16), "tokens": tokens}, torch.Generator())
+    rows = method.language_model.input_rows().detach()
+    prefix = method.eval().prefix(torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))).detach()
+    ids = [int(((rows - r).abs().sum(-1) == 0).nonzero()[0]) for r in prefix.flatten(0, 1)]
+    seen = set(tokens[tokens != PAD_ID].tolist())
+    assert set(ids) <= (seen if vocab_from == "captions" else set(range(len(rows))))
+    assert "vocab_allowed" in method.state_dict()
+    plain = build_method(frozen_config(gpt_run, tmp_path)).eval().prefix(torch.rand(4, 3, 16, 16)).detach()
+    assert not any(((rows - r).abs().sum(-1) == 0).any() for r in plain.flatten(0, 1))
+
+
+def test_a_vocabulary_prefix_cannot_be_standardised(gpt_run, tmp_path):
+    from fewshot.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="vocab_prefix draws the prefix from token embeddings; it cannot be standardised too"):
+        build_method(frozen_config(gpt_run, tmp_path, "method.vocab_prefix=soft", "method.standardise_prefix=true"))

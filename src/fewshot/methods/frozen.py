@@ -27,7 +27,10 @@ so the prefix is asked not only to say what an image shows but to make two image
 LM's match-and-copy, which is what naming in context needs and captioning never asks. ``method.episode_targets=answer``
 counts only each episode's answer (the name after the query) instead of all its text. ``method.standardise_prefix``
 (not the paper's either) standardises each prefix coordinate over the batch and scales it to the LM's median token
-norm s / √D, so no direction is shared by every image's prefix.
+norm s / √D, so no direction is shared by every image's prefix. ``method.vocab_prefix`` (after LQAE, Liu et al. 2023;
+not the paper's) draws each prefix row from the LM's own token embeddings, a softmax mixture over them by cosine
+(``soft``) or the nearest one with the mixture's gradient (``hard``): the LM then reads an image as words, and two
+images mapped to the same token give it the same input, which is what its match-and-copy keys on.
 
 Departures, for small data and CPUs: a conv4 encoder at 32 px (the paper: NF-ResNet-50 at 224 px), fewshot's
 small caption-trained GPT as the default LM (the paper: a 7B transformer trained on C4).
@@ -42,13 +45,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fewshot.config import RunConfig
-from fewshot.data.token_ids import IGNORE_INDEX
+from fewshot.data.token_ids import IGNORE_INDEX, PAD_ID
 from fewshot.data.types import Batch
 from fewshot.data.vl_prompts import count_images, glossary, longest_naming_pieces, naming_episode
 from fewshot.errors import ConfigError
 from fewshot.methods.prefix_captioning import PrefixCaptioner, open_caption_lm
 from fewshot.methods.vision_language import ImageTowerConfig, NamingEpisodesConfig, image_tower
-from fewshot.models.prefix_lm import interleaved_sequence
+from fewshot.models.prefix_lm import interleaved_sequence, vocabulary_prefix
 from fewshot.objectives.captioning import caption_loss
 
 __all__ = ["Frozen", "FrozenConfig"]
@@ -66,6 +69,12 @@ class FrozenConfig(NamingEpisodesConfig):
                                                        "the answer after the query (the one place an image must be matched)")
     standardise_prefix: bool = Field(False, description="standardise each prefix coordinate over the batch (BatchNorm, no affine; running "
                                      "statistics at evaluation) and scale it to the LM's median token-embedding norm: no shared direction")
+    vocab_prefix: Literal["off", "soft", "hard"] = Field("off", description="draw each prefix embedding from the LM's own token "
+                                                         "embeddings (LQAE): a softmax mixture over them (soft), or the nearest one "
+                                                         "with the mixture's gradient (hard, straight-through); off: the paper's linear map")
+    vocab_temperature: float = Field(0.1, gt=0, description="τ of vocab_prefix's softmax over cosine similarities to the token embeddings")
+    vocab_from: Literal["lm", "captions"] = Field("lm", description="the tokens vocab_prefix may use: the LM's whole vocabulary, or only "
+                                                  "those the training captions have used so far (kept with the run)")
     lm: FrozenLM = Field(default_factory=FrozenLM)
     image: ImageTowerConfig = Field(default_factory=ImageTowerConfig)
 
@@ -89,6 +98,13 @@ class Frozen(PrefixCaptioner):
         if self.standardise is not None:  # unit variance per coordinate × s: a prefix row of about a token embedding's norm
             rows = self.language_model.embed(torch.arange(self.language_model.vocab_size)[None])[0].detach()
             self.register_buffer("prefix_scale", rows.norm(dim=-1).median() / self.language_model.dim ** 0.5)
+        if m.vocab_prefix != "off" and m.standardise_prefix:
+            raise ConfigError("method.vocab_prefix draws the prefix from token embeddings; it cannot be standardised too: "
+                              "set method.standardise_prefix=false")
+        self.vocab_prefix, self.vocab_temperature = m.vocab_prefix, m.vocab_temperature
+        if m.vocab_prefix != "off":  # which token rows a prefix may be drawn from; saved, so evaluation draws from the same
+            vocab = self.language_model.vocab_size
+            self.register_buffer("vocab_allowed", torch.full((vocab,), m.vocab_from == "lm", dtype=torch.bool))
         self.episodes, self.episode_images, self.image_size = m.episodes, m.episode_images, config.data.image_size
         self.answers_only = m.episode_targets == "answer"
         self.names = glossary(m.glossary, config.train.seed) if m.episodes else []
@@ -103,11 +119,23 @@ class Frozen(PrefixCaptioner):
         return self
 
     def prefix(self, images: torch.Tensor) -> torch.Tensor:
-        """The k prefix embeddings (B, k, D): W f(images) + b, reshaped (``standardise_prefix``: s · BN(W f(images) + b))."""
+        """The k prefix embeddings (B, k, D): W f(images) + b, reshaped (``standardise_prefix``: s · BN(W f(images) + b);
+        ``vocab_prefix``: each row replaced by :func:`~fewshot.models.prefix_lm.vocabulary_prefix` of it)."""
         mapped = self.to_prefix(self.encoder(images))
         if self.standardise is not None:
             mapped = self.prefix_scale * self.standardise(mapped)
-        return mapped.view(images.shape[0], self.prefix_length, -1)
+        mapped = mapped.view(images.shape[0], self.prefix_length, -1)
+        if self.vocab_prefix == "off":
+            return mapped
+        allowed = self.vocab_allowed if bool(self.vocab_allowed.any()) else torch.ones_like(self.vocab_allowed)  # before any caption
+        rows = self.language_model.input_rows().detach()[allowed]
+        return vocabulary_prefix(mapped, rows, self.vocab_temperature, hard=self.vocab_prefix == "hard").to(mapped.dtype)
+
+    def see_captions(self, tokens: torch.Tensor) -> None:
+        """``vocab_from=captions``: the ids of a training batch's captions (B, T), PAD_ID aside, become usable prefix tokens."""
+        if self.vocab_prefix != "off" and self.training:
+            ids = tokens[tokens != PAD_ID]
+            self.vocab_allowed[ids[ids < len(self.vocab_allowed)]] = True
 
     def training_images(self, images: torch.Tensor) -> torch.Tensor:
         """The training images, blank ones for the train-blind baseline."""
@@ -115,6 +143,7 @@ class Frozen(PrefixCaptioner):
 
     def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         images = self.training_images(batch["images"])
+        self.see_captions(batch["tokens"])
         if not self.episodes:
             return self.caption_step(images, batch["tokens"]), {}
         captions = self.caption_targets(images, batch["tokens"])

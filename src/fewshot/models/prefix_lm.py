@@ -40,7 +40,7 @@ from fewshot.models.causal_lm import GPTPromptLM, HFCausalLM, open_causal_lm
 from fewshot.models.language import LanguageModel
 
 __all__ = ["GPTPrefixLM", "HFPrefixLM", "Past", "PrefixLM", "beam_search", "check_image_count", "decode_steps", "greedy", "greedy_choice",
-           "interleaved_sequence", "nucleus", "nucleus_choice", "open_prefix_lm", "top_p_filter"]
+           "interleaved_sequence", "nucleus", "nucleus_choice", "open_prefix_lm", "top_p_filter", "vocabulary_prefix"]
 
 Past = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -75,6 +75,10 @@ class PrefixLM(nn.Module):
 
     def output_rows(self) -> torch.Tensor:
         """The output embedding (vocab, D): logits = :meth:`output_features` (h) @ its transpose."""
+        raise NotImplementedError
+
+    def input_rows(self) -> torch.Tensor:
+        """The input token embedding table (vocab, D): :meth:`embed` of id i is its row i."""
         raise NotImplementedError
 
     def check_fits(self, prefix_length: int, tokens: int) -> None:
@@ -135,6 +139,9 @@ class GPTPrefixLM(PrefixLM):
     def output_rows(self) -> torch.Tensor:
         return self.model.encoder.tok_emb.weight
 
+    def input_rows(self) -> torch.Tensor:
+        return self.model.encoder.tok_emb.weight
+
 
 class HFPrefixLM(PrefixLM):
     """A ``transformers`` causal LM fed through ``inputs_embeds`` (float32), its tokenizer's EOS ending captions."""
@@ -175,6 +182,28 @@ class HFPrefixLM(PrefixLM):
 
     def output_rows(self) -> torch.Tensor:
         return self.model.get_output_embeddings().weight.float()
+
+    def input_rows(self) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight.float()
+
+
+def vocabulary_prefix(queries: torch.Tensor, rows: torch.Tensor, temperature: float, hard: bool = False) -> torch.Tensor:
+    """Prefix embeddings drawn from an LM's own token embeddings (after LQAE, Liu et al. 2023, which quantises image
+    features to a frozen LM's vocabulary so that the LM reads images as words). For each query q (…, D) and the
+    token table E (V, D):
+
+        a = softmax_v(cos(q, E_v) / τ),   soft(q) = Σ_v a_v E_v
+        hard(q) = E_{argmax_v a_v} + soft(q) − sg(soft(q))     (straight-through: the value of the nearest token by
+                                                                 cosine, the gradient of the soft mixture)
+
+    so a prefix is a token embedding (``hard``) or a convex mixture of them (soft), never a vector off the LM's
+    vocabulary; two images mapped to one token give the LM the very same input, as one word written twice does."""
+    sims = F.normalize(queries, dim=-1) @ F.normalize(rows, dim=-1).T / temperature
+    weights = sims.softmax(dim=-1)
+    soft = weights @ rows
+    if not hard:
+        return soft
+    return rows[sims.argmax(dim=-1)] + (soft - soft.detach())  # exactly the row: the added term is 0
 
 
 def check_image_count(images: Sequence[torch.Tensor] | torch.Tensor, pieces: Sequence[str]) -> None:
