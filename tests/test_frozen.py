@@ -464,3 +464,40 @@ def test_a_vocabulary_prefix_cannot_be_standardised(gpt_run, tmp_path):
 
     with pytest.raises(ConfigError, match="vocab_prefix draws the prefix from token embeddings; it cannot be standardised too"):
         build_method(frozen_config(gpt_run, tmp_path, "method.vocab_prefix=soft", "method.standardise_prefix=true"))
+
+
+def test_the_usage_gap_is_log_v_minus_the_entropy_of_the_mean_weights():
+    """``usage_entropy_gap`` against a loop: per prefix position, the mean weight of each token over the prefixes, its
+    entropy by hand; 0 for prefixes spread evenly over the tokens, log V for prefixes that all take one token."""
+    import math
+
+    from fewshot.models.prefix_lm import usage_entropy_gap
+
+    g = torch.Generator().manual_seed(0)
+    weights = torch.rand(6, 2, 5, generator=g, dtype=torch.float64)
+    weights = weights / weights.sum(-1, keepdim=True)
+    gaps = []
+    for j in range(2):
+        mean = [sum(float(weights[n, j, v]) for n in range(6)) / 6 for v in range(5)]
+        gaps.append(math.log(5) + sum(m * math.log(m) for m in mean))
+    assert abs(float(usage_entropy_gap(weights)) - sum(gaps) / 2) < 1e-12
+    one_token = torch.zeros(6, 2, 5, dtype=torch.float64)
+    one_token[..., 3] = 1
+    assert abs(float(usage_entropy_gap(one_token)) - math.log(5)) < 1e-9
+    assert abs(float(usage_entropy_gap(torch.eye(5, dtype=torch.float64)[:, None].expand(5, 2, 5)))) < 1e-9
+
+
+@pytest.mark.parametrize("usage", [1.0, 0.0])
+def test_the_usage_term_is_added_to_the_loss_only_when_asked(gpt_run, tmp_path, usage):
+    """``method.vocab_usage`` = λ: the step's loss is the captioning loss + λ · the usage gap of every prefix the step
+    made; λ = 0 is the control whose loss is the captioning loss alone."""
+    from fewshot.models.prefix_lm import usage_entropy_gap, vocabulary_weights
+
+    method = build_method(frozen_config(gpt_run, tmp_path, "method.vocab_prefix=soft", f"method.vocab_usage={usage}")).train()
+    tokens = scene_pairs(method.text_tokenizer).batch(torch.arange(8))["tokens"]
+    images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    loss, logs = method({"images": images, "tokens": tokens}, torch.Generator())
+    queries = method.to_prefix(method.encoder(images)).view(8, 2, -1)
+    gap = usage_entropy_gap(vocabulary_weights(queries, method.language_model.input_rows(), 0.1))
+    torch.testing.assert_close(loss, method.caption_step(images, tokens) + usage * gap)
+    assert ("usage_gap" in logs) == bool(usage)

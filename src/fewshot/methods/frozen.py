@@ -31,6 +31,10 @@ norm s / √D, so no direction is shared by every image's prefix. ``method.vocab
 not the paper's) draws each prefix row from the LM's own token embeddings, a softmax mixture over them by cosine
 (``soft``) or the nearest one with the mixture's gradient (``hard``): the LM then reads an image as words, and two
 images mapped to the same token give it the same input, which is what its match-and-copy keys on.
+``method.vocab_usage`` = λ adds λ·(log V − H(ā)) (ā: the step's prefixes' mean token weights), so a hard prefix does
+not collapse onto one token for every image:
+
+    L = L_captions(+episodes) + λ · (log V − H(ā))
 
 Departures, for small data and CPUs: a conv4 encoder at 32 px (the paper: NF-ResNet-50 at 224 px), fewshot's
 small caption-trained GPT as the default LM (the paper: a 7B transformer trained on C4).
@@ -51,7 +55,7 @@ from fewshot.data.vl_prompts import count_images, glossary, longest_naming_piece
 from fewshot.errors import ConfigError
 from fewshot.methods.prefix_captioning import PrefixCaptioner, open_caption_lm
 from fewshot.methods.vision_language import ImageTowerConfig, NamingEpisodesConfig, image_tower
-from fewshot.models.prefix_lm import interleaved_sequence, vocabulary_prefix
+from fewshot.models.prefix_lm import interleaved_sequence, usage_entropy_gap, vocabulary_prefix, vocabulary_weights
 from fewshot.objectives.captioning import caption_loss
 
 __all__ = ["Frozen", "FrozenConfig"]
@@ -73,6 +77,8 @@ class FrozenConfig(NamingEpisodesConfig):
                                                          "embeddings (LQAE): a softmax mixture over them (soft), or the nearest one "
                                                          "with the mixture's gradient (hard, straight-through); off: the paper's linear map")
     vocab_temperature: float = Field(0.1, gt=0, description="τ of vocab_prefix's softmax over cosine similarities to the token embeddings")
+    vocab_usage: float = Field(0.0, ge=0, description="weight λ of the codebook-usage term λ·(log V − H(mean token weights)) over a "
+                               "step's prefixes: keeps a hard vocab_prefix from collapsing onto one token")
     vocab_from: Literal["lm", "captions"] = Field("lm", description="the tokens vocab_prefix may use: the LM's whole vocabulary, or only "
                                                   "those the training captions have used so far (kept with the run)")
     lm: FrozenLM = Field(default_factory=FrozenLM)
@@ -101,7 +107,8 @@ class Frozen(PrefixCaptioner):
         if m.vocab_prefix != "off" and m.standardise_prefix:
             raise ConfigError("method.vocab_prefix draws the prefix from token embeddings; it cannot be standardised too: "
                               "set method.standardise_prefix=false")
-        self.vocab_prefix, self.vocab_temperature = m.vocab_prefix, m.vocab_temperature
+        self.vocab_prefix, self.vocab_temperature, self.vocab_usage = m.vocab_prefix, m.vocab_temperature, m.vocab_usage
+        self._usage: list[torch.Tensor] = []  # the step's token weights, for the usage term
         if m.vocab_prefix != "off":  # which token rows a prefix may be drawn from; saved, so evaluation draws from the same
             vocab = self.language_model.vocab_size
             self.register_buffer("vocab_allowed", torch.full((vocab,), m.vocab_from == "lm", dtype=torch.bool))
@@ -129,7 +136,10 @@ class Frozen(PrefixCaptioner):
             return mapped
         allowed = self.vocab_allowed if bool(self.vocab_allowed.any()) else torch.ones_like(self.vocab_allowed)  # before any caption
         rows = self.language_model.input_rows().detach()[allowed]
-        return vocabulary_prefix(mapped, rows, self.vocab_temperature, hard=self.vocab_prefix == "hard").to(mapped.dtype)
+        weights = vocabulary_weights(mapped, rows, self.vocab_temperature)
+        if self.training and self.vocab_usage:
+            self._usage.append(weights)
+        return vocabulary_prefix(mapped, rows, self.vocab_temperature, self.vocab_prefix == "hard", weights).to(mapped.dtype)
 
     def see_captions(self, tokens: torch.Tensor) -> None:
         """``vocab_from=captions``: the ids of a training batch's captions (B, T), PAD_ID aside, become usable prefix tokens."""
@@ -144,11 +154,18 @@ class Frozen(PrefixCaptioner):
     def forward(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         images = self.training_images(batch["images"])
         self.see_captions(batch["tokens"])
+        self._usage.clear()
         if not self.episodes:
-            return self.caption_step(images, batch["tokens"]), {}
-        captions = self.caption_targets(images, batch["tokens"])
-        sequences, targets = self.episode_batch(int(torch.randint(2**31 - 1, (1,), generator=generator)))
-        return token_weighted_mean([captions, (self.language_model.step(sequences)[0], targets)]), {}
+            loss = self.caption_step(images, batch["tokens"])
+        else:
+            captions = self.caption_targets(images, batch["tokens"])
+            sequences, targets = self.episode_batch(int(torch.randint(2**31 - 1, (1,), generator=generator)))
+            loss = token_weighted_mean([captions, (self.language_model.step(sequences)[0], targets)])
+        if not self._usage:
+            return loss, {}
+        gap = usage_entropy_gap(torch.cat([w.flatten(0, -3) for w in self._usage]))
+        self._usage.clear()
+        return loss + self.vocab_usage * gap, {"usage_gap": float(gap)}
 
     def episode_batch(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``method.episodes`` naming episodes of the seed, each laid out as the evaluation lays out a prompt

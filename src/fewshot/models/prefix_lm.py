@@ -25,6 +25,7 @@ token's embedding per step. Decoders (all stop a row at EOS, which is not return
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from fewshot.models.causal_lm import GPTPromptLM, HFCausalLM, open_causal_lm
 from fewshot.models.language import LanguageModel
 
 __all__ = ["GPTPrefixLM", "HFPrefixLM", "Past", "PrefixLM", "beam_search", "check_image_count", "decode_steps", "greedy", "greedy_choice",
-           "interleaved_sequence", "nucleus", "nucleus_choice", "open_prefix_lm", "top_p_filter", "vocabulary_prefix"]
+           "interleaved_sequence", "nucleus", "nucleus_choice", "open_prefix_lm", "top_p_filter", "usage_entropy_gap", "vocabulary_prefix", "vocabulary_weights"]
 
 Past = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -187,23 +188,37 @@ class HFPrefixLM(PrefixLM):
         return self.model.get_input_embeddings().weight.float()
 
 
-def vocabulary_prefix(queries: torch.Tensor, rows: torch.Tensor, temperature: float, hard: bool = False) -> torch.Tensor:
+def vocabulary_weights(queries: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:
+    """a = softmax_v(cos(q, E_v) / τ) (…, V): how much of each token row E_v (V, D) a query q (…, D) takes."""
+    return (F.normalize(queries, dim=-1) @ F.normalize(rows, dim=-1).T / temperature).softmax(dim=-1)
+
+
+def vocabulary_prefix(queries: torch.Tensor, rows: torch.Tensor, temperature: float, hard: bool = False,
+                      weights: torch.Tensor | None = None) -> torch.Tensor:
     """Prefix embeddings drawn from an LM's own token embeddings (after LQAE, Liu et al. 2023, which quantises image
     features to a frozen LM's vocabulary so that the LM reads images as words). For each query q (…, D) and the
-    token table E (V, D):
+    token table E (V, D), with a = :func:`vocabulary_weights` (``weights`` when already computed):
 
-        a = softmax_v(cos(q, E_v) / τ),   soft(q) = Σ_v a_v E_v
+        soft(q) = Σ_v a_v E_v
         hard(q) = E_{argmax_v a_v} + soft(q) − sg(soft(q))     (straight-through: the value of the nearest token by
                                                                  cosine, the gradient of the soft mixture)
 
     so a prefix is a token embedding (``hard``) or a convex mixture of them (soft), never a vector off the LM's
     vocabulary; two images mapped to one token give the LM the very same input, as one word written twice does."""
-    sims = F.normalize(queries, dim=-1) @ F.normalize(rows, dim=-1).T / temperature
-    weights = sims.softmax(dim=-1)
+    weights = vocabulary_weights(queries, rows, temperature) if weights is None else weights
     soft = weights @ rows
     if not hard:
         return soft
-    return rows[sims.argmax(dim=-1)] + (soft - soft.detach())  # exactly the row: the added term is 0
+    return rows[weights.argmax(dim=-1)] + (soft - soft.detach())  # exactly the row: the added term is 0
+
+
+def usage_entropy_gap(weights: torch.Tensor) -> torch.Tensor:
+    """log V − H(ā), ā = the mean of the token weights ``weights`` (N, k, V) over the N prefixes, per prefix position,
+    H in nats, averaged over the k positions: 0 when the prefixes use every token equally often, log V when all of
+    them take one token. The usual remedy for a quantiser that collapses onto one code (a codebook-usage term)."""
+    mean = weights.mean(dim=0)
+    entropy = -(mean * mean.clamp_min(1e-12).log()).sum(dim=-1)
+    return (math.log(weights.shape[-1]) - entropy).mean()
 
 
 def check_image_count(images: Sequence[torch.Tensor] | torch.Tensor, pieces: Sequence[str]) -> None:
