@@ -152,3 +152,32 @@ def test_the_letter_match_rule_picks_the_candidate_with_the_scrambled_words_lett
     assert bench.letter_match("rdow", ["wood", "drew", "word"]) == "word"
     # no exact match: the fewest letters off wins, ties go to the first listed
     assert bench.letter_match("abcd", ["abxy", "abcx", "abcy"]) == "abcx"
+
+
+def test_the_same_image_probe_shows_the_query_s_own_class_support_image():
+    """bench/vl_same_image.py: the query (last image) becomes the first support image of its class; the rest is kept."""
+    probe = load_bench("vl_same_image")
+    labels = [0, 1, 1, 0, 1]  # support 0, 1, 2, 3; the query (index 4) is of class 1
+    assert probe.same_image_query((0, 1, 2, 3, 4), labels) == [0, 1, 2, 3, 1]
+    assert probe.same_image_query((3, 2, 4), labels) == [3, 2, 2]
+
+
+def test_the_token_oracle_codes_are_consistent_per_attribute_and_the_control_is_not():
+    """bench/vl_token_oracle.py: ``consistent`` gives every image of a colour one token and of a shape another; the
+    ``random`` control gives two images with the same description different tokens."""
+    import torch
+
+    oracle = load_bench("vl_token_oracle")
+
+    class Link:
+        dim, vocab_size = 4, 5000
+
+        def embed(self, ids):
+            return torch.nn.functional.one_hot(ids % 4, 4).float() * (ids[..., None] + 1)
+
+    descriptions = ["a small red circle.", "a large red star.", "a small blue circle.", "a large red circle."]
+    consistent = oracle.token_prefixes(Link(), descriptions, "consistent")
+    assert torch.equal(consistent[0, 0], consistent[1, 0]) and torch.equal(consistent[0, 1], consistent[2, 1])
+    assert torch.equal(consistent[0], consistent[3]) and not torch.equal(consistent[0, 0], consistent[2, 0])
+    random = oracle.token_prefixes(Link(), descriptions, "random")
+    assert not torch.equal(random[0], random[3])

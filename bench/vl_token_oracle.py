@@ -1,0 +1,89 @@
+"""What a prefix made of words could reach (issue 17's ceiling for ``method.vocab_prefix``): the protocol's 2-way nonce
+episodes with task induction, each image's prefix replaced by two token embeddings of the frozen LM chosen from the
+image's own description, no encoder at all. Rows:
+
+- ``words``: the description's colour and shape words ("red circle"): the image read as the words that describe it;
+- ``consistent codes``: two arbitrary tokens, one fixed per colour and one per shape (a code with no meaning that is
+  the same for every image of a colour, and of a shape): what a discrete prefix needs, consistency, without words;
+- ``random codes`` (the control): two arbitrary tokens drawn afresh for every image, consistent with nothing;
+- ``blank``: the test-blind prefix of a zero image is not defined here, so the row is the LM on all-zero prefixes.
+
+    OMP_NUM_THREADS=2 python bench/vl_token_oracle.py runs/vlctx/smollm2-answers-160 --episodes 100   # ≈ 5 CPU-minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from fewshot.data.vl_prompts import category_images, open_ended_episode
+from fewshot.evaluate.runner import mean_ci95
+from fewshot.evaluate.vl_in_context import PrefixInContext, answer_matches
+from fewshot.models.prefix_lm import open_prefix_lm
+
+
+def colour_and_shape(description: str) -> tuple[str, str]:
+    """("red", "circle") of "a small red circle."."""
+    words = description.rstrip(".").split()
+    return words[-2], words[-1]
+
+
+def token_prefixes(link, descriptions: list[str], kind: str, seed: int = 0) -> torch.Tensor:
+    """(N, 2, D): per image, the two token embeddings ``kind`` chooses (``words``, ``consistent``, ``random``, ``zeros``)."""
+    rng = np.random.default_rng(seed)
+    pairs = [colour_and_shape(d) for d in descriptions]
+    if kind == "zeros":
+        return torch.zeros(len(pairs), 2, link.dim)
+    if kind == "words":
+        ids = [[link.tokenizer.encode(" " + w, add_special_tokens=False).ids for w in pair] for pair in pairs]
+        if any(len(t) != 1 for pair in ids for t in pair):
+            raise SystemExit("a colour or shape word is more than one token of this LM; the words row needs one token each")
+        ids = [[t[0] for t in pair] for pair in ids]
+    else:
+        pool = rng.choice(np.arange(1000, link.vocab_size - 1000), size=64, replace=False)  # ordinary ids, no special tokens
+        values = sorted({v for pair in pairs for v in pair})
+        code = {v: int(pool[i]) for i, v in enumerate(values)}
+        ids = [[code[c], code[s]] if kind == "consistent" else [int(t) for t in rng.choice(pool, 2)] for c, s in pairs]
+    with torch.no_grad():
+        return link.embed(torch.tensor(ids))
+
+
+def lookup(images: torch.Tensor, table: torch.Tensor):
+    """A prefix function giving each image of ``images`` (found by its pixels) its row of ``table``."""
+    flat = images.flatten(1)
+
+    def prefix(shown: torch.Tensor) -> torch.Tensor:
+        return torch.stack([table[int((flat == x.flatten()).all(1).nonzero()[0])] for x in shown])
+    return prefix
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("lm", help="the frozen LM: smollm2, a Hugging Face causal LM folder or a fewshot gpt run")
+    p.add_argument("--categories", nargs="+", default=["shapes", "colours"])
+    p.add_argument("--shots", nargs="+", type=int, default=[1, 5])
+    p.add_argument("--episodes", type=int, default=100)
+    args = p.parse_args()
+    link = open_prefix_lm(args.lm)
+    out = {"lm": args.lm, "episodes": args.episodes}
+    for category in args.categories:
+        data = category_images(category, 12, 32, 0)
+        for kind in ("words", "consistent", "random", "zeros"):
+            table = token_prefixes(link, data.descriptions, kind)
+            model = PrefixInContext(link, lookup(data.images, table), kind)
+            for shots in args.shots:
+                hits = []
+                for i in range(args.episodes):
+                    e = open_ended_episode(data.labels, data.class_names, 2, shots, 0, True, True, 0, i)
+                    hits.append(float(answer_matches(model.next_text([data.images[j] for j in e.images], e.pieces, 6), e.answer)))
+                mean, ci = mean_ci95(hits)
+                out[f"{category} {kind} {shots}"] = {"accuracy": 100 * mean, "ci95": 100 * ci}
+                print(f"{category:8s} {kind:11s} {shots} shot(s) {100 * mean:5.1f} ± {100 * ci:4.1f}", flush=True)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
