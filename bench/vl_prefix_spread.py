@@ -2,8 +2,8 @@
 (``category_images``, 12 per class), the prefixes' median norm beside the LM's token embeddings', and the mean cosine
 between prefixes of the same class and of different classes, raw and with the mean prefix removed. A prefix whose
 classes separate only after centring carries the tower's information as a ripple on one shared direction. For a run
-with a hard ``method.vocab_prefix`` it also names, per class and prefix position, the tokens its images are drawn to
-and how many distinct tokens the images use (1: collapsed onto one token for every image).
+with ``method.vocab_prefix`` it also names, per class and prefix position, the token of highest weight and its share of
+the class's images, and how many distinct tokens the images use (1: collapsed onto one token for every image).
 
     OMP_NUM_THREADS=2 python bench/vl_prefix_spread.py runs/vl18/frozen-ep6-250     # seconds; one JSON line
 """
@@ -17,6 +17,7 @@ import json
 import torch
 
 from fewshot.data.vl_prompts import category_images
+from fewshot.models.prefix_lm import vocabulary_weights
 from fewshot.run import Run
 
 
@@ -29,17 +30,24 @@ def mean_cosines(vectors: torch.Tensor, labels: torch.Tensor) -> tuple[float, fl
     return float(cos[same & distinct].mean()), float(cos[~same].mean())
 
 
-def prefix_tokens(link, per_token: torch.Tensor, labels, class_names: list[str]) -> dict:
-    """Per class, each prefix position's most common token and its share; and the distinct tokens used per position."""
-    rows = link.input_rows().detach()
-    ids = torch.stack([torch.cdist(p, rows).argmin(-1) for p in per_token])  # hard rows are token rows exactly: distance 0
-    out = {"distinct": [len(set(ids[:, j].tolist())) for j in range(ids.shape[1])], "classes": {}}
+def prefix_tokens(method, images: torch.Tensor, labels, class_names: list[str]) -> dict:
+    """For a ``method.vocab_prefix`` run: per class, each prefix position's most common token (the one of highest weight,
+    which a hard prefix is) and its share of the class's images; the distinct tokens used per position; the mean
+    highest weight (1: every prefix is one token; soft prefixes are mixtures)."""
+    link = method.language_model
+    allowed = method.vocab_allowed.nonzero().flatten()
+    with torch.no_grad():
+        queries = method.to_prefix(method.encoder(images)).view(len(images), method.prefix_length, -1)
+        weights = vocabulary_weights(queries, link.input_rows()[allowed], method.vocab_temperature)
+    ids = allowed[weights.argmax(-1)]
+    out = {"distinct": [len(set(ids[:, j].tolist())) for j in range(ids.shape[1])], "top_weight": float(weights.max(-1).values.mean()),
+           "classes": {}}
     for c, name in enumerate(class_names):
         chosen = ids[torch.as_tensor(labels == c)]
         common = [collections.Counter(chosen[:, j].tolist()).most_common(1)[0] for j in range(ids.shape[1])]
         out["classes"][name] = [[link.decode([t]), n / len(chosen)] for t, n in common]
-    print("  tokens per position:", out["distinct"], "; per class (token, share):",
-          ", ".join(f"{name} {' '.join(repr(t) for t, _ in tokens)}" for name, tokens in out["classes"].items()))
+    print(f"  tokens per position {out['distinct']}, mean top weight {out['top_weight']:.2f}; per class (token share):",
+          ", ".join(f"{name} " + " ".join(f"{t!r} {share:.2f}" for t, share in tokens) for name, tokens in out["classes"].items()))
     return out
 
 
@@ -64,8 +72,8 @@ def main() -> None:
         centred_same, centred_different = mean_cosines(prefixes - prefixes.mean(0), labels)
         out[category] = {"prefix_norm_median": float(per_token.norm(dim=-1).median()), "cos_same": same, "cos_different": different,
                          "centred_cos_same": centred_same, "centred_cos_different": centred_different}
-        if getattr(method, "vocab_prefix", "off") == "hard":
-            out[category]["tokens"] = prefix_tokens(link, per_token, data.labels, data.class_names)
+        if getattr(method, "vocab_prefix", "off") != "off":
+            out[category]["tokens"] = prefix_tokens(method, data.images, data.labels, data.class_names)
         print(f"{category}: prefix norm {out[category]['prefix_norm_median']:.1f} (tokens {out['token_norm_median']:.1f}); cosine same {same:.2f}, "
               f"different {different:.2f}; centred same {centred_same:.2f}, different {centred_different:.2f}")
     print(json.dumps(out))

@@ -459,11 +459,17 @@ def test_a_hard_vocabulary_prefix_is_made_of_allowed_token_rows(gpt_run, tmp_pat
     assert not any(((rows - r).abs().sum(-1) == 0).any() for r in plain.flatten(0, 1))
 
 
-def test_a_vocabulary_prefix_cannot_be_standardised(gpt_run, tmp_path):
-    from fewshot.errors import ConfigError
+def test_a_standardised_query_is_snapped_to_the_vocabulary_after_standardising(gpt_run, tmp_path):
+    """``standardise_prefix`` with ``vocab_prefix``: the map's output is standardised first (cosine ignores the scale), then
+    drawn to the token rows: the prefix equals :func:`vocabulary_prefix` of the batch-standardised queries, computed by hand."""
+    from fewshot.models.prefix_lm import vocabulary_prefix
 
-    with pytest.raises(ConfigError, match="vocab_prefix draws the prefix from token embeddings; it cannot be standardised too"):
-        build_method(frozen_config(gpt_run, tmp_path, "method.vocab_prefix=soft", "method.standardise_prefix=true"))
+    method = build_method(frozen_config(gpt_run, tmp_path, "method.vocab_prefix=soft", "method.standardise_prefix=true")).train()
+    images = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    queries = method.to_prefix(method.encoder(images))
+    standardised = (queries - queries.mean(0)) / (queries.var(0, unbiased=False) + 1e-5).sqrt()
+    by_hand = vocabulary_prefix(standardised.view(16, 2, -1), method.language_model.input_rows(), 0.1)
+    torch.testing.assert_close(method.prefix(images), by_hand, rtol=1e-4, atol=1e-5)
 
 
 def test_the_usage_gap_is_log_v_minus_the_entropy_of_the_mean_weights():

@@ -104,9 +104,6 @@ class Frozen(PrefixCaptioner):
         if self.standardise is not None:  # unit variance per coordinate × s: a prefix row of about a token embedding's norm
             rows = self.language_model.embed(torch.arange(self.language_model.vocab_size)[None])[0].detach()
             self.register_buffer("prefix_scale", rows.norm(dim=-1).median() / self.language_model.dim ** 0.5)
-        if m.vocab_prefix != "off" and m.standardise_prefix:
-            raise ConfigError("method.vocab_prefix draws the prefix from token embeddings; it cannot be standardised too: "
-                              "set method.standardise_prefix=false")
         self.vocab_prefix, self.vocab_temperature, self.vocab_usage = m.vocab_prefix, m.vocab_temperature, m.vocab_usage
         self._usage: list[torch.Tensor] = []  # the step's token weights, for the usage term
         if m.vocab_prefix != "off":  # which token rows a prefix may be drawn from; saved, so evaluation draws from the same
