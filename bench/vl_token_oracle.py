@@ -19,9 +19,8 @@ import json
 import numpy as np
 import torch
 
-from fewshot.data.vl_prompts import category_images, open_ended_episode
-from fewshot.evaluate.runner import mean_ci95
-from fewshot.evaluate.vl_in_context import PrefixInContext, answer_matches
+from fewshot.data.vl_prompts import category_images
+from fewshot.evaluate.vl_in_context import PrefixInContext, Setting, evaluate_open_ended
 from fewshot.models.prefix_lm import open_prefix_lm
 
 
@@ -74,14 +73,10 @@ def main() -> None:
         for kind in ("words", "consistent", "random", "zeros"):
             table = token_prefixes(link, data.descriptions, kind)
             model = PrefixInContext(link, lookup(data.images, table), kind)
-            for shots in args.shots:
-                hits = []
-                for i in range(args.episodes):
-                    e = open_ended_episode(data.labels, data.class_names, 2, shots, 0, True, True, 0, i)
-                    hits.append(float(answer_matches(model.next_text([data.images[j] for j in e.images], e.pieces, 6), e.answer)))
-                mean, ci = mean_ci95(hits)
-                out[f"{category} {kind} {shots}"] = {"accuracy": 100 * mean, "ci95": 100 * ci}
-                print(f"{category:8s} {kind:11s} {shots} shot(s) {100 * mean:5.1f} ± {100 * ci:4.1f}", flush=True)
+            cells = evaluate_open_ended(model, data, [Setting(2, shots, 0, True) for shots in args.shots], args.episodes)
+            for shots, cell in zip(args.shots, cells.values()):
+                out[f"{category} {kind} {shots}"] = {"accuracy": cell["accuracy"], "ci95": cell["ci95"]}
+                print(f"{category:8s} {kind:11s} {shots} shot(s) {cell['accuracy']:5.1f} ± {cell['ci95']:4.1f}", flush=True)
     print(json.dumps(out))
 
 

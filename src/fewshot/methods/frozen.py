@@ -162,7 +162,7 @@ class Frozen(PrefixCaptioner):
             return loss, {}
         gap = usage_entropy_gap(torch.cat([w.flatten(0, -3) for w in self._usage]))
         self._usage.clear()
-        return loss + self.vocab_usage * gap, {"usage_gap": float(gap)}
+        return loss + self.vocab_usage * gap, {"usage_gap": float(gap.detach())}
 
     def episode_batch(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``method.episodes`` naming episodes of the seed, each laid out as the evaluation lays out a prompt
