@@ -181,3 +181,24 @@ def test_the_token_oracle_codes_are_consistent_per_attribute_and_the_control_is_
     assert torch.equal(consistent[0], consistent[3]) and not torch.equal(consistent[0, 0], consistent[2, 0])
     random = oracle.token_prefixes(Link(), descriptions, "random")
     assert not torch.equal(random[0], random[3])
+
+
+def test_the_tower_cluster_codes_give_one_token_per_cluster_and_purity_counts_majorities():
+    """bench/vl_token_oracle.py's tower-clusters row: images in one k-means cluster share their prefix, other clusters
+    differ; purity is the share of items in their cluster's commonest class."""
+    import torch
+
+    oracle = load_bench("vl_token_oracle")
+
+    class Link:
+        dim, vocab_size = 8, 5000
+
+        def embed(self, ids):
+            return torch.nn.functional.one_hot(ids % 8, 8).float() * (ids[..., None] + 1)
+
+    features = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    clusters = oracle.cluster_codes(features, 2)
+    assert clusters[0] == clusters[1] != clusters[2] == clusters[3]
+    table = oracle.cluster_prefixes(Link(), clusters)
+    assert torch.equal(table[0], table[1]) and not torch.equal(table[1, 1], table[2, 1]) and torch.equal(table[1, 0], table[2, 0])
+    assert oracle.purity_of([0, 0, 1, 1], [5, 6, 7, 7]) == 0.75
