@@ -35,10 +35,9 @@ def prefix_tokens(method, images: torch.Tensor, labels, class_names: list[str]) 
     which a hard prefix is) and its share of the class's images; the distinct tokens used per position; the mean
     highest weight (1: every prefix is one token; soft prefixes are mixtures)."""
     link = method.language_model
-    allowed = method.vocab_allowed.nonzero().flatten()
+    allowed, rows = method.vocab_rows()
     with torch.no_grad():
-        queries = method.to_prefix(method.encoder(images)).view(len(images), method.prefix_length, -1)
-        weights = vocabulary_weights(queries, link.input_rows()[allowed], method.vocab_temperature)
+        weights = vocabulary_weights(method.prefix_queries(images), rows, method.vocab_temperature)
     ids = allowed[weights.argmax(-1)]
     out = {"distinct": [len(set(ids[:, j].tolist())) for j in range(ids.shape[1])], "top_weight": float(weights.max(-1).values.mean()),
            "classes": {}}

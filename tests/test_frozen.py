@@ -507,3 +507,38 @@ def test_the_usage_term_is_added_to_the_loss_only_when_asked(gpt_run, tmp_path, 
     gap = usage_entropy_gap(vocabulary_weights(queries, method.language_model.input_rows(), 0.1))
     torch.testing.assert_close(loss, method.caption_step(images, tokens) + usage * gap)
     assert ("usage_gap" in logs) == bool(usage)
+
+
+@pytest.mark.parametrize("usage", [1.0, 0.0])
+def test_the_usage_term_splits_prefixes_collapsed_onto_one_token(usage):
+    """Non-collapse: queries that all start at one token, trained on λ·usage gap alone, end on several tokens. Negative
+    control (λ = 0): nothing moves them and they stay on one token."""
+    from fewshot.models.prefix_lm import usage_entropy_gap, vocabulary_weights
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(12, 6, generator=g)
+    queries = (rows[3] + 0.05 * torch.randn(32, 1, 6, generator=g)).requires_grad_(True)
+    assert len(set(vocabulary_weights(queries, rows, 0.1).argmax(-1).flatten().tolist())) == 1
+    opt = torch.optim.Adam([queries], lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        (usage * usage_entropy_gap(vocabulary_weights(queries, rows, 0.1)) + 0 * queries.sum()).backward()
+        opt.step()
+    used = len(set(vocabulary_weights(queries, rows, 0.1).argmax(-1).flatten().tolist()))
+    assert (used >= 6) == bool(usage) and (used == 1) == (not usage)
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_caption_ids_are_recorded_only_by_see_captions(gpt_run, tmp_path, monkeypatch, recorded):
+    """``vocab_from=captions``: after a training step the allowed ids are exactly the captions' ids. Negative control: a
+    method that records nothing falls back to the whole vocabulary, which the same check refuses."""
+    from fewshot.data.token_ids import PAD_ID
+    from fewshot.methods.frozen import Frozen
+
+    if not recorded:
+        monkeypatch.setattr(Frozen, "see_captions", lambda self, tokens: None)
+    method = build_method(frozen_config(gpt_run, tmp_path, "method.vocab_prefix=hard", "method.vocab_from=captions")).train()
+    tokens = scene_pairs(method.text_tokenizer).batch(torch.arange(8))["tokens"]
+    method({"images": torch.rand(8, 3, 16, 16), "tokens": tokens}, torch.Generator())
+    ids, _ = method.vocab_rows()
+    assert (set(ids.tolist()) == set(tokens[tokens != PAD_ID].tolist())) == recorded

@@ -102,7 +102,7 @@ class Frozen(PrefixCaptioner):
         self.to_prefix = nn.Linear(self.encoder.dim, m.prefix_length * self.language_model.dim)
         self.standardise = nn.BatchNorm1d(m.prefix_length * self.language_model.dim, affine=False) if m.standardise_prefix else None
         if self.standardise is not None:  # unit variance per coordinate × s: a prefix row of about a token embedding's norm
-            rows = self.language_model.embed(torch.arange(self.language_model.vocab_size)[None])[0].detach()
+            rows = self.language_model.input_rows().detach()
             self.register_buffer("prefix_scale", rows.norm(dim=-1).median() / self.language_model.dim ** 0.5)
         self.vocab_prefix, self.vocab_temperature, self.vocab_usage = m.vocab_prefix, m.vocab_temperature, m.vocab_usage
         self._usage: list[torch.Tensor] = []  # the step's token weights, for the usage term
@@ -125,18 +125,26 @@ class Frozen(PrefixCaptioner):
     def prefix(self, images: torch.Tensor) -> torch.Tensor:
         """The k prefix embeddings (B, k, D): W f(images) + b, reshaped (``standardise_prefix``: s · BN(W f(images) + b);
         ``vocab_prefix``: each row replaced by :func:`~fewshot.models.prefix_lm.vocabulary_prefix` of it)."""
-        mapped = self.to_prefix(self.encoder(images))
-        if self.standardise is not None:
-            mapped = self.prefix_scale * self.standardise(mapped)
-        mapped = mapped.view(images.shape[0], self.prefix_length, -1)
+        mapped = self.prefix_queries(images)
         if self.vocab_prefix == "off":
             return mapped
-        allowed = self.vocab_allowed if bool(self.vocab_allowed.any()) else torch.ones_like(self.vocab_allowed)  # before any caption
-        rows = self.language_model.input_rows().detach()[allowed]
+        rows = self.vocab_rows()[1]
         weights = vocabulary_weights(mapped, rows, self.vocab_temperature)
         if self.training and self.vocab_usage:
             self._usage.append(weights)
         return vocabulary_prefix(mapped, rows, self.vocab_temperature, self.vocab_prefix == "hard", weights).to(mapped.dtype)
+
+    def prefix_queries(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, k, D): the mapped (and, with ``standardise_prefix``, standardised) rows, before any vocabulary step."""
+        mapped = self.to_prefix(self.encoder(images))
+        if self.standardise is not None:
+            mapped = self.prefix_scale * self.standardise(mapped)
+        return mapped.view(images.shape[0], self.prefix_length, -1)
+
+    def vocab_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ids a vocabulary prefix may use and their token rows (every id before the first caption is seen)."""
+        allowed = self.vocab_allowed if bool(self.vocab_allowed.any()) else torch.ones_like(self.vocab_allowed)
+        return allowed.nonzero().flatten(), self.language_model.input_rows().detach()[allowed]
 
     def see_captions(self, tokens: torch.Tensor) -> None:
         """``vocab_from=captions``: the ids of a training batch's captions (B, T), PAD_ID aside, become usable prefix tokens."""
