@@ -3,7 +3,7 @@ episodes with task induction, scored twice: as the protocol draws them (the quer
 the query replaced by the very support image of its class (identical prefixes). A model whose LM matches prefixes names
 the identical query above blank images even when it cannot match two different images of one class.
 
-    OMP_NUM_THREADS=2 python bench/vl_same_image.py runs/vl18/frozen-ep6-std-250 --episodes 60   # ≈ 5 CPU-minutes
+    OMP_NUM_THREADS=2 python bench/vl_same_image.py runs/vl18/frozen-ep6-std-250 --episodes 60   # ≈ 2.5 CPU-minutes
 """
 
 from __future__ import annotations
