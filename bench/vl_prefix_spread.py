@@ -2,7 +2,7 @@
 (``category_images``, 12 per class), the prefixes' median norm beside the LM's token embeddings', and the mean cosine
 between prefixes of the same class and of different classes, raw and with the mean prefix removed. A prefix whose
 classes separate only after centring carries the tower's information as a ripple on one shared direction. For a run
-with ``method.vocab_prefix`` it also names, per class and prefix position, the token of highest weight and its share of
+with ``method.vocab_prefix`` (or ``method.prefix_codes``) it also names, per class and prefix position, the token of highest weight and its share of
 the class's images, and how many distinct tokens the images use (1: collapsed onto one token for every image).
 
     OMP_NUM_THREADS=2 python bench/vl_prefix_spread.py runs/vl18/frozen-ep6-250     # seconds; one JSON line
@@ -31,22 +31,25 @@ def mean_cosines(vectors: torch.Tensor, labels: torch.Tensor) -> tuple[float, fl
 
 
 def prefix_tokens(method, images: torch.Tensor, labels, class_names: list[str]) -> dict:
-    """For a ``method.vocab_prefix`` run: per class, each prefix position's most common token (the one of highest weight,
-    which a hard prefix is) and its share of the class's images; the distinct tokens used per position; the mean
-    highest weight (1: every prefix is one token; soft prefixes are mixtures)."""
-    link = method.language_model
-    allowed, rows = method.vocab_rows()
+    """For a ``method.vocab_prefix`` or ``method.prefix_codes`` run: per class, each prefix position's most common token
+    or code (the one of highest weight, which a hard prefix is) and its share of the class's images; the distinct tokens
+    used per position; the mean highest weight (1: every prefix is one token; soft prefixes are mixtures)."""
     with torch.no_grad():
-        weights = vocabulary_weights(method.prefix_queries(images), rows, method.vocab_temperature)
-    ids = allowed[weights.argmax(-1)]
+        if getattr(method, "prefix_codes", 0):
+            weights = method.code_logits(images).softmax(-1)
+            ids, name = weights.argmax(-1), lambda t: f"code {t}"
+        else:
+            allowed, rows = method.vocab_rows()
+            weights = vocabulary_weights(method.prefix_queries(images), rows, method.vocab_temperature)
+            ids, name = allowed[weights.argmax(-1)], lambda t: method.language_model.decode([t])
     out = {"distinct": [len(set(ids[:, j].tolist())) for j in range(ids.shape[1])], "top_weight": float(weights.max(-1).values.mean()),
            "classes": {}}
-    for c, name in enumerate(class_names):
+    for c, class_name in enumerate(class_names):
         chosen = ids[torch.as_tensor(labels == c)]
         common = [collections.Counter(chosen[:, j].tolist()).most_common(1)[0] for j in range(ids.shape[1])]
-        out["classes"][name] = [[link.decode([t]), n / len(chosen)] for t, n in common]
+        out["classes"][class_name] = [[name(t), n / len(chosen)] for t, n in common]
     print(f"  tokens per position {out['distinct']}, mean top weight {out['top_weight']:.2f}; per class (token share):",
-          ", ".join(f"{name} " + " ".join(f"{t!r} {share:.2f}" for t, share in tokens) for name, tokens in out["classes"].items()))
+          ", ".join(f"{cls} " + " ".join(f"{t!r} {share:.2f}" for t, share in tokens) for cls, tokens in out["classes"].items()))
     return out
 
 
@@ -71,7 +74,7 @@ def main() -> None:
         centred_same, centred_different = mean_cosines(prefixes - prefixes.mean(0), labels)
         out[category] = {"prefix_norm_median": float(per_token.norm(dim=-1).median()), "cos_same": same, "cos_different": different,
                          "centred_cos_same": centred_same, "centred_cos_different": centred_different}
-        if getattr(method, "vocab_prefix", "off") != "off":
+        if getattr(method, "vocab_prefix", "off") != "off" or getattr(method, "prefix_codes", 0):
             out[category]["tokens"] = prefix_tokens(method, data.images, data.labels, data.class_names)
         print(f"{category}: prefix norm {out[category]['prefix_norm_median']:.1f} (tokens {out['token_norm_median']:.1f}); cosine same {same:.2f}, "
               f"different {different:.2f}; centred same {centred_same:.2f}, different {centred_different:.2f}")

@@ -542,3 +542,100 @@ def test_caption_ids_are_recorded_only_by_see_captions(gpt_run, tmp_path, monkey
     method({"images": torch.rand(8, 3, 16, 16), "tokens": tokens}, torch.Generator())
     ids, _ = method.vocab_rows()
     assert (set(ids.tolist()) == set(tokens[tokens != PAD_ID].tolist())) == recorded
+
+
+@pytest.mark.parametrize("straight_through", [True, False])
+def test_the_code_prefix_matches_a_loop_and_passes_the_soft_gradient(straight_through, monkeypatch):
+    """``code_prefix`` against a slow transcription: per image and position, the scores l + g, the softmax by exp/sum, the
+    mixture of that position's codes as a sum; the value is exactly the code of highest score, and (straight-through) its
+    gradient with respect to the logits is the soft mixture's. Negative control: the picked code alone passes no gradient."""
+    import math
+
+    from fewshot.models import prefix_lm
+
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
+    logits = torch.randn(4, 2, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    noise = prefix_lm.gumbel_noise((4, 2, 5), g).double()
+    if not straight_through:
+        monkeypatch.setattr(prefix_lm, "code_prefix", lambda l, book, t=1.0, noise=None: book[torch.arange(2), (l + noise).argmax(-1)])
+    out = prefix_lm.code_prefix(logits, codebook, 0.5, noise)
+    weights = torch.randn(4, 2, 3, generator=g, dtype=torch.float64)
+    mixtures = []
+    for b in range(4):
+        for j in range(2):
+            scores = [float(logits[b, j, c].detach() + noise[b, j, c]) for c in range(5)]
+            e = [math.exp(s / 0.5) for s in scores]
+            mixtures.append(sum(e[c] / sum(e) * codebook[j, c] for c in range(5)))
+            assert torch.equal(out[b, j].detach(), codebook[j, max(range(5), key=scores.__getitem__)])
+    if not out.requires_grad:
+        assert not straight_through
+        return
+    (out * weights).sum().backward()
+    soft_logits = logits.detach().clone().requires_grad_(True)
+    scores = soft_logits + noise
+    soft = torch.stack([sum(torch.softmax(scores[b, j] / 0.5, -1)[c] * codebook[j, c] for c in range(5)) for b in range(4) for j in range(2)])
+    torch.testing.assert_close(soft.detach(), torch.stack(mixtures))
+    (soft.view(4, 2, 3) * weights).sum().backward()
+    torch.testing.assert_close(logits.grad, soft_logits.grad)
+    assert straight_through
+
+
+@pytest.mark.parametrize("noisy", [True, False])
+def test_the_gumbel_argmax_draws_codes_with_the_softmax_probabilities(noisy):
+    """The Gumbel-max identity: argmax(l + g) over 40,000 draws falls on each code at the rate softmax(l) gives (within
+    0.01). Negative control: without the noise the argmax is always the likeliest code, far from those rates."""
+    from fewshot.models.prefix_lm import gumbel_noise
+
+    logits = torch.tensor([1.0, 0.0, -0.5, 0.5])
+    noise = gumbel_noise((40_000, 4), torch.Generator().manual_seed(0)) if noisy else torch.zeros(40_000, 4)
+    rates = torch.bincount((logits + noise).argmax(-1), minlength=4).float() / 40_000
+    assert bool((rates - logits.softmax(-1)).abs().max() < 0.01) == noisy
+
+
+def test_a_coded_prefix_is_one_learned_code_per_position_and_the_codes_learn(gpt_run, tmp_path):
+    """``method.prefix_codes=C``: at evaluation every prefix row is exactly one of its position's C codes (the likeliest),
+    the same for images whose likeliest codes agree; in training the Gumbel noise comes from the step's generator (one seed,
+    one prefix) and picks codes other than the likeliest (the control that noise is drawn); training moves the codebook
+    and the map while the LM stays bit-identical; the codes cannot be combined with a vocabulary prefix."""
+    from fewshot.errors import ConfigError
+    from fewshot.train.trainer import pretrain
+    from fewshot.run import Run
+
+    config = frozen_config(gpt_run, tmp_path, "method.prefix_codes=6")
+    method = build_method(config)
+    images = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    prefix = method.eval().prefix(images).detach()
+    likeliest = method.code_logits(images).argmax(-1)
+    torch.testing.assert_close(prefix, method.codebook.detach()[torch.arange(2), likeliest], rtol=0, atol=0)
+    method.train()
+    drawn = []
+    for _ in range(2):
+        method._generator = torch.Generator().manual_seed(3)
+        drawn.append(method.prefix(images).detach())
+    assert torch.equal(drawn[0], drawn[1])
+    picked = (drawn[0][:, :, None] == method.codebook.detach()[None]).all(-1).float().argmax(-1)
+    assert (picked != likeliest).any()
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    pretrain(config, scene_pairs(method.text_tokenizer), progress=False)
+    after = Run.open(config.run_dir).method().state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert {"codebook", "to_codes.weight"} <= changed and not any(k.startswith("language_model.") for k in changed)
+    with pytest.raises(ConfigError, match="prefix_codes .* cannot be combined"):
+        build_method(frozen_config(gpt_run, tmp_path, "method.prefix_codes=6", "method.vocab_prefix=hard"))
+
+
+@pytest.mark.parametrize("usage", [1.0, 0.0])
+def test_the_usage_term_reads_the_code_probabilities(gpt_run, tmp_path, usage):
+    """With ``prefix_codes``, ``vocab_usage`` = λ adds λ · the usage gap of the code probabilities softmax(l) (no noise) to
+    the captioning loss of the same Gumbel draw; λ = 0 is the control whose loss is the captioning loss alone."""
+    from fewshot.models.prefix_lm import usage_entropy_gap
+
+    method = build_method(frozen_config(gpt_run, tmp_path, "method.prefix_codes=6", f"method.vocab_usage={usage}")).train()
+    tokens = scene_pairs(method.text_tokenizer).batch(torch.arange(8))["tokens"]
+    images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    loss, logs = method({"images": images, "tokens": tokens}, torch.Generator().manual_seed(5))
+    method._generator = torch.Generator().manual_seed(5)  # the same draw again
+    gap = usage_entropy_gap(method.code_logits(images).softmax(-1))
+    torch.testing.assert_close(loss, method.caption_step(images, tokens) + usage * gap)
+    assert ("usage_gap" in logs) == bool(usage)

@@ -225,6 +225,24 @@ def test_scramble_multiple_choice_ranks_the_querys_own_candidates(tmp_path, gpt_
         load_task("reversed-words", text_path=text, choices=1)
 
 
+@pytest.mark.parametrize("spell", [True, False])
+def test_spelled_scrambles_are_the_same_words_letter_by_letter(tmp_path, gpt_lm, monkeypatch, spell):
+    """``spell``: the same split, draws and candidates as the plain task, each word's letters joined by spaces, and an
+    answer counts when its letters match the target's, spaces aside ("revolt" for "r e v o l t"). Negative control: the
+    plain task compares the stripped text, so the same spaced answers are all wrong there."""
+    text = tmp_path / "play.txt"
+    text.write_text("But soft, what light through yonder window breaks? Wherefore gentle kingdom thousand Seldom golden\n" * 3)
+    plain = load_task("cycle-letters", text_path=text, choices=3)
+    task = load_task("cycle-letters", text_path=text, choices=3, spell=spell)
+    letters = (lambda w: " ".join(w)) if spell else (lambda w: w)
+    assert task.examples == [(letters(x), letters(y)) for x, y in plain.examples]
+    assert task.queries == [(letters(x), letters(y)) for x, y in plain.queries]
+    assert task.candidates == [[letters(c) for c in row] for row in plain.candidates]
+    generated = load_task("cycle-letters", text_path=text, spell=spell)
+    monkeypatch.setattr(prompting, "greedy_lines", lambda lm, past, ids, n: [" " + " ".join(y.replace(" ", "")) for _, y in generated.queries])
+    assert score_draw(gpt_lm, generated, generated.examples[:1], generated.queries)["accuracy"] == (1.0 if spell else 0.0)
+
+
 def test_evaluate_prompting_shapes_and_seeds(gpt_lm):
     a = evaluate_prompting(gpt_lm, ["categories", "categories-flipped"], shots=[0, 2], draws=2, queries=6, seed=1)
     b = evaluate_prompting(gpt_lm, ["categories", "categories-flipped"], shots=[0, 2], draws=2, queries=6, seed=1)

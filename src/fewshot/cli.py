@@ -224,7 +224,8 @@ def cmd_icl_prompt(args: argparse.Namespace) -> None:
     from fewshot.evaluate.prompting import evaluate_prompting, open_prompt_model, prompt_table
 
     lm = open_prompt_model(args.model)
-    out = evaluate_prompting(lm, args.tasks, args.shots, args.draws, args.queries, args.seed, not args.no_description, args.text, choices=args.choices)
+    out = evaluate_prompting(lm, args.tasks, args.shots, args.draws, args.queries, args.seed, not args.no_description, args.text, choices=args.choices,
+                             spell=args.spell)
     notes = [w for row in out["tasks"].values() for w in row["warnings"]]
     text = (f"Accuracy (%, mean ± 95% CI over {out['draws']} draws of the examples and {out['queries']} queries, seed {out['seed']}) "
             f"of {out['model']} against K examples in the prompt:\n{prompt_table(out)}" + "".join(f"\nwarning: {w}" for w in notes))
@@ -416,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", metavar="PATH", help="scrambling tasks: the corpus (default $FEWSHOT_DATA/text/tinyshakespeare.txt)")
     p.add_argument("--choices", type=int, default=0, metavar="M",
                    help="scrambling tasks: rank the word among M candidates of its length (multiple choice, chance 1/M) instead of generating it")
+    p.add_argument("--spell", action="store_true", help="scrambling tasks: write the words letter by letter ('t l o v e r -> r e v o l t'), "
+                   "so a BPE model sees every letter; answers compared with spaces dropped")
 
     p = add_icl("compare", cmd_icl_compare, "ICL against LoRA, (IA)³ and linear probes on the same K examples: accuracy, FLOPs to adapt and per query, bytes per task")
     p.add_argument("model", help="smollm2 or a Hugging Face causal LM folder (lora, ia3 and probe need one; icl also takes a gpt run)")

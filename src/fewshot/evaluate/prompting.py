@@ -27,7 +27,10 @@ Tasks (:data:`TASKS`), all offline:
     ``cycle-letters``, ``anagram1``, ``anagram2``, ``reversed-words``, ``random-insertion``
                             GPT-3's word scrambling on the tinyshakespeare vocabulary (words of 6–9
                             letters seen ≥ 3 times in ``$FEWSHOT_DATA/text/tinyshakespeare.txt``), the
-                            scrambled word → the word, by greedy generation.
+                            scrambled word → the word, by greedy generation. ``spell`` writes both with their
+                            letters separated by spaces ("t l o v e r -> r e v o l t"), so a BPE model sees
+                            each letter as a token; an answer is then right when it has the target's letters
+                            in order, spaces aside.
 
 Each draw d of the seed takes its queries and a random order of the example pool (the first K
 are the examples, so K's examples contain the smaller K's); the accuracy over draws is given as
@@ -82,6 +85,11 @@ class PromptTask:
     prior: list[str] | None = None
     warnings: tuple[str, ...] = ()
     candidates: list[list[str]] | None = None
+    spelled: bool = False
+
+    def answer_key(self, text: str) -> str:
+        """What an answer is compared by: the stripped text (spaces dropped for a spelled task)."""
+        return text.replace(" ", "") if self.spelled else text.strip()
 
 
 # ----------------------------------------------------------------------------- word lists and tasks
@@ -137,6 +145,7 @@ SCRAMBLES: dict[str, tuple[Callable[[str, np.random.Generator], str], str]] = {
     "reversed-words": (lambda w, rng: w[::-1], "Each line gives a word spelled backwards; write the word."),
     "random-insertion": (random_insertion, "Each line gives a word with a mark between its letters; write the word."),
 }
+SPELLED = " Letters are written one by one, with spaces between them."
 CATEGORY_TASKS = ("categories", "categories-nonce", "categories-flipped")
 TASKS = (*CATEGORY_TASKS, *SCRAMBLES)
 
@@ -164,10 +173,12 @@ def word_choices(word: str, vocabulary: Sequence[str], m: int, rng: np.random.Ge
 
 def load_task(
     name: str, seed: int = 0, lm: PromptLM | None = None, text_path: str | Path | None = None, cap: int = 500, choices: int = 0,
+    spell: bool = False,
 ) -> PromptTask:
     """Task ``name`` (one of :data:`TASKS`), its pools split with ``seed``; ``lm`` is asked which nonce
     labels are single tokens of its vocabulary (a warning). ``choices`` = m ≥ 2 scores a scramble as
-    multiple choice among m words (kind "choice"); 0 keeps greedy generation."""
+    multiple choice among m words (kind "choice"); 0 keeps greedy generation. ``spell`` writes a scramble's
+    words letter by letter (the same words, split and draws as without it); the categories ignore it."""
     if choices == 1 or choices < 0:
         raise ConfigError(f"choices must be 0 (generate the word) or ≥ 2 (multiple choice), got {choices}")
     rng = np.random.default_rng([seed, TASKS.index(name) if name in TASKS else 0])
@@ -200,10 +211,13 @@ def load_task(
         words = shakespeare_words(resolve_data_path(text_path, SHAKESPEARE).read_text(encoding="utf-8"))
         pairs = [(scramble(w, rng), w) for w in words]
         examples, queries = _split(pairs, rng, cap)
-        if not choices:
-            return PromptTask(name, "generate", description, examples, queries, [])
-        candidates = [word_choices(w, words, choices, rng) for _, w in queries]
-        return PromptTask(name, "choice", description, examples, queries, [], candidates=candidates)
+        candidates = [word_choices(w, words, choices, rng) for _, w in queries] if choices else None
+        if spell:
+            letters = " ".join
+            examples, queries = [(letters(x), letters(y)) for x, y in examples], [(letters(x), letters(y)) for x, y in queries]
+            candidates = [[letters(c) for c in row] for row in candidates] if candidates else None
+            description += SPELLED
+        return PromptTask(name, "choice" if choices else "generate", description, examples, queries, [], candidates=candidates, spelled=spell)
     raise ConfigError(f"unknown prompting task {name!r}; choose from {', '.join(TASKS)}")
 
 
@@ -320,8 +334,9 @@ def score_draw(
             answers.append(row[int(scores[start : start + len(row)].argmax())])
             start += len(row)
     else:
-        answers = [line.strip() for line in greedy_lines(lm, past, query_ids, new_tokens)]
-    out = {"accuracy": float(np.mean([a == y for a, (_, y) in zip(answers, queries)])), "prompt_tokens": len(prompt)}
+        answers = greedy_lines(lm, past, query_ids, new_tokens)
+    key = task.answer_key
+    out = {"accuracy": float(np.mean([key(a) == key(y) for a, (_, y) in zip(answers, queries)])), "prompt_tokens": len(prompt)}
     if prior is not None:
         out["prior"] = float(np.mean([a == p for a, p in zip(answers, prior)]))
     return out
@@ -330,15 +345,16 @@ def score_draw(
 def evaluate_prompting(
     lm: PromptLM, tasks: Sequence[str], shots: Sequence[int] = (0, 1, 2, 4, 8), draws: int = 5, queries: int = 20,
     seed: int = 0, describe: bool = True, text_path: str | Path | None = None, log: Callable[[str], None] | None = None,
-    choices: int = 0,
+    choices: int = 0, spell: bool = False,
 ) -> dict[str, Any]:
     """Accuracy ± 95% CI over ``draws`` seeded draws of the examples (and their order) and the queries,
-    for each task and each K in ``shots``; ``choices`` ≥ 2 scores the scrambles as multiple choice."""
+    for each task and each K in ``shots``; ``choices`` ≥ 2 scores the scrambles as multiple choice; ``spell``
+    writes the scrambles letter by letter."""
     if draws < 1 or queries < 1:
         raise ConfigError(f"draws and queries must be ≥ 1, got {draws} and {queries}")
     if any(k < 0 for k in shots):
         raise ConfigError(f"shots must be ≥ 0, got {list(shots)}")
-    loaded = [load_task(name, seed, lm, text_path, choices=choices) for name in tasks]  # unknown names fail before any scoring
+    loaded = [load_task(name, seed, lm, text_path, choices=choices, spell=spell) for name in tasks]  # unknown names fail before any scoring
     results: dict[str, Any] = {}
     for task in loaded:
         if max(shots) > len(task.examples):
@@ -374,7 +390,7 @@ def evaluate_prompting(
         if log:
             log(f"{task.name}: " + "  ".join(f"K={k} {100 * row['by_k'][str(k)]['accuracy']:.1f}" for k in shots))
     return {"model": lm.name, "context": lm.context, "shots": list(shots), "draws": draws, "queries": queries,
-            "seed": seed, "description": describe, "tasks": results}
+            "seed": seed, "description": describe, "spell": spell, "tasks": results}
 
 
 def prompt_table(out: dict[str, Any]) -> str:

@@ -36,6 +36,12 @@ not collapse onto one token for every image:
 
     L = L_captions(+episodes) + λ · (log V − H(ā))
 
+``method.prefix_codes`` = C > 0 (not the paper's either) makes the prefix discrete without the LM's vocabulary: the
+map gives logits over C learned code embeddings per prefix position, and each image takes one code per position
+(:func:`~fewshot.models.prefix_lm.code_prefix`: Gumbel-softmax with temperature ``code_temperature``,
+straight-through; the most likely code at evaluation). The codes start as C random token rows of the LM and learn;
+``vocab_usage`` = λ then applies the same usage term to the code probabilities softmax(l).
+
 Departures, for small data and CPUs: a conv4 encoder at 32 px (the paper: NF-ResNet-50 at 224 px), fewshot's
 small caption-trained GPT as the default LM (the paper: a 7B transformer trained on C4).
 """
@@ -55,7 +61,7 @@ from fewshot.data.vl_prompts import count_images, glossary, longest_naming_piece
 from fewshot.errors import ConfigError
 from fewshot.methods.prefix_captioning import PrefixCaptioner, open_caption_lm
 from fewshot.methods.vision_language import ImageTowerConfig, NamingEpisodesConfig, image_tower
-from fewshot.models.prefix_lm import interleaved_sequence, usage_entropy_gap, vocabulary_prefix, vocabulary_weights
+from fewshot.models.prefix_lm import code_prefix, gumbel_noise, interleaved_sequence, usage_entropy_gap, vocabulary_prefix, vocabulary_weights
 from fewshot.objectives.captioning import caption_loss
 
 __all__ = ["Frozen", "FrozenConfig"]
@@ -78,9 +84,12 @@ class FrozenConfig(NamingEpisodesConfig):
                                                          "with the mixture's gradient (hard, straight-through); off: the paper's linear map")
     vocab_temperature: float = Field(0.1, gt=0, description="τ of vocab_prefix's softmax over cosine similarities to the token embeddings")
     vocab_usage: float = Field(0.0, ge=0, description="weight λ of the codebook-usage term λ·(log V − H(mean token weights)) over a "
-                               "step's prefixes: keeps a hard vocab_prefix from collapsing onto one token")
+                               "step's prefixes: keeps a hard vocab_prefix (or prefix_codes) from collapsing onto one token")
     vocab_from: Literal["lm", "captions"] = Field("lm", description="the tokens vocab_prefix may use: the LM's whole vocabulary, or only "
                                                   "those the training captions have used so far (kept with the run)")
+    prefix_codes: int = Field(0, ge=0, description="C > 0: each prefix embedding is one of C learned codes per position, picked "
+                              "by Gumbel-softmax (straight-through; the likeliest at evaluation); 0: the paper's linear map")
+    code_temperature: float = Field(1.0, gt=0, description="τ of prefix_codes' Gumbel-softmax")
     lm: FrozenLM = Field(default_factory=FrozenLM)
     image: ImageTowerConfig = Field(default_factory=ImageTowerConfig)
 
@@ -99,7 +108,17 @@ class Frozen(PrefixCaptioner):
         self.freeze_lm()
         self.prefix_length, self.blind = m.prefix_length, m.blind
         self.set_max_tokens(config)
-        self.to_prefix = nn.Linear(self.encoder.dim, m.prefix_length * self.language_model.dim)
+        self.prefix_codes, self.code_temperature = m.prefix_codes, m.code_temperature
+        if m.prefix_codes and (m.vocab_prefix != "off" or m.standardise_prefix):
+            raise ConfigError("method.prefix_codes picks learned codes: it cannot be combined with method.vocab_prefix or method.standardise_prefix")
+        if m.prefix_codes:  # logits over the codes instead of the embeddings themselves
+            self.to_codes = nn.Linear(self.encoder.dim, m.prefix_length * m.prefix_codes)
+            rows = self.language_model.input_rows().detach()
+            picked = torch.randperm(len(rows))[: m.prefix_length * m.prefix_codes]
+            self.codebook = nn.Parameter(rows[picked].clone().view(m.prefix_length, m.prefix_codes, -1))
+        else:
+            self.to_prefix = nn.Linear(self.encoder.dim, m.prefix_length * self.language_model.dim)
+        self._generator: torch.Generator | None = None  # the step's, for the codes' Gumbel noise
         self.standardise = nn.BatchNorm1d(m.prefix_length * self.language_model.dim, affine=False) if m.standardise_prefix else None
         if self.standardise is not None:  # unit variance per coordinate × s: a prefix row of about a token embedding's norm
             rows = self.language_model.input_rows().detach()
@@ -124,7 +143,14 @@ class Frozen(PrefixCaptioner):
 
     def prefix(self, images: torch.Tensor) -> torch.Tensor:
         """The k prefix embeddings (B, k, D): W f(images) + b, reshaped (``standardise_prefix``: s · BN(W f(images) + b);
-        ``vocab_prefix``: each row replaced by :func:`~fewshot.models.prefix_lm.vocabulary_prefix` of it)."""
+        ``vocab_prefix``: each row replaced by :func:`~fewshot.models.prefix_lm.vocabulary_prefix` of it; ``prefix_codes``:
+        :func:`~fewshot.models.prefix_lm.code_prefix` of the code logits, with Gumbel noise while training)."""
+        if self.prefix_codes:
+            logits = self.code_logits(images)
+            if self.training and self.vocab_usage:
+                self._usage.append(logits.softmax(dim=-1))
+            noise = gumbel_noise(logits.shape, self._generator) if self.training else None
+            return code_prefix(logits, self.codebook, self.code_temperature, noise).to(logits.dtype)
         mapped = self.prefix_queries(images)
         if self.vocab_prefix == "off":
             return mapped
@@ -140,6 +166,10 @@ class Frozen(PrefixCaptioner):
         if self.standardise is not None:
             mapped = self.prefix_scale * self.standardise(mapped)
         return mapped.view(images.shape[0], self.prefix_length, -1)
+
+    def code_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, k, C): ``prefix_codes``' logits of each image over each position's codes."""
+        return self.to_codes(self.encoder(images)).view(images.shape[0], self.prefix_length, self.prefix_codes)
 
     def vocab_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The ids a vocabulary prefix may use and their token rows (every id before the first caption is seen)."""
@@ -160,6 +190,7 @@ class Frozen(PrefixCaptioner):
         images = self.training_images(batch["images"])
         self.see_captions(batch["tokens"])
         self._usage.clear()
+        self._generator = generator
         if not self.episodes:
             loss = self.caption_step(images, batch["tokens"])
         else:
@@ -180,7 +211,7 @@ class Frozen(PrefixCaptioner):
         rows = []
         for j in range(self.episodes):
             episode, drawn = naming_episode(self.names, seed, j, self.image_size, self.episode_images)
-            pictures = self.training_images(drawn.images[list(episode.images)].to(self.to_prefix.weight.device))
+            pictures = self.training_images(drawn.images[list(episode.images)].to(self.language_model.input_rows().device))
             sequence, targets = interleaved_sequence(self.language_model, self.prefix, pictures, episode.answered())
             if self.answers_only:  # the prompt is the answered sequence's beginning (the evaluation's layout): ignore it
                 targets[:, : self.prompt_length(episode.pieces)] = IGNORE_INDEX

@@ -40,7 +40,7 @@ from fewshot.errors import ConfigError, DataError
 from fewshot.models.causal_lm import GPTPromptLM, HFCausalLM, open_causal_lm
 from fewshot.models.language import LanguageModel
 
-__all__ = ["GPTPrefixLM", "HFPrefixLM", "Past", "PrefixLM", "beam_search", "check_image_count", "decode_steps", "greedy", "greedy_choice",
+__all__ = ["GPTPrefixLM", "HFPrefixLM", "Past", "PrefixLM", "beam_search", "check_image_count", "code_prefix", "decode_steps", "gumbel_noise", "greedy", "greedy_choice",
            "interleaved_sequence", "nucleus", "nucleus_choice", "open_prefix_lm", "top_p_filter", "usage_entropy_gap", "vocabulary_prefix", "vocabulary_weights"]
 
 Past = list[tuple[torch.Tensor, torch.Tensor]]
@@ -210,6 +210,31 @@ def vocabulary_prefix(queries: torch.Tensor, rows: torch.Tensor, temperature: fl
     if not hard:
         return soft
     return rows[weights.argmax(dim=-1)] + (soft - soft.detach())  # exactly the row: the added term is 0
+
+
+def gumbel_noise(shape: Sequence[int], generator: torch.Generator | None = None) -> torch.Tensor:
+    """g = −log(−log u), u ~ U(0, 1) elementwise (drawn from ``generator``): argmax(l + g) is a draw from softmax(l)."""
+    u = torch.rand(tuple(shape), generator=generator).clamp(1e-10, 1 - 1e-7)  # both logs finite
+    return -(-u.log()).log()
+
+
+def code_prefix(logits: torch.Tensor, codebook: torch.Tensor, temperature: float = 1.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Prefix embeddings picked from a learned codebook, one code per prefix position (a discrete bottleneck trained by
+    the Gumbel-softmax straight-through estimator, Jang et al. 2017; DALL·E's dVAE trains its image codes so). For the
+    logits l (…, k, C) of k positions over C codes, the codebook B (k, C, D) and Gumbel noise g (none at evaluation):
+
+        a = softmax((l + g) / τ)                  over the C codes of each position
+        prefix_j = B_{j, argmax_c a_c} + Σ_c a_c B_{j,c} − sg(Σ_c a_c B_{j,c})
+
+    so the value is exactly one code's embedding (images given one code give the LM the very same input, as one word
+    written twice does) and the gradient is the soft mixture's. Unlike :func:`vocabulary_prefix`, the C embeddings are
+    free parameters, not the LM's token rows."""
+    scores = logits if noise is None else logits + noise.to(logits.device, logits.dtype)
+    weights = (scores / temperature).softmax(dim=-1)
+    soft = torch.einsum("...kc,kcd->...kd", weights, codebook)
+    picked = scores.argmax(dim=-1)  # (…, k)
+    hard = codebook[torch.arange(codebook.shape[0], device=picked.device), picked]
+    return hard + (soft - soft.detach())
 
 
 def usage_entropy_gap(weights: torch.Tensor) -> torch.Tensor:
