@@ -639,3 +639,45 @@ def test_the_usage_term_reads_the_code_probabilities(gpt_run, tmp_path, usage):
     gap = usage_entropy_gap(method.code_logits(images).softmax(-1))
     torch.testing.assert_close(loss, method.caption_step(images, tokens) + usage * gap)
     assert ("usage_gap" in logs) == bool(usage)
+
+
+@pytest.mark.parametrize("spread", ["certain", "flat"])
+def test_the_information_gap_is_the_mutual_information_by_hand_and_refuses_flat_codes(spread):
+    """``code_information_gap`` against a loop: log C − (H(p̄) − mean H(p(·|x))), per position by hand. Codes used evenly
+    and each image certain give 0; every image flat over the codes (the negative control) also has a usage gap of 0 —
+    ``usage_entropy_gap`` cannot tell them apart — but an information gap of log C."""
+    import math
+
+    from fewshot.models.prefix_lm import code_information_gap, usage_entropy_gap
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(6, 2, 5, generator=g, dtype=torch.float64)
+    probs = probs / probs.sum(-1, keepdim=True)
+    gaps = []
+    for j in range(2):
+        mean = [sum(float(probs[n, j, c]) for n in range(6)) / 6 for c in range(5)]
+        h_mean = -sum(m * math.log(m) for m in mean)
+        h_each = sum(-sum(float(probs[n, j, c]) * math.log(float(probs[n, j, c])) for c in range(5)) for n in range(6)) / 6
+        gaps.append(math.log(5) - (h_mean - h_each))
+    assert abs(float(code_information_gap(probs)) - sum(gaps) / 2) < 1e-12
+    codes = torch.eye(5, dtype=torch.float64)[:, None].expand(5, 2, 5) if spread == "certain" else torch.full((5, 2, 5), 0.2, dtype=torch.float64)
+    assert abs(float(usage_entropy_gap(codes))) < 1e-9
+    assert abs(float(code_information_gap(codes)) - (0.0 if spread == "certain" else math.log(5))) < 1e-9
+
+
+def test_the_information_term_is_added_only_with_codes(gpt_run, tmp_path):
+    """``method.code_information`` = μ: the loss is the captioning loss of the same Gumbel draw + μ · the information gap of
+    softmax(l); without ``prefix_codes`` it is refused in one line."""
+    from fewshot.errors import ConfigError
+    from fewshot.models.prefix_lm import code_information_gap
+
+    method = build_method(frozen_config(gpt_run, tmp_path, "method.prefix_codes=6", "method.code_information=0.5")).train()
+    tokens = scene_pairs(method.text_tokenizer).batch(torch.arange(8))["tokens"]
+    images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    loss, logs = method({"images": images, "tokens": tokens}, torch.Generator().manual_seed(5))
+    method._generator = torch.Generator().manual_seed(5)
+    gap = code_information_gap(method.code_logits(images).softmax(-1))
+    torch.testing.assert_close(loss, method.caption_step(images, tokens) + 0.5 * gap)
+    assert set(logs) == {"information_gap"}
+    with pytest.raises(ConfigError, match="code_information .* needs method.prefix_codes"):
+        build_method(frozen_config(gpt_run, tmp_path, "method.code_information=0.5"))

@@ -40,7 +40,9 @@ not collapse onto one token for every image:
 map gives logits over C learned code embeddings per prefix position, and each image takes one code per position
 (:func:`~fewshot.models.prefix_lm.code_prefix`: Gumbel-softmax with temperature ``code_temperature``,
 straight-through; the most likely code at evaluation). The codes start as C random token rows of the LM and learn;
-``vocab_usage`` = λ then applies the same usage term to the code probabilities softmax(l).
+``vocab_usage`` = λ then applies the same usage term to the code probabilities p = softmax(l), and ``code_information`` = μ
+adds μ·(log C − I(image; code)) (:func:`~fewshot.models.prefix_lm.code_information_gap`): codes used evenly *and* each
+image's code certain, so the usage is not bought by making every image's distribution flat.
 
 Departures, for small data and CPUs: a conv4 encoder at 32 px (the paper: NF-ResNet-50 at 224 px), fewshot's
 small caption-trained GPT as the default LM (the paper: a 7B transformer trained on C4).
@@ -61,7 +63,7 @@ from fewshot.data.vl_prompts import count_images, glossary, longest_naming_piece
 from fewshot.errors import ConfigError
 from fewshot.methods.prefix_captioning import PrefixCaptioner, open_caption_lm
 from fewshot.methods.vision_language import ImageTowerConfig, NamingEpisodesConfig, image_tower
-from fewshot.models.prefix_lm import code_prefix, gumbel_noise, interleaved_sequence, usage_entropy_gap, vocabulary_prefix, vocabulary_weights
+from fewshot.models.prefix_lm import code_information_gap, code_prefix, gumbel_noise, interleaved_sequence, usage_entropy_gap, vocabulary_prefix, vocabulary_weights
 from fewshot.objectives.captioning import caption_loss
 
 __all__ = ["Frozen", "FrozenConfig"]
@@ -90,6 +92,8 @@ class FrozenConfig(NamingEpisodesConfig):
     prefix_codes: int = Field(0, ge=0, description="C > 0: each prefix embedding is one of C learned codes per position, picked "
                               "by Gumbel-softmax (straight-through; the likeliest at evaluation); 0: the paper's linear map")
     code_temperature: float = Field(1.0, gt=0, description="τ of prefix_codes' Gumbel-softmax")
+    code_information: float = Field(0.0, ge=0, description="weight μ of μ·(log C − I(image; code)) over a step's prefix_codes "
+                                    "probabilities: codes used evenly and each image's code certain (IMSAT)")
     lm: FrozenLM = Field(default_factory=FrozenLM)
     image: ImageTowerConfig = Field(default_factory=ImageTowerConfig)
 
@@ -108,9 +112,11 @@ class Frozen(PrefixCaptioner):
         self.freeze_lm()
         self.prefix_length, self.blind = m.prefix_length, m.blind
         self.set_max_tokens(config)
-        self.prefix_codes, self.code_temperature = m.prefix_codes, m.code_temperature
+        self.prefix_codes, self.code_temperature, self.code_information = m.prefix_codes, m.code_temperature, m.code_information
         if m.prefix_codes and (m.vocab_prefix != "off" or m.standardise_prefix):
             raise ConfigError("method.prefix_codes picks learned codes: it cannot be combined with method.vocab_prefix or method.standardise_prefix")
+        if m.code_information and not m.prefix_codes:
+            raise ConfigError("method.code_information weighs the codes' information: it needs method.prefix_codes > 0")
         if m.prefix_codes:  # logits over the codes instead of the embeddings themselves
             self.to_codes = nn.Linear(self.encoder.dim, m.prefix_length * m.prefix_codes)
             rows = self.language_model.input_rows().detach()
@@ -147,7 +153,7 @@ class Frozen(PrefixCaptioner):
         :func:`~fewshot.models.prefix_lm.code_prefix` of the code logits, with Gumbel noise while training)."""
         if self.prefix_codes:
             logits = self.code_logits(images)
-            if self.training and self.vocab_usage:
+            if self.training and (self.vocab_usage or self.code_information):
                 self._usage.append(logits.softmax(dim=-1))
             noise = gumbel_noise(logits.shape, self._generator) if self.training else None
             return code_prefix(logits, self.codebook, self.code_temperature, noise).to(logits.dtype)
@@ -199,9 +205,16 @@ class Frozen(PrefixCaptioner):
             loss = token_weighted_mean([captions, (self.language_model.step(sequences)[0], targets)])
         if not self._usage:
             return loss, {}
-        gap = usage_entropy_gap(torch.cat([w.flatten(0, -3) for w in self._usage]))
+        weights = torch.cat([w.flatten(0, -3) for w in self._usage])
         self._usage.clear()
-        return loss + self.vocab_usage * gap, {"usage_gap": float(gap.detach())}
+        logs = {}
+        if self.vocab_usage:
+            gap = usage_entropy_gap(weights)
+            loss, logs["usage_gap"] = loss + self.vocab_usage * gap, float(gap.detach())
+        if self.code_information:
+            information_gap = code_information_gap(weights)
+            loss, logs["information_gap"] = loss + self.code_information * information_gap, float(information_gap.detach())
+        return loss, logs
 
     def episode_batch(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``method.episodes`` naming episodes of the seed, each laid out as the evaluation lays out a prompt

@@ -40,7 +40,7 @@ from fewshot.errors import ConfigError, DataError
 from fewshot.models.causal_lm import GPTPromptLM, HFCausalLM, open_causal_lm
 from fewshot.models.language import LanguageModel
 
-__all__ = ["GPTPrefixLM", "HFPrefixLM", "Past", "PrefixLM", "beam_search", "check_image_count", "code_prefix", "decode_steps", "gumbel_noise", "greedy", "greedy_choice",
+__all__ = ["GPTPrefixLM", "HFPrefixLM", "Past", "PrefixLM", "beam_search", "check_image_count", "code_information_gap", "code_prefix", "decode_steps", "gumbel_noise", "greedy", "greedy_choice",
            "interleaved_sequence", "nucleus", "nucleus_choice", "open_prefix_lm", "top_p_filter", "usage_entropy_gap", "vocabulary_prefix", "vocabulary_weights"]
 
 Past = list[tuple[torch.Tensor, torch.Tensor]]
@@ -244,6 +244,18 @@ def usage_entropy_gap(weights: torch.Tensor) -> torch.Tensor:
     mean = weights.mean(dim=0)
     entropy = -(mean * mean.clamp_min(1e-12).log()).sum(dim=-1)
     return (math.log(weights.shape[-1]) - entropy).mean()
+
+
+def code_information_gap(probs: torch.Tensor) -> torch.Tensor:
+    """log C − I(x; c) for code probabilities p(c | x_n) = ``probs`` (N, k, C), per prefix position, averaged over the k:
+
+        I(x; c) = H(p̄) − (1/N) Σ_n H(p(· | x_n)),   p̄ = (1/N) Σ_n p(· | x_n)
+
+    the mutual information between an image and its code (Krause et al. 2010; IMSAT, Hu et al. 2017). 0 when the codes
+    are used equally often and each image's code is certain; unlike :func:`usage_entropy_gap` (log C − H(p̄) alone), it is
+    not lowered by making every image's distribution flat, which spreads the codes without assigning any."""
+    per_image = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean(dim=0)
+    return usage_entropy_gap(probs) + per_image.mean()
 
 
 def check_image_count(images: Sequence[torch.Tensor] | torch.Tensor, pieces: Sequence[str]) -> None:
