@@ -625,22 +625,6 @@ def test_a_coded_prefix_is_one_learned_code_per_position_and_the_codes_learn(gpt
         build_method(frozen_config(gpt_run, tmp_path, "method.prefix_codes=6", "method.vocab_prefix=hard"))
 
 
-@pytest.mark.parametrize("usage", [1.0, 0.0])
-def test_the_usage_term_reads_the_code_probabilities(gpt_run, tmp_path, usage):
-    """With ``prefix_codes``, ``vocab_usage`` = λ adds λ · the usage gap of the code probabilities softmax(l) (no noise) to
-    the captioning loss of the same Gumbel draw; λ = 0 is the control whose loss is the captioning loss alone."""
-    from fewshot.models.prefix_lm import usage_entropy_gap
-
-    method = build_method(frozen_config(gpt_run, tmp_path, "method.prefix_codes=6", f"method.vocab_usage={usage}")).train()
-    tokens = scene_pairs(method.text_tokenizer).batch(torch.arange(8))["tokens"]
-    images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    loss, logs = method({"images": images, "tokens": tokens}, torch.Generator().manual_seed(5))
-    method._generator = torch.Generator().manual_seed(5)  # the same draw again
-    gap = usage_entropy_gap(method.code_logits(images).softmax(-1))
-    torch.testing.assert_close(loss, method.caption_step(images, tokens) + usage * gap)
-    assert ("usage_gap" in logs) == bool(usage)
-
-
 @pytest.mark.parametrize("spread", ["certain", "flat"])
 def test_the_information_gap_is_the_mutual_information_by_hand_and_refuses_flat_codes(spread):
     """``code_information_gap`` against a loop: log C − (H(p̄) − mean H(p(·|x))), per position by hand. Codes used evenly
@@ -665,19 +649,42 @@ def test_the_information_gap_is_the_mutual_information_by_hand_and_refuses_flat_
     assert abs(float(code_information_gap(codes)) - (0.0 if spread == "certain" else math.log(5))) < 1e-9
 
 
-def test_the_information_term_is_added_only_with_codes(gpt_run, tmp_path):
-    """``method.code_information`` = μ: the loss is the captioning loss of the same Gumbel draw + μ · the information gap of
-    softmax(l); without ``prefix_codes`` it is refused in one line."""
+@pytest.mark.parametrize("term, weight", [("usage", 1.0), ("usage", 0.0), ("information", 0.5), ("information", 0.0)])
+def test_the_code_terms_are_added_to_the_loss_only_when_asked(gpt_run, tmp_path, term, weight):
+    """With ``prefix_codes``: ``vocab_usage`` = λ adds λ · the usage gap, ``code_information`` = μ adds μ · the information gap,
+    both of the code probabilities softmax(l) (no noise), to the captioning loss of the same Gumbel draw (replayed from the
+    step's seed); weight 0 is the control whose loss is the captioning loss alone. code_information without codes is refused."""
     from fewshot.errors import ConfigError
-    from fewshot.models.prefix_lm import code_information_gap
+    from fewshot.models.prefix_lm import code_information_gap, usage_entropy_gap
 
-    method = build_method(frozen_config(gpt_run, tmp_path, "method.prefix_codes=6", "method.code_information=0.5")).train()
+    option, gap_of, logged = {"usage": ("vocab_usage", usage_entropy_gap, "usage_gap"),
+                              "information": ("code_information", code_information_gap, "information_gap")}[term]
+    method = build_method(frozen_config(gpt_run, tmp_path, "method.prefix_codes=6", f"method.{option}={weight}")).train()
     tokens = scene_pairs(method.text_tokenizer).batch(torch.arange(8))["tokens"]
     images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     loss, logs = method({"images": images, "tokens": tokens}, torch.Generator().manual_seed(5))
-    method._generator = torch.Generator().manual_seed(5)
-    gap = code_information_gap(method.code_logits(images).softmax(-1))
-    torch.testing.assert_close(loss, method.caption_step(images, tokens) + 0.5 * gap)
-    assert set(logs) == {"information_gap"}
+    method._generator = torch.Generator().manual_seed(5)  # the same draw again
+    gap = gap_of(method.code_logits(images).softmax(-1))
+    torch.testing.assert_close(loss, method.caption_step(images, tokens) + weight * gap)
+    assert set(logs) == ({logged} if weight else set())
     with pytest.raises(ConfigError, match="code_information .* needs method.prefix_codes"):
         build_method(frozen_config(gpt_run, tmp_path, "method.code_information=0.5"))
+
+
+@pytest.mark.parametrize("term", ["information", "usage"])
+def test_the_information_term_turns_flat_codes_into_certain_spread_ones(term):
+    """Non-collapse without flatness: logits of 32 images that start flat over 8 codes, trained on the information gap alone,
+    end with each image certain (mean top probability > 0.9) and ≥ 6 codes used. Negative control: the usage gap alone is
+    already 0 at flat codes, so it leaves them flat (top probability < 0.2)."""
+    from fewshot.models.prefix_lm import code_information_gap, usage_entropy_gap
+
+    logits = (0.01 * torch.randn(32, 1, 8, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
+    gap_of = code_information_gap if term == "information" else usage_entropy_gap
+    opt = torch.optim.Adam([logits], lr=0.1)
+    for _ in range(200):
+        opt.zero_grad()
+        gap_of(logits.softmax(-1)).backward()
+        opt.step()
+    probs = logits.detach().softmax(-1)
+    top, used = float(probs.max(-1).values.mean()), len(set(probs.argmax(-1).flatten().tolist()))
+    assert (top > 0.9 and used >= 6) == (term == "information") and (top < 0.2) == (term == "usage")
