@@ -52,6 +52,14 @@ def scene_pairs(tokenizer):
     return pair_set(pool.images, pool.row_image, pool.row_caption, tokenizer, context=12)
 
 
+def training_step(method, seed=0):
+    """One training forward on 8 scene pairs and 8 seeded random images: (images, tokens, loss, logs)."""
+    tokens = scene_pairs(method.text_tokenizer).batch(torch.arange(8))["tokens"]
+    images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    loss, logs = method({"images": images, "tokens": tokens}, torch.Generator().manual_seed(seed))
+    return images, tokens, loss, logs
+
+
 @pytest.mark.parametrize("variant", ["frozen lm", "lm left trainable"])
 def test_the_lm_is_bit_identical_and_the_encoder_learns(gpt_run, tmp_path, monkeypatch, variant):
     from fewshot.methods.frozen import Frozen
@@ -500,9 +508,7 @@ def test_the_usage_term_is_added_to_the_loss_only_when_asked(gpt_run, tmp_path, 
     from fewshot.models.prefix_lm import usage_entropy_gap, vocabulary_weights
 
     method = build_method(frozen_config(gpt_run, tmp_path, "method.vocab_prefix=soft", f"method.vocab_usage={usage}")).train()
-    tokens = scene_pairs(method.text_tokenizer).batch(torch.arange(8))["tokens"]
-    images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    loss, logs = method({"images": images, "tokens": tokens}, torch.Generator())
+    images, tokens, loss, logs = training_step(method)
     queries = method.to_prefix(method.encoder(images)).view(8, 2, -1)
     gap = usage_entropy_gap(vocabulary_weights(queries, method.language_model.input_rows(), 0.1))
     torch.testing.assert_close(loss, method.caption_step(images, tokens) + usage * gap)
@@ -660,9 +666,7 @@ def test_the_code_terms_are_added_to_the_loss_only_when_asked(gpt_run, tmp_path,
     option, gap_of, logged = {"usage": ("vocab_usage", usage_entropy_gap, "usage_gap"),
                               "information": ("code_information", code_information_gap, "information_gap")}[term]
     method = build_method(frozen_config(gpt_run, tmp_path, "method.prefix_codes=6", f"method.{option}={weight}")).train()
-    tokens = scene_pairs(method.text_tokenizer).batch(torch.arange(8))["tokens"]
-    images = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    loss, logs = method({"images": images, "tokens": tokens}, torch.Generator().manual_seed(5))
+    images, tokens, loss, logs = training_step(method, seed=5)
     method._generator = torch.Generator().manual_seed(5)  # the same draw again
     gap = gap_of(method.code_logits(images).softmax(-1))
     torch.testing.assert_close(loss, method.caption_step(images, tokens) + weight * gap)
