@@ -274,6 +274,25 @@ def test_bad_input_is_one_line(gpt_lm, tmp_path):
         load_gguf(corrupt, SMOLLM2.sha256, "x")
 
 
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_chat_needs_a_template_that_only_appends(hf_folder, gpt_lm):
+    for lm in (gpt_lm, open_prompt_model(hf_folder)):  # neither has a chat template
+        with pytest.raises(ConfigError, match="has no chat template: prompt it without --chat"):
+            evaluate_prompting(lm, ["categories"], shots=[1], draws=1, queries=2, chat=True)
+    lm = open_prompt_model(hf_folder)
+    lm.tokenizer.chat_template = CHATML
+    head, tails = prompting.chat_pieces(lm, [("dog", "animal")], "Name the category.", ["apple", "red"])
+    assert head == "<|im_start|>system\nName the category.<|im_end|>\n<|im_start|>user\ndog<|im_end|>\n<|im_start|>assistant\nanimal<|im_end|>\n"
+    assert tails == [f"<|im_start|>user\n{x}<|im_end|>\n<|im_start|>assistant\n" for x in ("apple", "red")]
+    # Negative control: a template that numbers the turns rewrites the earlier ones when one is added.
+    lm.tokenizer.chat_template = "{{ messages | length }}" + CHATML
+    with pytest.raises(ConfigError, match="rewrites earlier turns when one is added"):
+        prompting.chat_pieces(lm, [("dog", "animal")], None, ["apple"])
+
+
 def test_cli_icl_prompt_on_a_gpt_run_and_icl_evaluate_still_parses(tmp_path, capsys):
     corpus = tmp_path / "play.txt"
     corpus.write_text(CORPUS * 4)
@@ -289,19 +308,27 @@ def test_cli_icl_prompt_on_a_gpt_run_and_icl_evaluate_still_parses(tmp_path, cap
     assert main(["icl", "prompt", str(tmp_path / "g"), "--tasks", "nope"]) != 0
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unknown prompting task" in err
+    assert main(["icl", "prompt", str(tmp_path / "g"), "--tasks", "categories", "--chat"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "g has no chat template" in err
     assert main(["icl", "evaluate", str(tmp_path / "missing")]) != 0  # the regression sub-action is still there
 
 
 # ------------------------------------------------------------------ SmolLM2, when installed
 
 
-def test_smollm2_hash_and_one_log_likelihood():
+@pytest.fixture(scope="module")
+def smollm2():
     try:
-        path = gguf_path(SMOLLM2)
+        gguf_path(SMOLLM2)
     except ConfigError as error:
         pytest.skip(f"SmolLM2 not installed: {error}")
-    lm = open_prompt_model("smollm2")  # checks the SHA-256 first
-    assert lm.context == 8192 and lm.start_ids == [] and path.stat().st_size == 98_362_432
+    return open_prompt_model("smollm2")  # checks the SHA-256 first
+
+
+def test_smollm2_hash_and_one_log_likelihood(smollm2):
+    lm = smollm2
+    assert lm.context == 8192 and lm.start_ids == [] and gguf_path(SMOLLM2).stat().st_size == 98_362_432
     prompt = build_prompt(lm, [("dog", "animal"), ("pear", "fruit"), ("car", "vehicle")], None)
     x = lm.encode("apple ->")
     labels = [lm.encode(f" {c}") for c in ["animal", "fruit", "vehicle"]]
@@ -309,3 +336,23 @@ def test_smollm2_hash_and_one_log_likelihood():
     recomputed = continuation_logprobs(lm, None, [prompt + x] * 3, labels)
     torch.testing.assert_close(cached, recomputed, atol=1e-4, rtol=0)
     assert int(cached.argmax()) == 1 and cached[1] > -1.0  # " fruit" is likely after apple ->
+
+
+@pytest.mark.parametrize("description", [None, "Name the category."])
+def test_smollm2_chat_prompts_are_its_own_template_and_answer_in_the_reply(smollm2, description):
+    lm, examples = smollm2, [("dog", "animal"), ("pear", "fruit"), ("car", "vehicle")]
+    task = PromptTask("toy", "classify", description or "", examples, [("apple", "fruit"), ("cat", "animal")], ["animal", "fruit", "vehicle"])
+    head, tails = prompting.chat_pieces(lm, examples, description, ["apple", "cat"])
+    # Independent: transformers' own chat tokenisation of each whole conversation.
+    turns = ([{"role": "system", "content": description}] if description else []) + [
+        {"role": r, "content": t} for x, y in examples for r, t in (("user", x), ("assistant", y))]
+    for x, tail in zip(["apple", "cat"], tails):
+        whole = lm.tokenizer.apply_chat_template(turns + [{"role": "user", "content": x}], add_generation_prompt=True, tokenize=True)
+        whole = whole["input_ids"] if isinstance(whole, dict) or hasattr(whole, "keys") else whole
+        assert lm.encode(head) + lm.encode(tail) == list(whole)
+    # Without a description the template's own system turn comes first.
+    assert ("You are a helpful AI assistant" in head) == (description is None)
+    got = score_draw(lm, task, examples, task.queries, describe=description is not None, chat=True)
+    assert got["accuracy"] == 1.0  # apple → fruit, cat → animal, scored as the assistant's reply
+    # The same draw as plain "x -> y" lines is another prompt: the chat flag reaches the prompt.
+    assert got["prompt_tokens"] != score_draw(lm, task, examples, task.queries, describe=description is not None)["prompt_tokens"]

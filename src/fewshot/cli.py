@@ -225,7 +225,7 @@ def cmd_icl_prompt(args: argparse.Namespace) -> None:
 
     lm = open_prompt_model(args.model)
     out = evaluate_prompting(lm, args.tasks, args.shots, args.draws, args.queries, args.seed, not args.no_description, args.text, choices=args.choices,
-                             spell=args.spell)
+                             spell=args.spell, chat=args.chat)
     notes = [w for row in out["tasks"].values() for w in row["warnings"]]
     text = (f"Accuracy (%, mean ± 95% CI over {out['draws']} draws of the examples and {out['queries']} queries, seed {out['seed']}) "
             f"of {out['model']} against K examples in the prompt:\n{prompt_table(out)}" + "".join(f"\nwarning: {w}" for w in notes))
@@ -419,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scrambling tasks: rank the word among M candidates of its length (multiple choice, chance 1/M) instead of generating it")
     p.add_argument("--spell", action="store_true", help="scrambling tasks: write the words letter by letter ('t l o v e r -> r e v o l t'), "
                    "so a BPE model sees every letter; answers compared with spaces dropped")
+    p.add_argument("--chat", action="store_true", help="write each prompt in the model's chat template (an instruct model's format): "
+                   "the description as the system turn, each example a user turn answered by an assistant turn")
 
     p = add_icl("compare", cmd_icl_compare, "ICL against LoRA, (IA)³ and linear probes on the same K examples: accuracy, FLOPs to adapt and per query, bytes per task")
     p.add_argument("model", help="smollm2 or a Hugging Face causal LM folder (lora, ia3 and probe need one; icl also takes a gpt run)")

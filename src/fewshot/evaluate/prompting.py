@@ -16,6 +16,11 @@ Scoring:
                          show whether the examples taught it the relation; chance 1/m.
 The K examples' keys and values are computed once per draw and shared by every query.
 
+``chat`` writes the same examples as a conversation in the model's own chat template (an instruct model's
+training format; :func:`chat_pieces`): the description as the system turn, each example a user turn ``x``
+answered by an assistant turn ``y``, the query a user turn with the assistant's reply opened; the labels are
+then scored, or generated, as that reply (no leading space).
+
 Tasks (:data:`TASKS`), all offline:
     ``categories``          words → their category (animal, fruit, colour, …; the word lists in
                             ``fewshot/data/words``);
@@ -57,7 +62,7 @@ from fewshot.evaluate.runner import mean_ci95
 from fewshot.models.causal_lm import Past, PromptLM, open_causal_lm
 
 __all__ = [
-    "CATEGORIES", "PromptTask", "TASKS", "anagram_inner", "build_prompt", "check_fits", "continuation_logprobs", "cycle_letters",
+    "CATEGORIES", "PromptTask", "TASKS", "anagram_inner", "build_prompt", "chat_pieces", "check_fits", "continuation_logprobs", "cycle_letters",
     "evaluate_prompting", "flipped_labels", "greedy_lines", "load_task", "nonce_clashes", "open_prompt_model", "prefill",
     "prompt_table", "random_insertion", "score_draw", "shakespeare_words", "word_choices", "word_lists",
 ]
@@ -240,6 +245,24 @@ def build_prompt(lm: PromptLM, examples: Sequence[tuple[str, str]], description:
     return ids
 
 
+def chat_pieces(lm: PromptLM, examples: Sequence[tuple[str, str]], description: str | None, queries: Sequence[str]) -> tuple[str, list[str]]:
+    """The chat prompt's text before the queries, and each query's own text after it: the model's chat template
+    (:meth:`PromptLM.chat_text`) over a system turn (the description), a user turn ``x`` and an assistant turn
+    ``y`` per example, then the query's user turn with the reply opened. The split is where the examples end, so
+    their cache serves every query; a template that does not extend a conversation by appending is refused."""
+    turns = [{"role": "system", "content": description}] if description else []
+    for x, y in examples:
+        turns += [{"role": "user", "content": x}, {"role": "assistant", "content": y}]
+    head = lm.chat_text(turns, False) if turns else ""
+    tails = []
+    for x in queries:
+        whole = lm.chat_text(turns + [{"role": "user", "content": x}], True)
+        if not whole.startswith(head):
+            raise ConfigError(f"{lm.name}'s chat template rewrites earlier turns when one is added: its prompts cannot share a cache")
+        tails.append(whole[len(head):])
+    return head, tails
+
+
 def prefill(lm: PromptLM, prompt: list[int]) -> Past | None:
     """The prompt's keys and values (computed once, shared by every query), or None for no prompt."""
     if not prompt:
@@ -307,19 +330,24 @@ def check_fits(lm: PromptLM, task: PromptTask, prompt: list[int], queries: list[
 def score_draw(
     lm: PromptLM, task: PromptTask, examples: Sequence[tuple[str, str]], queries: Sequence[tuple[str, str]],
     describe: bool = True, prior: Sequence[str] | None = None, candidates: Sequence[Sequence[str]] | None = None,
+    chat: bool = False,
 ) -> dict[str, Any]:
     """Accuracy of ``lm`` on ``queries`` with ``examples`` in the prompt (and the prior accuracy
     against ``prior`` labels, when given); the prompt's cache is computed once. A "choice" task needs
-    each query's ``candidates``."""
-    prompt = build_prompt(lm, examples, task.description if describe else None)
-    query_ids = [lm.encode(f"{x}{ARROW}") for x, _ in queries]
+    each query's ``candidates``; ``chat`` writes the prompt in the model's chat template."""
+    description = task.description if describe else None
+    if chat:  # the template writes whatever begins the model's conversations, so no start ids are added
+        head, tails = chat_pieces(lm, examples, description, [x for x, _ in queries])
+        prompt, query_ids, lead = lm.encode(head), [lm.encode(t) for t in tails], ""
+    else:
+        prompt, query_ids, lead = build_prompt(lm, examples, description), [lm.encode(f"{x}{ARROW}") for x, _ in queries], " "
     if task.kind == "choice":
         if candidates is None or len(candidates) != len(queries):
             raise ValueError("a multiple-choice task needs one candidate list per query")
-        label_ids = [lm.encode(f" {c}") for row in candidates for c in row]
+        label_ids = [lm.encode(f"{lead}{c}") for row in candidates for c in row]
     else:
-        label_ids = [lm.encode(f" {c}") for c in task.labels]
-    new_tokens = 2 + max(len(lm.encode(f" {y}")) for _, y in task.examples + task.queries) if task.kind == "generate" else 0
+        label_ids = [lm.encode(f"{lead}{c}") for c in task.labels]
+    new_tokens = 2 + max(len(lm.encode(f"{lead}{y}")) for _, y in task.examples + task.queries) if task.kind == "generate" else 0
     check_fits(lm, task, prompt, query_ids, label_ids or [[]], new_tokens)
     past = prefill(lm, prompt)
     if task.kind == "classify":
@@ -345,15 +373,17 @@ def score_draw(
 def evaluate_prompting(
     lm: PromptLM, tasks: Sequence[str], shots: Sequence[int] = (0, 1, 2, 4, 8), draws: int = 5, queries: int = 20,
     seed: int = 0, describe: bool = True, text_path: str | Path | None = None, log: Callable[[str], None] | None = None,
-    choices: int = 0, spell: bool = False,
+    choices: int = 0, spell: bool = False, chat: bool = False,
 ) -> dict[str, Any]:
     """Accuracy ± 95% CI over ``draws`` seeded draws of the examples (and their order) and the queries,
     for each task and each K in ``shots``; ``choices`` ≥ 2 scores the scrambles as multiple choice; ``spell``
-    writes the scrambles letter by letter."""
+    writes the scrambles letter by letter; ``chat`` writes every prompt in the model's chat template."""
     if draws < 1 or queries < 1:
         raise ConfigError(f"draws and queries must be ≥ 1, got {draws} and {queries}")
     if any(k < 0 for k in shots):
         raise ConfigError(f"shots must be ≥ 0, got {list(shots)}")
+    if chat:
+        lm.chat_text([{"role": "user", "content": "x"}], True)  # a model without a chat template fails before any scoring
     loaded = [load_task(name, seed, lm, text_path, choices=choices, spell=spell) for name in tasks]  # unknown names fail before any scoring
     results: dict[str, Any] = {}
     for task in loaded:
@@ -370,7 +400,7 @@ def evaluate_prompting(
             prior = [task.prior[int(i)] for i in q_idx] if task.prior else None
             options = [task.candidates[int(i)] for i in q_idx] if task.candidates else None
             for k in shots:
-                got = score_draw(lm, task, [task.examples[int(i)] for i in order[:k]], drawn, describe, prior, options)
+                got = score_draw(lm, task, [task.examples[int(i)] for i in order[:k]], drawn, describe, prior, options, chat)
                 per_k[k]["accuracy"].append(got["accuracy"])
                 if "prior" in got:
                     per_k[k]["prior"].append(got["prior"])
@@ -390,7 +420,7 @@ def evaluate_prompting(
         if log:
             log(f"{task.name}: " + "  ".join(f"K={k} {100 * row['by_k'][str(k)]['accuracy']:.1f}" for k in shots))
     return {"model": lm.name, "context": lm.context, "shots": list(shots), "draws": draws, "queries": queries,
-            "seed": seed, "description": describe, "spell": spell, "tasks": results}
+            "seed": seed, "description": describe, "spell": spell, "chat": chat, "tasks": results}
 
 
 def prompt_table(out: dict[str, Any]) -> str:

@@ -95,6 +95,11 @@ class PromptLM:
         """Whether `` word`` (as it follows a space in a prompt) is one token of the vocabulary."""
         return len(self.encode(" " + word)) == 1
 
+    def chat_text(self, turns: list[dict[str, str]], open_reply: bool) -> str:
+        """The conversation ``turns`` ({"role", "content"} dicts) written by the model's own chat template, with the
+        assistant's reply opened after them when ``open_reply``; a one-line ConfigError for a model without one."""
+        raise ConfigError(f"{self.name} has no chat template: prompt it without --chat")
+
 
 def _expand(past: Past | None, rows: int) -> Past | None:
     # expand is a view: the one prompt's cache is shared, not copied, across the rows.
@@ -121,6 +126,11 @@ class HFCausalLM(PromptLM):
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def chat_text(self, turns: list[dict[str, str]], open_reply: bool) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            return super().chat_text(turns, open_reply)
+        return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=open_reply)
 
     takes_padding = True
 
