@@ -346,10 +346,26 @@ def test_smollm2_chat_prompts_are_its_own_template_and_answer_in_the_reply(smoll
     # Independent: transformers' own chat tokenisation of each whole conversation.
     turns = ([{"role": "system", "content": description}] if description else []) + [
         {"role": r, "content": t} for x, y in examples for r, t in (("user", x), ("assistant", y))]
+    wholes = []
     for x, tail in zip(["apple", "cat"], tails):
         whole = lm.tokenizer.apply_chat_template(turns + [{"role": "user", "content": x}], add_generation_prompt=True, tokenize=True)
-        whole = whole["input_ids"] if isinstance(whole, dict) or hasattr(whole, "keys") else whole
-        assert lm.encode(head) + lm.encode(tail) == list(whole)
+        wholes.append(list(whole["input_ids"] if hasattr(whole, "keys") else whole))
+        assert lm.encode(head) + lm.encode(tail) == wholes[-1]
+    # The reply's log-likelihoods over the cached examples against a loop over each whole conversation scored from scratch
+    # by the model itself, the label written as the reply begins (no leading space).
+    labels = [lm.encode(c) for c in task.labels]
+    cached = continuation_logprobs(lm, prefill(lm, lm.encode(head)), [lm.encode(t) for t in tails for _ in labels], labels * 2)
+    by_hand = []
+    for whole in wholes:
+        for label in labels:
+            with torch.no_grad():
+                logp = torch.log_softmax(lm.model(torch.tensor([whole + label])).logits[0].double(), -1)
+            by_hand.append(sum(logp[len(whole) + t - 1, label[t]].item() for t in range(len(label))))
+    torch.testing.assert_close(cached, torch.tensor(by_hand, dtype=torch.float64), atol=1e-4, rtol=0)
+    # Negative control: the plain prompts' labels (" fruit", after a space) are other tokens with other log-likelihoods.
+    spaced = continuation_logprobs(lm, prefill(lm, lm.encode(head)), [lm.encode(t) for t in tails for _ in labels],
+                                   [lm.encode(f" {c}") for c in task.labels] * 2)
+    assert (spaced - cached).abs().max() > 1e-2
     # Without a description the template's own system turn comes first.
     assert ("You are a helpful AI assistant" in head) == (description is None)
     got = score_draw(lm, task, examples, task.queries, describe=description is not None, chat=True)
