@@ -51,7 +51,7 @@ from fewshot.io import atomic_write
 
 __all__ = [
     "COLOURS", "FEWSHOT_SHAPES", "NOISE_KINDS", "PRETRAIN_SHAPES", "SHAPES", "SIZES", "NoiseConfig", "Obj", "Parse", "Scene",
-    "LabelledScenes", "ScenePool", "caption_is_true", "captions_for", "fewshot_shape_images", "heldout_pairs", "make_pool", "named_pairs",
+    "LabelledScenes", "ScenePool", "caption_is_true", "captions_for", "fewshot_shape_images", "heldout_pairs", "make_pool", "named_pairs", "object_words",
     "near_miss", "noise_config", "object_range", "parse_caption", "read_scenes", "render", "sample_scenes", "scene_from_json", "seen_pairs", "single_object_test", "swap_test", "two_object_test", "write_scenes",
 ]
 
@@ -503,6 +503,19 @@ def named_pairs(caption: str) -> set[tuple[str, str]]:
     if parse is None:
         return set()
     return {(shape, colour) for _, colour, shape in parse.phrases if shape and colour}
+
+
+def object_words(caption: str) -> tuple[str | None, str | None] | None:
+    """The (colour, shape) a caption says of the one object it is about — "a photo of a small red circle" → ("red",
+    "circle"), "a purple shape on a black background" → ("purple", None) — or None when it is not about exactly one
+    described object: listings of several, counts ("there is one triangle" allows other objects beside it), relations,
+    and captions outside the grammar. A single-phrase caption may still pick one object of several ("there is a cyan
+    square" in a two-object scene), so the words are the caption's, not a count of the scene's objects."""
+    parse = parse_caption(caption)
+    if parse is None or parse.kind != "exists" or len(parse.phrases) != 1 or (parse.number or 1) != 1:
+        return None
+    _, colour, shape = parse.phrases[0]
+    return None if colour is None and shape is None else (colour, shape)
 
 
 # ----------------------------------------------------------------------------- rendering

@@ -44,6 +44,17 @@ straight-through; the most likely code at evaluation). The codes start as C rand
 adds μ·(log C − I(image; code)) (:func:`~fewshot.models.prefix_lm.code_information_gap`): codes used evenly *and* each
 image's code certain, so the usage is not bought by making every image's distribution flat.
 
+``method.word_targets`` = β (not the paper's either; needs ``vocab_prefix``) asks the prefix to be the caption's own
+words: for a training caption about one object (:func:`~fewshot.data.scenes.object_words`: "a photo of a small red
+circle"), prefix position 1's vocabulary weights are trained towards the token of its colour and position 2's towards
+its shape (:func:`~fewshot.models.prefix_lm.word_target_loss`; a word the caption leaves unsaid gives no target):
+
+    L = L_captions(+episodes) + β · CE(softmax_v(cos(q_j, E_v) / τ), token(word_j))
+
+The supervision is still the captions alone, but it reaches the map directly instead of through the frozen LM's
+loss, which has never sorted a discrete prefix by class here: a hard prefix then gives every image of one shape the
+same token, the input the LM's in-context copy keys on.
+
 Departures, for small data and CPUs: a conv4 encoder at 32 px (the paper: NF-ResNet-50 at 224 px), fewshot's
 small caption-trained GPT as the default LM (the paper: a 7B transformer trained on C4).
 """
@@ -59,11 +70,12 @@ from torch import nn
 from fewshot.config import RunConfig
 from fewshot.data.token_ids import IGNORE_INDEX, PAD_ID
 from fewshot.data.types import Batch
+from fewshot.data.scenes import object_words
 from fewshot.data.vl_prompts import count_images, glossary, longest_naming_pieces, naming_episode
 from fewshot.errors import ConfigError
 from fewshot.methods.prefix_captioning import PrefixCaptioner, open_caption_lm
 from fewshot.methods.vision_language import ImageTowerConfig, NamingEpisodesConfig, image_tower
-from fewshot.models.prefix_lm import code_information_gap, code_prefix, gumbel_noise, interleaved_sequence, usage_entropy_gap, vocabulary_prefix, vocabulary_weights
+from fewshot.models.prefix_lm import code_information_gap, code_prefix, gumbel_noise, interleaved_sequence, usage_entropy_gap, vocabulary_prefix, vocabulary_weights, word_target_loss
 from fewshot.objectives.captioning import caption_loss
 
 __all__ = ["Frozen", "FrozenConfig"]
@@ -94,6 +106,8 @@ class FrozenConfig(NamingEpisodesConfig):
     code_temperature: float = Field(1.0, gt=0, description="τ of prefix_codes' Gumbel-softmax")
     code_information: float = Field(0.0, ge=0, description="weight μ of μ·(log C − I(image; code)) over a step's prefix_codes "
                                     "probabilities: codes used evenly and each image's code certain (IMSAT)")
+    word_targets: float = Field(0.0, ge=0, description="weight β of the cross-entropy that asks a vocab_prefix to be the "
+                                "caption's colour and shape words (position 1, 2), on captions about one object; 0: off")
     lm: FrozenLM = Field(default_factory=FrozenLM)
     image: ImageTowerConfig = Field(default_factory=ImageTowerConfig)
 
@@ -130,6 +144,9 @@ class Frozen(PrefixCaptioner):
             rows = self.language_model.input_rows().detach()
             self.register_buffer("prefix_scale", rows.norm(dim=-1).median() / self.language_model.dim ** 0.5)
         self.vocab_prefix, self.vocab_temperature, self.vocab_usage = m.vocab_prefix, m.vocab_temperature, m.vocab_usage
+        self.word_targets = m.word_targets
+        if m.word_targets and m.vocab_prefix == "off":
+            raise ConfigError("method.word_targets asks the prefix to be words of the LM's vocabulary: it needs method.vocab_prefix=soft or hard")
         self._usage: list[torch.Tensor] = []  # the step's token weights, for the usage term
         if m.vocab_prefix != "off":  # which token rows a prefix may be drawn from; saved, so evaluation draws from the same
             vocab = self.language_model.vocab_size
@@ -203,11 +220,14 @@ class Frozen(PrefixCaptioner):
             captions = self.caption_targets(images, batch["tokens"])
             sequences, targets = self.episode_batch(int(torch.randint(2**31 - 1, (1,), generator=generator)))
             loss = token_weighted_mean([captions, (self.language_model.step(sequences)[0], targets)])
+        logs = {}
+        if self.word_targets:
+            words = word_target_loss(self.prefix_queries(images), self.vocab_rows()[1], self.vocab_temperature, self.word_target_rows(batch["tokens"]))
+            loss, logs["word_loss"] = loss + self.word_targets * words, float(words.detach())
         if not self._usage:
-            return loss, {}
+            return loss, logs
         weights = torch.cat([w.flatten(0, -3) for w in self._usage])
         self._usage.clear()
-        logs = {}
         if self.vocab_usage:
             gap = usage_entropy_gap(weights)
             loss, logs["usage_gap"] = loss + self.vocab_usage * gap, float(gap.detach())
@@ -215,6 +235,22 @@ class Frozen(PrefixCaptioner):
             information_gap = code_information_gap(weights)
             loss, logs["information_gap"] = loss + self.code_information * information_gap, float(information_gap.detach())
         return loss, logs
+
+    def word_target_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, k): for each caption (B, T) about one object, the index among :meth:`vocab_rows` of its colour word's first
+        token at prefix position 1 and its shape word's at position 2; −1 where the caption says neither, at positions
+        past 2, or when the token is not a row the prefix may use."""
+        ids, _ = self.vocab_rows()
+        row_of = {int(i): r for r, i in enumerate(ids.tolist())}
+        link = self.language_model
+        targets = torch.full((tokens.shape[0], self.prefix_length), -1, dtype=torch.long, device=tokens.device)
+        for n, caption in enumerate(tokens.tolist()):
+            words = object_words(link.decode([i for i in caption if i != PAD_ID]))
+            for j, word in enumerate((words or ())[: self.prefix_length]):
+                if word is not None:
+                    first = link.tokenizer.encode(f" {word}", add_special_tokens=False).ids[0]
+                    targets[n, j] = row_of.get(first, -1)
+        return targets
 
     def episode_batch(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``method.episodes`` naming episodes of the seed, each laid out as the evaluation lays out a prompt

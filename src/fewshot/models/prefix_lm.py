@@ -41,7 +41,7 @@ from fewshot.models.causal_lm import GPTPromptLM, HFCausalLM, open_causal_lm
 from fewshot.models.language import LanguageModel
 
 __all__ = ["GPTPrefixLM", "HFPrefixLM", "Past", "PrefixLM", "beam_search", "check_image_count", "code_information_gap", "code_prefix", "decode_steps", "gumbel_noise", "greedy", "greedy_choice",
-           "interleaved_sequence", "nucleus", "nucleus_choice", "open_prefix_lm", "top_p_filter", "usage_entropy_gap", "vocabulary_prefix", "vocabulary_weights"]
+           "interleaved_sequence", "nucleus", "nucleus_choice", "open_prefix_lm", "top_p_filter", "usage_entropy_gap", "word_target_loss", "vocabulary_prefix", "vocabulary_weights"]
 
 Past = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -256,6 +256,21 @@ def code_information_gap(probs: torch.Tensor) -> torch.Tensor:
     not lowered by making every image's distribution flat, which spreads the codes without assigning any."""
     per_image = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean(dim=0)
     return usage_entropy_gap(probs) + per_image.mean()
+
+
+def word_target_loss(queries: torch.Tensor, rows: torch.Tensor, temperature: float, targets: torch.Tensor) -> torch.Tensor:
+    """The prefix asked to *be* given words of the LM's vocabulary: for queries q (N, k, D), token rows E (V, D) and
+    target rows t (N, k), −1 where a position has no target,
+
+        L = (1/|T|) Σ_{(n, j) ∈ T} −log softmax_v(cos(q_nj, E_v) / τ)[t_nj],   T = {(n, j): t_nj ≥ 0}
+
+    the cross-entropy of :func:`vocabulary_weights` against the words, so the hard prefix (the row of highest weight)
+    becomes the very token of each word; 0 (with a gradient of zeros) when no position has a target."""
+    logits = F.normalize(queries, dim=-1) @ F.normalize(rows, dim=-1).T / temperature
+    kept = targets >= 0
+    if not bool(kept.any()):
+        return logits.sum() * 0
+    return F.cross_entropy(logits[kept], targets[kept])
 
 
 def check_image_count(images: Sequence[torch.Tensor] | torch.Tensor, pieces: Sequence[str]) -> None:
