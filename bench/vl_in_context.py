@@ -33,7 +33,9 @@ binds names in text where gpt-scenes does not), ``--image-init`` starts the conv
         --out runs/vlctx/bench --lm runs/vlctx/smollm2-answers-160 --image-init runs/bench-vl/clip-20000-1000 --steps 250 \
         --override train.batch_size=16 --categories shapes colours --ways 2 --columns 1 3 --vqa-shots 1 3
 
-``--lock`` freezes that tower in Frozen (only the linear map to the prefix learns); ``--frozen-episodes N`` adds N naming
+``--lock`` freezes that tower in Frozen (only the linear map to the prefix learns); ``--word-targets β`` draws Frozen's
+prefix from the LM's vocabulary and asks it to be each one-object caption's colour and shape tokens (``method.word_targets``,
+not the paper's); ``--frozen-episodes N`` adds N naming
 episodes to each Frozen and train-blind batch (``method.episodes``, the evaluation's layout with glossary names; a
 departure from the paper, which trains Frozen on captions only). ``--flamingo-steps N`` adds Flamingo
 over the same LM and tower (``--flamingo-episodes`` naming episodes per batch, ``method.episodes``) and its train-blind
@@ -80,12 +82,13 @@ def configs(args: argparse.Namespace, manifest: Path) -> dict[str, RunConfig]:
     runs = {} if args.lm else {"gpt": scene_lm_config(out, args.gpt_steps, args.captions, args.text_episodes, args.seed, args.gpt_override)}
     lm = args.lm or runs["gpt"].run_dir
     image = [f"method.image.init={args.image_init}"] if args.image_init else []
-    tag = ("-lock" if args.lock else "") + (f"-ep{args.frozen_episodes}" if args.frozen_episodes else "")
+    tag = ("-lock" if args.lock else "") + (f"-ep{args.frozen_episodes}" if args.frozen_episodes else "") + ("-words" if args.word_targets else "")
+    words = ["method.vocab_prefix=hard", "method.vocab_from=captions", f"method.word_targets={args.word_targets}"] if args.word_targets else []
     for name, blind in (("frozen", False), ("train-blind", True)):
         runs[name] = api.load_config(api.find_recipe("frozen-scenes"), [
             f"data.path={manifest}", f"out={out}", f"name={name}{tag}-{args.steps}", f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}",
             f"train.warmup_steps={min(50, args.steps // 10)}", f"method.lm.init={lm}", f"method.blind={str(blind).lower()}", *image,
-            *(["method.image.lock=true"] if args.lock else []), f"method.episodes={args.frozen_episodes}", *args.override])
+            *(["method.image.lock=true"] if args.lock else []), f"method.episodes={args.frozen_episodes}", *words, *args.override])
     if args.flamingo_steps:
         if not args.image_init:
             raise SystemExit("--flamingo-steps needs --image-init: Flamingo reads a frozen image tower")
@@ -132,6 +135,8 @@ def main() -> None:
     p.add_argument("--lock", action="store_true", help="freeze the --image-init tower in Frozen (only the linear map to the prefix learns)")
     p.add_argument("--frozen-episodes", type=int, default=0, help="naming episodes per Frozen batch (method.episodes; not the paper's, "
                    "which trains on captions only), for Frozen and its train-blind alike")
+    p.add_argument("--word-targets", type=float, default=0.0, help="β > 0: Frozen's prefix drawn from the LM's vocabulary (hard, caption ids) "
+                   "and asked to be each one-object caption's colour and shape tokens (method.word_targets; not the paper's)")
     p.add_argument("--flamingo-steps", type=int, default=0, help="also train Flamingo (and its train-blind) for this many steps over the same LM (0: no Flamingo rows)")
     p.add_argument("--flamingo-episodes", type=int, default=8, help="naming episodes per Flamingo batch (method.episodes)")
     p.add_argument("--flamingo-override", nargs="*", default=[], help="key=value overrides of the Flamingo runs, e.g. method.cross_every=6 for SmolLM2")
@@ -235,7 +240,7 @@ def main() -> None:
     cpu_minutes = {k: None if v is None else round(v / 60, 2) for k, v in cpu.items()}
     print(f"CPU-minutes: training {cpu_minutes} (null: reused), evaluation {eval_minutes:.2f}")
     print(json.dumps({"bench": "vl_in_context", "episodes": args.episodes, "seed": args.seed, "lm": args.lm, "image_init": args.image_init, "lock": args.lock,
-                      "frozen_episodes": args.frozen_episodes, "flamingo_steps": args.flamingo_steps, "flamingo_episodes": args.flamingo_episodes,
+                      "frozen_episodes": args.frozen_episodes, "word_targets": args.word_targets, "flamingo_steps": args.flamingo_steps, "flamingo_episodes": args.flamingo_episodes,
                       "gpt_steps": None if args.lm else args.gpt_steps, "steps": args.steps, "vqa_shots": args.vqa_shots,
                       "categories": results["categories"], "skipped": results["skipped"], "misfits": sorted(set(results["misfits"])), "fast_vqa": vqa, "verdicts": verdicts,
                       "train_cpu_minutes": cpu_minutes, "eval_cpu_minutes": round(eval_minutes, 2), "warnings": results["warnings"],
