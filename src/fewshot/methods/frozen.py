@@ -68,9 +68,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fewshot.config import RunConfig
+from fewshot.data.scenes import object_words
 from fewshot.data.token_ids import IGNORE_INDEX, PAD_ID
 from fewshot.data.types import Batch
-from fewshot.data.scenes import object_words
 from fewshot.data.vl_prompts import count_images, glossary, longest_naming_pieces, naming_episode
 from fewshot.errors import ConfigError
 from fewshot.methods.prefix_captioning import PrefixCaptioner, open_caption_lm
