@@ -107,7 +107,8 @@ class FrozenConfig(NamingEpisodesConfig):
     code_information: float = Field(0.0, ge=0, description="weight μ of μ·(log C − I(image; code)) over a step's prefix_codes "
                                     "probabilities: codes used evenly and each image's code certain (IMSAT)")
     word_targets: float = Field(0.0, ge=0, description="weight β of the cross-entropy that asks a vocab_prefix to be the "
-                                "caption's colour and shape words (position 1, 2), on captions about one object; 0: off")
+                                "caption's colour and shape words (position 1, 2), on captions about one object (scene-grammar captions: "
+                                "any other caption gives no target); 0: off")
     lm: FrozenLM = Field(default_factory=FrozenLM)
     image: ImageTowerConfig = Field(default_factory=ImageTowerConfig)
 

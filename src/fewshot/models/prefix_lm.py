@@ -41,7 +41,7 @@ from fewshot.models.causal_lm import GPTPromptLM, HFCausalLM, open_causal_lm
 from fewshot.models.language import LanguageModel
 
 __all__ = ["GPTPrefixLM", "HFPrefixLM", "Past", "PrefixLM", "beam_search", "check_image_count", "code_information_gap", "code_prefix", "decode_steps", "gumbel_noise", "greedy", "greedy_choice",
-           "interleaved_sequence", "nucleus", "nucleus_choice", "open_prefix_lm", "top_p_filter", "usage_entropy_gap", "word_target_loss", "vocabulary_prefix", "vocabulary_weights"]
+           "interleaved_sequence", "nucleus", "nucleus_choice", "open_prefix_lm", "top_p_filter", "usage_entropy_gap", "vocabulary_logits", "vocabulary_prefix", "vocabulary_weights", "word_target_loss"]
 
 Past = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -188,9 +188,14 @@ class HFPrefixLM(PrefixLM):
         return self.model.get_input_embeddings().weight.float()
 
 
+def vocabulary_logits(queries: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:
+    """cos(q, E_v) / τ (…, V): each query q (…, D) against each token row E_v (V, D)."""
+    return F.normalize(queries, dim=-1) @ F.normalize(rows, dim=-1).T / temperature
+
+
 def vocabulary_weights(queries: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:
     """a = softmax_v(cos(q, E_v) / τ) (…, V): how much of each token row E_v (V, D) a query q (…, D) takes."""
-    return (F.normalize(queries, dim=-1) @ F.normalize(rows, dim=-1).T / temperature).softmax(dim=-1)
+    return vocabulary_logits(queries, rows, temperature).softmax(dim=-1)
 
 
 def vocabulary_prefix(queries: torch.Tensor, rows: torch.Tensor, temperature: float, hard: bool = False,
@@ -266,7 +271,7 @@ def word_target_loss(queries: torch.Tensor, rows: torch.Tensor, temperature: flo
 
     the cross-entropy of :func:`vocabulary_weights` against the words, so the hard prefix (the row of highest weight)
     becomes the very token of each word; 0 (with a gradient of zeros) when no position has a target."""
-    logits = F.normalize(queries, dim=-1) @ F.normalize(rows, dim=-1).T / temperature
+    logits = vocabulary_logits(queries, rows, temperature)
     kept = targets >= 0
     if not bool(kept.any()):
         return logits.sum() * 0
