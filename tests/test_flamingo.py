@@ -426,3 +426,25 @@ def test_episodes_longer_than_the_context_are_refused_at_build(runs, tmp_path):
         build_method(_config(runs, tmp_path, "method.episodes=1", "method.episode_images=8"))
     assert "\n" not in str(err.value)
     build_method(_config(runs, tmp_path, "method.episodes=1", "method.episode_images=8", lm="gpt-long"))  # control: room enough
+
+
+@pytest.mark.parametrize("scale", [1.0, 8.0])  # 1: the paper's (the control that the other value changes something)
+def test_the_gates_learning_rate_is_scaled_by_gate_lr_scale(runs, tmp_path, scale):
+    """Adam's first update is lr·g/(|g| + ε), i.e. ±lr for every parameter with a gradient (no weight decay): the tanh
+    gates move by gate_lr_scale·lr and every other trained parameter by at most lr."""
+    from fewshot.run import Run
+    from fewshot.train.trainer import pretrain
+
+    lr = 0.01
+    config = _config(runs, tmp_path, f"method.gate_lr_scale={scale}", "train.steps=1", "train.checkpoint_every=1",
+                     "train.weight_decay=0", f"name=gates-{scale}")
+    torch.manual_seed(config.train.seed)  # as the trainer does before it builds the method
+    before = build_method(config).state_dict()
+    pretrain(config, _pairs(build_method(config).text_tokenizer), progress=False)
+    after = Run.open(config.run_dir).method().state_dict()
+    moved = {k: (after[k] - before[k]).abs().max().item() for k in before if not torch.equal(before[k], after[k])}
+    gates = {k: v for k, v in moved.items() if k.endswith("_gate")}
+    others = {k: v for k, v in moved.items() if not k.endswith("_gate")}
+    assert gates and others
+    assert all(v == pytest.approx(scale * lr, rel=1e-3) for v in gates.values()), gates
+    assert max(others.values()) == pytest.approx(lr, rel=1e-3), others

@@ -18,6 +18,7 @@ class Method(nn.Module):
     against the data's keys when the trainer builds it, not at the first step); ``generator`` is the checkpointed CPU generator every random
     draw (views, masks, episodes) must use so a resumed run repeats the uninterrupted one.
     ``after_step(step, total_steps)`` runs after each optimizer step (EMA targets, queues).
+    ``lr_scale(name)`` is a trainable parameter's learning rate ÷ ``train.lr`` (1 unless a method says otherwise).
     ``views_per_sample`` is how many encoder inputs one sample becomes (2 for two-view methods),
     so throughput is reported as views/s across methods.
     """
@@ -39,3 +40,7 @@ class Method(nn.Module):
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Per-step extras after the optimizer step; nothing by default."""
+
+    def lr_scale(self, name: str) -> float:
+        """The learning rate of parameter ``name`` (as in ``named_parameters``) ÷ ``train.lr``; 1 by default."""
+        return 1.0

@@ -72,6 +72,8 @@ class FlamingoConfig(NamingEpisodesConfig):  # episodes: our stand-in for M3W's 
     cross_every: int = Field(1, ge=1, description="a gated cross-attention block before every n-th frozen LM layer (Flamingo-3B: 1)")
     cross_heads: int = Field(8, ge=1, description="gated cross-attention heads, dividing the LM's width (open_flamingo: 8)")
     mlp_ratio: float = Field(4.0, gt=0, description="feed-forward width ÷ model width in the resampler and gated blocks")
+    gate_lr_scale: float = Field(1.0, gt=0, description="the tanh gates' learning rate ÷ train.lr (not the paper's, which has 1): "
+                                 "lets the gates leave 0 before the blocks behind them are trained")
     max_images: int = Field(3, ge=1, description="each training sequence interleaves 1 … max_images captioned images")
     blind: bool = Field(False, description="the train-blind baseline: every training image (captions' and episodes') is blank")
     image: FlamingoImage = Field(default_factory=FlamingoImage)
@@ -146,6 +148,7 @@ class Flamingo(Method):
         self.flamingo = FlamingoLM(lm.model, image_token_width(self.encoder), m.latents, m.resampler_depth, m.resampler_heads,
                                    m.cross_every, m.cross_heads, m.mlp_ratio)
         self.max_images, self.episodes, self.episode_images, self.blind = m.max_images, m.episodes, m.episode_images, m.blind
+        self.gate_lr_scale = m.gate_lr_scale
         self.names = glossary(m.glossary, config.train.seed) if m.episodes else []
         self.image_size = config.data.image_size
         if self.episodes:
@@ -168,6 +171,10 @@ class Flamingo(Method):
         super().train(mode)
         self.encoder.eval()  # frozen: BatchNorm statistics stay as loaded
         return self
+
+    def lr_scale(self, name: str) -> float:
+        """``method.gate_lr_scale`` for the tanh gates (α_attn, α_ff), 1 for every other trained parameter."""
+        return self.gate_lr_scale if name.endswith(("attn_gate", "ff_gate")) else 1.0
 
     def frozen_changes(self) -> list[str]:
         """Names of the frozen tensors (image tower, LM) that differ from what was loaded."""

@@ -192,7 +192,11 @@ def pretrain(
         method = method.to(memory_format=torch.channels_last)
     # Frozen parameters (MoCo's and BYOL's EMA targets) move only through after_step.
     trainable = [(name, p) for name, p in method.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([p for _, p in trainable], lr=train.lr, weight_decay=train.weight_decay)
+    scales: dict[float, list[torch.nn.Parameter]] = {}
+    for name, p in trainable:
+        scales.setdefault(float(method.lr_scale(name)), []).append(p)
+    groups = [{"params": params, "lr_scale": scale} for scale, params in scales.items()]
+    optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
     view_gen = torch.Generator().manual_seed(train.seed + 7919 * fabric.global_rank)
 
     start_step, history, train_seconds, saved_step = 0, [], 0.0, 0
@@ -241,7 +245,7 @@ def pretrain(
         batch = fabric.to_device({key: value for key, value in data.batch(idx).items() if key in raw_method.inputs})
         lr = learning_rate(step, train)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # a checkpoint from before lr_scale has one group
         loss, logs = method(batch, view_gen)
         bad_ranks = nonfinite_ranks(fabric, loss)
         if bad_ranks and fabric.world_size > 1:
