@@ -448,3 +448,62 @@ def test_the_gates_learning_rate_is_scaled_by_gate_lr_scale(runs, tmp_path, scal
     assert gates and others
     assert all(v == pytest.approx(scale * lr, rel=1e-3) for v in gates.values()), gates
     assert max(others.values()) == pytest.approx(lr, rel=1e-3), others
+
+
+def _layer_norm(v):
+    return (v - v.mean()) / torch.sqrt(v.var(unbiased=False) + 1e-5)
+
+
+@pytest.mark.parametrize("variant", ["aligned", "shifted by one"])  # shifted: the control that misaligned pairs are caught
+def test_text_distillation_pairs_each_episode_with_its_described_text(runs, tmp_path, variant):
+    """method.text_distill = δ: the loss is the episodes' text loss + δ·d, d the mean over gated layers and paired
+    positions of the squared difference of layer-normalised residuals (a loop over single unpadded sequences), the
+    pairs holding the same text token in the interleaved episode and in its text-only version."""
+    from fewshot.data.vl_prompts import IMAGE, described, naming_episode
+    from fewshot.methods.flamingo import draw_group_sizes, shared_text_positions
+
+    delta = 0.5
+    method = build_method(_config(runs, tmp_path, "method.episodes=2", "method.episode_images=5", f"method.text_distill={delta}", lm="gpt-long"))
+    _trained_like(method.flamingo)
+    f, pairs = method.flamingo, _pairs(method.text_tokenizer)
+    batch = {k: v for k, v in pairs.batch(torch.arange(4)).items() if k in method.inputs}
+    with torch.no_grad():
+        loss, logs = method(batch, torch.Generator().manual_seed(5))
+        method.text_distill = 0.0
+        text_loss, _ = method(batch, torch.Generator().manual_seed(5))
+        method.text_distill = delta
+    assert math.isclose(float(loss), float(text_loss) + delta * logs["distill"], rel_tol=1e-6) and logs["distill"] > 0
+
+    generator = torch.Generator().manual_seed(5)
+    draw_group_sizes(4, method.max_images, generator)
+    seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+    encode = lambda text: method.tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    sums, count = [0.0] * len(f.gated), 0
+    with torch.no_grad():
+        for j in range(2):
+            episode, images = naming_episode(method.names, seed, j, 16, 5)
+            pieces = episode.answered()
+            student_ids, spans = method.pieces_layout(pieces)
+            text = described(pieces, episode.images, images.descriptions)
+            teacher_ids = [*method.start_ids, *encode(text[0])] + [t for piece in text[1:] for t in encode(" " + piece)]
+            _, student = f.residuals(torch.tensor([student_ids + [f.chunk_id, method.eos_id]]),
+                                     method.image_features(images.images[list(episode.images)])[None])
+            _, teacher = f.residuals(torch.tensor([teacher_ids + [method.eos_id]]))
+            _, text_spans = method.pieces_layout(text)
+            paired = [(s + (variant != "aligned"), t) for s, t in shared_text_positions(pieces, spans, text_spans)]
+            firsts = {s0 for piece, (s0, _) in zip(pieces, spans) if piece != IMAGE}
+            same = all(student_ids[s] == teacher_ids[t] for s, t in paired if s not in firsts and s < len(student_ids))
+            if variant != "aligned":
+                assert not same
+                return
+            assert same and len(paired) == sum(len(encode(p)) for p in pieces if p != IMAGE)
+            for layer, (x, z) in enumerate(zip(student, teacher)):
+                sums[layer] += sum(float((_layer_norm(x[0, s]) - _layer_norm(z[0, t])).pow(2).mean()) for s, t in paired)
+            count += len(paired)
+    assert math.isclose(logs["distill"], sum(s / count for s in sums) / len(sums), rel_tol=1e-4)
+
+
+def test_text_distillation_needs_episodes(runs, tmp_path):
+    with pytest.raises(ConfigError, match="text_distill.*method.episodes > 0") as err:
+        build_method(_config(runs, tmp_path, "method.text_distill=1.0", lm="gpt-long"))
+    assert "\n" not in str(err.value)

@@ -26,7 +26,7 @@ leaves the latter out; then they are split into pieces the LM must copy one by o
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -39,7 +39,7 @@ from fewshot.errors import DataError
 from fewshot.io import atomic_write
 
 __all__ = [
-    "CATEGORIES", "IMAGE", "NONCE_NAMES", "VLEpisode", "VLImages", "category_images", "count_images", "fast_vqa_episode", "glossary",
+    "CATEGORIES", "IMAGE", "NONCE_NAMES", "VLEpisode", "VLImages", "category_images", "count_images", "described", "fast_vqa_episode", "glossary",
     "induction_text", "longest_naming_pieces", "naming_episode", "open_ended_episode", "real_words", "scene_corpus", "write_scene_corpus",
 ]
 
@@ -123,6 +123,12 @@ class VLEpisode:
     def answered(self) -> list[str]:
         """The pieces with the answer after the query (``… a: this is a dax.``): a training sequence."""
         return [*self.pieces[:-1], f"{self.pieces[-1]} {self.answer}."]
+
+
+def described(pieces: Sequence[str], images: Sequence[int], descriptions: Sequence[str]) -> list[str]:
+    """The text-only prompt: each image marker replaced by its image's description, in order."""
+    shown = iter(images)
+    return [descriptions[next(shown)] if p == IMAGE else p for p in pieces]
 
 
 def _support_pieces(order: list[tuple[int, str]]) -> tuple[list[str], list[int]]:

@@ -29,7 +29,9 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from fewshot.data.vl_prompts import CATEGORIES, IMAGE, NONCE_NAMES, QUERY, VLImages, category_images, fast_vqa_episode, open_ended_episode
+from fewshot.data.vl_prompts import (
+    CATEGORIES, IMAGE, NONCE_NAMES, QUERY, VLImages, category_images, described, fast_vqa_episode, open_ended_episode,
+)
 from fewshot.errors import ConfigError, DataError
 from fewshot.evaluate.runner import mean_ci95
 from fewshot.models.prefix_lm import Past, PrefixLM, interleaved_sequence
@@ -218,12 +220,6 @@ def _score(model: InterleavedModel, prompts: Sequence[tuple[list[torch.Tensor], 
     hits = [float(answer_matches(model.next_text(images, pieces, max_tokens), answer)) for images, pieces, answer in prompts]
     mean, ci = mean_ci95(hits)
     return {"accuracy": 100 * mean, "ci95": 100 * ci, "episodes": len(hits)}
-
-
-def described(pieces: Sequence[str], images: Sequence[int], descriptions: Sequence[str]) -> list[str]:
-    """The text-only prompt: each image marker replaced by its image's description, in order."""
-    shown = iter(images)
-    return [descriptions[next(shown)] if p == IMAGE else p for p in pieces]
 
 
 def evaluate_open_ended(model: InterleavedModel, data: VLImages, settings: Sequence[Setting], episodes: int, seed: int = 0,

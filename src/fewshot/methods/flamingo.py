@@ -36,13 +36,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fewshot.config import RunConfig
 from fewshot.data.token_ids import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID
 from fewshot.data.types import Batch
-from fewshot.data.vl_prompts import glossary, longest_naming_pieces, naming_episode
+from fewshot.data.vl_prompts import described, glossary, longest_naming_pieces, naming_episode
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.methods.base import Method
 from fewshot.methods.prefix_captioning import open_caption_lm, untie, weight_digests
@@ -50,7 +51,8 @@ from fewshot.methods.vision_language import NamingEpisodesConfig, load_image_tow
 from fewshot.models.flamingo import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, FlamingoLM, image_token_features, image_token_width
 from fewshot.objectives.captioning import caption_loss
 
-__all__ = ["Flamingo", "FlamingoConfig", "FlamingoInContext", "draw_group_sizes", "interleave_captions", "interleaved_labels"]
+__all__ = ["Flamingo", "FlamingoConfig", "FlamingoInContext", "TextEpisodes", "draw_group_sizes", "interleave_captions", "interleaved_labels",
+           "residual_distance", "shared_text_positions"]
 
 
 class _Section(BaseModel):
@@ -74,6 +76,9 @@ class FlamingoConfig(NamingEpisodesConfig):  # episodes: our stand-in for M3W's 
     mlp_ratio: float = Field(4.0, gt=0, description="feed-forward width ÷ model width in the resampler and gated blocks")
     gate_lr_scale: float = Field(1.0, gt=0, description="the tanh gates' learning rate ÷ train.lr (not the paper's, which has 1): "
                                  "lets the gates leave 0 before the blocks behind them are trained")
+    text_distill: float = Field(0.0, ge=0, description="δ > 0 (not the paper's; needs episodes): adds δ · the mean squared difference "
+                                "between the layer-normalised residuals entering each gated layer on a naming episode and those of the "
+                                "frozen LM reading the same episode with each image replaced by its description, over the text both share")
     max_images: int = Field(3, ge=1, description="each training sequence interleaves 1 … max_images captioned images")
     blind: bool = Field(False, description="the train-blind baseline: every training image (captions' and episodes') is blank")
     image: FlamingoImage = Field(default_factory=FlamingoImage)
@@ -122,6 +127,44 @@ def interleaved_labels(ids: torch.Tensor, image_id: int, pad_id: int = PAD_ID) -
     return ids.masked_fill((ids == image_id) | (ids == pad_id), IGNORE_INDEX)
 
 
+def shared_text_positions(pieces: Sequence[str], spans: Sequence[tuple[int, int]],
+                          text_spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(interleaved position, text-only position) pairs of the text pieces both layouts share: for each text piece
+    (not an ``<image>`` marker) of ``pieces``, its last k tokens in each, k the shorter span (the piece's first word
+    may be one token with a leading space and another without)."""
+    pairs = []
+    for piece, (s0, s1), (t0, t1) in zip(pieces, spans, text_spans):
+        if piece != IMAGE_TOKEN:
+            k = min(s1 - s0, t1 - t0)
+            pairs += zip(range(s1 - k, s1), range(t1 - k, t1))
+    return pairs
+
+
+def residual_distance(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], pairs: torch.Tensor) -> torch.Tensor:
+    """The text-distillation term: with LN the LayerNorm without affine over the width D and P the index rows
+    (student row, student position, teacher row, teacher position),
+
+        d = (1 / (L·|P|·D)) Σ_l Σ_{(b, t, c, u) ∈ P} ‖LN(x^l_{b,t}) − LN(z^l_{c,u})‖²,
+
+    x^l the residual entering gated layer l of the interleaved model, z^l the frozen LM's on the text."""
+    b, t, c, u = pairs.unbind(1)
+    terms = [(F.layer_norm(x[b, t], x.shape[-1:]) - F.layer_norm(z[c, u], z.shape[-1:])).pow(2).mean() for x, z in zip(student, teacher)]
+    return torch.stack(terms).mean()
+
+
+class TextEpisodes:
+    """Naming episodes in text (``ids`` (E, T'), each image replaced by its description) and, per episode, the
+    (interleaved position, text position) pairs of the text both share (:func:`shared_text_positions`)."""
+
+    def __init__(self, ids: torch.Tensor, spans: list[list[tuple[int, int]]]) -> None:
+        self.ids, self.spans = ids, spans
+
+    def pairs(self, first_row: int) -> torch.Tensor:
+        """Index rows (student row, position, text row, position), episode e being student row ``first_row`` + e."""
+        return torch.tensor([(first_row + e, s, e, t) for e, pairs in enumerate(self.spans) for s, t in pairs],
+                            dtype=torch.long, device=self.ids.device)
+
+
 # ----------------------------------------------------------------------------------------------- the method
 
 
@@ -148,7 +191,9 @@ class Flamingo(Method):
         self.flamingo = FlamingoLM(lm.model, image_token_width(self.encoder), m.latents, m.resampler_depth, m.resampler_heads,
                                    m.cross_every, m.cross_heads, m.mlp_ratio)
         self.max_images, self.episodes, self.episode_images, self.blind = m.max_images, m.episodes, m.episode_images, m.blind
-        self.gate_lr_scale = m.gate_lr_scale
+        self.gate_lr_scale, self.text_distill = m.gate_lr_scale, m.text_distill
+        if m.text_distill and not m.episodes:
+            raise ConfigError("method.text_distill compares naming episodes with their text-only versions: set method.episodes > 0")
         self.names = glossary(m.glossary, config.train.seed) if m.episodes else []
         self.image_size = config.data.image_size
         if self.episodes:
@@ -206,8 +251,17 @@ class Flamingo(Method):
         features = self.training_features(batch["images"])
         grouped = features[members.clamp(min=0)] * (members >= 0)[:, :, None, None].to(features.dtype)
         counts = (members >= 0).sum(dim=1)
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator)) if self.episodes else 0
+        if self.text_distill:
+            first = ids.shape[0]
+            ids, grouped, counts, teacher = self.with_episodes(ids, grouped, counts, seed, with_text=True)
+            logits, student = f.residuals(ids, grouped, counts)
+            with torch.no_grad():
+                _, reference = f.residuals(teacher.ids)
+            distill = residual_distance(student, reference, teacher.pairs(first))
+            loss = caption_loss(logits, interleaved_labels(ids, f.image_id)) + self.text_distill * distill
+            return loss, {"images_per_sequence": float(counts.float().mean()), "distill": float(distill)}
         if self.episodes:
-            seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
             ids, grouped, counts = self.with_episodes(ids, grouped, counts, seed)
         logits = f(ids, grouped, counts)
         return caption_loss(logits, interleaved_labels(ids, f.image_id)), {"images_per_sequence": float(counts.float().mean())}
@@ -218,15 +272,23 @@ class Flamingo(Method):
         length = lambda name: len(self.tokenizer.encode(f" {name}.", add_special_tokens=False).ids)  # noqa: E731
         return len(self.pieces_ids(longest_naming_pieces(self.names, self.episode_images, length))) + 2
 
-    def with_episodes(self, ids: torch.Tensor, grouped: torch.Tensor, counts: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+    def with_episodes(self, ids: torch.Tensor, grouped: torch.Tensor, counts: torch.Tensor, seed: int,
+                      with_text: bool = False) -> tuple[Any, ...]:
         """The caption sequences (G, T) with their features (G, N, S, D_v) and image counts (G,), followed by
         ``method.episodes`` naming episodes of the seed (:func:`~fewshot.data.vl_prompts.naming_episode`), each laid
-        out as at evaluation (:meth:`pieces_ids`) with its answer, ``<|endofchunk|>`` and EOS; padded to one length."""
-        rows, pictures = [], []
+        out as at evaluation (:meth:`pieces_ids`) with its answer, ``<|endofchunk|>`` and EOS; padded to one length.
+        ``with_text``: also the episodes in text (:class:`TextEpisodes`: each image replaced by its description)."""
+        rows, pictures, texts, spans = [], [], [], []
         for j in range(self.episodes):
             episode, images = naming_episode(self.names, seed, j, self.image_size, self.episode_images)
-            rows.append(self.pieces_ids(episode.answered()) + [self.flamingo.chunk_id, self.eos_id])
+            pieces = episode.answered()
+            row, row_spans = self.pieces_layout(pieces)
+            rows.append(row + [self.flamingo.chunk_id, self.eos_id])
             pictures.append(self.training_features(images.images[list(episode.images)].to(ids.device)))
+            if with_text:
+                text, text_spans = self.pieces_layout(described(pieces, episode.images, images.descriptions))
+                texts.append(text + [self.eos_id])
+                spans.append(shared_text_positions(pieces, row_spans, text_spans))
         g, t = ids.shape[0] + len(rows), max(ids.shape[1], max(map(len, rows)))
         n = max(grouped.shape[1], max(len(p) for p in pictures))
         all_ids = torch.full((g, t), PAD_ID, dtype=ids.dtype, device=ids.device)
@@ -234,7 +296,13 @@ class Flamingo(Method):
         all_ids[: ids.shape[0], : ids.shape[1]], all_features[: ids.shape[0], : grouped.shape[1]] = ids, grouped
         for r, (row, features) in enumerate(zip(rows, pictures), start=ids.shape[0]):
             all_ids[r, : len(row)], all_features[r, : len(features)] = torch.tensor(row), features
-        return all_ids, all_features, torch.cat([counts, torch.tensor([len(p) for p in pictures], device=counts.device)])
+        out = all_ids, all_features, torch.cat([counts, torch.tensor([len(p) for p in pictures], device=counts.device)])
+        if not with_text:
+            return out
+        text_ids = torch.full((len(texts), max(map(len, texts))), PAD_ID, dtype=ids.dtype, device=ids.device)
+        for r, row in enumerate(texts):
+            text_ids[r, : len(row)] = torch.tensor(row)
+        return (*out, TextEpisodes(text_ids, spans))
 
     # ------------------------------------------------------------------ in-context use
 
@@ -254,16 +322,23 @@ class Flamingo(Method):
         """Ids of a prompt of text pieces and ``<image>`` markers, laid out as in training: start ids, each marker as
         ``<image>``, a text piece right after a marker with no leading space (as a caption after ``<image>``), any
         other text piece after a space, and ``<|endofchunk|>`` closing each text piece that a marker follows."""
-        f, ids = self.flamingo, list(self.start_ids)
+        return self.pieces_layout(pieces)[0]
+
+    def pieces_layout(self, pieces: Sequence[str]) -> tuple[list[int], list[tuple[int, int]]]:
+        """:meth:`pieces_ids` and each piece's span [start, end) of positions in them."""
+        f, ids, spans = self.flamingo, list(self.start_ids), []
         for j, piece in enumerate(pieces):
             if piece == IMAGE_TOKEN:
                 if j and pieces[j - 1] != IMAGE_TOKEN:
                     ids.append(f.chunk_id)
                 ids.append(f.image_id)
+                spans.append((len(ids) - 1, len(ids)))
             else:
                 text = piece if j == 0 or pieces[j - 1] == IMAGE_TOKEN else " " + piece
+                start = len(ids)
                 ids += self.tokenizer.encode(text, add_special_tokens=False).ids
-        return ids
+                spans.append((start, len(ids)))
+        return ids, spans
 
     @torch.no_grad()
     def next_token_logits(self, images: torch.Tensor, prompt_ids: list[int]) -> torch.Tensor:

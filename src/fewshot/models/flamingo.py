@@ -208,17 +208,36 @@ class FlamingoLM(nn.Module):
         nn.init.normal_(self.new_tokens.weight, std=0.02)
         self.latents = latents
         self._condition: tuple[torch.Tensor, torch.Tensor] | None = None  # (media, mask) during a step only
+        self._captured: list[torch.Tensor] | None = None  # the residual entering each gated layer, while capturing
         for block, i in zip(self.gated, self.cross_layers):
             layers[i].register_forward_pre_hook(self._gate_before(block), with_kwargs=True)
 
     def _gate_before(self, block: GatedCrossAttentionBlock):
         def hook(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            if self._condition is None:  # the LM called on its own: untouched
-                return None
             x = args[0] if args else kwargs["hidden_states"]
-            x = block(x, *self._condition)
+            if self._condition is not None:  # else the LM called on its own: untouched
+                x = block(x, *self._condition)
+            if self._captured is not None:
+                self._captured.append(x)
+            if self._condition is None:
+                return None
             return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
         return hook
+
+    def residuals(self, ids: torch.Tensor, features: torch.Tensor | None = None,
+                  image_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits (B, T, V + 2) and the residual stream (B, T, D) entering each gated layer, after its gated block:
+        of the wrapped model on ``ids`` with ``features`` (as :meth:`forward`), or of the frozen LM alone on text
+        ``ids`` (< V) when ``features`` is None."""
+        self._captured = captured = []
+        try:
+            if features is not None:
+                logits = self(ids, features, image_counts)
+            else:
+                logits, _, _ = self._run_lm(self.table(ids), None)
+        finally:
+            self._captured = None
+        return logits, captured
 
     def train(self, mode: bool = True) -> "FlamingoLM":
         super().train(mode)
