@@ -40,10 +40,12 @@ episodes to each Frozen and train-blind batch (``method.episodes``, the evaluati
 departure from the paper, which trains Frozen on captions only). ``--flamingo-steps N`` adds Flamingo
 over the same LM and tower (``--flamingo-episodes`` naming episodes per batch, ``method.episodes``) and its train-blind
 (``method.blind=true``), with rows Flamingo, Flamingo test-blind and Flamingo train-blind and the same verdicts; for
-SmolLM2 pass ``--flamingo-override method.cross_every=3 method.cross_heads=8 method.gate_lr_scale=30 train.batch_size=16``
-(``method.gate_lr_scale``: the gates learn 30 times faster, so Flamingo reads its images within 100 steps; add
-``method.text_distill=δ`` for the frozen LM's reading of each episode in words as a teacher). Flamingo does not lift
-its image rows above test-blind yet (200–300 steps at ≈ 7 CPU-s a step), nor does Frozen on the paper's captioning loss alone; Frozen with word targets names
+SmolLM2 the recipe that names shapes (docs/benchmarks.md, "Flamingo with faster gates and a text teacher"; neither
+option is the paper's: ``method.gate_lr_scale`` lets the tanh gates learn 30 times faster, ``method.text_distill`` makes
+the frozen LM's reading of each episode in words a teacher) is ``--flamingo-steps 300 --flamingo-episodes 2
+--flamingo-override method.cross_every=3 method.cross_heads=8 method.gate_lr_scale=30 method.text_distill=10
+train.batch_size=16 train.lr=0.003 train.min_lr_ratio=0.1``, ≈ 38 CPU-minutes per Flamingo run, beyond this bench's 25.
+Frozen on the paper's captioning loss alone does not lift its image rows above test-blind; Frozen with word targets names
 shapes above both blind baselines (docs/benchmarks.md, "The prefix as the caption's words"):
 
     OMP_NUM_THREADS=1 FEWSHOT_DATA=/work/shared/data python bench/vl_in_context.py --pool runs/bench-vl/scenes-20000 \

@@ -25,6 +25,12 @@ The paper's interleaved web pages (M3W) are where Flamingo meets text that refer
 never the evaluation's, in the evaluation's layout with the answer), on the same text-only loss. ``method.blind``
 blanks every training image (the train-blind baseline).
 
+Two options that are not the paper's: ``method.gate_lr_scale`` multiplies the tanh gates' learning rate (at α = 0 the
+blocks behind a gate get no gradient, so on a CPU budget the gates otherwise stay near 0), and ``method.text_distill``
+= δ adds δ · :func:`residual_distance` between each naming episode and the frozen LM reading the same episode with
+every image replaced by its description (:func:`~fewshot.data.vl_prompts.described`): the gated blocks learn to put
+the LM where the words would have put it.
+
 The defaults are the paper's (64 latents, 6 resampler layers, 8 heads, a gated block before every LM layer as in
 Flamingo-3B); the CPU recipe ``flamingo-scenes`` uses 8 latents × 2 layers of 4 heads.
 """
