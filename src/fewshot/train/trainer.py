@@ -245,7 +245,7 @@ def pretrain(
         batch = fabric.to_device({key: value for key, value in data.batch(idx).items() if key in raw_method.inputs})
         lr = learning_rate(step, train)
         for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)  # a checkpoint from before lr_scale has one group
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # a group restored from a checkpoint older than lr_scale lacks the key
         loss, logs = method(batch, view_gen)
         bad_ranks = nonfinite_ranks(fabric, loss)
         if bad_ranks and fabric.world_size > 1:
