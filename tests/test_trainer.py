@@ -45,6 +45,34 @@ def test_resume_runs_only_the_remaining_steps_from_the_checkpoint(tmp_path, monk
     assert len(problems) == len(caught) and all(want in got for want, got in zip(caught, problems)), problems
 
 
+@pytest.mark.parametrize("variant", ["scales kept", "scales dropped on resume"])  # the second: the control that a lost scale is caught
+def test_a_run_with_two_learning_rate_groups_resumes_to_the_same_weights(tmp_path, monkeypatch, variant):
+    """Method.lr_scale splits the trained parameters into AdamW groups (Flamingo's gates): a resume must restore each
+    group's scale with its moments, or the remaining steps move the scaled parameters at the wrong rate."""
+    from fewshot.methods.contrastive import SimCLR
+    from fewshot.train.checkpoint import optimizer_from_flat
+
+    monkeypatch.setattr(SimCLR, "lr_scale", lambda self, name: 4.0 if name.startswith("projector.") else 1.0)
+    resume = None
+    if variant == "scales dropped on resume":
+        def without_scales(tensors, scalars):
+            state = optimizer_from_flat(tensors, scalars)
+            for group in state["param_groups"]:
+                group.pop("lr_scale")
+            return state
+
+        def resume(config, resume=False, progress=True):
+            monkeypatch.setattr(trainer, "optimizer_from_flat", without_scales)
+            return api.pretrain(config, resume=resume, progress=progress)
+    problems = resume_problems(monkeypatch, lambda name: _config(tmp_path, name), resume)
+    groups = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.safetensors").meta["optimizer"]["param_groups"]
+    assert sorted(g["lr_scale"] for g in groups) == [1.0, 4.0]
+    if variant == "scales kept":
+        assert problems == []
+    else:
+        assert "resumed weights differ from the uninterrupted run's" in problems, problems
+
+
 def test_training_changes_weights_and_logs(tmp_path):
     cfg = _config(tmp_path, "run")
     result = api.pretrain(cfg, progress=False)
