@@ -85,6 +85,27 @@ def test_at_initialisation_the_wrapped_model_gives_the_frozen_lms_logits(variant
     assert torch.equal(wrapped[..., :V], frozen) == (variant == "gates at 0")
 
 
+@pytest.mark.parametrize("kind", ["hf-gpt2", "hf-llama"])
+@pytest.mark.parametrize("cross_every", [1, 2])
+@pytest.mark.parametrize("layer", ["entering", "leaving"])  # leaving: the control that the wrong layer's states are told apart
+def test_the_captured_residuals_are_the_hidden_states_entering_each_gated_layer(kind, cross_every, layer):
+    """FlamingoLM.residuals (what method.text_distill compares) against Hugging Face's own output_hidden_states, whose
+    entry i is the input of layer i: for the frozen LM alone on text, and for the wrapped model at initialisation
+    (gates at 0, so each gated block passes its input through) on the same embeddings, markers included."""
+    f = _flamingo(cross_every=cross_every, kind=kind)
+    text = torch.tensor([[BOS_ID, 5, 6, 7, 8, 9, 10, 11]])
+    offset = 0 if layer == "entering" else 1
+    with torch.no_grad():
+        _, teacher = f.residuals(text)
+        _, student = f.residuals(IDS, _features(2, 0))
+        hidden_text = f.lm(text, output_hidden_states=True).hidden_states
+        hidden_ids = f.lm(inputs_embeds=f.embed(IDS), output_hidden_states=True).hidden_states
+    assert len(teacher) == len(student) == len(f.cross_layers)
+    same = [torch.allclose(got, hidden[i + offset], atol=1e-6)
+            for captured, hidden in ((teacher, hidden_text), (student, hidden_ids)) for got, i in zip(captured, f.cross_layers)]
+    assert all(same) if layer == "entering" else not any(same), same
+
+
 # ------------------------------------------------------------------ (b) text before the first image ignores every image
 
 
