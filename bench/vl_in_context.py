@@ -45,6 +45,8 @@ option is the paper's: ``method.gate_lr_scale`` lets the tanh gates learn 30 tim
 the frozen LM's reading of each episode in words a teacher) is ``--flamingo-steps 300 --flamingo-episodes 2
 --flamingo-override method.cross_every=3 method.cross_heads=8 method.gate_lr_scale=30 method.text_distill=10
 train.batch_size=16 train.lr=0.003 train.min_lr_ratio=0.1``, ≈ 38 CPU-minutes per Flamingo run, beyond this bench's 25.
+``--models flamingo`` trains and scores Flamingo alone (with its two blind rows), ``--models frozen`` Frozen alone (the
+default without ``--flamingo-steps``); the text-only row is then read by the first model's frozen LM.
 Frozen on the paper's captioning loss alone does not lift its image rows above test-blind; Frozen with word targets names
 shapes above both blind baselines (docs/benchmarks.md, "The prefix as the caption's words"):
 
@@ -94,12 +96,12 @@ def configs(args: argparse.Namespace, manifest: Path) -> dict[str, RunConfig]:
     image = [f"method.image.init={args.image_init}"] if args.image_init else []
     tag = ("-lock" if args.lock else "") + (f"-ep{args.frozen_episodes}" if args.frozen_episodes else "") + ("-words" if args.word_targets else "")
     words = ["method.vocab_prefix=hard", "method.vocab_from=captions", f"method.word_targets={args.word_targets}"] if args.word_targets else []
-    for name, blind in (("frozen", False), ("train-blind", True)):
+    for name, blind in (("frozen", False), ("train-blind", True)) if "frozen" in args.models else ():
         runs[name] = api.load_config(api.find_recipe("frozen-scenes"), [
             f"data.path={manifest}", f"out={out}", f"name={name}{tag}-{args.steps}", f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}",
             f"train.warmup_steps={min(50, args.steps // 10)}", f"method.lm.init={lm}", f"method.blind={str(blind).lower()}", *image,
             *(["method.image.lock=true"] if args.lock else []), f"method.episodes={args.frozen_episodes}", *words, *args.override])
-    if args.flamingo_steps:
+    if "flamingo" in args.models:
         if not args.image_init:
             raise SystemExit("--flamingo-steps needs --image-init: Flamingo reads a frozen image tower")
         for name, blind in (("flamingo", False), ("flamingo-train-blind", True)):
@@ -150,6 +152,8 @@ def main() -> None:
     p.add_argument("--flamingo-steps", type=int, default=0, help="also train Flamingo (and its train-blind) for this many steps over the same LM (0: no Flamingo rows)")
     p.add_argument("--flamingo-episodes", type=int, default=8, help="naming episodes per Flamingo batch (method.episodes)")
     p.add_argument("--flamingo-override", nargs="*", default=[], help="key=value overrides of the Flamingo runs, e.g. method.cross_every=6 for SmolLM2")
+    p.add_argument("--models", nargs="+", choices=("frozen", "flamingo"), help="which models to train and score (default: frozen, "
+                   "and flamingo when --flamingo-steps is set); each brings its test-blind and train-blind rows")
     p.add_argument("--ways", type=int, nargs="+", default=[2, 5])
     p.add_argument("--columns", type=int, nargs="+", default=list(range(len(COLUMNS))), help=f"indices of {COLUMNS} to run (others print —)")
     p.add_argument("--vqa-shots", type=int, nargs="+", default=list(VQA_SHOTS))
@@ -160,6 +164,9 @@ def main() -> None:
         args.gpt_steps, args.steps, args.episodes, args.per_class = 4, 4, 3, 6
         args.gpt_override += ["encoder.options={dim: 32, depth: 1, heads: 2}", "train.batch_size=2"]
         args.override += ["train.batch_size=8"]
+    args.models = args.models or ["frozen"] + (["flamingo"] if args.flamingo_steps else [])
+    if "flamingo" in args.models and not args.flamingo_steps:
+        raise SystemExit("--models flamingo needs --flamingo-steps N")
     out = Path(args.out)
     pool = Path(args.pool) if args.pool else out / f"scenes-{args.n}"
     if not (pool / "scenes.json").is_file():
@@ -168,19 +175,20 @@ def main() -> None:
     cpu = {name: train(config) for name, config in runs.items()}
 
     eval_cpu = time.process_time()
-    frozen, blind = (open_in_context_model(runs[name].run_dir) for name in ("frozen", "train-blind"))
-    rows = {  # row → (model, names)
-        "Frozen": (frozen, True), "Real-Name": (frozen, False), "test-blind": (BlankImages(frozen), True), "train-blind": (blind, True),
-    }
-    vqa_rows = {"Frozen": frozen, "test-blind": BlankImages(frozen), "train-blind": blind}
-    if args.flamingo_steps:
+    rows, vqa_rows = {}, {}  # row → (model, names); Fast-VQA row → model
+    if "frozen" in args.models:
+        frozen, blind = (open_in_context_model(runs[name].run_dir) for name in ("frozen", "train-blind"))
+        rows |= {"Frozen": (frozen, True), "Real-Name": (frozen, False), "test-blind": (BlankImages(frozen), True), "train-blind": (blind, True)}
+        vqa_rows |= {"Frozen": frozen, "test-blind": BlankImages(frozen), "train-blind": blind}
+    if "flamingo" in args.models:
         flamingo, flamingo_blind = (open_in_context_model(runs[name].run_dir) for name in ("flamingo", "flamingo-train-blind"))
         rows |= {"Flamingo": (flamingo, True), "Flamingo test-blind": (BlankImages(flamingo), True), "Flamingo train-blind": (flamingo_blind, True)}
         vqa_rows |= {"Flamingo": flamingo, "Flamingo test-blind": BlankImages(flamingo), "Flamingo train-blind": flamingo_blind}
+    lm_reader = next(iter(rows.values()))[0]  # the first model's frozen LM reads the text-only episodes
     baselines = {"word-overlap rule": (NearestSupport(word_overlap, "word overlap"), True)}
     if args.image_init:
         baselines["1-NN image tower"] = (NearestSupport(feature_cosine(api.open_run(args.image_init).encoder().eval()), "1-NN"), False)
-    results: dict = {"categories": {}, "skipped": {}, "misfits": [], "warnings": nonce_warnings(frozen)}
+    results: dict = {"categories": {}, "skipped": {}, "misfits": [], "warnings": nonce_warnings(lm_reader)}
     for category in args.categories:
         try:
             data = category_images(category, args.per_class, 32, args.seed)
@@ -195,7 +203,7 @@ def main() -> None:
                 table[f"{way}-way {row}"] = [one_cell(model, data, setting, args, results["misfits"]) if c in args.columns else None
                                              for c, setting in enumerate(frozen_columns(way, nonce))]
             if data.descriptions is not None:  # the LM told in words what each image shows: the ceiling the images aim at
-                table[f"{way}-way text only"] = [one_cell(frozen, data, setting, args, results["misfits"], text_only=True) if c in args.columns else None
+                table[f"{way}-way text only"] = [one_cell(lm_reader, data, setting, args, results["misfits"], text_only=True) if c in args.columns else None
                                                  for c, setting in enumerate(frozen_columns(way, True))]
             for row, (model, text_only) in baselines.items():  # no LM: what a practitioner tries first (bench/vl_baselines.py)
                 if text_only and data.descriptions is None:
@@ -207,10 +215,11 @@ def main() -> None:
     eval_minutes = (time.process_time() - eval_cpu) / 60
 
     print(f"\nImages in context: exact-match accuracy (%, mean ± 95% CI over {args.episodes} seeded episodes, one query each); "
-          f"Frozen = conv4 {'from ' + args.image_init if args.image_init else 'from scratch'} → 2 prefix embeddings → frozen "
-          f"{args.lm or f'gpt-scenes ({args.gpt_steps} steps)'}, {args.steps} steps at batch {runs['frozen'].train.batch_size}"
-          + (", the tower locked" if args.lock else "")
-          + (f"; Flamingo: {args.flamingo_steps} steps, {args.flamingo_episodes} naming episodes per batch" if args.flamingo_steps else ""))
+          f"LM: frozen {args.lm or f'gpt-scenes ({args.gpt_steps} steps)'}"
+          + (f"; Frozen = conv4 {'from ' + args.image_init if args.image_init else 'from scratch'} → 2 prefix embeddings, "
+             f"{args.steps} steps at batch {runs['frozen'].train.batch_size}" + (", the tower locked" if args.lock else "") if "frozen" in args.models else "")
+          + (f"; Flamingo: {args.flamingo_steps} steps at batch {runs['flamingo'].train.batch_size}, {args.flamingo_episodes} naming episodes "
+             f"per batch" if "flamingo" in args.models else ""))
     header = f"{'':28s}" + "".join(f"{c:>14s}" for c in COLUMNS)
     for category, table in results["categories"].items():
         print(f"\n{category}\n{header}")
@@ -229,7 +238,7 @@ def main() -> None:
         print(f"lecture {row[9:]:28s}" + "".join(f"{v:>14.1f}" for v in LECTURE[row]))
 
     verdicts = {}
-    models = {"Frozen": ""} | ({"Flamingo": "Flamingo "} if args.flamingo_steps else {})  # model → its blind rows' prefix
+    models = ({"Frozen": ""} if "frozen" in args.models else {}) | ({"Flamingo": "Flamingo "} if "flamingo" in args.models else {})  # → its blind rows' prefix
     for model, blinds in models.items():
         for category, table in results["categories"].items():
             for col, name in ((1, "induction 1 shot"), (3, "induction 5 shots")):
@@ -248,12 +257,14 @@ def main() -> None:
     for m in dict.fromkeys(results["misfits"]):
         print(f"not run: {m}")
     cpu_minutes = {k: None if v is None else round(v / 60, 2) for k, v in cpu.items()}
-    print(f"CPU-minutes: training {cpu_minutes} (null: reused), evaluation {eval_minutes:.2f}")
+    total = time.process_time() / 60  # the whole process: loading, training, evaluation
+    print(f"CPU-minutes: training {cpu_minutes} (null: reused), evaluation {eval_minutes:.2f}, this process in all {total:.2f}")
     print(json.dumps({"bench": "vl_in_context", "episodes": args.episodes, "seed": args.seed, "lm": args.lm, "image_init": args.image_init, "lock": args.lock,
-                      "frozen_episodes": args.frozen_episodes, "word_targets": args.word_targets, "flamingo_steps": args.flamingo_steps, "flamingo_episodes": args.flamingo_episodes,
+                      "frozen_episodes": args.frozen_episodes, "word_targets": args.word_targets, "models": args.models, "flamingo_steps": args.flamingo_steps, "flamingo_episodes": args.flamingo_episodes,
+                      "flamingo_override": args.flamingo_override, "override": args.override,
                       "gpt_steps": None if args.lm else args.gpt_steps, "steps": args.steps, "vqa_shots": args.vqa_shots,
                       "categories": results["categories"], "skipped": results["skipped"], "misfits": sorted(set(results["misfits"])), "fast_vqa": vqa, "verdicts": verdicts,
-                      "train_cpu_minutes": cpu_minutes, "eval_cpu_minutes": round(eval_minutes, 2), "warnings": results["warnings"],
+                      "train_cpu_minutes": cpu_minutes, "eval_cpu_minutes": round(eval_minutes, 2), "total_cpu_minutes": round(total, 2), "warnings": results["warnings"],
                       "lecture": LECTURE, "quick": args.quick}))
 
 
