@@ -7,6 +7,9 @@
    5-shot episodes on the five held-out digits, next to pixels and the random encoder.
 3. A DDP launch through the CLI (``train.strategy=ddp``, every visible GPU; NCCL): the checkpoint's step, and
    that each rank's process ended.
+4. The transformer and vision–language recipes at bf16 autocast (``--vl-steps``; 0 skips): a small scene pool and
+   scene corpus, then clip-scenes, gpt-scenes, Frozen and Flamingo (over those two runs) and MAE on digits, each's
+   first and last logged loss (finite, falling) and steps/s.
 
 On a machine without a GPU it runs on the CPU (``--quick``: a smoke run that measures nothing). One JSON line at
 the end.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -73,6 +77,35 @@ def ddp_launch(out: str, steps: int, accelerator: str) -> dict:
             "stderr_tail": done.stderr.strip().splitlines()[-1:] if done.returncode else []}
 
 
+def vl_path(out: str, steps: int, accelerator: str, precision: str) -> dict:
+    """clip-scenes, gpt-scenes, frozen-scenes, flamingo-scenes (and mae-digits) for ``steps`` each: first / last loss, steps/s."""
+    from fewshot.data.scenes import write_scenes
+    from reused_runs import scene_lm_config
+
+    root = Path(out) / "vl"
+    pool = root / "scenes"
+    write_scenes(pool, 2000, 32, (1, 2), 0)
+    device = [f"train.accelerator={accelerator}", "train.devices=1", f"train.precision={precision}", f"train.steps={steps}",
+              f"train.checkpoint_every={steps}", f"train.log_every={max(1, steps // 10)}", f"train.warmup_steps={max(1, steps // 10)}"]
+    lm = scene_lm_config(root, steps, 2000, 800, 0, device)  # writes its scene corpus, also the pairs tokenizers' text
+    pairs = [f"data.path={pool / 'manifest.tsv'}", f"data.corpus={lm.data.path}", f"out={root}"]
+    configs = {"clip-scenes": api.load_config(api.find_recipe("clip-scenes"), [*pairs, "name=clip", *device]), "gpt-scenes": lm}
+    configs["frozen-scenes"] = api.load_config(api.find_recipe("frozen-scenes"), [*pairs, "name=frozen", *device,
+                                                                                 f"method.lm.init={configs['gpt-scenes'].run_dir}"])
+    configs["flamingo-scenes"] = api.load_config(api.find_recipe("flamingo-scenes"), [
+        *pairs, "name=flamingo", *device, f"method.lm.init={configs['gpt-scenes'].run_dir}",
+        f"method.image.init={configs['clip-scenes'].run_dir}", "method.episodes=2", "method.text_distill=1.0", "method.gate_lr_scale=10"])
+    configs["mae-digits"] = api.load_config(api.find_recipe("mae-digits"), [f"out={root}", "name=mae", *device])
+    rows = {}
+    for name, config in configs.items():
+        started = time.perf_counter()
+        result = api.pretrain(config, progress=False)
+        losses = [h["loss"] for h in result.history]
+        rows[name] = {"first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4), "finite": all(map(math.isfinite, losses)),
+                      "steps_per_s": round(result.step / (time.perf_counter() - started), 1)}
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=40, help="steps per throughput trial")
@@ -80,10 +113,11 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--learn-steps", type=int, default=300, help="simclr-digits steps at each precision")
     p.add_argument("--episodes", type=int, default=600, help="evaluation episodes per setting")
+    p.add_argument("--vl-steps", type=int, default=100, help="steps of each transformer / vision-language recipe at bf16 (0: skip)")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny steps, batches and episodes")
     args = p.parse_args()
     if args.quick:
-        args.steps, args.batch, args.trials, args.learn_steps, args.episodes = 4, 16, 1, 4, 10
+        args.steps, args.batch, args.trials, args.learn_steps, args.episodes, args.vl_steps = 4, 16, 1, 4, 10, min(args.vl_steps, 3)
     gpu = torch.cuda.is_available()
     accelerator = "gpu" if gpu else "cpu"
     device = torch.cuda.get_device_name(0) if gpu else "CPU"
@@ -106,7 +140,12 @@ def main() -> None:
         print("    " + ";  ".join(f"{k} {v}" for k, v in row["5-way proto-cosine"].items()))
     ddp = ddp_launch(out, 6 if args.quick else 50, accelerator)
     print(f"\nDDP launch on {ddp['devices']} {accelerator} device(s): exit {ddp['returncode']}, checkpoint step {ddp['checkpoint_step']} {ddp['stderr_tail']}")
-    print(json.dumps({"device": device, "torch": torch.__version__, "views_per_s": medians, "learns": learned, "ddp": ddp}))
+    vl = vl_path(out, args.vl_steps, accelerator, "bf16-mixed") if args.vl_steps else {}
+    if vl:
+        print(f"\nbf16 autocast, {args.vl_steps} steps each")
+        for name, row in vl.items():
+            print(f"  {name:16s} loss {row['first_loss']:.4f} → {row['last_loss']:.4f}  finite: {row['finite']}  {row['steps_per_s']} steps/s")
+    print(json.dumps({"device": device, "torch": torch.__version__, "views_per_s": medians, "learns": learned, "ddp": ddp, "bf16_recipes": vl}))
 
 
 if __name__ == "__main__":

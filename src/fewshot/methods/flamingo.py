@@ -266,7 +266,7 @@ class Flamingo(Method):
                 _, reference = f.residuals(teacher.ids)
             distill = residual_distance(student, reference, teacher.pairs(first))
             loss = caption_loss(logits, interleaved_labels(ids, f.image_id)) + self.text_distill * distill
-            return loss, {"images_per_sequence": float(counts.float().mean()), "distill": float(distill)}
+            return loss, {"images_per_sequence": float(counts.float().mean()), "distill": float(distill.detach())}
         if self.episodes:
             ids, grouped, counts = self.with_episodes(ids, grouped, counts, seed)
         logits = f(ids, grouped, counts)
