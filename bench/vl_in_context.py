@@ -44,7 +44,8 @@ SmolLM2 the recipe that names shapes (docs/benchmarks.md, "Flamingo with faster 
 option is the paper's: ``method.gate_lr_scale`` lets the tanh gates learn 30 times faster, ``method.text_distill`` makes
 the frozen LM's reading of each episode in words a teacher) is ``--flamingo-steps 300 --flamingo-episodes 2
 --flamingo-override method.cross_every=3 method.cross_heads=8 method.gate_lr_scale=30 method.text_distill=10
-train.batch_size=16 train.lr=0.003 train.min_lr_ratio=0.1``, ≈ 38 CPU-minutes per Flamingo run, beyond this bench's 25.
+train.batch_size=16 train.lr=0.003 train.min_lr_ratio=0.1``, 33–38 CPU-minutes per Flamingo run, beyond this bench's 25
+(``--models flamingo`` with it: 74.8 CPU-minutes, docs/benchmarks.md, "The bench's Flamingo rows at a third training seed").
 ``--models flamingo`` trains and scores Flamingo alone (with its two blind rows), ``--models frozen`` Frozen alone (the
 default without ``--flamingo-steps``); the text-only row is then read by the first model's frozen LM.
 Frozen on the paper's captioning loss alone does not lift its image rows above test-blind; Frozen with word targets names
