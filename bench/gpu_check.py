@@ -33,22 +33,12 @@ from pathlib import Path
 import torch
 
 from fewshot import api
-from fewshot.config import load_config
 from fewshot.train.checkpoint import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import COMMON  # noqa: E402  (the same SimCLR work as the CPU throughput bench)
+from throughput import fewshot_views_per_second  # noqa: E402  (the same SimCLR work as the CPU throughput bench)
 
 PRECISIONS = ("32-true", "bf16-mixed")
-
-
-def views_per_second(out: str, precision: str, channels_last: bool, trial: int, steps: int, batch: int, accelerator: str) -> float:
-    cfg = load_config(overrides=[*COMMON, f"out={out}", f"name=t-{precision}-{int(channels_last)}-{trial}", f"train.steps={steps}",
-                                 f"train.batch_size={batch}", f"train.log_every={max(1, steps // 4)}", f"train.checkpoint_every={steps}",
-                                 f"train.precision={precision}", f"train.channels_last={str(channels_last).lower()}",
-                                 f"train.accelerator={accelerator}", "train.devices=1"])
-    result = api.pretrain(cfg, progress=False)
-    return statistics.median(h["views_per_s"] for h in result.history[1:] or result.history)  # the first window warms up
 
 
 def learns(out: str, precision: str, steps: int, episodes: int, accelerator: str) -> dict:
@@ -128,7 +118,8 @@ def main() -> None:
         for precision in PRECISIONS:
             for channels_last in (False, True):
                 key = f"{precision}{' channels_last' if channels_last else ''}"
-                rates.setdefault(key, []).append(views_per_second(out, precision, channels_last, trial, args.steps, args.batch, accelerator))
+                device = [f"train.batch_size={args.batch}", f"train.precision={precision}", f"train.accelerator={accelerator}", "train.devices=1"]
+                rates.setdefault(key, []).append(fewshot_views_per_second(args.steps, out, trial, channels_last, device, tag=f"{precision}-"))
     medians = {key: round(statistics.median(v)) for key, v in rates.items()}
     print(f"\nSimCLR views/s (batch {args.batch}, median of {args.trials} trials of {args.steps} steps)")
     for key, rate in medians.items():

@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 
 import torch
 from torchvision.transforms import v2
@@ -35,12 +36,14 @@ COMMON = ["data.image_size=28", "encoder.options={pools: 4, blocks: 4}", "method
           "views.options={elastic_prob: 0.0, thickness_prob: 0.0}"]
 
 
-def fewshot_views_per_second(steps: int, out: str, trial: int, channels_last: bool) -> float:
-    cfg = load_config(overrides=[*COMMON, f"out={out}", f"name=t{trial}-{int(channels_last)}", f"train.steps={steps}",
-                                 f"train.log_every={steps // 3}", f"train.checkpoint_every={steps}",
-                                 f"train.channels_last={str(channels_last).lower()}"])
+def fewshot_views_per_second(steps: int, out: str, trial: int, channels_last: bool, overrides: Sequence[str] = (), tag: str = "") -> float:
+    """Median views/s of ``steps`` steps of this SimCLR work through the trainer (``overrides`` after COMMON: batch,
+    precision, device), the first logged window left out."""
+    cfg = load_config(overrides=[*COMMON, f"out={out}", f"name=t{tag}{trial}-{int(channels_last)}", f"train.steps={steps}",
+                                 f"train.log_every={max(1, steps // 3)}", f"train.checkpoint_every={steps}",
+                                 f"train.channels_last={str(channels_last).lower()}", *overrides])
     result = api.pretrain(cfg, progress=False)
-    return statistics.median(h["views_per_s"] for h in result.history[1:])  # first window includes warm-up
+    return statistics.median(h["views_per_s"] for h in result.history[1:] or result.history)  # first window includes warm-up
 
 
 def lightly_views_per_second(steps: int, images: torch.Tensor) -> float:
