@@ -198,6 +198,23 @@ def test_cached_incremental_decoding_equals_recomputation(cuts, kind):
     assert cached.shape == full.shape and torch.allclose(cached, full, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("chunk", [(0, 5), (5, 9)])  # a prompt's prefill, then a chunk after the cache
+def test_last_only_logits_are_the_last_positions_of_the_full_logits(kind, chunk):
+    """step(last_only=True), what generation's prefill calls (the LM's head runs on one position), gives the full
+    logits' last position, and not the one before it (the control that the positions differ at all)."""
+    f = _trained_like(_flamingo(kind=kind))
+    a, b = chunk
+    with torch.no_grad():
+        state = f.start(_features(2, 0))
+        if a:
+            _, state = f.step(IDS[:, :a], state)
+        full, _ = f.step(IDS[:, a:b], state)
+        last, _ = f.step(IDS[:, a:b], state, last_only=True)
+    assert last.shape == (IDS.shape[0], 1, f.vocab_size + 2)
+    assert torch.allclose(last[:, 0], full[:, -1], atol=1e-5) and not torch.allclose(last[:, 0], full[:, -2], atol=1e-3)
+
 # ------------------------------------------------------------------ (f) bad input
 
 

@@ -165,9 +165,9 @@ class TextEpisodes:
     def __init__(self, ids: torch.Tensor, spans: list[list[tuple[int, int]]]) -> None:
         self.ids, self.spans = ids, spans
 
-    def pairs(self, first_row: int) -> torch.Tensor:
-        """Index rows (student row, position, text row, position), episode e being student row ``first_row`` + e."""
-        return torch.tensor([(first_row + e, s, e, t) for e, pairs in enumerate(self.spans) for s, t in pairs],
+    def pairs(self) -> torch.Tensor:
+        """Index rows (student row, position, text row, position), episode e being row e of both."""
+        return torch.tensor([(e, s, e, t) for e, pairs in enumerate(self.spans) for s, t in pairs],
                             dtype=torch.long, device=self.ids.device)
 
 
@@ -257,20 +257,27 @@ class Flamingo(Method):
         features = self.training_features(batch["images"])
         grouped = features[members.clamp(min=0)] * (members >= 0)[:, :, None, None].to(features.dtype)
         counts = (members >= 0).sum(dim=1)
-        seed = int(torch.randint(2**31 - 1, (1,), generator=generator)) if self.episodes else 0
-        if self.text_distill:
-            first = ids.shape[0]
-            ids, grouped, counts, teacher = self.with_episodes(ids, grouped, counts, seed, with_text=True)
-            logits, student = f.residuals(ids, grouped, counts)
+        logs = {"images_per_sequence": float(counts.float().mean())}
+        labels = interleaved_labels(ids, f.image_id)
+        loss = caption_loss(f(ids, grouped, counts), labels)
+        if not self.episodes:
+            return loss, logs
+        # The episodes run as their own batch: padded to the captions' length the captions' rows would cost 3–4 times
+        # their tokens (a causal LM's right padding changes nothing else); the loss stays the mean over all text tokens.
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+        episode_ids, episode_features, episode_counts, teacher = self.naming_batch(seed, grouped, with_text=bool(self.text_distill))
+        episode_labels = interleaved_labels(episode_ids, f.image_id)
+        logits, student = f.residuals(episode_ids, episode_features, episode_counts)
+        n, m = (labels[:, 1:] != IGNORE_INDEX).sum(), (episode_labels[:, 1:] != IGNORE_INDEX).sum()
+        loss = (loss * n + caption_loss(logits, episode_labels) * m) / (n + m)
+        logs["images_per_sequence"] = float(torch.cat([counts, episode_counts]).float().mean())
+        if teacher is not None:
             with torch.no_grad():
                 _, reference = f.residuals(teacher.ids)
-            distill = residual_distance(student, reference, teacher.pairs(first))
-            loss = caption_loss(logits, interleaved_labels(ids, f.image_id)) + self.text_distill * distill
-            return loss, {"images_per_sequence": float(counts.float().mean()), "distill": float(distill.detach())}
-        if self.episodes:
-            ids, grouped, counts = self.with_episodes(ids, grouped, counts, seed)
-        logits = f(ids, grouped, counts)
-        return caption_loss(logits, interleaved_labels(ids, f.image_id)), {"images_per_sequence": float(counts.float().mean())}
+            distill = residual_distance(student, reference, teacher.pairs())
+            loss = loss + self.text_distill * distill
+            logs["distill"] = float(distill.detach())
+        return loss, logs
 
     def longest_episode(self) -> int:
         """Positions a naming episode can take at most: task induction over the three longest names, every image but
@@ -278,37 +285,29 @@ class Flamingo(Method):
         length = lambda name: len(self.tokenizer.encode(f" {name}.", add_special_tokens=False).ids)  # noqa: E731
         return len(self.pieces_ids(longest_naming_pieces(self.names, self.episode_images, length))) + 2
 
-    def with_episodes(self, ids: torch.Tensor, grouped: torch.Tensor, counts: torch.Tensor, seed: int,
-                      with_text: bool = False) -> tuple[Any, ...]:
-        """The caption sequences (G, T) with their features (G, N, S, D_v) and image counts (G,), followed by
-        ``method.episodes`` naming episodes of the seed (:func:`~fewshot.data.vl_prompts.naming_episode`), each laid
-        out as at evaluation (:meth:`pieces_ids`) with its answer, ``<|endofchunk|>`` and EOS; padded to one length.
-        ``with_text``: also the episodes in text (:class:`TextEpisodes`: each image replaced by its description)."""
+    def naming_batch(self, seed: int, like: torch.Tensor, with_text: bool = False) -> tuple[Any, ...]:
+        """``method.episodes`` naming episodes of the seed (:func:`~fewshot.data.vl_prompts.naming_episode`), each laid
+        out as at evaluation (:meth:`pieces_ids`) with its answer, ``<|endofchunk|>`` and EOS, right-padded to one
+        length: ids (E, T), the images' token features (E, N, S, D_v) (dtype and device of ``like``) and image
+        counts (E,); and with ``with_text`` the episodes in text (:class:`TextEpisodes`: each image replaced by its
+        description), else None."""
         rows, pictures, texts, spans = [], [], [], []
         for j in range(self.episodes):
             episode, images = naming_episode(self.names, seed, j, self.image_size, self.episode_images)
             pieces = episode.answered()
             row, row_spans = self.pieces_layout(pieces)
             rows.append(row + [self.flamingo.chunk_id, self.eos_id])
-            pictures.append(self.training_features(images.images[list(episode.images)].to(ids.device)))
+            pictures.append(self.training_features(images.images[list(episode.images)].to(like.device)))
             if with_text:
                 text, text_spans = self.pieces_layout(described(pieces, episode.images, images.descriptions))
                 texts.append(text + [self.eos_id])
                 spans.append(shared_text_positions(pieces, row_spans, text_spans))
-        g, t = ids.shape[0] + len(rows), max(ids.shape[1], max(map(len, rows)))
-        n = max(grouped.shape[1], max(len(p) for p in pictures))
-        all_ids = torch.full((g, t), PAD_ID, dtype=ids.dtype, device=ids.device)
-        all_features = grouped.new_zeros(g, n, *grouped.shape[2:])
-        all_ids[: ids.shape[0], : ids.shape[1]], all_features[: ids.shape[0], : grouped.shape[1]] = ids, grouped
-        for r, (row, features) in enumerate(zip(rows, pictures), start=ids.shape[0]):
-            all_ids[r, : len(row)], all_features[r, : len(features)] = torch.tensor(row), features
-        out = all_ids, all_features, torch.cat([counts, torch.tensor([len(p) for p in pictures], device=counts.device)])
-        if not with_text:
-            return out
-        text_ids = torch.full((len(texts), max(map(len, texts))), PAD_ID, dtype=ids.dtype, device=ids.device)
-        for r, row in enumerate(texts):
-            text_ids[r, : len(row)] = torch.tensor(row)
-        return (*out, TextEpisodes(text_ids, spans))
+        ids = _right_padded(rows, like.device)
+        features = like.new_zeros(len(rows), max(map(len, pictures)), *pictures[0].shape[1:])
+        for r, row_features in enumerate(pictures):
+            features[r, : len(row_features)] = row_features
+        counts = torch.tensor([len(p) for p in pictures], device=like.device)
+        return ids, features, counts, TextEpisodes(_right_padded(texts, like.device), spans) if with_text else None
 
     # ------------------------------------------------------------------ in-context use
 
@@ -371,7 +370,7 @@ class Flamingo(Method):
         features = self.sequence_features(images)
         ids = torch.tensor([prompt_ids], device=images.device)
         f.check_markers(ids, torch.full((1,), len(images), dtype=torch.long, device=ids.device))
-        logits, state = f.step(ids, f.start(features))
+        logits, state = f.step(ids, f.start(features), last_only=use_cache)
         out: list[int] = []
         for t in range(max_tokens):
             last = logits[0, -1].clone()
@@ -433,6 +432,14 @@ class FlamingoInContext:
         stacked = torch.stack(list(images)) if len(images) else torch.zeros(0, 3, self.image_size, self.image_size)
         out = self.method.generate(stacked, ids, max_tokens, self.use_cache, self.stops)
         return self.method.tokenizer.decode(out, skip_special_tokens=True)
+
+
+def _right_padded(rows: Sequence[list[int]], device: torch.device) -> torch.Tensor:
+    """Id lists → (len(rows), longest) right-padded with PAD_ID."""
+    ids = torch.full((len(rows), max(map(len, rows))), PAD_ID, dtype=torch.long, device=device)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.tensor(row)
+    return ids
 
 
 def _refuse_moved_frozen_parts(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, local_metadata: Any) -> None:

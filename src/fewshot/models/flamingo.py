@@ -225,16 +225,17 @@ class FlamingoLM(nn.Module):
         return hook
 
     def residuals(self, ids: torch.Tensor, features: torch.Tensor | None = None,
-                  image_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                  image_counts: torch.Tensor | None = None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """Logits (B, T, V + 2) and the residual stream (B, T, D) entering each gated layer, after its gated block:
-        of the wrapped model on ``ids`` with ``features`` (as :meth:`forward`), or of the frozen LM alone on text
-        ``ids`` (< V) when ``features`` is None."""
+        of the wrapped model on ``ids`` with ``features`` (as :meth:`forward`); or, when ``features`` is None, no
+        logits (None: the LM's head is not run) and the residuals of the frozen LM alone on text ``ids`` (< V)."""
         self._captured = captured = []
         try:
             if features is not None:
                 logits = self(ids, features, image_counts)
             else:
-                logits, _, _ = self._run_lm(self.table(ids), None)
+                logits = None
+                self._run_lm(self.table(ids), None, keep=1)  # a teacher's residuals: the head's (B, T, V) would be wasted
         finally:
             self._captured = None
         return logits, captured
@@ -267,13 +268,15 @@ class FlamingoLM(nn.Module):
         counts = torch.full((b,), n, dtype=torch.long, device=features.device) if image_counts is None else image_counts.long()
         return FlamingoState(media, counts, torch.zeros(b, dtype=torch.long, device=features.device))
 
-    def _run_lm(self, embeds: torch.Tensor, past: list[KeyValues] | None) -> tuple[torch.Tensor, torch.Tensor, list[KeyValues]]:
+    def _run_lm(self, embeds: torch.Tensor, past: list[KeyValues] | None,
+                keep: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[KeyValues]]:
         """The frozen LM on input embeddings after its cache: (logits over its V ids, the hidden states its head reads,
-        the extended cache)."""
+        the extended cache); logits and hidden states at the last ``keep`` positions only when ``keep`` > 0 (the
+        head, V × D per position, is a fifth of SmolLM2's cost a token)."""
         if self.is_gpt:
             no_tokens = torch.empty(embeds.shape[0], 0, dtype=torch.long, device=embeds.device)
             hidden, kv = self.lm.encoder.hidden(no_tokens, prefix=embeds, past=past, return_kv=True)
-            h = self.lm.head(hidden)
+            h = self.lm.head(hidden[:, -keep:] if keep else hidden)
             return F.linear(h, self.lm.encoder.tok_emb.weight), h, list(kv)
         from transformers import DynamicCache
 
@@ -281,13 +284,14 @@ class FlamingoLM(nn.Module):
         read: list[torch.Tensor] = []
         handle = self.lm.get_output_embeddings().register_forward_pre_hook(lambda head, args: read.append(args[0]))
         try:
-            logits = self.lm(inputs_embeds=embeds, cache=cache, use_cache=True).logits
+            logits = self.lm(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=keep).logits
         finally:
             handle.remove()
         return logits, read[0], [(layer.keys, layer.values) for layer in cache.layers]
 
-    def step(self, ids: torch.Tensor, state: FlamingoState) -> tuple[torch.Tensor, FlamingoState]:
-        """Logits (B, T, V + 2) of ``ids`` (B, T) after the state's cached positions, and the state extended by them."""
+    def step(self, ids: torch.Tensor, state: FlamingoState, last_only: bool = False) -> tuple[torch.Tensor, FlamingoState]:
+        """Logits (B, T, V + 2) of ``ids`` (B, T) after the state's cached positions, and the state extended by them;
+        ``last_only``: the logits (B, 1, V + 2) of the last position only (what a prompt's prefill needs)."""
         start, t = state.length, ids.shape[1]
         if start + t > self.context:
             raise ConfigError(f"an interleaved sequence of {start + t} positions is {start + t - self.context} longer than "
@@ -301,7 +305,7 @@ class FlamingoLM(nn.Module):
         n_images = state.media.shape[1] // self.latents
         self._condition = (state.media, media_mask(ids, self.image_id, n_images, self.latents, state.seen))
         try:
-            logits, h, present = self._run_lm(self.embed(ids), state.past)
+            logits, h, present = self._run_lm(self.embed(ids), state.past, keep=int(last_only))
         finally:
             self._condition = None
         logits = torch.cat([logits, F.linear(h, self.new_tokens.weight.to(h.dtype)).to(logits.dtype)], dim=-1)
