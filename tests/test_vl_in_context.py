@@ -78,6 +78,27 @@ def test_cached_and_recomputed_prompts_give_the_same_logits(link, cache):
     assert model.next_text(shown, PIECES, 6) == uncached.next_text(shown, PIECES, 6)
 
 
+@pytest.mark.parametrize("kind", ["gpt", "hf"])
+def test_last_only_logits_are_the_last_positions_of_the_full_logits(link, tmp_path, kind):
+    """step(last_only=True), the prefill of next_text (the LM's head runs on one position), gives the full logits'
+    last position, after a cache too; not the position before it (the control that positions differ at all)."""
+    if kind == "hf":
+        transformers = pytest.importorskip("transformers")
+        transformers.PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(CORPUS, 300), eos_token="[EOS]").save_pretrained(tmp_path)
+        torch.manual_seed(0)
+        transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=16, n_layer=2, n_head=2)).save_pretrained(tmp_path)
+        link = open_prefix_lm(tmp_path)
+    sequence = interleaved_embeddings(link, pixel_prefix(link), images(3), PIECES)
+    with torch.no_grad():
+        _, past = link.step(sequence[:, :4])
+        for cache in (None, past):
+            chunk = sequence[:, 4:] if cache is not None else sequence
+            full, _ = link.step(chunk, cache)
+            last, _ = link.step(chunk, cache, last_only=True)
+            assert last.shape == (1, 1, full.shape[-1])
+            assert torch.allclose(last[:, 0], full[:, -1], atol=1e-5) and not torch.allclose(last[:, 0], full[:, -2], atol=1e-3)
+
+
 # ------------------------------------------------------------------ blind baselines
 
 

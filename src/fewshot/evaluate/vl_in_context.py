@@ -90,7 +90,7 @@ class PrefixInContext:
     def next_text(self, images: Sequence[torch.Tensor], pieces: Sequence[str], max_tokens: int) -> str:
         sequence = interleaved_embeddings(self.link, self.prefix, images, pieces)
         self.check_fits(sequence.shape[1], max_tokens)
-        logits, past = self.link.step(sequence)
+        logits, past = self.link.step(sequence, last_only=self.use_cache)
         generated: list[int] = []
         for step in range(max_tokens):
             token = int(logits[0, -1].argmax())

@@ -55,7 +55,7 @@ from fewshot.methods.base import Method
 from fewshot.methods.prefix_captioning import open_caption_lm, untie, weight_digests
 from fewshot.methods.vision_language import NamingEpisodesConfig, load_image_tower
 from fewshot.models.flamingo import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, FlamingoLM, image_token_features, image_token_width
-from fewshot.objectives.captioning import caption_loss
+from fewshot.objectives.captioning import caption_loss, token_weighted_mean
 
 __all__ = ["Flamingo", "FlamingoConfig", "FlamingoInContext", "TextEpisodes", "draw_group_sizes", "interleave_captions", "interleaved_labels",
            "residual_distance", "shared_text_positions"]
@@ -258,18 +258,15 @@ class Flamingo(Method):
         grouped = features[members.clamp(min=0)] * (members >= 0)[:, :, None, None].to(features.dtype)
         counts = (members >= 0).sum(dim=1)
         logs = {"images_per_sequence": float(counts.float().mean())}
-        labels = interleaved_labels(ids, f.image_id)
-        loss = caption_loss(f(ids, grouped, counts), labels)
+        captions = (f(ids, grouped, counts), interleaved_labels(ids, f.image_id))
         if not self.episodes:
-            return loss, logs
+            return caption_loss(*captions), logs
         # The episodes run as their own batch: padded to the captions' length the captions' rows would cost 3–4 times
         # their tokens (a causal LM's right padding changes nothing else); the loss stays the mean over all text tokens.
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
         episode_ids, episode_features, episode_counts, teacher = self.naming_batch(seed, grouped, with_text=bool(self.text_distill))
-        episode_labels = interleaved_labels(episode_ids, f.image_id)
         logits, student = f.residuals(episode_ids, episode_features, episode_counts)
-        n, m = (labels[:, 1:] != IGNORE_INDEX).sum(), (episode_labels[:, 1:] != IGNORE_INDEX).sum()
-        loss = (loss * n + caption_loss(logits, episode_labels) * m) / (n + m)
+        loss = token_weighted_mean([captions, (logits, interleaved_labels(episode_ids, f.image_id))])
         logs["images_per_sequence"] = float(torch.cat([counts, episode_counts]).float().mean())
         if teacher is not None:
             with torch.no_grad():

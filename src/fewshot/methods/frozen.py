@@ -76,7 +76,7 @@ from fewshot.errors import ConfigError
 from fewshot.methods.prefix_captioning import PrefixCaptioner, open_caption_lm
 from fewshot.methods.vision_language import ImageTowerConfig, NamingEpisodesConfig, image_tower
 from fewshot.models.prefix_lm import code_information_gap, code_prefix, gumbel_noise, interleaved_sequence, usage_entropy_gap, vocabulary_prefix, vocabulary_weights, word_target_loss
-from fewshot.objectives.captioning import caption_loss
+from fewshot.objectives.captioning import caption_loss, token_weighted_mean
 
 __all__ = ["Frozen", "FrozenConfig"]
 
@@ -286,9 +286,3 @@ class Frozen(PrefixCaptioner):
             raise ConfigError(f"a naming episode of up to {self.episode_images} images needs up to {need} positions, "
                               f"{need - link.context} more than {link.name}'s context of {link.context}: lower method.episode_images")
 
-
-def token_weighted_mean(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """One mean negative log-likelihood over the targeted tokens of several (logits, labels) pairs, each pair's
-    :func:`~fewshot.objectives.captioning.caption_loss` weighted by how many tokens it counts."""
-    counts = [int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in parts]
-    return sum(caption_loss(logits, labels) * n for (logits, labels), n in zip(parts, counts)) / sum(counts)

@@ -64,9 +64,10 @@ class PrefixLM(nn.Module):
         """The LM's token embeddings of ``ids`` (B, T) → (B, T, D)."""
         raise NotImplementedError
 
-    def step(self, embeds: torch.Tensor, past: Past | None = None) -> tuple[torch.Tensor, Past]:
+    def step(self, embeds: torch.Tensor, past: Past | None = None, last_only: bool = False) -> tuple[torch.Tensor, Past]:
         """Logits (B, T, vocab) at the positions of ``embeds`` (B, T, D), placed after the cached ``past``;
-        and the cache extended by them."""
+        and the cache extended by them. ``last_only``: logits (B, 1, vocab) at the last position only (a prompt's
+        prefill; the head, vocab × D a position, is a fifth of SmolLM2's cost a token)."""
         raise NotImplementedError
 
     def output_features(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -120,13 +121,13 @@ class GPTPrefixLM(PrefixLM):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.encoder.tok_emb(ids)
 
-    def step(self, embeds: torch.Tensor, past: Past | None = None) -> tuple[torch.Tensor, Past]:
+    def step(self, embeds: torch.Tensor, past: Past | None = None, last_only: bool = False) -> tuple[torch.Tensor, Past]:
         start = 0 if past is None else past[0][0].shape[2]
         if start + embeds.shape[1] > self.context:
             raise ConfigError(f"{start + embeds.shape[1]} positions exceed {self.name}'s context of {self.context}")
         no_tokens = torch.empty(embeds.shape[0], 0, dtype=torch.long, device=embeds.device)
         hidden, kv = self.model.encoder.hidden(no_tokens, prefix=embeds, past=past, return_kv=True)
-        return self.model.logits(hidden), list(kv)
+        return self.model.logits(hidden[:, -1:] if last_only else hidden), list(kv)
 
     def hidden(self, embeds: torch.Tensor) -> torch.Tensor:
         if embeds.shape[1] > self.context:
@@ -163,14 +164,14 @@ class HFPrefixLM(PrefixLM):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)
 
-    def step(self, embeds: torch.Tensor, past: Past | None = None) -> tuple[torch.Tensor, Past]:
+    def step(self, embeds: torch.Tensor, past: Past | None = None, last_only: bool = False) -> tuple[torch.Tensor, Past]:
         from transformers import DynamicCache
 
         start = 0 if past is None else past[0][0].shape[2]
         if start + embeds.shape[1] > self.context:
             raise ConfigError(f"{start + embeds.shape[1]} positions exceed {self.name}'s context of {self.context}")
         cache = DynamicCache(ddp_cache_data=past) if past is not None else DynamicCache()
-        logits = self.model(inputs_embeds=embeds, cache=cache, use_cache=True).logits
+        logits = self.model(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=int(last_only)).logits
         return logits.float(), [(layer.keys, layer.values) for layer in cache.layers]
 
     def hidden(self, embeds: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from fewshot.data.token_ids import IGNORE_INDEX, PAD_ID
 from fewshot.objectives.language import token_cross_entropy
 
-__all__ = ["append_eos", "caption_labels", "caption_loss"]
+__all__ = ["append_eos", "caption_labels", "caption_loss", "token_weighted_mean"]
 
 
 def append_eos(tokens: torch.Tensor, eos_id: int, pad_id: int = PAD_ID) -> torch.Tensor:
@@ -40,3 +40,12 @@ def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if logits.ndim != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"logits must be (B, N, V) and labels (B, N); got {tuple(logits.shape)} and {tuple(labels.shape)}")
     return token_cross_entropy(logits[:, :-1], labels[:, 1:])
+
+
+def token_weighted_mean(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """One mean negative log-likelihood over the targeted tokens of several (logits, labels) pairs (batches of
+    different lengths, each padded only to its own), each pair's :func:`caption_loss` weighted by its count:
+
+        L = Σ_k |M_k| · L_k / Σ_k |M_k|,   M_k the targeted positions of pair k."""
+    counts = [int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in parts]
+    return sum(caption_loss(logits, labels) * n for (logits, labels), n in zip(parts, counts)) / sum(counts)
