@@ -13,12 +13,20 @@ from fewshot.train.trainer import checkpoint_path
 
 
 def train(config: RunConfig) -> float | None:
-    """Bring the run to its steps (a finished one is reused); the CPU seconds this process spent, None when reused."""
-    if checkpoint_path(config.run_dir).exists() and Run.open(config.run_dir).step >= config.train.steps:
-        return None
+    """Bring the run to its steps (a finished one of the same settings is reused; one of other settings is refused:
+    :func:`fewshot.api.pretrain_to_completion`); the CPU seconds this process spent, None when reused."""
     cpu = time.process_time()
-    api.pretrain_to_completion(config, progress=False)
-    return time.process_time() - cpu
+    result = api.pretrain_to_completion(config, progress=False)
+    return None if result is None else time.process_time() - cpu
+
+
+def recorded_cpu_seconds(config: RunConfig) -> float | None:
+    """The training loop's CPU seconds a finished run's checkpoint records, summed over its sessions (what a bench
+    reports for a run it reused); None for a checkpoint written before fewshot recorded them."""
+    if not checkpoint_path(config.run_dir).exists():
+        return None
+    seconds = Run.open(config.run_dir).checkpoint.meta.get("cpu_seconds")
+    return None if seconds is None else float(seconds)
 
 
 def scene_lm_config(out: Path, steps: int, captions: int = 20000, episodes: int = 8000, seed: int = 0,

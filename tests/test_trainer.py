@@ -277,6 +277,64 @@ def test_a_run_stopped_partway_is_resumed_not_reused(tmp_path, finish, completes
         assert api.pretrain_to_completion(config, progress=False) is None  # finished: reused, not retrained
 
 
+def _reuse_whatever_its_settings(config, progress=False):
+    """The broken rule the settings check replaces: a finished run is reused whatever settings trained it."""
+    from fewshot.run import Run
+    from fewshot.train.trainer import checkpoint_path
+
+    if checkpoint_path(config.run_dir).exists() and Run.open(config.run_dir).step >= config.train.steps:
+        return None
+    return api.pretrain_to_completion(config, progress=progress)
+
+
+@pytest.mark.parametrize("finish, refuses", [(api.pretrain_to_completion, True), (_reuse_whatever_its_settings, False)])
+def test_a_run_of_other_settings_is_refused_not_reused(tmp_path, finish, refuses):
+    """A bench rerun with other overrides must not score the old run as the new one: the folder is refused in one
+    line naming the setting, and its checkpoint is untouched; settings that do not shape the weights (log and
+    checkpoint cadence, a time limit) still reuse it. The broken rule (reuse by step count alone) is the control."""
+    from fewshot.train.trainer import checkpoint_path
+
+    base = ["method=simclr", "data.source=digits", "data.holdout_classes=5", "train.batch_size=8", "train.warmup_steps=1",
+            f"out={tmp_path}", "name=r", "train.steps=2"]
+    api.pretrain(api.load_config(overrides=base), progress=False)
+    stored = checkpoint_path(api.load_config(overrides=base).run_dir).read_bytes()
+    assert api.pretrain_to_completion(api.load_config(overrides=[*base, "train.log_every=1", "train.checkpoint_every=1",
+                                                                 "train.max_minutes=5"]), progress=False) is None
+    other = api.load_config(overrides=[*base, "train.lr=0.5"])
+    if refuses:
+        with pytest.raises(CheckpointError, match=r"holds a run of other settings \(train\.lr: 0\.\d+ there, 0\.5 asked\)") as err:
+            finish(other, progress=False)
+        assert "\n" not in str(err.value)
+    else:
+        assert finish(other, progress=False) is None  # the old run silently stands in for the one asked for
+    assert checkpoint_path(other.run_dir).read_bytes() == stored
+
+
+@pytest.mark.parametrize("variant", ["stored value read", "stored value dropped"])
+def test_training_cpu_seconds_add_up_over_resumes(tmp_path, variant):
+    """The checkpoint keeps the training loop's CPU seconds summed over sessions (what a bench reports for a run it
+    reuses): a resume adds its own to the stored figure. The stored figure is set to 1000 s before resuming, so the
+    sum is ≥ 1000; with it dropped (as a trainer that ignored it) the total is this session's alone (control)."""
+    from fewshot.train.checkpoint import Checkpoint, save_checkpoint
+    from fewshot.train.trainer import checkpoint_path
+
+    base = ["method=simclr", "data.source=digits", "data.holdout_classes=5", "train.batch_size=8", "train.warmup_steps=1",
+            f"out={tmp_path}", "name=r", "train.steps=3"]
+    first = api.pretrain(api.load_config(overrides=[*base, "train.max_minutes=0.00001"]), progress=False)  # stops after step 1
+    path = checkpoint_path(first.run_dir)
+    kept = load_checkpoint(path)
+    assert first.step == 1 and kept.meta["cpu_seconds"] == first.cpu_seconds > 0
+    meta = {**kept.meta, "cpu_seconds": 1000.0}
+    if variant == "stored value dropped":
+        del meta["cpu_seconds"]
+    path.unlink(), path.with_suffix(".json").unlink()
+    save_checkpoint(path, Checkpoint(kept.config, kept.step, kept.tensors, meta))
+    result = api.pretrain(api.load_config(overrides=base), resume=True, progress=False)
+    total = load_checkpoint(path).meta["cpu_seconds"]
+    assert result.step == 3 and total == result.cpu_seconds
+    assert (total > 1000.0) == (variant == "stored value read")
+
+
 _ONE_RANK_NAN = '''
 import sys
 import torch

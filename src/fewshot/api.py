@@ -84,12 +84,37 @@ def _pretrained_text_tokenizer(config: RunConfig) -> Any:
     return own(config) if own is not None else None
 
 
+# What does not shape a run's weights: the folder's name, how long a session may run, logging and checkpoint cadence
+# and evaluation settings. A run stored under other values of these is still the run a config asks for.
+_NOT_SHAPING = ("name", "out", "train.max_minutes", "train.log_every", "train.checkpoint_every", "eval")
+
+
+def settings_differ(stored: RunConfig, wanted: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(dotted key, stored value, wanted value) of every setting that shapes the weights and differs."""
+    def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(tree, dict):
+            return {prefix: tree}
+        return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}.{key}" if prefix else key).items()}
+
+    a, b = flat(stored.model_dump(mode="json")), flat(wanted.model_dump(mode="json"))
+    keys = [k for k in dict.fromkeys([*a, *b]) if not any(k == n or k.startswith(n + ".") for n in _NOT_SHAPING)]
+    return [(k, a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)]
+
+
 def pretrain_to_completion(config: RunConfig, progress: bool = True) -> TrainResult | None:
     """Bring ``config``'s run to ``train.steps``: None when its last checkpoint is already there (reused), a
     resumed run when it stopped partway (a checkpoint short of the steps), else a new run. What a benchmark
-    that may be stopped and rerun calls, so a half-trained run is never scored as a finished one."""
+    that may be stopped and rerun calls, so a half-trained run is never scored as a finished one. A folder holding
+    a run of other settings (:func:`settings_differ`) is refused, never reused in place of the one asked for."""
     if checkpoint_path(config.run_dir).exists():
-        if Run.open(config.run_dir).step >= config.train.steps:
+        run = Run.open(config.run_dir)
+        differ = settings_differ(run.config, config)
+        if differ:
+            key, there, here = differ[0]
+            more = f" and {len(differ) - 1} more" if len(differ) > 1 else ""
+            raise CheckpointError(f"run folder '{config.run_dir}' holds a run of other settings ({key}: {there!r} there, {here!r} "
+                                  f"asked{more}); choose another name=/out= or remove that folder")
+        if run.step >= config.train.steps:
             return None
         return pretrain(config, resume=True, progress=progress)
     return pretrain(config, progress=progress)

@@ -64,6 +64,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         "final_loss": result.history[-1]["loss"] if result.history else None,
         "views_per_second": result.views_per_second,
         "train_seconds": result.train_seconds,
+        "cpu_seconds": result.cpu_seconds,
     }
     _emit(args, out, f"pre-trained to step {out['step']} ({out['views_per_second']:.0f} views/s); checkpoint: {out['checkpoint']}")
 

@@ -44,6 +44,7 @@ class TrainResult:
     step: int
     history: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time in the training loop, all threads, summed over resumes
     global_rank: int = 0  # under DDP every process returns; only rank 0 should report
 
     @property
@@ -199,7 +200,7 @@ def pretrain(
     optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
     view_gen = torch.Generator().manual_seed(train.seed + 7919 * fabric.global_rank)
 
-    start_step, history, train_seconds, saved_step = 0, [], 0.0, 0
+    start_step, history, train_seconds, cpu_seconds, saved_step = 0, [], 0.0, 0.0, 0
     if restored is not None:
         load_weights(method, restored.prefixed("model"), f"checkpoint '{ckpt_path}'", f"method '{config.method.name}'")
         view_gen.set_state(restored.tensors["rng.views"])
@@ -207,6 +208,7 @@ def pretrain(
         start_step = saved_step = restored.step
         history = list(restored.meta.get("history", []))
         train_seconds = float(restored.meta.get("train_seconds", 0.0))
+        cpu_seconds = float(restored.meta.get("cpu_seconds", 0.0))  # 0 for a checkpoint older than the key
     raw_method = method
     method, optimizer = fabric.setup(method, optimizer)
     if restored is not None:
@@ -227,7 +229,7 @@ def pretrain(
         if bad is not None:
             raise diverged(f"'{bad}' is not finite after step {step}, so step {step} was not saved")
         if fabric.is_global_zero:
-            meta = {"optimizer": optim_scalars, "history": history, "train_seconds": train_seconds}
+            meta = {"optimizer": optim_scalars, "history": history, "train_seconds": train_seconds, "cpu_seconds": cpu_seconds}
             save_checkpoint(ckpt_path, Checkpoint(config.model_dump(mode="json"), step, tensors, meta))
         fabric.barrier()
         return ckpt_path
@@ -238,7 +240,7 @@ def pretrain(
     bar = tqdm(total=train.steps, initial=start_step, disable=not (progress and fabric.is_global_zero), unit="step", dynamic_ncols=True)
     views_per_step = raw_method.views_per_sample * train.batch_size * fabric.world_size
     method.train()
-    step, window_start, window_steps, session_start = start_step, time.perf_counter(), 0, time.perf_counter()
+    step, window_start, window_steps, session_start, session_cpu = start_step, time.perf_counter(), 0, time.perf_counter(), time.process_time()
     for step in range(start_step, train.steps):
         idx = order.indices(step)
         # Only the keys the method declares: a label-free method never receives the labels.
@@ -274,7 +276,8 @@ def pretrain(
         out_of_time = train.max_minutes is not None and train_seconds + time.perf_counter() - session_start > 60 * train.max_minutes
         if done % train.checkpoint_every == 0 or done == train.steps or out_of_time:
             train_seconds += time.perf_counter() - session_start
-            session_start = time.perf_counter()
+            cpu_seconds += time.process_time() - session_cpu
+            session_start, session_cpu = time.perf_counter(), time.process_time()
             save(done)
             saved_step = done
         if out_of_time:
@@ -283,4 +286,4 @@ def pretrain(
     for logger in fabric.loggers:
         logger.finalize("success")
     final_step = step + 1 if train.steps > start_step else start_step
-    return TrainResult(run_dir, ckpt_path, final_step, history, train_seconds, fabric.global_rank)
+    return TrainResult(run_dir, ckpt_path, final_step, history, train_seconds, cpu_seconds, fabric.global_rank)
