@@ -261,8 +261,8 @@ class Flamingo(Method):
         captions = (f(ids, grouped, counts), interleaved_labels(ids, f.image_id))
         if not self.episodes:
             return caption_loss(*captions), logs
-        # The episodes run as their own batch: padded to the captions' length the captions' rows would cost 3–4 times
-        # their tokens (a causal LM's right padding changes nothing else); the loss stays the mean over all text tokens.
+        # The episodes run as their own batch: padded to the episodes' length, the caption rows would cost 3–4 times
+        # their tokens (right padding changes nothing else in a causal LM); the loss stays the mean over all text tokens.
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
         episode_ids, episode_features, episode_counts, teacher = self.naming_batch(seed, grouped, with_text=bool(self.text_distill))
         logits, student = f.residuals(episode_ids, episode_features, episode_counts)
