@@ -85,6 +85,7 @@ def main() -> None:
         result["step_seconds"], result["losses"] = step_seconds(args.recipe, args.override, args.steps)
         print(f"{args.recipe}: {result['step_seconds']:.2f} s a step (median of {args.steps}); losses {result['losses']}")
     if args.eval_run:
+        result["eval_run"], result["episodes"] = args.eval_run, args.episodes
         result["prompt_seconds"], result["cells"] = prompt_seconds(args.eval_run, args.episodes, args.trials)
         print(f"{args.eval_run}: {result['prompt_seconds']:.3f} s a prompt (median of {args.trials} passes); {result['cells']}")
     print(json.dumps(result))

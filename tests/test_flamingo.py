@@ -389,6 +389,32 @@ def test_the_in_context_model_lays_out_pieces_as_in_training(runs, tmp_path):
         model.next_text(images, pieces, f.context)
 
 
+@pytest.mark.parametrize("lm", ["gpt", "hf"])
+def test_batched_continuations_equal_one_prompt_at_a_time(runs, tmp_path, lm):
+    """next_texts (prompts of one length and image count stacked, no padding) gives each prompt's next_text in the
+    prompts' order, for prompts of several lengths and image counts mixed, text-only ones among them."""
+    from fewshot.methods.flamingo import FlamingoInContext
+
+    method = build_method(_config(runs, tmp_path, lm=lm))
+    with torch.no_grad():  # a resampler that passes on what it reads and an LM whose logits stand apart: answers vary
+        for part, std in ((method.flamingo.resampler, 1.0), (method.flamingo.lm, 0.3)):
+            for p in part.parameters():
+                if p.ndim > 1:
+                    p.normal_(0, std, generator=torch.Generator().manual_seed(p.numel()))
+    _trained_like(method.flamingo)
+    model = FlamingoInContext(method, "flamingo")
+    model.image_size = 16
+    layouts = [["<image>", "a dax.", "<image>", "what?", "a"], ["<image>", "what?", "a"], ["what is a dax? a"]]
+    prompts = []
+    for seed in range(9):
+        pieces = layouts[seed % 3]
+        shown = list(torch.rand(pieces.count("<image>"), 3, 16, 16, generator=torch.Generator().manual_seed(seed)))
+        prompts.append((shown, pieces))
+    batched = model.next_texts(prompts, 4, batch=2)  # batches of 2: a group split across batches too
+    assert batched == [model.next_text(shown, pieces, 4) for shown, pieces in prompts]
+    assert len(set(batched)) > 3  # more than the three layouts: a row given another's continuation would show
+
+
 @pytest.mark.parametrize("variant", ["text only", "<image> targets counted"])
 def test_the_training_loss_is_the_mean_nll_of_the_text_tokens(runs, tmp_path, variant):
     from fewshot.methods.flamingo import draw_group_sizes

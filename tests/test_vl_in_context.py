@@ -28,6 +28,22 @@ def link(tmp_path_factory):
     return open_prefix_lm(save_tiny_gpt(tmp_path_factory.mktemp("gpt")))
 
 
+@pytest.fixture(scope="module")
+def hf_link(tmp_path_factory):
+    """A random 2-layer GPT-2 with an [EOS] as a prefix LM, weights at std 0.3 so that continuations depend on the images."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("hf")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(CORPUS, 300), eos_token="[EOS]").save_pretrained(folder)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=16, n_layer=2, n_head=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.normal_(0, 0.3)
+    model.save_pretrained(folder)
+    return open_prefix_lm(folder)
+
+
 def pixel_prefix(link):
     """A prefix that is a fixed function of the pixels: the first 2·D values of each image as 2 embeddings."""
     return lambda images: images.flatten(1)[:, : 2 * link.dim].reshape(len(images), 2, link.dim)
@@ -79,15 +95,11 @@ def test_cached_and_recomputed_prompts_give_the_same_logits(link, cache):
 
 
 @pytest.mark.parametrize("kind", ["gpt", "hf"])
-def test_last_only_logits_are_the_last_positions_of_the_full_logits(link, tmp_path, kind):
+def test_last_only_logits_are_the_last_positions_of_the_full_logits(link, request, kind):
     """step(last_only=True), the prefill of next_text (the LM's head runs on one position), gives the full logits'
     last position, after a cache too; not the position before it (the control that positions differ at all)."""
     if kind == "hf":
-        transformers = pytest.importorskip("transformers")
-        transformers.PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(CORPUS, 300), eos_token="[EOS]").save_pretrained(tmp_path)
-        torch.manual_seed(0)
-        transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=16, n_layer=2, n_head=2)).save_pretrained(tmp_path)
-        link = open_prefix_lm(tmp_path)
+        link = request.getfixturevalue("hf_link")
     sequence = interleaved_embeddings(link, pixel_prefix(link), images(3), PIECES)
     with torch.no_grad():
         _, past = link.step(sequence[:, :4])
@@ -97,6 +109,42 @@ def test_last_only_logits_are_the_last_positions_of_the_full_logits(link, tmp_pa
             last, _ = link.step(chunk, cache, last_only=True)
             assert last.shape == (1, 1, full.shape[-1])
             assert torch.allclose(last[:, 0], full[:, -1], atol=1e-5) and not torch.allclose(last[:, 0], full[:, -2], atol=1e-3)
+
+
+def test_decode_steps_cuts_each_row_at_its_own_end():
+    """The one decoding loop, on scripted choices: a row ends before EOS or a stop id, or right after the token that
+    completes a text stop; finished rows keep being fed; the loop stops once every row has ended."""
+    from fewshot.models.prefix_lm import decode_steps
+
+    script = torch.tensor([[5, 6, 0, 7, 7], [5, 9, 6, 6, 6], [4, 3, 6, 6, 6], [8, 8, 8, 8, 8]])  # EOS = 0, stop id 9, "3" ends
+    calls = []
+
+    def next_logits(tokens):
+        calls.append(tokens.shape[1])
+        return torch.nn.functional.one_hot(script[:, tokens.shape[1]], 10).float()
+
+    rows = decode_steps(next_logits, 4, 4, 0, lambda logits: logits.argmax(-1), stop_ids=[9], ends=lambda row: row[-1] == 3)
+    assert rows == [[5, 6], [5], [4, 3], [8, 8, 8, 8]] and calls == [0, 1, 2, 3]
+    assert decode_steps(next_logits, 4, 4, 0, lambda logits: logits.argmax(-1)) == [[5, 6], [5, 9, 6, 6], [4, 3, 6, 6], [8, 8, 8, 8]]
+
+
+@pytest.mark.parametrize("model_kind", ["prefix", "blank images"])
+def test_batched_continuations_equal_one_prompt_at_a_time(hf_link, model_kind):
+    """next_texts (prompts of one length stacked, no padding) gives each prompt's next_text, in the prompts' order,
+    for prompts of several lengths mixed; BlankImages' batched path blanks the images too (its texts differ from the
+    model's on the real images: the control that a batched call forwarded to the model unblanked would be seen)."""
+    from fewshot.evaluate.vl_in_context import continue_prompts
+
+    model = PrefixInContext(hf_link, lambda x: 3 * pixel_prefix(hf_link)(x), "tiny")
+    short = ["answer with dax or blicket.", IMAGE, "this is a dax.", IMAGE, QUERY]
+    prompts = [(images(3, seed), PIECES) if seed % 2 else (images(2, seed), short) for seed in range(7)]
+    tested = BlankImages(model) if model_kind == "blank images" else model
+    batched = continue_prompts(tested, prompts, 6)
+    assert batched == [tested.next_text(shown, pieces, 6) for shown, pieces in prompts]
+    if model_kind == "blank images":
+        assert batched != continue_prompts(model, prompts, 6)
+    else:
+        assert len(set(batched)) > 2  # more than the two lengths: a row given another's continuation would show
 
 
 # ------------------------------------------------------------------ blind baselines

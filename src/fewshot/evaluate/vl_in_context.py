@@ -9,7 +9,10 @@ Any model that continues an interleaved image–text prompt plugs in through :cl
 model's side (Frozen): each image's k prefix embeddings inline where its marker stands, each text piece's token
 embeddings (``PrefixLM.embed``; every piece after the first begins with a space, as the words of the caption LM's
 corpus do), all after the LM's start ids, as one embedding sequence; greedy decoding continues it over the KV cache
-(``use_cache=False`` recomputes the whole sequence at every step; the two agree).
+(``use_cache=False`` recomputes the whole sequence at every step; the two agree). A model may also offer
+``next_texts(prompts, max_tokens) -> list[str]`` for many (images, pieces) at once (:func:`continue_prompts` uses it):
+Frozen's and Flamingo's stack the prompts of one length with no padding, so each row computes what it would alone,
+and read the LM's weights once a decoding step for them all.
 
 Scoring is exact match: the generated text up to its first ``.``, ``?`` or newline, its first words against the
 answer's words (``dax``; ``character 3``). Accuracy is the mean ± 95% CI (:func:`~fewshot.evaluate.runner.mean_ci95`)
@@ -34,10 +37,10 @@ from fewshot.data.vl_prompts import (
 )
 from fewshot.errors import ConfigError, DataError
 from fewshot.evaluate.runner import mean_ci95
-from fewshot.models.prefix_lm import Past, PrefixLM, interleaved_sequence
+from fewshot.models.prefix_lm import Past, PrefixLM, decode_steps, greedy_choice, interleaved_sequence, same_key_batches
 
 __all__ = [
-    "BlankImages", "InterleavedModel", "NearestSupport", "PrefixInContext", "Setting", "answer_matches", "described", "evaluate_fast_vqa", "evaluate_open_ended",
+    "BlankImages", "InterleavedModel", "NearestSupport", "PrefixInContext", "Setting", "answer_matches", "continue_prompts", "described", "evaluate_fast_vqa", "evaluate_open_ended",
     "feature_cosine", "frozen_columns", "interleaved_embeddings", "named_items", "nonce_warnings", "open_in_context_model", "vl_eval", "vl_table", "word_overlap",
 ]
 
@@ -88,24 +91,34 @@ class PrefixInContext:
 
     @torch.no_grad()
     def next_text(self, images: Sequence[torch.Tensor], pieces: Sequence[str], max_tokens: int) -> str:
-        sequence = interleaved_embeddings(self.link, self.prefix, images, pieces)
-        self.check_fits(sequence.shape[1], max_tokens)
-        logits, past = self.link.step(sequence, last_only=self.use_cache)
-        generated: list[int] = []
-        for step in range(max_tokens):
-            token = int(logits[0, -1].argmax())
-            if token == self.link.eos_id:
-                break
-            generated.append(token)
-            if any(s in self.link.decode(generated) for s in _STOPS) or step == max_tokens - 1:
-                break
-            embedded = self.link.embed(torch.tensor([[token]], dtype=torch.long)).to(sequence.dtype)
-            if self.use_cache:
-                logits, past = self.link.step(embedded, past)
-            else:
-                sequence = torch.cat([sequence, embedded], dim=1)
-                logits, _ = self.link.step(sequence)
-        return self.link.decode(generated)
+        return self.next_texts([(images, pieces)], max_tokens)[0]
+
+    @torch.no_grad()
+    def next_texts(self, prompts: Sequence[tuple[Sequence[torch.Tensor], Sequence[str]]], max_tokens: int, batch: int = 32) -> list[str]:
+        """:meth:`next_text` of each (images, pieces), prompts of one length run ``batch`` at a time (stacked with no
+        padding: the LM's weights are read once a step for them all)."""
+        sequences = [interleaved_embeddings(self.link, self.prefix, images, pieces) for images, pieces in prompts]
+        for sequence in sequences:
+            self.check_fits(sequence.shape[1], max_tokens)
+        texts = [""] * len(prompts)
+        for rows in same_key_batches([s.shape[1] for s in sequences], batch):
+            start = torch.cat([sequences[r] for r in rows])
+            past: list[Past] = []
+
+            def next_logits(tokens: torch.Tensor) -> torch.Tensor:
+                if not tokens.shape[1]:
+                    logits, cache = self.link.step(start, last_only=self.use_cache)
+                elif self.use_cache:
+                    logits, cache = self.link.step(self.link.embed(tokens[:, -1:]).to(start.dtype), past[0])
+                else:
+                    logits, cache = self.link.step(torch.cat([start, self.link.embed(tokens).to(start.dtype)], dim=1))
+                past[:] = [cache]
+                return logits[:, -1]
+
+            ends = lambda row: any(s in self.link.decode(row) for s in _STOPS)  # noqa: E731
+            for r, out in zip(rows, decode_steps(next_logits, len(rows), max_tokens, self.link.eos_id, greedy_choice, start.device, ends=ends)):
+                texts[r] = self.link.decode(out)
+        return texts
 
 
 class BlankImages:
@@ -116,6 +129,10 @@ class BlankImages:
 
     def next_text(self, images: Sequence[torch.Tensor], pieces: Sequence[str], max_tokens: int) -> str:
         return self.model.next_text([torch.zeros_like(x) for x in images], pieces, max_tokens)
+
+    def next_texts(self, prompts: Sequence[tuple[Sequence[torch.Tensor], Sequence[str]]], max_tokens: int) -> list[str]:
+        # defined here, never reached through __getattr__: the model's own would see the real images
+        return continue_prompts(self.model, [([torch.zeros_like(x) for x in images], pieces) for images, pieces in prompts], max_tokens)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
@@ -216,8 +233,17 @@ def frozen_columns(way: int, nonce: bool = True) -> list[Setting]:
             *(Setting(way, 1, r, True, nonce) for r in (1, 3, 5))]
 
 
+def continue_prompts(model: InterleavedModel, prompts: Sequence[tuple[Sequence[torch.Tensor], Sequence[str]]], max_tokens: int) -> list[str]:
+    """``model.next_text`` of each (images, pieces): through the model's batched ``next_texts`` when it has one."""
+    batched = getattr(type(model), "next_texts", None)  # the class's own, not one forwarded by __getattr__
+    if batched is not None:
+        return batched(model, prompts, max_tokens)
+    return [model.next_text(images, pieces, max_tokens) for images, pieces in prompts]
+
+
 def _score(model: InterleavedModel, prompts: Sequence[tuple[list[torch.Tensor], Sequence[str], str]], max_tokens: int) -> dict[str, Any]:
-    hits = [float(answer_matches(model.next_text(images, pieces, max_tokens), answer)) for images, pieces, answer in prompts]
+    texts = continue_prompts(model, [(images, pieces) for images, pieces, _ in prompts], max_tokens)
+    hits = [float(answer_matches(text, answer)) for text, (_, _, answer) in zip(texts, prompts)]
     mean, ci = mean_ci95(hits)
     return {"accuracy": 100 * mean, "ci95": 100 * ci, "episodes": len(hits)}
 

@@ -55,6 +55,7 @@ from fewshot.methods.base import Method
 from fewshot.methods.prefix_captioning import open_caption_lm, untie, weight_digests
 from fewshot.methods.vision_language import NamingEpisodesConfig, load_image_tower
 from fewshot.models.flamingo import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, FlamingoLM, image_token_features, image_token_width
+from fewshot.models.prefix_lm import decode_steps, same_key_batches
 from fewshot.objectives.captioning import caption_loss, token_weighted_mean
 
 __all__ = ["Flamingo", "FlamingoConfig", "FlamingoInContext", "TextEpisodes", "draw_group_sizes", "interleave_captions", "interleaved_labels",
@@ -355,33 +356,44 @@ class Flamingo(Method):
         order; stops before [EOS] or ``<|endofchunk|>``, after a token whose text completes one of ``stops``, or after
         ``max_tokens``; ``<image>`` is never generated. ``use_cache=False`` recomputes the whole sequence at each step
         instead (the same ids)."""
+        return self.generate_rows(images[None], [prompt_ids], max_tokens, use_cache, stops)[0]
+
+    @torch.no_grad()
+    def generate_rows(self, images: torch.Tensor, prompt_ids: Sequence[list[int]], max_tokens: int, use_cache: bool = True,
+                      stops: Sequence[str] = ()) -> list[list[int]]:
+        """:meth:`generate` for B prompts of one length at once: ``images`` (B, N, C, H, W), ``prompt_ids`` B lists of
+        T ids each (no padding, so each row computes what it would alone)."""
         f = self.flamingo
         if max_tokens < 1:
             raise ConfigError(f"max_tokens must be ≥ 1, got {max_tokens}")
-        need = len(prompt_ids) + max_tokens - 1
+        if len({len(p) for p in prompt_ids}) != 1 or len(prompt_ids) != images.shape[0]:
+            raise ValueError(f"generate_rows takes prompts of one length, one per row of images; got lengths {sorted({len(p) for p in prompt_ids})}")
+        need = len(prompt_ids[0]) + max_tokens - 1
         if need > f.context:
             raise ConfigError(f"an interleaved sequence of {need} positions (prompt and answer) is {need - f.context} longer "
                               f"than {self.lm_name}'s context of {f.context}")
         was = self.training
         self.eval()
-        features = self.sequence_features(images)
-        ids = torch.tensor([prompt_ids], device=images.device)
-        f.check_markers(ids, torch.full((1,), len(images), dtype=torch.long, device=ids.device))
-        logits, state = f.step(ids, f.start(features), last_only=use_cache)
-        out: list[int] = []
-        for t in range(max_tokens):
-            last = logits[0, -1].clone()
-            last[f.image_id] = float("-inf")
-            token = int(last.argmax())
-            if token in (self.eos_id, f.chunk_id):
-                break
-            out.append(token)
-            if t == max_tokens - 1 or stops and any(s in self.tokenizer.decode(out, skip_special_tokens=True) for s in stops):
-                break
-            if use_cache:
-                logits, state = f.step(torch.tensor([[token]], device=images.device), state)
+        b, n = images.shape[:2]
+        features = self.image_features(images.flatten(0, 1)).unflatten(0, (b, n)) if n else self.sequence_features(images[0]).expand(b, -1, -1, -1)
+        ids = torch.tensor(list(prompt_ids), device=images.device)
+        f.check_markers(ids, torch.full((b,), n, dtype=torch.long, device=ids.device))
+        state: list[Any] = [f.start(features)]
+
+        def next_logits(tokens: torch.Tensor) -> torch.Tensor:
+            if not tokens.shape[1]:
+                logits, state[0] = f.step(ids, state[0], last_only=use_cache)
+            elif use_cache:
+                logits, state[0] = f.step(tokens[:, -1:], state[0])
             else:
-                logits = f(torch.tensor([prompt_ids + out], device=images.device), features)
+                logits = f(torch.cat([ids, tokens], dim=1), features)
+            return logits[:, -1]
+
+        def no_image(logits: torch.Tensor) -> torch.Tensor:
+            return logits.index_fill(1, torch.tensor([f.image_id], device=logits.device), float("-inf")).argmax(dim=-1)
+
+        ends = (lambda row: any(s in self.tokenizer.decode(row, skip_special_tokens=True) for s in stops)) if stops else None
+        out = decode_steps(next_logits, b, max_tokens, self.eos_id, no_image, images.device, stop_ids=[f.chunk_id], ends=ends)
         self.train(was)
         return out
 
@@ -424,11 +436,23 @@ class FlamingoInContext:
 
     @torch.no_grad()
     def next_text(self, images: Sequence[torch.Tensor], pieces: Sequence[str], max_tokens: int) -> str:
-        ids = self.prompt_ids(pieces)
-        self.check_fits(len(ids), max_tokens)
-        stacked = torch.stack(list(images)) if len(images) else torch.zeros(0, 3, self.image_size, self.image_size)
-        out = self.method.generate(stacked, ids, max_tokens, self.use_cache, self.stops)
-        return self.method.tokenizer.decode(out, skip_special_tokens=True)
+        return self.next_texts([(images, pieces)], max_tokens)[0]
+
+    @torch.no_grad()
+    def next_texts(self, prompts: Sequence[tuple[Sequence[torch.Tensor], Sequence[str]]], max_tokens: int, batch: int = 32) -> list[str]:
+        """:meth:`next_text` of each (images, pieces), prompts of one length and image count run ``batch`` at a time: the LM's weights are read once a step for them all (a step of one row is memory-bound on a CPU)."""
+        ids = [self.prompt_ids(pieces) for _, pieces in prompts]
+        for row in ids:
+            self.check_fits(len(row), max_tokens)
+        texts = [""] * len(prompts)
+        for rows in same_key_batches([(len(row), len(images)) for row, (images, _) in zip(ids, prompts)], batch):
+            shown = [list(prompts[r][0]) for r in rows]
+            stacked = (torch.stack([torch.stack(images) for images in shown]) if shown[0] else
+                       torch.zeros(len(rows), 0, 3, self.image_size, self.image_size))
+            outs = self.method.generate_rows(stacked, [ids[r] for r in rows], max_tokens, self.use_cache, self.stops)
+            for r, out in zip(rows, outs):
+                texts[r] = self.method.tokenizer.decode(out, skip_special_tokens=True)
+        return texts
 
 
 def _right_padded(rows: Sequence[list[int]], device: torch.device) -> torch.Tensor:

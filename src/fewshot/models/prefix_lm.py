@@ -40,7 +40,7 @@ from fewshot.errors import ConfigError, DataError
 from fewshot.models.causal_lm import GPTPromptLM, HFCausalLM, open_causal_lm
 from fewshot.models.language import LanguageModel
 
-__all__ = ["GPTPrefixLM", "HFPrefixLM", "Past", "PrefixLM", "beam_search", "check_image_count", "code_information_gap", "code_prefix", "decode_steps", "gumbel_noise", "greedy", "greedy_choice",
+__all__ = ["GPTPrefixLM", "HFPrefixLM", "Past", "PrefixLM", "beam_search", "check_image_count", "code_information_gap", "code_prefix", "decode_steps", "same_key_batches", "gumbel_noise", "greedy", "greedy_choice",
            "interleaved_sequence", "nucleus", "nucleus_choice", "open_prefix_lm", "top_p_filter", "usage_entropy_gap", "vocabulary_logits", "vocabulary_prefix", "vocabulary_weights", "word_target_loss"]
 
 Past = list[tuple[torch.Tensor, torch.Tensor]]
@@ -343,20 +343,36 @@ def _check_length(link: PrefixLM, prefix: torch.Tensor, max_tokens: int) -> None
 
 
 def decode_steps(next_logits: Callable[[torch.Tensor], torch.Tensor], batch: int, max_tokens: int, eos_id: int,
-                 choose: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str = "cpu") -> list[list[int]]:
+                 choose: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str = "cpu", stop_ids: Sequence[int] = (),
+                 ends: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
     """The one token-by-token decoding loop: ``next_logits(tokens (B, t)) → (B, V)`` scores the next token after each
-    row's t tokens so far (t = 0 first), ``choose(logits) → (B,)`` picks it, until every row has said ``eos_id`` or
-    ``max_tokens`` are chosen. Rows of ids, each cut before its first ``eos_id``. A finished row keeps being fed
-    whatever it chose; nothing of it after its EOS is returned."""
+    row's t tokens so far (t = 0 first), ``choose(logits) → (B,)`` picks it, until every row has finished or
+    ``max_tokens`` are chosen. A row finishes on ``eos_id`` or any of ``stop_ids`` (cut before it), or once
+    ``ends(row so far)`` holds (kept up to that token: a text stop such as a full stop). A finished row keeps being
+    fed whatever it chose; nothing of it after its end is returned."""
     tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    stops = {eos_id, *stop_ids}
+    kept: list[list[int] | None] = [None] * batch  # a finished row's tokens
     for _ in range(max_tokens):
         chosen = choose(next_logits(tokens))
         tokens = torch.cat([tokens, chosen[:, None]], dim=1)
-        done |= chosen == eos_id
-        if bool(done.all()):
+        for r, token in enumerate(chosen.tolist()):
+            if kept[r] is None and token in stops:
+                kept[r] = tokens[r, :-1].tolist()
+            elif kept[r] is None and ends is not None and ends(row := tokens[r].tolist()):
+                kept[r] = row
+        if all(k is not None for k in kept):
             break
-    return [row[: row.index(eos_id)] if eos_id in row else row for row in tokens.tolist()]
+    return [tokens[r].tolist() if k is None else k for r, k in enumerate(kept)]
+
+
+def same_key_batches(keys: Sequence[Any], size: int) -> list[list[int]]:
+    """Indices of ``keys`` in batches of at most ``size`` whose items share one key (e.g. prompts of one length and
+    image count, which stack with no padding, so each row computes what it would alone), in order of first appearance."""
+    groups: dict[Any, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return [rows[j : j + size] for rows in groups.values() for j in range(0, len(rows), size)]
 
 
 def greedy_choice(logits: torch.Tensor) -> torch.Tensor:
