@@ -122,14 +122,15 @@ def owned(name: str, overrides: list[str]) -> list[str]:
     return [o for o in overrides if not o.startswith("method.") or o.split("=")[0].split(".")[1] in fields]
 
 
-def save_tiny_hf_gpt2(folder: Path, corpus: str, n_positions: int = 256) -> Path:
-    """A random 2-layer GPT-2 (32 wide) and a 400-id BPE tokenizer trained on ``corpus``, saved as a Hugging Face
-    folder. Weights are drawn at std 0.3 so that logits are well separated and greedy ties cannot hide a difference."""
+def save_tiny_hf_gpt2(folder: Path, corpus: str, n_positions: int = 256, eos_token: str | None = None) -> Path:
+    """A random 2-layer GPT-2 (32 wide) and a 400-id BPE tokenizer trained on ``corpus`` (``eos_token`` its EOS, if
+    given), saved as a Hugging Face folder. Weights are drawn at std 0.3 so that logits are well separated and greedy
+    ties cannot hide a difference."""
     import transformers
 
     from fewshot.data.tokenizer import train_tokenizer
 
-    transformers.PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(corpus, 400)).save_pretrained(folder)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(corpus, 400), eos_token=eos_token).save_pretrained(folder)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=400, n_positions=n_positions, n_embd=32, n_layer=2, n_head=4))
     with torch.no_grad():

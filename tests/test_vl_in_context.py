@@ -30,18 +30,11 @@ def link(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_link(tmp_path_factory):
-    """A random 2-layer GPT-2 with an [EOS] as a prefix LM, weights at std 0.3 so that continuations depend on the images."""
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("hf")
-    transformers.PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(CORPUS, 300), eos_token="[EOS]").save_pretrained(folder)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=16, n_layer=2, n_head=2))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1:
-                p.normal_(0, 0.3)
-    model.save_pretrained(folder)
-    return open_prefix_lm(folder)
+    """A random GPT-2 with an [EOS] as a prefix LM, weights at std 0.3 so that continuations depend on the images."""
+    pytest.importorskip("transformers")
+    from conftest import save_tiny_hf_gpt2
+
+    return open_prefix_lm(save_tiny_hf_gpt2(tmp_path_factory.mktemp("hf"), CORPUS, n_positions=64, eos_token="[EOS]"))
 
 
 def pixel_prefix(link):
