@@ -40,8 +40,8 @@ from fewshot.errors import ConfigError, DataError
 from fewshot.models.causal_lm import GPTPromptLM, HFCausalLM, open_causal_lm
 from fewshot.models.language import LanguageModel
 
-__all__ = ["GPTPrefixLM", "HFPrefixLM", "Past", "PrefixLM", "beam_search", "check_image_count", "code_information_gap", "code_prefix", "decode_steps", "same_key_batches", "gumbel_noise", "greedy", "greedy_choice",
-           "interleaved_sequence", "nucleus", "nucleus_choice", "open_prefix_lm", "top_p_filter", "usage_entropy_gap", "vocabulary_logits", "vocabulary_prefix", "vocabulary_weights", "word_target_loss"]
+__all__ = ["GPTPrefixLM", "HFPrefixLM", "Past", "PrefixLM", "beam_search", "check_image_count", "code_information_gap", "code_prefix", "decode_steps", "gumbel_noise", "greedy", "greedy_choice",
+           "interleaved_sequence", "nucleus", "nucleus_choice", "open_prefix_lm", "same_key_batches", "top_p_filter", "usage_entropy_gap", "vocabulary_logits", "vocabulary_prefix", "vocabulary_weights", "word_target_loss"]
 
 Past = list[tuple[torch.Tensor, torch.Tensor]]
 
