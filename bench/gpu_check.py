@@ -75,17 +75,17 @@ def vl_path(out: str, steps: int, accelerator: str, precision: str) -> dict:
     root = Path(out) / "vl"
     pool = root / "scenes"
     write_scenes(pool, 2000, 32, (1, 2), 0)
-    device = [f"train.accelerator={accelerator}", "train.devices=1", f"train.precision={precision}", f"train.steps={steps}",
+    run = [f"train.accelerator={accelerator}", "train.devices=1", f"train.precision={precision}", f"train.steps={steps}",
               f"train.checkpoint_every={steps}", f"train.log_every={max(1, steps // 10)}", f"train.warmup_steps={max(1, steps // 10)}"]
-    lm = scene_lm_config(root, steps, 2000, 800, 0, device)  # writes its scene corpus, also the pairs tokenizers' text
+    lm = scene_lm_config(root, steps, 2000, 800, 0, run)  # writes its scene corpus, also the pairs tokenizers' text
     pairs = [f"data.path={pool / 'manifest.tsv'}", f"data.corpus={lm.data.path}", f"out={root}"]
-    configs = {"clip-scenes": api.load_config(api.find_recipe("clip-scenes"), [*pairs, "name=clip", *device]), "gpt-scenes": lm}
-    configs["frozen-scenes"] = api.load_config(api.find_recipe("frozen-scenes"), [*pairs, "name=frozen", *device,
+    configs = {"clip-scenes": api.load_config(api.find_recipe("clip-scenes"), [*pairs, "name=clip", *run]), "gpt-scenes": lm}
+    configs["frozen-scenes"] = api.load_config(api.find_recipe("frozen-scenes"), [*pairs, "name=frozen", *run,
                                                                                  f"method.lm.init={configs['gpt-scenes'].run_dir}"])
     configs["flamingo-scenes"] = api.load_config(api.find_recipe("flamingo-scenes"), [
-        *pairs, "name=flamingo", *device, f"method.lm.init={configs['gpt-scenes'].run_dir}",
+        *pairs, "name=flamingo", *run, f"method.lm.init={configs['gpt-scenes'].run_dir}",
         f"method.image.init={configs['clip-scenes'].run_dir}", "method.episodes=2", "method.text_distill=1.0", "method.gate_lr_scale=10"])
-    configs["mae-digits"] = api.load_config(api.find_recipe("mae-digits"), [f"out={root}", "name=mae", *device])
+    configs["mae-digits"] = api.load_config(api.find_recipe("mae-digits"), [f"out={root}", "name=mae", *run])
     rows = {}
     for name, config in configs.items():
         started = time.perf_counter()
@@ -118,8 +118,8 @@ def main() -> None:
         for precision in PRECISIONS:
             for channels_last in (False, True):
                 key = f"{precision}{' channels_last' if channels_last else ''}"
-                device = [f"train.batch_size={args.batch}", f"train.precision={precision}", f"train.accelerator={accelerator}", "train.devices=1"]
-                rates.setdefault(key, []).append(fewshot_views_per_second(args.steps, out, trial, channels_last, device, tag=f"{precision}-"))
+                overrides = [f"train.batch_size={args.batch}", f"train.precision={precision}", f"train.accelerator={accelerator}", "train.devices=1"]
+                rates.setdefault(key, []).append(fewshot_views_per_second(args.steps, out, trial, channels_last, overrides, tag=f"{precision}-"))
     medians = {key: round(statistics.median(v)) for key, v in rates.items()}
     print(f"\nSimCLR views/s (batch {args.batch}, median of {args.trials} trials of {args.steps} steps)")
     for key, rate in medians.items():

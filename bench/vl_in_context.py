@@ -273,10 +273,9 @@ def main() -> None:
     total = time.process_time() / 60  # the whole process: loading, training, evaluation
     reused = {k: recorded_cpu_seconds(runs[k]) for k, v in cpu.items() if v is None}  # what their checkpoints record
     reused_minutes = {k: None if v is None else round(v / 60, 2) for k, v in reused.items()}
-    with_reused = None if None in reused.values() else round(total + sum(reused.values()) / 60, 2)
+    whole = None if None in reused.values() else round(total + sum(reused.values()) / 60, 2)  # the process and reused training
     print(f"CPU-minutes: training {cpu_minutes} (null: reused), evaluation {eval_minutes:.2f}, this process in all {total:.2f}"
-          + (f"; reused runs' training as recorded {reused_minutes} (null: not recorded), with them {with_reused}" if reused else ""))
-    whole = round(total, 2) if not reused else with_reused
+          + (f"; reused runs' training as recorded {reused_minutes} (null: not recorded), with them {whole}" if reused else ""))
     within = None if whole is None else whole <= args.budget
     print(f"within the {args.budget:g} CPU-minute budget: {'n/a (a reused run recorded no CPU time)' if within is None else 'yes' if within else 'NO'}")
     print(json.dumps({"bench": "vl_in_context", "episodes": args.episodes, "seed": args.seed, "lm": args.lm, "image_init": args.image_init, "lock": args.lock,

@@ -59,7 +59,7 @@ from fewshot.models.prefix_lm import decode_steps, same_key_batches
 from fewshot.objectives.captioning import caption_loss, token_weighted_mean
 
 __all__ = ["Flamingo", "FlamingoConfig", "FlamingoInContext", "TextEpisodes", "draw_group_sizes", "interleave_captions", "interleaved_labels",
-           "residual_distance", "shared_text_positions"]
+           "residual_distance", "right_padded", "shared_text_positions"]
 
 
 class _Section(BaseModel):
@@ -123,10 +123,12 @@ def interleave_captions(captions: torch.Tensor, sizes: list[int], image_id: int,
         rows.append(seq + [eos_id])
         members.append(list(range(first, first + size)) + [-1] * (max(sizes) - size))
         first += size
-    ids = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
-    for g, seq in enumerate(rows):
-        ids[g, : len(seq)] = torch.tensor(seq)
-    return ids.to(captions.device), torch.tensor(members, dtype=torch.long, device=captions.device)
+    return right_padded(rows, captions.device, pad_id), torch.tensor(members, dtype=torch.long, device=captions.device)
+
+
+def right_padded(rows: Sequence[list[int]], device: torch.device | str = "cpu", pad_id: int = PAD_ID) -> torch.Tensor:
+    """Id lists → (len(rows), longest), each right-padded with ``pad_id``."""
+    return nn.utils.rnn.pad_sequence([torch.tensor(row, dtype=torch.long) for row in rows], batch_first=True, padding_value=pad_id).to(device)
 
 
 def interleaved_labels(ids: torch.Tensor, image_id: int, pad_id: int = PAD_ID) -> torch.Tensor:
@@ -300,12 +302,12 @@ class Flamingo(Method):
                 text, text_spans = self.pieces_layout(described(pieces, episode.images, images.descriptions))
                 texts.append(text + [self.eos_id])
                 spans.append(shared_text_positions(pieces, row_spans, text_spans))
-        ids = _right_padded(rows, like.device)
+        ids = right_padded(rows, like.device)
         features = like.new_zeros(len(rows), max(map(len, pictures)), *pictures[0].shape[1:])
         for r, row_features in enumerate(pictures):
             features[r, : len(row_features)] = row_features
         counts = torch.tensor([len(p) for p in pictures], device=like.device)
-        return ids, features, counts, TextEpisodes(_right_padded(texts, like.device), spans) if with_text else None
+        return ids, features, counts, TextEpisodes(right_padded(texts, like.device), spans) if with_text else None
 
     # ------------------------------------------------------------------ in-context use
 
@@ -453,14 +455,6 @@ class FlamingoInContext:
             for r, out in zip(rows, outs):
                 texts[r] = self.method.tokenizer.decode(out, skip_special_tokens=True)
         return texts
-
-
-def _right_padded(rows: Sequence[list[int]], device: torch.device) -> torch.Tensor:
-    """Id lists → (len(rows), longest) right-padded with PAD_ID."""
-    ids = torch.full((len(rows), max(map(len, rows))), PAD_ID, dtype=torch.long, device=device)
-    for r, row in enumerate(rows):
-        ids[r, : len(row)] = torch.tensor(row)
-    return ids
 
 
 def _refuse_moved_frozen_parts(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, local_metadata: Any) -> None:
