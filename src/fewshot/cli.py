@@ -255,6 +255,16 @@ def cmd_icl_tune_lm(args: argparse.Namespace) -> None:
                      f"final loss {out['final_loss']:.3f}), merged and saved to {out['out']}")
 
 
+def cmd_icl_shrink_lm(args: argparse.Namespace) -> None:
+    from fewshot.adapt.lm_shrink import shrink_lm
+
+    out = shrink_lm(args.model, args.out, args.layers, args.vocabulary)
+    before, after = out["before"], out["after"]
+    _emit(args, out, f"{out['base']}: {before['layers']} → {after['layers']} layers, {before['vocabulary']} → {after['vocabulary']} "
+                     f"tokens, {before['parameters'] / 1e6:.1f}M → {after['parameters'] / 1e6:.1f}M parameters; saved to {out['out']} "
+                     "(heal it with fewshot icl tune-lm)")
+
+
 def cmd_icl_cot(args: argparse.Namespace) -> None:
     from fewshot.evaluate.cot import cot_table, evaluate_cot
     from fewshot.evaluate.prompting import open_prompt_model
@@ -445,6 +455,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank r (alpha = 2r), on every attention projection")
     p.add_argument("--seed", type=int, default=0, help="seed of LoRA's initial A and of the batches")
     p.add_argument("--marker", default="a:", help="the answer cue: the loss is on the text after a line's last marker")
+
+    p = add_icl("shrink-lm", cmd_icl_shrink_lm, "a Hugging Face causal LM cut to its first layers and the last (Gromov et al. 2024) and/or its "
+                "vocabulary trimmed to a corpus's tokens, saved as a new folder: a cheaper frozen LM once healed with tune-lm")
+    p.add_argument("model", help="smollm2 or a Hugging Face causal LM folder")
+    p.add_argument("--out", required=True, help="the new Hugging Face folder to write")
+    p.add_argument("--layers", type=int, help="layers to keep: the first LAYERS-1 and the last")
+    p.add_argument("--vocabulary", help="a text file whose lines the trimmed vocabulary must tokenize as before (e.g. fewshot data scene-corpus)")
 
     p = add_icl("cot", cmd_icl_cot, "chain-of-thought prompting on generated reasoning tasks: zero-shot, few-shot, zero-shot CoT, few-shot CoT, self-consistency")
     p.add_argument("model", help="smollm2, a Hugging Face causal LM folder or a gpt run")

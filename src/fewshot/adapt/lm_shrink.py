@@ -1,0 +1,175 @@
+"""Shrink a Hugging Face causal LM to what one task needs: fewer layers, a smaller vocabulary, then heal it.
+
+Frozen and Flamingo run their frozen LM forward and backward on every step, so its size sets their cost. Two cuts
+leave a model that still reads the scene prompts once healed with :func:`~fewshot.adapt.lm_tuning.tune_lm`:
+
+- **Layers** (Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper Layers"): deep layers change the
+  residual stream least, so a block of them can go; the first ``count − 1`` layers and the last one are kept (the last
+  layer maps the stream to the head and is the one that cannot go) and a short LoRA fine-tune heals the gap.
+- **Vocabulary**: a task that speaks a few hundred words never needs the rest of a 49,152-token head, which costs as
+  much as eight of SmolLM2's 30 layers per position. The tokens kept are those the task's texts are made of and every
+  token a BPE merge passes through on the way to them, the tokenizer's base alphabet and its special tokens; a merge is
+  kept when its two parts and its result are. BPE applies the lowest-ranked applicable merge first, and every merge
+  that fires on a task text is kept, so **the task's texts tokenize to the same tokens, renumbered**, and any other text
+  still tokenizes (in smaller pieces). The logits of a kept token are its logits in the full model; only the softmax's
+  normaliser changes, so the LM answers among the task's tokens.
+
+The result is saved like any tuned LM (:func:`~fewshot.adapt.lm_tuning.save_hf_folder`: safetensors, tokenizer,
+``fewshot.json`` with the weights' SHA-256) for ``method.lm.init`` and every prompting command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fewshot.errors import ConfigError, DataError
+from fewshot.models.causal_lm import HFCausalLM, open_causal_lm
+
+__all__ = ["keep_layers", "kept_tokens", "shrink_lm", "trim_vocabulary"]
+
+SHRUNK_FORMAT = "fewshot-shrunk-lm"
+
+
+def _layer_list(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module holding a decoder's layers and the attribute name: Llama-style ``model.layers``, GPT-2's ``transformer.h``."""
+    kind = getattr(model.config, "model_type", "")
+    if kind == "gpt2":
+        return model.transformer, "h"
+    if hasattr(model, "model") and hasattr(model.model, "layers"):
+        return model.model, "layers"
+    raise ConfigError(f"cannot cut the layers of a {kind!r} model: known are Llama-style decoders and gpt2")
+
+
+def keep_layers(lm: HFCausalLM, count: int) -> HFCausalLM:
+    """``lm`` (changed in place and returned) with its first ``count − 1`` decoder layers and its last one."""
+    holder, attr = _layer_list(lm.model)
+    layers = getattr(holder, attr)
+    if not 1 <= count <= len(layers):
+        raise ConfigError(f"keep between 1 and {len(layers)} layers of {lm.name}, not {count}")
+    kept = [*range(count - 1), len(layers) - 1]
+    setattr(holder, attr, nn.ModuleList([layers[i] for i in kept]))
+    for new_index, layer in enumerate(getattr(holder, attr)):
+        # the KV cache is indexed by each attention's layer number
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    config = lm.model.config
+    config.num_hidden_layers = count  # gpt2's n_layer is an alias of it
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in kept]
+    lm.name = f"{lm.name}[{count} layers]"
+    return lm
+
+
+def _pair(merge: Any) -> tuple[str, str]:
+    """A merge of a tokenizer.json: ``["a", "b"]`` or, in older files, ``"a b"``."""
+    a, b = merge if isinstance(merge, list) else merge.split(" ", 1)
+    return a, b
+
+
+def kept_tokens(tokenizer_json: dict[str, Any], used: Iterable[str]) -> set[str]:
+    """The tokens a trimmed BPE vocabulary keeps: ``used`` tokens, every part of a merge that makes a kept token (so
+    every intermediate token of their BPE), the base alphabet (tokens no merge makes) and the added tokens."""
+    parts: dict[str, list[str]] = {}
+    for merge in tokenizer_json["model"]["merges"]:
+        a, b = _pair(merge)
+        parts.setdefault(a + b, []).extend((a, b))
+    keep = {t for t in tokenizer_json["model"]["vocab"] if t not in parts} | {t["content"] for t in tokenizer_json["added_tokens"]}
+    todo, seen = list(used), set()
+    while todo:
+        token = todo.pop()
+        if token not in seen:
+            seen.add(token)
+            todo += parts.get(token, [])
+    return keep | seen
+
+
+def trim_vocabulary(lm: HFCausalLM, texts: Iterable[str]) -> HFCausalLM:
+    """``lm`` with the vocabulary :func:`kept_tokens` of ``texts`` (ids renumbered in their old order; its model changed in
+    place): the embedding and the tied head keep those rows, and ``texts`` tokenize to the same tokens (checked)."""
+    import transformers
+    from tokenizers import Tokenizer
+
+    texts = list(dict.fromkeys(texts))
+    if not texts:
+        raise DataError("trimming a vocabulary needs the task's texts; none were given")
+    model = lm.model
+    if not getattr(model.config, "tie_word_embeddings", False):
+        raise ConfigError(f"{lm.name} has an untied output head; trimming handles tied embeddings only")
+    spec = json.loads(lm.tokenizer.backend_tokenizer.to_str())
+    if spec["model"]["type"] != "BPE":
+        raise ConfigError(f"{lm.name}'s tokenizer is {spec['model']['type']}, not BPE")
+    old_vocab: dict[str, int] = spec["model"]["vocab"]
+    id_to_token = {i: t for t, i in old_vocab.items()} | {t["id"]: t["content"] for t in spec["added_tokens"]}
+    encoded = [lm.encode(text) for text in texts]
+    used = {id_to_token[i] for ids in encoded for i in ids}
+    keep = kept_tokens(spec, used)
+    old_ids = sorted(i for i, t in id_to_token.items() if t in keep)
+    new_id = {old: new for new, old in enumerate(old_ids)}
+    spec["model"]["vocab"] = {t: new_id[i] for t, i in old_vocab.items() if t in keep}
+    spec["model"]["merges"] = [m for m in spec["model"]["merges"] if {*_pair(m), "".join(_pair(m))} <= keep]
+    for added in spec["added_tokens"]:
+        added["id"] = new_id[added["id"]]
+    specials = {k: getattr(lm.tokenizer, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token") if getattr(lm.tokenizer, k, None)}
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), **specials)
+    if getattr(lm.tokenizer, "chat_template", None):
+        tokenizer.chat_template = lm.tokenizer.chat_template
+    rows = torch.tensor(old_ids)
+    with torch.no_grad():
+        embedding = nn.Embedding(len(old_ids), model.get_input_embeddings().weight.shape[1])
+        embedding.weight.copy_(model.get_input_embeddings().weight[rows])
+    model.set_input_embeddings(embedding)
+    model.config.vocab_size = len(old_ids)
+    model.get_output_embeddings().weight = embedding.weight  # tied, as before
+    model.get_output_embeddings().out_features = len(old_ids)
+    for config in (model.config, getattr(model, "generation_config", None)):
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+            value = getattr(config, key, None) if config is not None else None
+            # an id the old vocabulary never had (a default left in a config) has no new one either
+            if isinstance(value, int):
+                setattr(config, key, new_id.get(value))
+            elif isinstance(value, list):
+                setattr(config, key, [new_id[v] for v in value if v in new_id] or None)
+    trimmed = HFCausalLM(model, tokenizer, f"{lm.name}[{len(old_ids)} tokens]")
+    for text, ids in zip(texts, encoded):
+        if trimmed.encode(text) != [new_id[i] for i in ids]:
+            raise DataError(f"the trimmed tokenizer splits {text[:60]!r} differently from the full one")
+    return trimmed
+
+
+def shrink_lm(model: str, out: str | os.PathLike[str], layers: int | None = None,
+              vocabulary: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """``fewshot icl shrink-lm``: ``model`` (smollm2 or a Hugging Face folder) with :func:`keep_layers` ``layers`` and
+    its vocabulary trimmed to the lines of the text file ``vocabulary``, saved to the new folder ``out``; what was done."""
+    from fewshot.adapt.lm_tuning import plain_weights, save_hf_folder
+
+    out = Path(out)
+    if out.exists():
+        raise ConfigError(f"{out} exists; shrinking writes a new folder")
+    if layers is None and vocabulary is None:
+        raise ConfigError("shrinking needs --layers, --vocabulary or both")
+    if vocabulary is not None and not Path(vocabulary).is_file():
+        raise DataError(f"vocabulary corpus {vocabulary} is not a file")
+    lm = open_causal_lm(model)
+    if not isinstance(lm, HFCausalLM):
+        raise ConfigError(f"shrinking needs a Hugging Face causal LM (smollm2 or a folder), not {lm.name}")
+    plain_weights(lm.model)
+    before = {"layers": lm.model.config.num_hidden_layers, "vocabulary": lm.model.config.vocab_size,
+              "parameters": sum(p.numel() for p in lm.model.parameters())}
+    if layers is not None:
+        lm = keep_layers(lm, layers)
+    if vocabulary is not None:
+        lm = trim_vocabulary(lm, Path(vocabulary).read_text(encoding="utf-8").splitlines())
+    after = {"layers": lm.model.config.num_hidden_layers, "vocabulary": lm.model.config.vocab_size,
+             "parameters": sum(p.numel() for p in lm.model.parameters())}
+    meta = {"format": SHRUNK_FORMAT, "base": str(model), "kept_layers": layers, "vocabulary_corpus": None if vocabulary is None else str(vocabulary),
+            "before": before, "after": after}
+    save_hf_folder(lm, out, meta)
+    return {"out": str(out), **meta}
