@@ -95,7 +95,7 @@ def _cut(model, count):
         def __init__(self, model):  # no tokenizer needed to cut layers
             self.model, self.name = model, "tiny"
 
-    return keep_layers(Holder(model), count).model
+    return keep_layers(Holder(model), [*range(count - 1), model.config.num_hidden_layers - 1]).model
 
 
 def test_keep_layers_must_renumber_the_cache():
@@ -114,9 +114,47 @@ def test_keep_layers_must_renumber_the_cache():
     assert stale is None or not torch.equal(stale, cached)
 
 
-def test_keep_layers_refuses_a_count_out_of_range(gpt2):
-    with pytest.raises(ConfigError, match="keep between 1 and 2 layers"):
-        keep_layers(gpt2, 3)
+@pytest.mark.parametrize("kept", [[0, 2], [1, 0], [], [0, 0]])
+def test_keep_layers_refuses_indices_that_are_not_the_models(gpt2, kept):
+    with pytest.raises(ConfigError, match="distinct increasing indices"):
+        keep_layers(gpt2, kept)
+
+
+def test_block_distances_are_the_angle_between_streams():
+    """Independent: the streams entering layer ℓ and ℓ + n computed by hand, layer by layer, for each start ℓ."""
+    model = tiny_llama(4)
+
+    class Plain(HFCausalLM):
+        def __init__(self, model):
+            self.model, self.name, self.start_ids = model, "tiny", []
+
+        def encode(self, text):
+            return [ord(c) % 64 for c in text]
+
+    texts = ["a red dax", "the blue wug is here", "zz"]
+    lm = Plain(model)
+    distances = lm_shrink.block_distances(lm, texts, 2)
+    assert len(distances) == 2  # starts 0 and 1; a start of 2 would drop the last layer
+    for start, distance in enumerate(distances):
+        angles = []
+        for text in texts:
+            ids = torch.tensor([lm.encode(text)])
+            with torch.no_grad():
+                h = model.model.embed_tokens(ids)
+                positions = torch.arange(ids.shape[1])[None]
+                rotary = model.model.rotary_emb(h, positions)
+                mask = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu(1)[None, None]
+                streams = [h[0, -1]]
+                for layer in model.model.layers:
+                    h = layer(h, attention_mask=mask, position_embeddings=rotary, position_ids=positions)
+                    h = h[0] if isinstance(h, tuple) else h
+                    streams.append(h[0, -1])
+            a, b = streams[start], streams[start + 2]
+            angles.append(float(torch.arccos((a @ b / (a.norm() * b.norm())).clamp(-1, 1)) / torch.pi))
+        assert distance == pytest.approx(sum(angles) / len(angles), abs=1e-5)
+    kept = lm_shrink.layers_to_keep(lm, texts, 2)
+    best = min(range(2), key=distances.__getitem__)
+    assert kept == [i for i in range(4) if not best <= i < best + 2] and 3 in kept
 
 
 def test_shrink_lm_writes_a_folder_that_loads_with_its_digests(gpt2, tmp_path, capsys):
@@ -132,7 +170,8 @@ def test_shrink_lm_writes_a_folder_that_loads_with_its_digests(gpt2, tmp_path, c
     reopened = open_causal_lm(out)
     assert reopened.model.config.num_hidden_layers == 1
     assert reopened.model.get_output_embeddings().weight.data_ptr() == reopened.model.get_input_embeddings().weight.data_ptr()
-    direct = trim_vocabulary(keep_layers(open_causal_lm(folder), 1), TASK)
+    assert record["kept_layers"] == [1]  # of 2, the one block that leaves the last layer in place is layer 0
+    direct = trim_vocabulary(keep_layers(open_causal_lm(folder), [1]), TASK)
     for text in TASK:
         assert reopened.encode(text) == direct.encode(text)
         assert torch.equal(logits(reopened, text), logits(direct, text))

@@ -258,7 +258,7 @@ def cmd_icl_tune_lm(args: argparse.Namespace) -> None:
 def cmd_icl_shrink_lm(args: argparse.Namespace) -> None:
     from fewshot.adapt.lm_shrink import shrink_lm
 
-    out = shrink_lm(args.model, args.out, args.layers, args.vocabulary)
+    out = shrink_lm(args.model, args.out, args.layers, args.vocabulary, args.probe)
     before, after = out["before"], out["after"]
     _emit(args, out, f"{out['base']}: {before['layers']} → {after['layers']} layers, {before['vocabulary']} → {after['vocabulary']} "
                      f"tokens, {before['parameters'] / 1e6:.1f}M → {after['parameters'] / 1e6:.1f}M parameters; saved to {out['out']} "
@@ -456,12 +456,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of LoRA's initial A and of the batches")
     p.add_argument("--marker", default="a:", help="the answer cue: the loss is on the text after a line's last marker")
 
-    p = add_icl("shrink-lm", cmd_icl_shrink_lm, "a Hugging Face causal LM cut to its first layers and the last (Gromov et al. 2024) and/or its "
+    p = add_icl("shrink-lm", cmd_icl_shrink_lm, "a Hugging Face causal LM without its most redundant block of layers (Gromov et al. 2024) and/or its "
                 "vocabulary trimmed to a corpus's tokens, saved as a new folder: a cheaper frozen LM once healed with tune-lm")
     p.add_argument("model", help="smollm2 or a Hugging Face causal LM folder")
     p.add_argument("--out", required=True, help="the new Hugging Face folder to write")
-    p.add_argument("--layers", type=int, help="layers to keep: the first LAYERS-1 and the last")
-    p.add_argument("--vocabulary", help="a text file whose lines the trimmed vocabulary must tokenize as before (e.g. fewshot data scene-corpus)")
+    p.add_argument("--layers", type=int, help="layers to keep: the block of the others whose input and output streams are "
+                   "closest in angle on the probe texts goes (Gromov et al. 2024)")
+    p.add_argument("--probe", nargs="+", default=[], help="text files (or scenes) to choose the layers on; default: the vocabulary's")
+    p.add_argument("--vocabulary", nargs="+", default=[], help="text files whose lines the trimmed vocabulary must tokenize as "
+                   "before, or scenes (the scene world's captions, episodes and evaluation prompts)")
 
     p = add_icl("cot", cmd_icl_cot, "chain-of-thought prompting on generated reasoning tasks: zero-shot, few-shot, zero-shot CoT, few-shot CoT, self-consistency")
     p.add_argument("model", help="smollm2, a Hugging Face causal LM folder or a gpt run")

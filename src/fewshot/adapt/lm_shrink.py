@@ -22,17 +22,18 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from fewshot.errors import ConfigError, DataError
 from fewshot.models.causal_lm import HFCausalLM, open_causal_lm
 
-__all__ = ["keep_layers", "kept_tokens", "shrink_lm", "trim_vocabulary"]
+__all__ = ["block_distances", "keep_layers", "kept_tokens", "layers_to_keep", "shrink_lm", "trim_vocabulary", "vocabulary_texts"]
 
 SHRUNK_FORMAT = "fewshot-shrunk-lm"
 
@@ -47,13 +48,13 @@ def _layer_list(model: nn.Module) -> tuple[nn.Module, str]:
     raise ConfigError(f"cannot cut the layers of a {kind!r} model: known are Llama-style decoders and gpt2")
 
 
-def keep_layers(lm: HFCausalLM, count: int) -> HFCausalLM:
-    """``lm`` (changed in place and returned) with its first ``count − 1`` decoder layers and its last one."""
+def keep_layers(lm: HFCausalLM, kept: Sequence[int]) -> HFCausalLM:
+    """``lm`` (changed in place and returned) with only the decoder layers ``kept`` (indices, in order)."""
     holder, attr = _layer_list(lm.model)
     layers = getattr(holder, attr)
-    if not 1 <= count <= len(layers):
-        raise ConfigError(f"keep between 1 and {len(layers)} layers of {lm.name}, not {count}")
-    kept = [*range(count - 1), len(layers) - 1]
+    kept = list(kept)
+    if not kept or kept != sorted(set(kept)) or not 0 <= kept[0] <= kept[-1] < len(layers):
+        raise ConfigError(f"layers to keep must be distinct increasing indices of {lm.name}'s {len(layers)}, not {kept}")
     setattr(holder, attr, nn.ModuleList([layers[i] for i in kept]))
     for new_index, layer in enumerate(getattr(holder, attr)):
         # the KV cache is indexed by each attention's layer number
@@ -61,11 +62,38 @@ def keep_layers(lm: HFCausalLM, count: int) -> HFCausalLM:
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index
     config = lm.model.config
-    config.num_hidden_layers = count  # gpt2's n_layer is an alias of it
+    config.num_hidden_layers = len(kept)  # gpt2's n_layer is an alias of it
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[i] for i in kept]
-    lm.name = f"{lm.name}[{count} layers]"
+    lm.name = f"{lm.name}[{len(kept)} layers]"
     return lm
+
+
+def block_distances(lm: HFCausalLM, texts: Sequence[str], dropped: int) -> list[float]:
+    """Gromov et al. 2024's criterion for removing ``dropped`` consecutive layers starting at layer ℓ: the angular
+    distance arccos(cos(h_ℓ, h_{ℓ+n})) / π between the residual stream entering layer ℓ and entering layer ℓ + n, at
+    each text's last token, averaged over ``texts``; one value per start ℓ that leaves the last layer in place."""
+    count = lm.model.config.num_hidden_layers
+    if not 1 <= dropped < count:
+        raise ConfigError(f"drop between 1 and {count - 1} of {lm.name}'s {count} layers, not {dropped}")
+    if not texts:
+        raise DataError("choosing the layers to drop needs texts to run the model on")
+    streams = []
+    with torch.no_grad():
+        for text in texts:
+            out = lm.model(input_ids=torch.tensor([list(lm.start_ids) + lm.encode(text)]), output_hidden_states=True)
+            streams.append(torch.stack([h[0, -1] for h in out.hidden_states[:count]]))  # entering layers 0 … count−1
+    h = torch.stack(streams)
+    cosine = [nn.functional.cosine_similarity(h[:, s], h[:, s + dropped], dim=-1).clamp(-1, 1) for s in range(count - dropped)]
+    return [(torch.arccos(c) / torch.pi).mean().item() for c in cosine]
+
+
+def layers_to_keep(lm: HFCausalLM, texts: Sequence[str], count: int) -> list[int]:
+    """The ``count`` layers left when the block of the others with the least :func:`block_distances` goes."""
+    dropped = lm.model.config.num_hidden_layers - count
+    distances = block_distances(lm, texts, dropped)
+    start = min(range(len(distances)), key=distances.__getitem__)
+    return [i for i in range(lm.model.config.num_hidden_layers) if not start <= i < start + dropped]
 
 
 def _pair(merge: Any) -> tuple[str, str]:
@@ -144,32 +172,57 @@ def trim_vocabulary(lm: HFCausalLM, texts: Iterable[str]) -> HFCausalLM:
     return trimmed
 
 
+def vocabulary_texts(sources: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The lines of each text file in ``sources``; ``scenes`` stands for :func:`~fewshot.data.vl_prompts.scene_texts`."""
+    lines: list[str] = []
+    for source in sources:
+        if str(source) == "scenes":
+            from fewshot.data.vl_prompts import scene_texts
+
+            lines += scene_texts()
+        elif not Path(source).is_file():
+            raise DataError(f"vocabulary corpus {source} is not a file (nor 'scenes')")
+        else:
+            lines += Path(source).read_text(encoding="utf-8").splitlines()
+    return lines
+
+
 def shrink_lm(model: str, out: str | os.PathLike[str], layers: int | None = None,
-              vocabulary: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """``fewshot icl shrink-lm``: ``model`` (smollm2 or a Hugging Face folder) with :func:`keep_layers` ``layers`` and
-    its vocabulary trimmed to the lines of the text file ``vocabulary``, saved to the new folder ``out``; what was done."""
+              vocabulary: Sequence[str | os.PathLike[str]] = (), probe: Sequence[str | os.PathLike[str]] = (),
+              probe_lines: int = 64) -> dict[str, Any]:
+    """``fewshot icl shrink-lm``: ``model`` (smollm2 or a Hugging Face folder) cut to ``layers`` layers by
+    :func:`layers_to_keep` on ``probe_lines`` evenly spaced lines of ``probe`` (default: the vocabulary's texts), and its
+    vocabulary trimmed to the lines of ``vocabulary`` (both read by :func:`vocabulary_texts`), saved to the new folder
+    ``out``; what was done."""
     from fewshot.adapt.lm_tuning import plain_weights, save_hf_folder
 
     out = Path(out)
     if out.exists():
         raise ConfigError(f"{out} exists; shrinking writes a new folder")
-    if layers is None and vocabulary is None:
+    if layers is None and not vocabulary:
         raise ConfigError("shrinking needs --layers, --vocabulary or both")
-    if vocabulary is not None and not Path(vocabulary).is_file():
-        raise DataError(f"vocabulary corpus {vocabulary} is not a file")
+    texts = vocabulary_texts(vocabulary)  # a missing file is refused before the model is read
+    probe_texts = vocabulary_texts(probe) if probe else texts
+    if layers is not None and not probe_texts:
+        raise ConfigError("cutting layers needs texts to choose them on: give --probe or --vocabulary")
     lm = open_causal_lm(model)
     if not isinstance(lm, HFCausalLM):
         raise ConfigError(f"shrinking needs a Hugging Face causal LM (smollm2 or a folder), not {lm.name}")
     plain_weights(lm.model)
     before = {"layers": lm.model.config.num_hidden_layers, "vocabulary": lm.model.config.vocab_size,
               "parameters": sum(p.numel() for p in lm.model.parameters())}
+    kept = None
     if layers is not None:
-        lm = keep_layers(lm, layers)
-    if vocabulary is not None:
-        lm = trim_vocabulary(lm, Path(vocabulary).read_text(encoding="utf-8").splitlines())
+        if not 1 <= layers <= before["layers"]:
+            raise ConfigError(f"keep between 1 and {before['layers']} layers of {lm.name}, not {layers}")
+        lines = [t for t in probe_texts if t.strip()]
+        kept = layers_to_keep(lm, [lines[int(i)] for i in np.linspace(0, len(lines) - 1, min(probe_lines, len(lines)))], layers)
+        lm = keep_layers(lm, kept)
+    if texts:
+        lm = trim_vocabulary(lm, texts)
     after = {"layers": lm.model.config.num_hidden_layers, "vocabulary": lm.model.config.vocab_size,
              "parameters": sum(p.numel() for p in lm.model.parameters())}
-    meta = {"format": SHRUNK_FORMAT, "base": str(model), "kept_layers": layers, "vocabulary_corpus": None if vocabulary is None else str(vocabulary),
-            "before": before, "after": after}
+    meta = {"format": SHRUNK_FORMAT, "base": str(model), "kept_layers": kept, "vocabulary_corpus": [str(v) for v in vocabulary],
+            "probe": [str(v) for v in probe], "before": before, "after": after}
     save_hf_folder(lm, out, meta)
     return {"out": str(out), **meta}

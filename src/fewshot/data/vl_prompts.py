@@ -40,7 +40,8 @@ from fewshot.io import atomic_write
 
 __all__ = [
     "CATEGORIES", "IMAGE", "NONCE_NAMES", "VLEpisode", "VLImages", "category_images", "count_images", "described", "fast_vqa_episode", "glossary",
-    "induction_text", "longest_naming_pieces", "naming_episode", "open_ended_episode", "real_words", "scene_corpus", "write_scene_corpus",
+    "induction_text", "longest_naming_pieces", "naming_episode", "open_ended_episode", "real_words", "scene_corpus", "scene_texts",
+    "write_scene_corpus",
 ]
 
 IMAGE = "<image>"  # the marker a prompt piece uses for "one image goes here"
@@ -437,6 +438,25 @@ def scene_corpus(captions: int, episodes: int, seed: int = 0, glossary_size: int
     makers = (lambda r, n: _text_episode(r, n, drill, uniform), _text_vqa, _statement, _recall, _repeat, _keyed_episode)
     lines += [makers[k](rng, names) for k in kinds]
     return "\n".join(lines[j] for j in rng.permutation(len(lines))) + "\n"
+
+
+def scene_texts(seed: int = 0, episodes: int = 200) -> list[str]:
+    """What the scene world says, for a vocabulary trimmed to it (``fewshot icl shrink-lm --vocabulary scenes``): the
+    caption LM's corpus (captions; open-ended, Fast-VQA and statement episodes with glossary and evaluation names),
+    every scene category's class names and descriptions, ``episodes`` of its open-ended prompts with nonce and with real
+    names in words, Fast-VQA questions with their answers, and Omniglot's real names."""
+    lines = scene_corpus(20000, 8000, seed).splitlines()
+    for category in CATEGORIES[:3]:  # Omniglot's images have no descriptions, only names
+        data = category_images(category, 2, seed=seed)
+        lines += [*data.class_names, *data.descriptions]
+        for nonce in (True, False):
+            for i in range(episodes):
+                e = open_ended_episode(data.labels, data.class_names, min(5, len(data.class_names)), 1, 0, True, nonce, seed, i)
+                lines.append(" ".join([*described(e.pieces, e.images, data.descriptions), e.answer]))
+    for i in range(episodes):
+        e = fast_vqa_episode(1, seed, i, size=8)[0]
+        lines.append(" ".join([*(p for p in e.pieces if p != IMAGE), e.answer]))
+    return lines + [f"character {c + 1}" for c in range(100)]
 
 
 def write_scene_corpus(out: str | os.PathLike[str], captions: int = 30000, episodes: int = 20000, seed: int = 0) -> dict[str, object]:
