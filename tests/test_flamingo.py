@@ -441,17 +441,22 @@ def test_the_training_loss_is_the_mean_nll_of_the_text_tokens(runs, tmp_path, va
     assert math.isclose(float(loss), float(torch.stack(terms).mean()), rel_tol=1e-5) == (variant == "text only")
 
 
-@pytest.mark.parametrize("variant", ["episodes counted", "episodes left out", "blind", "blind, real images in the loop"])
+@pytest.mark.parametrize("variant", ["episodes counted", "episodes left out", "blind", "blind, real images in the loop",
+                                     "questions counted", "questions left out"])
 def test_naming_episodes_join_the_loss_laid_out_as_at_evaluation(runs, tmp_path, variant):
     """method.episodes adds interleaved naming episodes (glossary names) to each batch: the loss is the mean NLL of
     the text tokens over the caption sequences and the episodes, each laid out by the in-context model's own
     prompt_ids with its answer; leaving the episodes out of the independent loop must not match (control). With
-    method.blind every training image is blank: the loop on blank images matches, on the real ones not (control)."""
-    from fewshot.data.vl_prompts import NONCE_NAMES, naming_episode
+    method.blind every training image is blank: the loop on blank images matches, on the real ones not (control).
+    method.question_episodes adds Fast-VQA-layout episodes after them, answered with the asked colour (control: the
+    loop without them)."""
+    from fewshot.data.vl_prompts import NONCE_NAMES, naming_episode, question_episode
     from fewshot.methods.flamingo import FlamingoInContext, draw_group_sizes
 
     blind = variant.startswith("blind")
-    method = build_method(_config(runs, tmp_path, "method.episodes=2", "method.episode_images=5", f"method.blind={str(blind).lower()}", lm="gpt-long"))
+    questions = variant.startswith("questions")
+    method = build_method(_config(runs, tmp_path, "method.episodes=2", "method.episode_images=5", f"method.blind={str(blind).lower()}",
+                                  f"method.question_episodes={int(questions)}", lm="gpt-long"))
     seen = (lambda x: torch.zeros_like(x)) if variant == "blind" else (lambda x: x)  # noqa: E731
     with torch.no_grad():  # a resampler that passes on what it reads, so blank and real images part clearly
         for p in method.flamingo.resampler.parameters():
@@ -478,11 +483,16 @@ def test_naming_episodes_join_the_loss_laid_out_as_at_evaluation(runs, tmp_path,
                 assert episode.answer in method.names and not set(episode.names) & set(NONCE_NAMES)
                 ids = model.prompt_ids(list(episode.pieces)) + method.tokenizer.encode(f" {episode.answer}.", add_special_tokens=False).ids
                 sequences.append((ids + [f.chunk_id, method.eos_id], images.images[list(episode.images)]))
+        if variant == "questions counted":
+            episode, images = question_episode(method.names, seed, 2, 16)
+            assert episode.pieces[-1].startswith("q: what colour is the") and not set(episode.names) & set(NONCE_NAMES)
+            ids = model.prompt_ids(list(episode.pieces)) + method.tokenizer.encode(f" {episode.answer}.", add_special_tokens=False).ids
+            sequences.append((ids + [f.chunk_id, method.eos_id], images.images[list(episode.images)]))
         terms = []
         for seq, images in sequences:
             logp = f(torch.tensor([seq]), method.image_features(seen(images))[None])[0].double().log_softmax(-1)
             terms += [-logp[j - 1, seq[j]] for j in range(1, len(seq)) if seq[j] != f.image_id]
-    assert math.isclose(float(loss), float(torch.stack(terms).mean()), rel_tol=1e-5) == (variant in ("episodes counted", "blind"))
+    assert math.isclose(float(loss), float(torch.stack(terms).mean()), rel_tol=1e-5) == (variant in ("episodes counted", "blind", "questions counted"))
 
 
 def test_episodes_longer_than_the_context_are_refused_at_build(runs, tmp_path):
@@ -565,6 +575,12 @@ def test_text_distillation_pairs_each_episode_with_its_described_text(runs, tmp_
                 sums[layer] += sum(float((_layer_norm(x[0, s]) - _layer_norm(z[0, t])).pow(2).mean()) for s, t in paired)
             count += len(paired)
     assert math.isclose(logs["distill"], sum(s / count for s in sums) / len(sums), rel_tol=1e-4)
+
+
+def test_question_episodes_need_naming_episodes(runs, tmp_path):
+    with pytest.raises(ConfigError, match="question_episodes.*method.episodes > 0") as err:
+        build_method(_config(runs, tmp_path, "method.question_episodes=1", lm="gpt-long"))
+    assert "\n" not in str(err.value)
 
 
 def test_text_distillation_needs_episodes(runs, tmp_path):

@@ -256,6 +256,26 @@ def test_fast_vqa_answers_are_the_colour_of_an_object_in_the_query():
     assert e0.pieces == (IMAGE, e0.pieces[-1]) and len(e0.images) == 1
 
 
+def test_question_episodes_are_fast_vqa_on_glossary_names_with_their_descriptions():
+    """Training's Fast-VQA layout: glossary names only, 1–3 shots of each of 2 shapes, each image described in the
+    corpus's words; the query scene's description gives the asked name's shape the answer's colour."""
+    from fewshot.data.vl_prompts import described, question_episode
+
+    names = glossary(50)
+    shots = set()
+    for i in range(20):
+        e, images = question_episode(names, seed=1, i=i, size=16)
+        assert set(e.names) <= set(names) and not set(e.names) & set(NONCE_NAMES) and e.answer in COLOURS
+        assert len(images.descriptions) == len(images.images) == len(e.images)
+        asked = e.pieces[-1].removeprefix("q: what colour is the ").removesuffix("? a:")
+        named_shapes = {d.split()[-1].rstrip(".") for d, p in zip(images.descriptions, e.pieces[1::2]) if p == f"this is a {asked}."}
+        assert len(named_shapes) == 1 and f"a {e.answer} {named_shapes.pop()}" in images.descriptions[-1]
+        shots.add((len(e.images) - 1) // 2)
+        text = described(e.answered(), e.images, images.descriptions)
+        assert IMAGE not in text and text[-1].endswith(f"a: {e.answer}.")
+    assert shots == {1, 2, 3}
+
+
 def test_training_naming_episodes_bind_glossary_names_to_one_attribute():
     names = glossary(50)
     shared = {"shape": 0, "colour": 0}

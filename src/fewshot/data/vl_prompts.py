@@ -40,7 +40,7 @@ from fewshot.io import atomic_write
 
 __all__ = [
     "CATEGORIES", "IMAGE", "NONCE_NAMES", "VLEpisode", "VLImages", "category_images", "count_images", "described", "fast_vqa_episode", "glossary",
-    "induction_text", "longest_naming_pieces", "naming_episode", "open_ended_episode", "real_words", "scene_corpus", "scene_texts",
+    "induction_text", "longest_naming_pieces", "naming_episode", "open_ended_episode", "question_episode", "real_words", "scene_corpus", "scene_texts",
     "write_scene_corpus",
 ]
 
@@ -218,9 +218,23 @@ def fast_vqa_episode(shots: int, seed: int, i: int, size: int = 32, way: int = 2
     """Fast-VQA episode ``i``: ``way`` pre-training shapes named with nonce words by ``shots`` one-object images each
     (random colours), then a ``way``-object query scene of those shapes in distinct random colours and the question
     about one name. Returns the episode (image indices into the returned images) and the images (M, 3, S, S) in [0, 1]."""
-    rng = np.random.default_rng([seed, i, 43])
+    episode, images, _ = _vqa_episode(shots, np.random.default_rng([seed, i, 43]), size, way, NONCE_NAMES)
+    return episode, images
+
+
+def question_episode(names_pool: Sequence[str], seed: int, i: int, size: int = 32) -> tuple[VLEpisode, VLImages]:
+    """Training episode ``i`` of the seed in :func:`fast_vqa_episode`'s layout (2 shapes, 1–3 shots each), named from
+    ``names_pool`` (a :func:`glossary`, never the evaluation's names), with each image's description ("a small red
+    circle."; the query scene "a red circle and a blue star." as the corpus's text Fast-VQA words it)."""
+    rng = np.random.default_rng([seed, i, 50])
+    episode, images, descriptions = _vqa_episode(int(rng.integers(1, 4)), rng, size, 2, names_pool)
+    return episode, VLImages(images, np.arange(len(images)), list(episode.names), descriptions)
+
+
+def _vqa_episode(shots: int, rng: np.random.Generator, size: int, way: int,
+                 names_pool: Sequence[str]) -> tuple[VLEpisode, torch.Tensor, list[str]]:
     shapes = [PRETRAIN_SHAPES[j] for j in rng.choice(len(PRETRAIN_SHAPES), size=way, replace=False)]
-    names = [NONCE_NAMES[j] for j in rng.permutation(len(NONCE_NAMES))[:way]]
+    names = [names_pool[j] for j in rng.permutation(len(names_pool))[:way]]
     palette = list(COLOURS)
     support = [(_one_object(rng, s, palette[int(rng.integers(len(palette)))]), names[c]) for c, s in enumerate(shapes) for _ in range(shots)]
     support = [support[j] for j in rng.permutation(len(support))]
@@ -233,7 +247,9 @@ def fast_vqa_episode(shots: int, seed: int, i: int, size: int = 32, way: int = 2
     pieces += [IMAGE, VQA_QUERY.format(name=names[target])]
     scenes = [s for s, _ in support] + [query]
     images = torch.from_numpy(render(scenes, size).astype(np.float32) / 255)
-    return VLEpisode(tuple(pieces), tuple(range(len(scenes))), colours[target], tuple(names)), images
+    descriptions = [_describe(s.objects[0]) for s, _ in support]
+    descriptions.append(" and ".join(f"a {o.colour} {o.shape}" for o in query.objects) + ".")
+    return VLEpisode(tuple(pieces), tuple(range(len(scenes))), colours[target], tuple(names)), images, descriptions
 
 
 # ----------------------------------------------------------------------------- evaluation images

@@ -22,7 +22,9 @@ on the caption tokens, ``<|endofchunk|>`` and [EOS]; never on ``<image>`` or pad
 The paper's interleaved web pages (M3W) are where Flamingo meets text that refers to earlier images; our stand-in,
 ``method.episodes`` > 0, adds that many naming episodes to each batch
 (:func:`~fewshot.data.vl_prompts.naming_episode`: freshly drawn one-object images named with made-up glossary words,
-never the evaluation's, in the evaluation's layout with the answer), on the same text-only loss. ``method.blind``
+never the evaluation's, in the evaluation's layout with the answer), on the same text-only loss;
+``method.question_episodes`` adds episodes that ask a named object's colour in a two-object scene
+(:func:`~fewshot.data.vl_prompts.question_episode`, Fast-VQA's layout, glossary names; not the paper's). ``method.blind``
 blanks every training image (the train-blind baseline).
 
 Two options that are not the paper's: ``method.gate_lr_scale`` multiplies the tanh gates' learning rate (at α = 0 the
@@ -49,7 +51,7 @@ from torch import nn
 from fewshot.config import RunConfig
 from fewshot.data.token_ids import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID
 from fewshot.data.types import Batch
-from fewshot.data.vl_prompts import described, glossary, longest_naming_pieces, naming_episode
+from fewshot.data.vl_prompts import described, glossary, longest_naming_pieces, naming_episode, question_episode
 from fewshot.errors import CheckpointError, ConfigError
 from fewshot.methods.base import Method
 from fewshot.methods.prefix_captioning import open_caption_lm, untie, weight_digests
@@ -86,6 +88,8 @@ class FlamingoConfig(NamingEpisodesConfig):  # episodes: our stand-in for M3W's 
     text_distill: float = Field(0.0, ge=0, description="δ > 0 (not the paper's; needs episodes): adds δ · the mean squared difference "
                                 "between the layer-normalised residuals entering each gated layer on a naming episode and those of the "
                                 "frozen LM reading the same episode with each image replaced by its description, over the text both share")
+    question_episodes: int = Field(0, ge=0, description="Fast-VQA-layout episodes (glossary names, 2 shapes, the colour "
+                                   "question) added to each batch beside the naming episodes (not the paper's; needs episodes)")
     max_images: int = Field(3, ge=1, description="each training sequence interleaves 1 … max_images captioned images")
     blind: bool = Field(False, description="the train-blind baseline: every training image (captions' and episodes') is blank")
     image: FlamingoImage = Field(default_factory=FlamingoImage)
@@ -203,6 +207,9 @@ class Flamingo(Method):
         self.gate_lr_scale, self.text_distill = m.gate_lr_scale, m.text_distill
         if m.text_distill and not m.episodes:
             raise ConfigError("method.text_distill compares naming episodes with their text-only versions: set method.episodes > 0")
+        if m.question_episodes and not m.episodes:
+            raise ConfigError("method.question_episodes go beside naming episodes: set method.episodes > 0")
+        self.question_episodes = m.question_episodes
         self.names = glossary(m.glossary, config.train.seed) if m.episodes else []
         self.image_size = config.data.image_size
         if self.episodes:
@@ -292,8 +299,9 @@ class Flamingo(Method):
         counts (E,); and with ``with_text`` the episodes in text (:class:`TextEpisodes`: each image replaced by its
         description), else None."""
         rows, pictures, texts, spans = [], [], [], []
-        for j in range(self.episodes):
-            episode, images = naming_episode(self.names, seed, j, self.image_size, self.episode_images)
+        for j in range(self.episodes + self.question_episodes):
+            episode, images = (naming_episode(self.names, seed, j, self.image_size, self.episode_images) if j < self.episodes
+                               else question_episode(self.names, seed, j, self.image_size))
             pieces = episode.answered()
             row, row_spans = self.pieces_layout(pieces)
             rows.append(row + [self.flamingo.chunk_id, self.eos_id])
