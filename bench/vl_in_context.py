@@ -57,6 +57,18 @@ bench run"; 53.7 CPU-minutes, twice this bench's 25, all twelve verdicts "yes" a
         method.text_distill=10 train.batch_size=16 train.lr=0.003 train.min_lr_ratio=0.1 train.seed=3 --categories shapes \
         --ways 2 --columns 1 3 --vqa-shots 1 3 --episodes 100
 
+Inside the 25 CPU-minutes: the same recipes over a smaller frozen LM, the tuned SmolLM2 cut to 16 layers and the
+scene world's 624 tokens and healed (``fewshot icl shrink-lm`` then ``fewshot icl tune-lm``; docs/benchmarks.md, "A
+smaller frozen LM"), with one Fast-VQA-layout episode beside Flamingo's naming episodes (``method.question_episodes=1``,
+not the paper's; without it Flamingo over the small LM answers the colour question with a naming template):
+
+    OMP_NUM_THREADS=1 FEWSHOT_DATA=/work/shared/data python bench/vl_in_context.py --pool runs/bench-vl/scenes-20000 \
+        --out runs/small --lm runs/smollm2-16-healed --image-init runs/bench-vl/clip-20000-1000 --models frozen flamingo \
+        --lock --word-targets 5.0 --steps 120 --override train.batch_size=16 train.lr=0.01 train.seed=3 --flamingo-steps 300 \
+        --flamingo-episodes 2 --flamingo-override method.cross_every=3 method.cross_heads=8 method.gate_lr_scale=30 \
+        method.text_distill=10 method.question_episodes=1 train.batch_size=16 train.lr=0.003 train.min_lr_ratio=0.1 \
+        train.seed=3 --categories shapes --ways 2 --columns 1 3 --vqa-shots 1 3 --episodes 100
+
 ``--models flamingo`` trains and scores Flamingo alone (with its two blind rows), ``--models frozen`` Frozen alone (the
 default without ``--flamingo-steps``); the text-only row is then read by the first model's frozen LM.
 Frozen on the paper's captioning loss alone does not lift its image rows above test-blind; Frozen with word targets names

@@ -191,3 +191,27 @@ def test_shrink_lm_bad_input_is_one_line(tmp_path, capsys, argv, message):
     assert code != 0
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("texts", ["scene_texts", "the caption LM's corpus alone"])  # the corpus alone: the control
+def test_scene_texts_hold_every_word_the_evaluation_says(texts, monkeypatch):
+    """A vocabulary trimmed to `scenes` must cover the evaluation's prompts and answers: every word of the open-ended
+    episodes (nonce and real names, each scene category, in words), of Fast-VQA and of Omniglot's names is in them.
+    The caption LM's corpus alone misses some (the reserved shapes' names, Omniglot's)."""
+    from fewshot.data import vl_prompts
+    from fewshot.data.vl_prompts import CATEGORIES, IMAGE, category_images, described, fast_vqa_episode, open_ended_episode
+
+    if texts != "scene_texts":
+        monkeypatch.setattr(vl_prompts, "scene_texts", lambda: vl_prompts.scene_corpus(20000, 8000, 0).splitlines())
+    words = {w for line in lm_shrink.vocabulary_texts(["scenes"]) for w in line.split()}
+    said = {"character", "12"}
+    for category in CATEGORIES[:3]:
+        data = category_images(category, 6, seed=3)
+        for i in range(10):
+            for nonce in (True, False):
+                e = open_ended_episode(data.labels, data.class_names, 5, 2, 1, True, nonce, 7, i)
+                said |= {w for piece in described(e.pieces, e.images, data.descriptions) for w in piece.split()} | set(e.answer.split())
+    for i in range(10):
+        e, _ = fast_vqa_episode(3, 7, i, size=8)
+        said |= {w for piece in e.pieces if piece != IMAGE for w in piece.split()} | {e.answer}
+    assert (said <= words) == (texts == "scene_texts"), sorted(said - words)
