@@ -99,8 +99,8 @@ def _cut(model, count):
 
 
 def test_keep_layers_must_renumber_the_cache():
-    """The control: layers that keep their old numbers write the KV cache at the wrong slots, and cached decoding no
-    longer equals decoding without the cache."""
+    """The control: layers that keep their old numbers address the KV cache at slots it does not have, and cached
+    decoding fails (this transformers raises IndexError) or no longer equals decoding without the cache."""
     ids = torch.tensor([[5, 9, 2, 33, 17, 8]])
     cut = _cut(tiny_llama(4), 2)
     with torch.no_grad():

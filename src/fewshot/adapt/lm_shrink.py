@@ -32,25 +32,19 @@ from torch import nn
 
 from fewshot.errors import ConfigError, DataError
 from fewshot.models.causal_lm import HFCausalLM, open_causal_lm
+from fewshot.models.hf_text import decoder_layer_slot
 
 __all__ = ["block_distances", "keep_layers", "kept_tokens", "layers_to_keep", "shrink_lm", "trim_vocabulary", "vocabulary_texts"]
 
 SHRUNK_FORMAT = "fewshot-shrunk-lm"
 
 
-def _layer_list(model: nn.Module) -> tuple[nn.Module, str]:
-    """The module holding a decoder's layers and the attribute name: Llama-style ``model.layers``, GPT-2's ``transformer.h``."""
-    kind = getattr(model.config, "model_type", "")
-    if kind == "gpt2":
-        return model.transformer, "h"
-    if hasattr(model, "model") and hasattr(model.model, "layers"):
-        return model.model, "layers"
-    raise ConfigError(f"cannot cut the layers of a {kind!r} model: known are Llama-style decoders and gpt2")
-
-
 def keep_layers(lm: HFCausalLM, kept: Sequence[int]) -> HFCausalLM:
     """``lm`` (changed in place and returned) with only the decoder layers ``kept`` (indices, in order)."""
-    holder, attr = _layer_list(lm.model)
+    slot = decoder_layer_slot(lm.model)
+    if slot is None:
+        raise ConfigError(f"cannot cut the layers of {lm.name}: no decoder layers (its base model's layers or h)")
+    holder, attr = slot
     layers = getattr(holder, attr)
     kept = list(kept)
     if not kept or kept != sorted(set(kept)) or not 0 <= kept[0] <= kept[-1] < len(layers):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot.errors import ConfigError
+from fewshot.models.hf_text import decoder_layer_slot
 from fewshot.models.language import LanguageModel
 from fewshot.models.transformer import Attention, KeyValues
 
@@ -186,8 +187,8 @@ class FlamingoLM(nn.Module):
             table, layers = lm.encoder.tok_emb, list(lm.encoder.trunk.blocks)
             self.context = int(lm.max_len)
         else:
-            base = lm.base_model
-            table, layers = lm.get_input_embeddings(), list(getattr(base, "layers", None) or getattr(base, "h", None) or [])
+            slot = decoder_layer_slot(lm)
+            table, layers = lm.get_input_embeddings(), list(getattr(*slot)) if slot else []
             config = lm.config
             self.context = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions"))
             if not layers:

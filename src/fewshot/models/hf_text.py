@@ -35,6 +35,7 @@ from fewshot.errors import CheckpointError, ConfigError, DataError
 from fewshot.io import sha256_file
 
 __all__ = [
+    "decoder_layer_slot",
     "PRETRAINED",
     "PretrainedSpec",
     "TextEncoder",
@@ -257,3 +258,13 @@ def word_pieces(name_or_tokenizer: str | Any) -> Any:
 def load_minilm(path: str | Path | None = None, verify: bool = True) -> TextEncoder:
     """sentence-transformers/all-MiniLM-L6-v2 (384-d, mean pooling, L2-normalised)."""
     return load_pretrained("all-minilm-l6-v2", path, verify)
+
+
+def decoder_layer_slot(model: nn.Module) -> tuple[nn.Module, str] | None:
+    """Where a Hugging Face causal LM keeps its decoder layers: its base model and the attribute, ``layers`` (Llama,
+    SmolLM2) or ``h`` (GPT-2); None when it has neither. Flamingo hooks into them, ``shrink-lm`` cuts them."""
+    base = getattr(model, "base_model", model)
+    for attr in ("layers", "h"):
+        if isinstance(getattr(base, attr, None), nn.ModuleList):
+            return base, attr
+    return None
