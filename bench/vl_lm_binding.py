@@ -3,7 +3,8 @@
 The text-only rows of bench/vl_in_context.py without any image model: Frozen's open-ended episodes on the scene shapes
 and colours with every image replaced by its description ("a small red circle."), greedy exact match of the nonce name,
 mean ± 95% CI over seeded episodes. 2-way: no induction 1 shot; induction 1 and 5 shots; induction 1 shot 3 repeats;
-5-way induction 1 shot. An LM that cannot name the right word here cannot do it from an image prefix either. First the
+5-way induction 1 shot; and Fast-VQA at 1, 3 and 5 shots in words (the query scene "a red circle and a blue star.",
+the answer a colour). An LM that cannot name the right word here cannot do it from an image prefix either. First the
 induction diagnostics: a random sequence shown twice, and match-and-copy on the corpus's synthetic drill formats.
 
     OMP_NUM_THREADS=1 python bench/vl_lm_binding.py --name pD --episodes 12000 --steps 3600 \
@@ -31,7 +32,7 @@ from reused_runs import train  # noqa: E402  (shared by the benches)
 from fewshot import api
 from fewshot.data import vl_prompts
 from fewshot.data.vl_prompts import NONCE_NAMES, category_images, glossary, scene_corpus
-from fewshot.evaluate.vl_in_context import PrefixInContext, Setting, evaluate_open_ended
+from fewshot.evaluate.vl_in_context import PrefixInContext, Setting, evaluate_fast_vqa, evaluate_open_ended
 from fewshot.io import atomic_write
 from fewshot.models.prefix_lm import open_prefix_lm
 
@@ -98,8 +99,12 @@ def text_only_rows(model: PrefixInContext, args: argparse.Namespace, result: dic
         for label, cell in cells.items():
             print(f"  {category:8s} {label:55s} {cell['accuracy']:5.1f} ± {cell['ci95']:4.1f}")
         result[category] = {label: [round(c["accuracy"], 1), round(c["ci95"], 1)] for label, c in cells.items()}
+    vqa = evaluate_fast_vqa(model, VQA_SHOTS, args.eval_episodes, args.seed, text_only=True)
+    print("  fast-vqa " + "  ".join(f"{k} shot(s) {c['accuracy']:5.1f} ± {c['ci95']:4.1f}" for k, c in vqa.items()))
+    result["fast_vqa"] = {k: [round(c["accuracy"], 1), round(c["ci95"], 1)] for k, c in vqa.items()}
 
 
+VQA_SHOTS = (1, 3, 5)  # Fast-VQA in words: each support image and the two-object query scene described
 SETTINGS = (Setting(2, 1, 0, False), Setting(2, 1, 0, True), Setting(2, 5, 0, True), Setting(2, 1, 3, True), Setting(5, 1, 0, True))
 
 

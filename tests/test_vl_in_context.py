@@ -256,6 +256,40 @@ def test_fast_vqa_answers_are_the_colour_of_an_object_in_the_query():
     assert e0.pieces == (IMAGE, e0.pieces[-1]) and len(e0.images) == 1
 
 
+class FastVQAReader:
+    """Reads a Fast-VQA prompt in words by hand: each description before "this is a NAME." names a shape; the answer
+    is the colour the query scene gives that shape (``first_object``: the broken variant, the query's first colour)."""
+
+    name = "fast-vqa reader"
+
+    def __init__(self, first_object: bool = False) -> None:
+        self.first_object = first_object
+
+    def next_text(self, images, pieces, max_tokens):
+        assert not len(images) and IMAGE not in pieces
+        shape_of = {p[len("this is a "):-1]: d.rstrip(".").split()[-1] for d, p in zip(pieces, pieces[1:]) if p.startswith("this is a ")}
+        asked = pieces[-1].removeprefix("q: what colour is the ").removesuffix("? a:")
+        objects = [o.split()[-2:] for o in pieces[-2].rstrip(".").split(" and ")]  # "a red circle and a blue star."
+        colour = objects[0][0] if self.first_object else next(c for c, shape in objects if shape == shape_of[asked])
+        return f" {colour}."
+
+
+def test_fast_vqa_in_words_is_the_same_episodes_and_a_reader_of_the_words_answers_all():
+    """``evaluate_fast_vqa(text_only=True)`` asks the image episodes with each image replaced by its description: the
+    episodes equal :func:`fast_vqa_episode`'s, and a hand reader of the words answers every one; the control reader,
+    who takes the query's first object whatever the name, does not."""
+    from fewshot.data.vl_prompts import fast_vqa_descriptions
+
+    for k in (0, 1, 3):
+        for i in range(10):
+            e, descriptions = fast_vqa_descriptions(k, seed=2, i=i)
+            assert e == fast_vqa_episode(k, seed=2, i=i, size=16)[0] and len(descriptions) == len(e.images)
+    right = evaluate_fast_vqa(FastVQAReader(), [1, 3], 40, seed=2, text_only=True)
+    assert [c["accuracy"] for c in right.values()] == [100.0, 100.0]
+    first = evaluate_fast_vqa(FastVQAReader(first_object=True), [1, 3], 40, seed=2, text_only=True)
+    assert all(20 < c["accuracy"] < 80 for c in first.values())
+
+
 def test_question_episodes_are_fast_vqa_on_glossary_names_with_their_descriptions():
     """Training's Fast-VQA layout: glossary names only, 1–3 shots of each of 2 shapes, each image described in the
     corpus's words; the query scene's description gives the asked name's shape the answer's colour."""

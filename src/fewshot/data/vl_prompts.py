@@ -39,7 +39,7 @@ from fewshot.errors import DataError
 from fewshot.io import atomic_write
 
 __all__ = [
-    "CATEGORIES", "IMAGE", "NONCE_NAMES", "VLEpisode", "VLImages", "category_images", "count_images", "described", "fast_vqa_episode", "glossary",
+    "CATEGORIES", "IMAGE", "NONCE_NAMES", "VLEpisode", "VLImages", "category_images", "count_images", "described", "fast_vqa_descriptions", "fast_vqa_episode", "glossary",
     "induction_text", "longest_naming_pieces", "naming_episode", "open_ended_episode", "question_episode", "real_words", "scene_corpus", "scene_texts",
     "write_scene_corpus",
 ]
@@ -220,6 +220,13 @@ def fast_vqa_episode(shots: int, seed: int, i: int, size: int = 32, way: int = 2
     about one name. Returns the episode (image indices into the returned images) and the images (M, 3, S, S) in [0, 1]."""
     episode, images, _ = _vqa_episode(shots, np.random.default_rng([seed, i, 43]), size, way, NONCE_NAMES)
     return episode, images
+
+
+def fast_vqa_descriptions(shots: int, seed: int, i: int, way: int = 2) -> tuple[VLEpisode, list[str]]:
+    """:func:`fast_vqa_episode` ``i`` and each of its images' description in the corpus's words ("a small red
+    circle."; the query scene "a red circle and a blue star."): the episode in text, with :func:`described`."""
+    episode, _, descriptions = _vqa_episode(shots, np.random.default_rng([seed, i, 43]), 8, way, NONCE_NAMES)  # images unused: 8 px
+    return episode, descriptions
 
 
 def question_episode(names_pool: Sequence[str], seed: int, i: int, size: int = 32) -> tuple[VLEpisode, VLImages]:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from fewshot.data.vl_prompts import (
-    CATEGORIES, IMAGE, NONCE_NAMES, QUERY, VLImages, category_images, described, fast_vqa_episode, open_ended_episode,
+    CATEGORIES, IMAGE, NONCE_NAMES, QUERY, VLImages, category_images, described, fast_vqa_descriptions, fast_vqa_episode, open_ended_episode,
 )
 from fewshot.errors import ConfigError, DataError
 from fewshot.evaluate.runner import mean_ci95
@@ -267,12 +267,17 @@ def evaluate_open_ended(model: InterleavedModel, data: VLImages, settings: Seque
 
 
 def evaluate_fast_vqa(model: InterleavedModel, shots: Sequence[int], episodes: int, seed: int = 0, size: int = 32,
-                      max_tokens: int = 4) -> dict[str, dict[str, Any]]:
-    """Fast-VQA accuracy (%, ± 95% CI) at each number of shots per named shape."""
+                      max_tokens: int = 4, text_only: bool = False) -> dict[str, dict[str, Any]]:
+    """Fast-VQA accuracy (%, ± 95% CI) at each number of shots per named shape. ``text_only``: the same episodes with
+    every image replaced by its description (:func:`~fewshot.data.vl_prompts.fast_vqa_descriptions`), no image given."""
     out = {}
     for k in shots:
         prompts = []
         for i in range(episodes):
+            if text_only:
+                episode, descriptions = fast_vqa_descriptions(k, seed, i)
+                prompts.append(([], described(episode.pieces, episode.images, descriptions), episode.answer))
+                continue
             episode, images = fast_vqa_episode(k, seed, i, size)
             prompts.append(([images[j] for j in episode.images], episode.pieces, episode.answer))
         out[str(k)] = {**_score(model, prompts, max_tokens), "shots": k}
