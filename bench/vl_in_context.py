@@ -63,7 +63,7 @@ smaller frozen LM"), with one Fast-VQA-layout episode beside Flamingo's naming e
 not the paper's; without it Flamingo over the small LM answers the colour question with a naming template), Flamingo
 trained 300 steps on 8 captions a step (its naming verdicts failed at one seed of three at 240 steps on 16), and
 ``--verdict-rows-only --vqa-episodes 200`` (the rows the verdicts read, Fast-VQA on 200 episodes): 22.7–24.0
-CPU-minutes; all twelve verdicts "yes" at training seeds 1 and 2, ten at seed 0 (docs/benchmarks.md, "Flamingo on
+CPU-minutes; all twelve verdicts "yes" at training seeds 1, 2 and 3, ten at seed 0 (docs/benchmarks.md, "Flamingo on
 fewer captions for 300 steps"):
 
     OMP_NUM_THREADS=1 FEWSHOT_DATA=/work/shared/data python bench/vl_in_context.py --pool runs/bench-vl/scenes-20000 \
