@@ -157,7 +157,7 @@ def one_cell(model, data, setting, args: argparse.Namespace, misfits: list[str],
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/frozen/bench")
+    p.add_argument("--out", help="the runs' folder (default: runs/frozen/bench; with --quick runs/frozen/bench-quick)")
     p.add_argument("--pool", help="a scene pool folder (fewshot data scenes, 32 px); default: OUT/scenes-N, written if absent")
     p.add_argument("--n", type=int, default=20000, help="scenes of a new pool")
     p.add_argument("--captions", type=int, default=20000, help="captions in the caption LM's corpus")
@@ -195,10 +195,11 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny pool, few steps and episodes; measures nothing")
     args = p.parse_args()
     if args.quick:
-        args.out, args.n, args.captions, args.text_episodes = "runs/frozen/bench-quick", 200, 400, 200
+        args.n, args.captions, args.text_episodes = 200, 400, 200
         args.gpt_steps, args.steps, args.episodes, args.per_class = 4, 4, 3, 6
         args.gpt_override += ["encoder.options={dim: 32, depth: 1, heads: 2}", "train.batch_size=2"]
         args.override += ["train.batch_size=8"]
+    args.out = args.out or ("runs/frozen/bench-quick" if args.quick else "runs/frozen/bench")
     args.vqa_episodes = args.vqa_episodes or args.episodes
     args.models = args.models or ["frozen"] + (["flamingo"] if args.flamingo_steps else [])
     if "flamingo" in args.models and not args.flamingo_steps:
