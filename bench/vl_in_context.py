@@ -17,7 +17,8 @@ names), real names, test-blind (the Frozen run on blank images), train-blind (no
 categories "text only": the same episodes with every image replaced by its description in the corpus's words
 ("a small red circle.") through the same LM — what the LM does when told what each image shows, the ceiling a
 perfect image prefix could reach. The simple baselines, no LM (:class:`NearestSupport`): the word-overlap rule on the
-text-only episodes and, with ``--image-init``, 1-NN on that run's image tower. Fast-VQA at 0/1/3/5 shots: Frozen, test-blind, train-blind.
+text-only episodes and, with ``--image-init``, 1-NN on that run's image tower. Fast-VQA at 0/1/3/5 shots: Frozen, test-blind, train-blind,
+and the no-LM dominant-colour rule (:class:`DominantColour`: the query image's main colour, whatever the name asked).
 
 Verdicts (a row beats another only when the intervals do not overlap, i.e. the difference exceeds both CIs):
 2-way nonce with induction at 1 and 5 shots above test-blind and train-blind; Fast-VQA above train-blind; and whether the
@@ -102,7 +103,7 @@ from fewshot.data.scenes import write_scenes
 from fewshot.data.vl_prompts import CATEGORIES, category_images
 from fewshot.errors import DataError
 from fewshot.evaluate.vl_in_context import (
-    BlankImages, NearestSupport, evaluate_fast_vqa, evaluate_open_ended, feature_cosine, frozen_columns, nonce_warnings, open_in_context_model, word_overlap,
+    BlankImages, DominantColour, NearestSupport, evaluate_fast_vqa, evaluate_open_ended, feature_cosine, frozen_columns, nonce_warnings, open_in_context_model, word_overlap,
 )
 from fewshot.evaluate.runner import above_beyond_ci95
 
@@ -251,6 +252,7 @@ def main() -> None:
                 table[f"{way}-way {row}"] = [one_cell(model, data, setting, args, results["misfits"], text_only=text_only) if c in args.columns else None
                                              for c, setting in enumerate(frozen_columns(way, True))]
         results["categories"][category] = table
+    vqa_rows["dominant-colour rule"] = DominantColour()  # no LM: the query's main colour, whatever the name asked
     vqa = {row: list(evaluate_fast_vqa(m, args.vqa_shots, args.vqa_episodes, args.seed).values()) for row, m in vqa_rows.items()}
     eval_minutes = (time.process_time() - eval_cpu) / 60
 

@@ -270,16 +270,25 @@ class FastVQAReader:
         shape_of = {p[len("this is a "):-1]: d.rstrip(".").split()[-1] for d, p in zip(pieces, pieces[1:]) if p.startswith("this is a ")}
         asked = pieces[-1].removeprefix("q: what colour is the ").removesuffix("? a:")
         objects = [o.split()[-2:] for o in pieces[-2].rstrip(".").split(" and ")]  # "a red circle and a blue star."
-        colour = objects[0][0] if self.first_object else next(c for c, shape in objects if shape == shape_of[asked])
+        colour = objects[0][0] if self.first_object else next((c for c, shape in objects if shape == shape_of[asked]), "")
         return f" {colour}."
 
 
-def test_fast_vqa_in_words_is_the_same_episodes_and_a_reader_of_the_words_answers_all():
+@pytest.mark.parametrize("descriptions", ["the episode's", "the next episode's"])  # the next episode's: the control
+def test_fast_vqa_in_words_is_the_same_episodes_and_a_reader_of_the_words_answers_all(descriptions, monkeypatch):
     """``evaluate_fast_vqa(text_only=True)`` asks the image episodes with each image replaced by its description: the
     episodes equal :func:`fast_vqa_episode`'s, and a hand reader of the words answers every one; the control reader,
-    who takes the query's first object whatever the name, does not."""
+    who takes the query's first object whatever the name, does not, nor does the reader when each episode is given
+    the next episode's descriptions (control)."""
     from fewshot.data.vl_prompts import fast_vqa_descriptions
+    from fewshot.evaluate import vl_in_context
 
+    if descriptions != "the episode's":
+        monkeypatch.setattr(vl_in_context, "fast_vqa_descriptions",
+                            lambda k, seed, i: (fast_vqa_descriptions(k, seed, i)[0], fast_vqa_descriptions(k, seed, i + 1)[1]))
+        misread = evaluate_fast_vqa(FastVQAReader(), [1, 3], 40, seed=2, text_only=True)
+        assert all(c["accuracy"] < 100 for c in misread.values())
+        return
     for k in (0, 1, 3):
         for i in range(10):
             e, descriptions = fast_vqa_descriptions(k, seed=2, i=i)
@@ -288,6 +297,27 @@ def test_fast_vqa_in_words_is_the_same_episodes_and_a_reader_of_the_words_answer
     assert [c["accuracy"] for c in right.values()] == [100.0, 100.0]
     first = evaluate_fast_vqa(FastVQAReader(first_object=True), [1, 3], 40, seed=2, text_only=True)
     assert all(20 < c["accuracy"] < 80 for c in first.values())
+
+
+@pytest.mark.parametrize("image", ["the query", "the first support image"])  # the first support image: the control
+def test_the_dominant_colour_rule_names_a_colour_of_the_query_scene(image):
+    """Fast-VQA's no-LM baseline answers with a colour the query scene's description gives one of its objects, in every
+    episode, so it scores near a coin between the two; reading another image instead (control) misses that."""
+    from fewshot.data.vl_prompts import fast_vqa_descriptions
+    from fewshot.evaluate.vl_in_context import DominantColour
+
+    rule, inside = DominantColour(), []
+    for i in range(40):
+        e, shown = fast_vqa_episode(2, seed=4, i=i, size=32)
+        _, descriptions = fast_vqa_descriptions(2, seed=4, i=i)
+        picked = [shown[-1]] if image == "the query" else [shown[0]]
+        said = rule.next_text(picked, e.pieces, 4).strip(" .")
+        inside.append(said in {o.split()[-2] for o in descriptions[-1].rstrip(".").split(" and ")})
+    assert all(inside) == (image == "the query")
+    assert rule.next_text([torch.zeros(3, 16, 16)], (), 4) == ""
+    if image == "the query":
+        accuracy = evaluate_fast_vqa(rule, [1], 60, seed=4)["1"]["accuracy"]
+        assert 25 < accuracy < 75
 
 
 def test_question_episodes_are_fast_vqa_on_glossary_names_with_their_descriptions():

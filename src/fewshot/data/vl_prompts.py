@@ -218,15 +218,19 @@ def fast_vqa_episode(shots: int, seed: int, i: int, size: int = 32, way: int = 2
     """Fast-VQA episode ``i``: ``way`` pre-training shapes named with nonce words by ``shots`` one-object images each
     (random colours), then a ``way``-object query scene of those shapes in distinct random colours and the question
     about one name. Returns the episode (image indices into the returned images) and the images (M, 3, S, S) in [0, 1]."""
-    episode, images, _ = _vqa_episode(shots, np.random.default_rng([seed, i, 43]), size, way, NONCE_NAMES)
+    episode, images, _ = _evaluation_vqa_episode(shots, seed, i, size, way)
     return episode, images
 
 
 def fast_vqa_descriptions(shots: int, seed: int, i: int, way: int = 2) -> tuple[VLEpisode, list[str]]:
     """:func:`fast_vqa_episode` ``i`` and each of its images' description in the corpus's words ("a small red
     circle."; the query scene "a red circle and a blue star."): the episode in text, with :func:`described`."""
-    episode, _, descriptions = _vqa_episode(shots, np.random.default_rng([seed, i, 43]), 8, way, NONCE_NAMES)  # images unused: 8 px
+    episode, _, descriptions = _evaluation_vqa_episode(shots, seed, i, 8, way)  # images unused: 8 px
     return episode, descriptions
+
+
+def _evaluation_vqa_episode(shots: int, seed: int, i: int, size: int, way: int) -> tuple[VLEpisode, torch.Tensor, list[str]]:
+    return _vqa_episode(shots, np.random.default_rng([seed, i, 43]), size, way, NONCE_NAMES)
 
 
 def question_episode(names_pool: Sequence[str], seed: int, i: int, size: int = 32) -> tuple[VLEpisode, VLImages]:

@@ -32,6 +32,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
+from fewshot.data.scenes import COLOURS
 from fewshot.data.vl_prompts import (
     CATEGORIES, IMAGE, NONCE_NAMES, QUERY, VLImages, category_images, described, fast_vqa_descriptions, fast_vqa_episode, open_ended_episode,
 )
@@ -40,7 +41,7 @@ from fewshot.evaluate.runner import mean_ci95
 from fewshot.models.prefix_lm import Past, PrefixLM, decode_steps, greedy_choice, interleaved_sequence, same_key_batches
 
 __all__ = [
-    "BlankImages", "InterleavedModel", "NearestSupport", "PrefixInContext", "Setting", "answer_matches", "continue_prompts", "described", "evaluate_fast_vqa", "evaluate_open_ended",
+    "BlankImages", "DominantColour", "InterleavedModel", "NearestSupport", "PrefixInContext", "Setting", "answer_matches", "continue_prompts", "described", "evaluate_fast_vqa", "evaluate_open_ended",
     "feature_cosine", "frozen_columns", "interleaved_embeddings", "named_items", "nonce_warnings", "open_in_context_model", "vl_eval", "vl_table", "word_overlap",
 ]
 
@@ -192,6 +193,27 @@ class NearestSupport:
         named, query = named_items(images, pieces)
         scores = list(self.similarity(query, [item for item, _ in named]))
         return named[int(np.argmax(scores))][1]  # ties: the first shown
+
+
+class DominantColour:
+    """Fast-VQA's hand-made baseline, no language model: the palette colour that covers most of the query image (the
+    last one), whatever name the question asks about. Each lit pixel (brightest channel > 0.5) is divided by its
+    brightest channel, undoing shade and anti-aliasing, and goes to the nearest palette colour so scaled."""
+
+    name = "dominant-colour rule"
+
+    def __init__(self) -> None:
+        self.names = list(COLOURS)
+        palette = torch.tensor(list(COLOURS.values()))
+        self.palette = palette / palette.amax(dim=1, keepdim=True)
+
+    def next_text(self, images: Sequence[torch.Tensor], pieces: Sequence[str], max_tokens: int) -> str:
+        pixels = images[-1].flatten(1).T.float()
+        lit = pixels[pixels.amax(dim=1) > 0.5]
+        if not len(lit):
+            return ""  # a blank query: no colour to name
+        nearest = torch.cdist(lit / lit.amax(dim=1, keepdim=True), self.palette).argmin(dim=1)
+        return f" {self.names[int(torch.bincount(nearest, minlength=len(self.names)).argmax())]}."
 
 
 def word_overlap(query: str, items: list[str]) -> list[int]:
